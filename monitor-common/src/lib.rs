@@ -1,0 +1,116 @@
+//! Types shared by the eBPF programs (`monitor-ebpf`) and the daemon (`monitor`).
+//!
+//! Every struct here crosses the kernel/user boundary byte for byte, so each is `#[repr(C)]`,
+//! has no implicit padding, and carries a size assertion: a field added on one side only
+//! fails the build instead of corrupting events.
+#![no_std]
+
+/// What happened to a task. Values are stable: they are written by BPF and read by userspace.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskEventKind {
+    /// The task was bound to its scheduler's owned-task list (or handed to the blocking pool).
+    Spawn = 1,
+    /// Its future finished or was cancelled (`Harness::complete`).
+    Complete = 2,
+}
+
+impl TaskEventKind {
+    pub fn from_u32(value: u32) -> Option<Self> {
+        match value {
+            1 => Some(Self::Spawn),
+            2 => Some(Self::Complete),
+            _ => None,
+        }
+    }
+}
+
+/// One task lifecycle event, as written into the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the probe fired.
+    pub ktime_ns: u64,
+    /// Per-CPU sequence number: a gap on one CPU means events were lost there.
+    pub seq: u64,
+    /// Address of the task header (= the task's heap allocation).
+    pub header: u64,
+    /// The task's vtable pointer read from the header: one vtable per spawned future type.
+    pub vtable: u64,
+    /// Process id (tgid).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// CPU whose sequence counter `seq` belongs to.
+    pub cpu: u32,
+    /// A [`TaskEventKind`] value.
+    pub kind: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<TaskEvent>() == 48);
+
+/// What one attach point means, passed to the BPF program as the uprobe's attach cookie so
+/// one program serves every hook point of every target, whatever its tokio version:
+/// bits 0..8 = the [`TaskEventKind`] to emit, bits 16..32 = the offset of the vtable pointer
+/// inside the task header, as read from the target binary. (Which register holds the header
+/// is chosen by attaching the program for that register, see `TASK_HOOK_PROGRAMS`.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HookCookie {
+    pub kind: u32,
+    pub vtable_offset: u32,
+}
+
+/// The task hook programs, indexed by the System V position of the argument register that
+/// holds the task header (0 = rdi, 1 = rsi, 2 = rdx, 3 = rcx).
+pub const TASK_HOOK_PROGRAMS: [&str; 4] = [
+    "task_hook_rdi",
+    "task_hook_rsi",
+    "task_hook_rdx",
+    "task_hook_rcx",
+];
+
+impl HookCookie {
+    pub const fn encode(self) -> u64 {
+        (self.kind as u64 & 0xff) | ((self.vtable_offset as u64 & 0xffff) << 16)
+    }
+
+    pub const fn decode(cookie: u64) -> Self {
+        Self {
+            kind: (cookie & 0xff) as u32,
+            vtable_offset: ((cookie >> 16) & 0xffff) as u32,
+        }
+    }
+}
+
+/// Indexes into the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Events that could not be written because the ring buffer was full.
+    pub const RINGBUF_FULL: u32 = 0;
+    /// Probes that fired but could not read the task header from user memory.
+    pub const READ_FAILED: u32 = 1;
+    /// Number of counters.
+    pub const COUNT: u32 = 2;
+}
+
+/// Ring buffer size in bytes (a power of two multiple of the page size).
+pub const RINGBUF_BYTES: u32 = 1 << 22;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data, repr(C), no padding (asserted above).
+    unsafe impl aya::Pod for super::TaskEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookie_round_trips() {
+        let cookie = HookCookie {
+            kind: TaskEventKind::Complete as u32,
+            vtable_offset: 16,
+        };
+        assert_eq!(HookCookie::decode(cookie.encode()), cookie);
+    }
+}

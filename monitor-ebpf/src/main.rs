@@ -1,0 +1,115 @@
+//! leakscope's kernel side: uprobes on tokio's task lifecycle.
+//!
+//! One program per argument register (`task_hook_rdi`, `task_hook_rsi`, ...) serves every hook
+//! point. Userspace attaches it once per function instance (per `OwnedTasks::bind_inner`, per
+//! `Harness::complete`, ...) and passes, as the attach cookie, what the hook means and where
+//! the vtable pointer sits in the task header. The
+//! program reads the task's vtable out of the header (one vtable per spawned future type, so
+//! it names the spawn site) and writes one fixed-size event to the ring buffer.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::EbpfContext;
+use aya_ebpf::helpers::{
+    bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+    bpf_probe_read_user,
+};
+use aya_ebpf::macros::{map, uprobe};
+use aya_ebpf::maps::{PerCpuArray, RingBuf};
+use aya_ebpf::programs::ProbeContext;
+use monitor_common::{HookCookie, RINGBUF_BYTES, TaskEvent, counter};
+
+#[map]
+static TASK_EVENTS: RingBuf = RingBuf::with_byte_size(RINGBUF_BYTES, 0);
+
+/// Per-CPU drop and failure counters, indexed by `monitor_common::counter`.
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Per-CPU event sequence numbers, so userspace can see gaps.
+#[map]
+static SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// One entry point per argument register that can hold the task header: the register is a
+/// constant in each, because the verifier rejects a context read at a computed offset.
+#[uprobe]
+pub fn task_hook_rdi(ctx: ProbeContext) -> u32 {
+    task_hook::<0>(&ctx)
+}
+
+#[uprobe]
+pub fn task_hook_rsi(ctx: ProbeContext) -> u32 {
+    task_hook::<1>(&ctx)
+}
+
+#[uprobe]
+pub fn task_hook_rdx(ctx: ProbeContext) -> u32 {
+    task_hook::<2>(&ctx)
+}
+
+#[uprobe]
+pub fn task_hook_rcx(ctx: ProbeContext) -> u32 {
+    task_hook::<3>(&ctx)
+}
+
+#[inline(always)]
+fn task_hook<const ARG: usize>(ctx: &ProbeContext) -> u32 {
+    if let Err(counter_index) = try_task_hook::<ARG>(ctx) {
+        bump(counter_index);
+    }
+    0
+}
+
+fn try_task_hook<const ARG: usize>(ctx: &ProbeContext) -> Result<(), u32> {
+    // SAFETY: the helper only reads the cookie of the link that fired.
+    let cookie = HookCookie::decode(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
+    let header: u64 = ctx.arg(ARG).ok_or(counter::READ_FAILED)?;
+    let vtable_offset = u64::from(cookie.vtable_offset);
+    // SAFETY: bpf_probe_read_user copes with any address; a bad one returns an error.
+    let vtable = unsafe { bpf_probe_read_user((header + vtable_offset) as *const u64) }
+        .map_err(|_| counter::READ_FAILED)?;
+
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let seq = match SEQ.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; uprobe programs do not migrate while running.
+        Some(slot) => unsafe {
+            *slot += 1;
+            *slot
+        },
+        None => 0,
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let event = TaskEvent {
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        seq,
+        header,
+        vtable,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        cpu,
+        kind: cookie.kind,
+    };
+    let mut entry = TASK_EVENTS
+        .reserve::<TaskEvent>(0)
+        .ok_or(counter::RINGBUF_FULL)?;
+    entry.write(event);
+    entry.submit(0);
+    Ok(())
+}
+
+fn bump(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, see above.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

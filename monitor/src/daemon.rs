@@ -1,0 +1,229 @@
+//! The long-running job: attach to target processes, keep their task ledger current, serve
+//! `/metrics`, `/healthz` and the JSON API, follow processes as they start and exit.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use log::{info, warn};
+use serde::Serialize;
+
+use crate::discovery::{self, TargetImage};
+use crate::metrics::{self, Sources};
+use crate::probes::{AttachedLink, TaskProbes};
+use crate::procfs::{self, ExeIdentity, ProcessInfo};
+use crate::tasks::{ProcessTasks, SiteSnapshot, StreamStats, TaskLedger};
+
+/// What the user asked the daemon to watch.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub pids: Vec<u32>,
+    pub exes: Vec<PathBuf>,
+    pub listen: SocketAddr,
+    /// How often exited processes are reaped and `--exe` targets rescanned.
+    pub rescan: Duration,
+}
+
+struct AttachedProcess {
+    info: ProcessInfo,
+    links: Vec<AttachedLink>,
+}
+
+/// Processes the daemon is attached to, keyed by pid, with their analysed executables
+/// cached by executable identity.
+struct ProcessRegistry {
+    probes: TaskProbes,
+    images: HashMap<ExeIdentity, Arc<TargetImage>>,
+    attached: HashMap<u32, AttachedProcess>,
+    ledger: Arc<Mutex<TaskLedger>>,
+}
+
+impl ProcessRegistry {
+    fn image_for(&mut self, process: &ProcessInfo) -> anyhow::Result<Arc<TargetImage>> {
+        if let Some(image) = self.images.get(&process.exe) {
+            return Ok(image.clone());
+        }
+        let image = Arc::new(discovery::analyze(&process.exe_link()).with_context(|| {
+            format!(
+                "analysing {} (pid {})",
+                process.exe_path.display(),
+                process.pid
+            )
+        })?);
+        for warning in &image.warnings {
+            warn!("{}: {warning}", process.exe_path.display());
+        }
+        self.images.insert(process.exe, image.clone());
+        Ok(image)
+    }
+
+    fn attach(&mut self, pid: u32) -> anyhow::Result<()> {
+        if self.attached.contains_key(&pid) {
+            return Ok(());
+        }
+        let info = procfs::process_info(pid)?;
+        let image = self.image_for(&info)?;
+        let mapping_start = procfs::exe_mapping_start(&info)?;
+        let load_bias = mapping_start.wrapping_sub(image.link_base());
+        // Registered before the probes go in, so the first events already find their process.
+        self.ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add_process(ProcessTasks::new(
+                pid,
+                info.exe_name(),
+                image.clone(),
+                load_bias,
+            ));
+        match self.probes.attach(&image, &info.exe_link(), Some(pid)) {
+            Ok(links) => {
+                info!(
+                    "attached to pid {pid} ({}): {} hook points, {} spawn sites known",
+                    info.exe_path.display(),
+                    links.len(),
+                    image.vtables.len()
+                );
+                self.attached.insert(pid, AttachedProcess { info, links });
+                Ok(())
+            }
+            Err(err) => {
+                self.ledger
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove_process(pid);
+                Err(err).with_context(|| format!("attaching to pid {pid}"))
+            }
+        }
+    }
+
+    /// Detaches from processes that exited and drops their state.
+    fn reap(&mut self) {
+        let gone: Vec<u32> = self
+            .attached
+            .iter()
+            .filter(|(_, p)| !p.info.is_alive())
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in gone {
+            if let Some(process) = self.attached.remove(&pid) {
+                self.probes.detach(process.links);
+            }
+            self.ledger
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove_process(pid);
+            info!("pid {pid} exited: detached and forgot its tasks");
+        }
+    }
+
+    fn scan(&mut self, exes: &[ExeIdentity]) {
+        for &exe in exes {
+            for process in procfs::processes_running(exe) {
+                if !self.attached.contains_key(&process.pid)
+                    && let Err(err) = self.attach(process.pid)
+                {
+                    warn!("{err:#}");
+                }
+            }
+        }
+    }
+}
+
+/// The JSON view of the task table (`GET /api/v1/tasks`).
+#[derive(Debug, Serialize)]
+pub struct TasksResponse {
+    pub sites: Vec<SiteSnapshot>,
+    pub stream: StreamStats,
+    pub attached_processes: usize,
+}
+
+async fn metrics_handler(State(sources): State<Sources>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics::render(&sources),
+    )
+}
+
+async fn tasks_handler(State(sources): State<Sources>) -> axum::Json<TasksResponse> {
+    let ledger = sources.ledger.lock().unwrap_or_else(|e| e.into_inner());
+    axum::Json(TasksResponse {
+        sites: ledger.snapshot(procfs::monotonic_ns()),
+        stream: ledger.stream,
+        attached_processes: ledger.processes().count(),
+    })
+}
+
+pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
+    if config.pids.is_empty() && config.exes.is_empty() {
+        bail!("nothing to watch: give --pid PID or --exe PATH (both may repeat)");
+    }
+    let exes: Vec<ExeIdentity> = config
+        .exes
+        .iter()
+        .map(|path| procfs::exe_identity(path).with_context(|| format!("--exe {}", path.display())))
+        .collect::<anyhow::Result<_>>()?;
+
+    let mut probes = TaskProbes::load()?;
+    let ring = probes.take_events()?;
+    let kernel = Arc::new(probes.take_counters()?);
+    let ledger = Arc::new(Mutex::new(TaskLedger::new()));
+    let mut registry = ProcessRegistry {
+        probes,
+        images: HashMap::new(),
+        attached: HashMap::new(),
+        ledger: ledger.clone(),
+    };
+    for &pid in &config.pids {
+        registry.attach(pid)?;
+    }
+    registry.scan(&exes);
+
+    let mut drain = tokio::spawn(crate::events::drain(ring, ledger.clone()));
+    let sources = Sources {
+        ledger,
+        kernel: Some(kernel),
+    };
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/api/v1/tasks", get(tasks_handler))
+        .with_state(sources);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    info!("serving /metrics on http://{}", listener.local_addr()?);
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(config.rescan);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                registry.reap();
+                registry.scan(&exes);
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+            result = &mut drain => {
+                bail!("the event stream stopped: {:?}", result);
+            }
+        }
+    }
+    server.abort();
+    info!(
+        "shutting down: detaching from {} processes",
+        registry.attached.len()
+    );
+    Ok(())
+}

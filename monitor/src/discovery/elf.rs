@@ -1,0 +1,468 @@
+//! ELF access for discovery: load segments (vaddr ↔ file offset), relocation-aware pointer
+//! reads, function symbols (all names per address) and the GNU build id.
+//!
+//! Why relocations matter: the targets are PIE executables linked by rust-lld, which leaves
+//! the pointer slots of `.data.rel.ro` (task vtables) and `.got` zero in the file and puts
+//! the real link-time value in an `R_X86_64_RELATIVE` addend. Reading the file word alone
+//! would find no vtables at all. Packed `DT_RELR` relocations use the in-file word as the
+//! addend, so "relocation addend, else in-file word" is right for both schemes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use object::elf;
+use object::read::elf::{ElfFile64, FileHeader, ProgramHeader, SectionHeader, Sym};
+use object::{Endianness, Object, ObjectSection, ObjectSymbol, SymbolKind};
+
+use super::{DiscoveryError, LoadSegment};
+
+/// A function known from the symbol tables.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FnInfo {
+    /// Largest `st_size` seen for this address (0 if unknown).
+    pub size: u64,
+    /// Every distinct demangled, cleaned name at this address. Identical code folding makes
+    /// one body answer to many names, and any of them may be the one that matters.
+    pub names: Vec<String>,
+}
+
+/// An allocated section, kept for scanning and for code/data classification.
+#[derive(Debug, Clone)]
+pub(crate) struct SectionInfo {
+    pub name: String,
+    pub vaddr: u64,
+    pub size: u64,
+    pub executable: bool,
+    pub nobits: bool,
+}
+
+/// The parsed target, owning its bytes.
+pub(crate) struct Image {
+    pub data: Vec<u8>,
+    pub segments: Vec<LoadSegment>,
+    pub sections: Vec<SectionInfo>,
+    /// vaddr → value written by the dynamic loader (RELATIVE addends, resolved GLOB_DAT, …).
+    pub relocs: HashMap<u64, u64>,
+    /// Function start → names/size, from `.symtab` and `.dynsym`.
+    pub functions: BTreeMap<u64, FnInfo>,
+    pub build_id: Option<String>,
+    pub has_symtab: bool,
+}
+
+const R_X86_64_64: u32 = 1;
+const R_X86_64_GLOB_DAT: u32 = 6;
+const R_X86_64_JUMP_SLOT: u32 = 7;
+const R_X86_64_RELATIVE: u32 = 8;
+
+fn malformed(path: &Path, what: impl std::fmt::Display) -> DiscoveryError {
+    DiscoveryError::Malformed {
+        path: path.to_path_buf(),
+        reason: what.to_string(),
+    }
+}
+
+impl Image {
+    /// Reads and parses `path`, rejecting anything that is not a 64-bit little-endian
+    /// x86_64 ELF before any deeper parsing happens.
+    pub fn load(path: &Path) -> Result<Self, DiscoveryError> {
+        let data = std::fs::read(path).map_err(|source| DiscoveryError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, data)
+    }
+
+    pub fn parse(path: &Path, data: Vec<u8>) -> Result<Self, DiscoveryError> {
+        if data.len() < 20 || &data[..4] != b"\x7fELF" {
+            return Err(DiscoveryError::NotElf {
+                path: path.to_path_buf(),
+            });
+        }
+        let class = data[4];
+        let little = data[5] == elf::ELFDATA2LSB;
+        let machine = if little {
+            u16::from_le_bytes([data[18], data[19]])
+        } else {
+            u16::from_be_bytes([data[18], data[19]])
+        };
+        if class != elf::ELFCLASS64 || machine != elf::EM_X86_64 || !little {
+            return Err(DiscoveryError::UnsupportedArch {
+                path: path.to_path_buf(),
+                machine: machine_name(machine, class),
+            });
+        }
+
+        let file = ElfFile64::<Endianness>::parse(&*data).map_err(|e| malformed(path, e))?;
+        let endian = file.endian();
+        let raw = &*data;
+
+        let mut segments = Vec::new();
+        for ph in file.elf_program_headers() {
+            if ph.p_type(endian) == elf::PT_LOAD {
+                segments.push(LoadSegment {
+                    vaddr: ph.p_vaddr(endian),
+                    mem_size: ph.p_memsz(endian),
+                    file_offset: ph.p_offset(endian),
+                    file_size: ph.p_filesz(endian),
+                    executable: ph.p_flags(endian) & elf::PF_X != 0,
+                });
+            }
+        }
+        if segments.is_empty() {
+            return Err(malformed(path, "no PT_LOAD segments"));
+        }
+
+        let mut sections = Vec::new();
+        for section in file.sections() {
+            let sh = section.elf_section_header();
+            let flags = sh.sh_flags(endian);
+            if flags & u64::from(elf::SHF_ALLOC) == 0 {
+                continue;
+            }
+            sections.push(SectionInfo {
+                name: section.name().unwrap_or("").to_string(),
+                vaddr: sh.sh_addr(endian),
+                size: sh.sh_size(endian),
+                executable: flags & u64::from(elf::SHF_EXECINSTR) != 0,
+                nobits: sh.sh_type(endian) == elf::SHT_NOBITS,
+            });
+        }
+
+        // Dynamic symbol values, by index, to resolve symbol-based relocations that point
+        // at definitions inside the executable itself.
+        let header = file.elf_header();
+        let section_table = header
+            .sections(endian, raw)
+            .map_err(|e| malformed(path, e))?;
+        let mut relocs = HashMap::new();
+        for sh in section_table.iter() {
+            if sh.sh_type(endian) != elf::SHT_RELA {
+                continue;
+            }
+            let Ok(relas) = sh.data_as_array::<elf::Rela64<Endianness>, _>(endian, raw) else {
+                continue;
+            };
+            let symbols = section_table
+                .symbol_table_by_index(endian, raw, sh.link(endian))
+                .ok();
+            for rela in relas {
+                let offset = rela.r_offset.get(endian);
+                let addend = rela.r_addend.get(endian);
+                let value = match rela.r_type(endian, false) {
+                    R_X86_64_RELATIVE => Some(addend as u64),
+                    kind @ (R_X86_64_64 | R_X86_64_GLOB_DAT | R_X86_64_JUMP_SLOT) => {
+                        let sym_index = rela.r_sym(endian, false);
+                        symbols
+                            .as_ref()
+                            .and_then(|t| t.symbol(object::SymbolIndex(sym_index as usize)).ok())
+                            .filter(|s| {
+                                s.st_shndx(endian) != elf::SHN_UNDEF && s.st_value(endian) != 0
+                            })
+                            .map(|s| {
+                                let v = s.st_value(endian);
+                                if kind == R_X86_64_64 {
+                                    v.wrapping_add(addend as u64)
+                                } else {
+                                    v
+                                }
+                            })
+                    }
+                    _ => None,
+                };
+                if let Some(v) = value {
+                    relocs.insert(offset, v);
+                }
+            }
+        }
+
+        let mut functions: BTreeMap<u64, FnInfo> = BTreeMap::new();
+        let mut has_symtab = false;
+        let mut add = |sym: object::read::elf::ElfSymbol64<'_, '_, Endianness>| {
+            if sym.kind() != SymbolKind::Text || sym.is_undefined() || sym.address() == 0 {
+                return;
+            }
+            let Ok(name) = sym.name() else { return };
+            if name.is_empty() {
+                return;
+            }
+            let entry = functions.entry(sym.address()).or_default();
+            entry.size = entry.size.max(sym.size());
+            let demangled = super::naming::demangle(name);
+            if !entry.names.contains(&demangled) {
+                entry.names.push(demangled);
+            }
+        };
+        for sym in file.symbols() {
+            has_symtab = true;
+            add(sym);
+        }
+        for sym in file.dynamic_symbols() {
+            add(sym);
+        }
+        // `file.symbols()` is empty when there is no `.symtab`; an empty `.symtab` is
+        // as good as none.
+        has_symtab = has_symtab && file.section_by_name(".symtab").is_some();
+
+        let build_id = file
+            .build_id()
+            .ok()
+            .flatten()
+            .map(|id| id.iter().map(|b| format!("{b:02x}")).collect::<String>());
+
+        drop(file);
+        Ok(Image {
+            data,
+            segments,
+            sections,
+            relocs,
+            functions,
+            build_id,
+            has_symtab,
+        })
+    }
+
+    /// File offset of a link-time virtual address, through the `PT_LOAD` segment that maps
+    /// it from the file (uprobes attach by file offset).
+    pub fn file_offset(&self, vaddr: u64) -> Option<u64> {
+        segment_file_offset(&self.segments, vaddr)
+    }
+
+    /// `len` bytes at `vaddr` as stored in the file.
+    pub fn bytes_at(&self, vaddr: u64, len: u64) -> Option<&[u8]> {
+        let seg = self.segments.iter().find(|s| {
+            vaddr >= s.vaddr
+                && vaddr
+                    .checked_add(len)
+                    .is_some_and(|end| end <= s.vaddr + s.file_size)
+        })?;
+        let start = usize::try_from(vaddr - seg.vaddr + seg.file_offset).ok()?;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        self.data.get(start..end)
+    }
+
+    /// The 64-bit value the process sees at `vaddr` after relocation, if it is knowable:
+    /// a relocation's value first, else the in-file word (zero-fill past `p_filesz`).
+    pub fn read_word(&self, vaddr: u64) -> Option<u64> {
+        if let Some(&v) = self.relocs.get(&vaddr) {
+            return Some(v);
+        }
+        if let Some(b) = self.bytes_at(vaddr, 8) {
+            return Some(u64::from_le_bytes(b.try_into().ok()?));
+        }
+        // .bss-like tail of a segment: zero at startup.
+        self.segments
+            .iter()
+            .any(|s| vaddr >= s.vaddr && vaddr + 8 <= s.vaddr + s.mem_size)
+            .then_some(0)
+    }
+
+    /// True when `vaddr` lies in an executable load segment.
+    pub fn is_code(&self, vaddr: u64) -> bool {
+        self.segments
+            .iter()
+            .any(|s| s.executable && vaddr >= s.vaddr && vaddr < s.vaddr + s.file_size)
+    }
+
+    /// Address ranges to scan for task vtables: allocated, non-executable sections with file
+    /// contents (`.data.rel.ro` in PIE builds, `.rodata`/`.data` otherwise), or the
+    /// non-executable load segments when section headers are gone.
+    pub fn data_ranges(&self) -> Vec<(u64, u64)> {
+        let from_sections: Vec<(u64, u64)> = self
+            .sections
+            .iter()
+            .filter(|s| !s.executable && !s.nobits && s.size >= 80)
+            .filter(|s| !s.name.starts_with(".rela") && !s.name.starts_with(".eh_frame"))
+            .map(|s| (s.vaddr, s.vaddr + s.size))
+            .collect();
+        if !from_sections.is_empty() {
+            return from_sections;
+        }
+        self.segments
+            .iter()
+            .filter(|s| !s.executable)
+            .map(|s| (s.vaddr, s.vaddr + s.file_size))
+            .collect()
+    }
+
+    /// Executable ranges (for pattern scans in stripped binaries).
+    pub fn code_ranges(&self) -> Vec<(u64, u64)> {
+        let from_sections: Vec<(u64, u64)> = self
+            .sections
+            .iter()
+            .filter(|s| s.executable && !s.nobits)
+            .map(|s| (s.vaddr, s.vaddr + s.size))
+            .collect();
+        if !from_sections.is_empty() {
+            return from_sections;
+        }
+        self.segments
+            .iter()
+            .filter(|s| s.executable)
+            .map(|s| (s.vaddr, s.vaddr + s.file_size))
+            .collect()
+    }
+
+    /// Names of the function starting exactly at `addr` (empty if unknown).
+    pub fn names_at(&self, addr: u64) -> &[String] {
+        self.functions
+            .get(&addr)
+            .map(|f| f.names.as_slice())
+            .unwrap_or(&[])
+    }
+
+    /// `[start, end)` of the function starting at `start`: its symbol size, else up to the
+    /// next symbol (bounded to 64 KiB), else `None`.
+    pub fn function_extent(&self, start: u64) -> Option<(u64, u64)> {
+        let info = self.functions.get(&start)?;
+        if info.size > 0 {
+            return Some((start, start + info.size));
+        }
+        let next = self
+            .functions
+            .range(start + 1..)
+            .next()
+            .map(|(&a, _)| a)
+            .unwrap_or(start + 0x1_0000);
+        Some((start, next.min(start + 0x1_0000)))
+    }
+
+    /// All function starts whose generic-free demangled name equals `path`.
+    pub fn find_functions(&self, path: &str) -> Vec<u64> {
+        self.functions
+            .iter()
+            .filter(|(_, f)| {
+                f.names
+                    .iter()
+                    .any(|n| super::naming::strip_generics(n) == path)
+            })
+            .map(|(&a, _)| a)
+            .collect()
+    }
+
+    /// Loads a DWARF section by name, decompressed when needed.
+    pub fn section_data(&self, name: &str) -> Option<std::borrow::Cow<'_, [u8]>> {
+        let file = ElfFile64::<Endianness>::parse(&*self.data).ok()?;
+        let section = file.section_by_name(name)?;
+        // The returned data borrows `self.data` (the parser's input), not `file`.
+        section.uncompressed_data().ok()
+    }
+}
+
+/// An image holding only `code` mapped executable at `vaddr`, for disassembly tests.
+#[cfg(test)]
+pub(crate) fn code_image(vaddr: u64, code: &[u8]) -> Image {
+    Image {
+        data: code.to_vec(),
+        segments: vec![LoadSegment {
+            vaddr,
+            mem_size: code.len() as u64,
+            file_offset: 0,
+            file_size: code.len() as u64,
+            executable: true,
+        }],
+        sections: Vec::new(),
+        relocs: HashMap::new(),
+        functions: BTreeMap::new(),
+        build_id: None,
+        has_symtab: false,
+    }
+}
+
+/// Segment-table lookup shared with [`super::TargetImage::file_offset`].
+pub(crate) fn segment_file_offset(segments: &[LoadSegment], vaddr: u64) -> Option<u64> {
+    segments
+        .iter()
+        .find(|s| vaddr >= s.vaddr && vaddr < s.vaddr + s.file_size)
+        .map(|s| vaddr - s.vaddr + s.file_offset)
+}
+
+fn machine_name(machine: u16, class: u8) -> String {
+    let arch = match machine {
+        elf::EM_X86_64 => "x86_64",
+        elf::EM_386 => "i386",
+        elf::EM_AARCH64 => "aarch64",
+        elf::EM_ARM => "arm",
+        elf::EM_RISCV => "riscv",
+        elf::EM_PPC64 => "ppc64",
+        elf::EM_S390 => "s390x",
+        elf::EM_LOONGARCH => "loongarch",
+        _ => "unknown",
+    };
+    let bits = if class == elf::ELFCLASS32 { 32 } else { 64 };
+    format!("{arch} ({bits}-bit, e_machine {machine})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(vaddr: u64, off: u64, size: u64) -> LoadSegment {
+        LoadSegment {
+            vaddr,
+            mem_size: size,
+            file_offset: off,
+            file_size: size,
+            executable: false,
+        }
+    }
+
+    fn image_with(data: Vec<u8>, relocs: HashMap<u64, u64>) -> Image {
+        Image {
+            data,
+            segments: vec![seg(0x1000, 0, 0x40)],
+            sections: Vec::new(),
+            relocs,
+            functions: BTreeMap::new(),
+            build_id: None,
+            has_symtab: false,
+        }
+    }
+
+    #[test]
+    fn relocation_value_wins_over_file_word() {
+        let mut data = vec![0u8; 0x40];
+        data[8..16].copy_from_slice(&0x1234u64.to_le_bytes());
+        data[16..24].copy_from_slice(&0x5555u64.to_le_bytes());
+        let relocs = HashMap::from([(0x1008, 0xdead_beef), (0x1000, 0x42)]);
+        let img = image_with(data, relocs);
+        assert_eq!(img.read_word(0x1000), Some(0x42));
+        assert_eq!(img.read_word(0x1008), Some(0xdead_beef));
+        // No relocation: in-file word (also how DT_RELR implicit addends read).
+        assert_eq!(img.read_word(0x1010), Some(0x5555));
+        assert_eq!(img.read_word(0x2000), None);
+        assert_eq!(img.read_word(0x103c), None, "straddles the segment end");
+    }
+
+    #[test]
+    fn file_offsets_go_through_the_containing_segment() {
+        let segs = vec![seg(0, 0, 0x1000), seg(0x68470, 0x67470, 0x100)];
+        assert_eq!(segment_file_offset(&segs, 0x68480), Some(0x67480));
+        assert_eq!(segment_file_offset(&segs, 0x10), Some(0x10));
+        assert_eq!(segment_file_offset(&segs, 0x68570), None);
+    }
+
+    #[test]
+    fn rejects_non_elf_and_foreign_arch() {
+        let p = Path::new("/x");
+        assert!(matches!(
+            Image::parse(p, b"#!/bin/sh\necho hi\n\n\n\n".to_vec()),
+            Err(DiscoveryError::NotElf { .. })
+        ));
+        let mut hdr = vec![0u8; 64];
+        hdr[..4].copy_from_slice(b"\x7fELF");
+        hdr[4] = elf::ELFCLASS64;
+        hdr[5] = elf::ELFDATA2LSB;
+        hdr[18..20].copy_from_slice(&elf::EM_AARCH64.to_le_bytes());
+        match Image::parse(p, hdr.clone()) {
+            Err(DiscoveryError::UnsupportedArch { machine, .. }) => {
+                assert!(machine.starts_with("aarch64"), "{machine}")
+            }
+            other => panic!("unexpected {:?}", other.err()),
+        }
+        hdr[18..20].copy_from_slice(&elf::EM_X86_64.to_le_bytes());
+        assert!(matches!(
+            Image::parse(p, hdr),
+            Err(DiscoveryError::Malformed { .. })
+        ));
+    }
+}

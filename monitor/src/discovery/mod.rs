@@ -1,0 +1,453 @@
+//! Static discovery: what to probe in an unmodified tokio binary, and how to name what the
+//! probes will see.
+//!
+//! [`analyze`] reads an x86_64 ELF executable (no root, no running process needed) and
+//! returns:
+//! - every tokio **task vtable** with a label for its spawn site. tokio emits one vtable per
+//!   spawned future type and scheduler, and every live task's header points at its vtable,
+//!   so the eBPF side can group tasks by site just by reading that pointer;
+//! - the **hook points** (uprobe addresses and file offsets) for spawn, `spawn_blocking` and
+//!   completion, with the register that carries the task header pointer, verified against
+//!   each instance's machine code;
+//! - the **header layout** (where the vtable pointer sits in a task header), read from the
+//!   code that uses it rather than from a per-version table.
+//!
+//! tokio's task internals are private API. Everything here is therefore derived from the
+//! binary itself and cross-checked where two independent sources exist, and anything that
+//! could not be established is reported in [`TargetImage::warnings`] instead of guessed
+//! silently: a wrong hook or label turns into a false leak report.
+
+mod disasm;
+mod dwarf;
+mod elf;
+mod hooks;
+mod naming;
+mod vtables;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// Why a target could not be analysed. Each message says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error(
+        "cannot read {}: {source}; check the path and read permission (for a running process, \
+         /proc/<pid>/exe names its executable)",
+        .path.display()
+    )]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{} is not an ELF file; pass the target's executable itself, not a script or wrapper \
+         (for a running process: /proc/<pid>/exe)",
+        .path.display()
+    )]
+    NotElf { path: PathBuf },
+    #[error(
+        "{} is a {machine} binary; leakscope only supports x86_64 ELF executables",
+        .path.display()
+    )]
+    UnsupportedArch { path: PathBuf, machine: String },
+    #[error(
+        "{} is a malformed or truncated ELF file ({reason}); make sure the build finished and \
+         the file is not being rewritten",
+        .path.display()
+    )]
+    Malformed { path: PathBuf, reason: String },
+    #[error(
+        "{} does not look like a tokio binary: no task vtables found; point leakscope at the \
+         executable that links tokio and spawns tasks (not a launcher or a shared library)",
+        .path.display()
+    )]
+    NoTaskVtables { path: PathBuf },
+}
+
+/// Everything discovery learned about one executable.
+///
+/// `Default` exists so tests elsewhere can build an image with `..Default::default()`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TargetImage {
+    pub path: PathBuf,
+    /// Hex of `NT_GNU_BUILD_ID`, to check that a running process maps this exact file.
+    pub build_id: Option<String>,
+    /// No `.symtab`: vtables are found by shape only, labels are `vtable@0x…`, and no hook
+    /// points can be found by name.
+    pub stripped: bool,
+    /// Sorted by `vaddr`.
+    pub vtables: Vec<TaskVtable>,
+    pub hooks: Vec<HookPoint>,
+    pub layout: HeaderLayout,
+    /// Everything that could not be established and what it means for the results.
+    pub warnings: Vec<String>,
+    /// The file's `PT_LOAD` segments, kept for [`TargetImage::file_offset`].
+    pub segments: Vec<LoadSegment>,
+}
+
+impl TargetImage {
+    /// The vtable record starting exactly at `vaddr` (a link-time address: subtract the
+    /// process's load bias from a pointer read at run time first).
+    pub fn vtable_at(&self, vaddr: u64) -> Option<&TaskVtable> {
+        self.vtables
+            .binary_search_by_key(&vaddr, |v| v.vaddr)
+            .ok()
+            .map(|i| &self.vtables[i])
+    }
+
+    /// Convert a link-time virtual address into the file offset (for uprobe attach), through
+    /// the `PT_LOAD` segment that maps it from the file.
+    pub fn file_offset(&self, vaddr: u64) -> Option<u64> {
+        elf::segment_file_offset(&self.segments, vaddr)
+    }
+
+    /// Link-time address at which the mapping of file offset 0 starts (0 for PIE, e.g.
+    /// 0x400000 for a classic non-PIE executable). A runtime address `r` in the process
+    /// corresponds to the link-time address `r - mapping_start + link_base()`, where
+    /// `mapping_start` is where `/proc/<pid>/maps` shows offset 0 of the executable.
+    pub fn link_base(&self) -> u64 {
+        const PAGE_MASK: u64 = !0xfff;
+        self.segments
+            .iter()
+            .find(|s| s.file_offset == 0)
+            .map(|s| s.vaddr & PAGE_MASK)
+            .or_else(|| {
+                self.segments
+                    .iter()
+                    .map(|s| s.vaddr.saturating_sub(s.file_offset) & PAGE_MASK)
+                    .min()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Hook points of one kind.
+    pub fn hooks_of(&self, kind: HookKind) -> impl Iterator<Item = &HookPoint> {
+        self.hooks.iter().filter(move |h| h.kind == kind)
+    }
+}
+
+/// One tokio task vtable, i.e. one (future type, scheduler) spawn site.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TaskVtable {
+    /// Link-time address of the vtable record.
+    pub vaddr: u64,
+    pub poll_fn: u64,
+    pub schedule_fn: u64,
+    pub dealloc_fn: u64,
+    pub shutdown_fn: u64,
+    /// Site label, e.g. `axum_app::leak_forever::{{closure}}::{{closure}}`, hashes stripped.
+    /// For `spawn_blocking` tasks it is the closure passed in (the `F` of `BlockingTask<F>`).
+    /// Candidates that identical code folding made indistinguishable are joined with `" | "`.
+    pub site: String,
+    /// How `site` was found.
+    pub naming: NamingMethod,
+    /// `path:line` of the future's poll function from DWARF line info, when present.
+    pub location: Option<String>,
+    /// A [`HookKind::Complete`] hook point is reachable from this vtable's poll *and*
+    /// shutdown functions. When false, completions of this site are not observed and its
+    /// tasks must not be reported as leaks on that basis.
+    pub complete_hooked: bool,
+    /// Which scheduler the vtable belongs to, when the binary says.
+    pub scheduler: Option<Scheduler>,
+    /// A `spawn_blocking` task.
+    pub blocking: bool,
+    /// Offsets stored in the vtable: from the header to the trailer, to the scheduler and to
+    /// the task id (`u64` at `header + id_offset`).
+    pub trailer_offset: u64,
+    pub scheduler_offset: u64,
+    pub id_offset: u64,
+}
+
+/// How a vtable's site label was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub enum NamingMethod {
+    /// The future's own poll function, reached by following calls from the vtable's `poll`
+    /// entry through runtime glue. Exact, and survives identical code folding of drop glue.
+    FuturePollCall,
+    /// The `T` of `drop_in_place<…Cell<T, S>>` reached from the vtable's functions (or of
+    /// `raw::poll::<T, S>` in v0-mangled builds): used when the future's poll was inlined
+    /// into the glue.
+    CellDropGlue,
+    /// No name recovered; label `vtable@0x<vaddr hex>`. Normally a stripped binary, where
+    /// vtables are found by record shape. Also used (with a warning) in the rare case that
+    /// symbols exist but neither method produced a name.
+    #[default]
+    StrippedScan,
+}
+
+/// A uprobe attach point.
+#[derive(Debug, Clone, Serialize)]
+pub struct HookPoint {
+    pub kind: HookKind,
+    /// Demangled name, hash stripped.
+    pub symbol: String,
+    pub vaddr: u64,
+    /// Offset in the file for uprobe attachment.
+    pub file_offset: u64,
+    /// Argument register that holds the task header pointer on entry.
+    pub header_arg: ArgReg,
+    /// `header_arg` was confirmed by this instance's code (header-only uses of the
+    /// register's entry value), not just assumed from the ABI.
+    pub header_arg_verified: bool,
+    /// Schedulers this instance serves, from its own name (v0 mangling) or its callers'
+    /// (`current_thread::Handle::spawn`, `multi_thread::Handle::bind_new_task`). `bind_inner`
+    /// is instantiated per scheduler type, but identical code folding can merge the
+    /// instances (tokio 1.47 fixture: one address serves both). Empty when unknown.
+    pub schedulers: Vec<Scheduler>,
+}
+
+/// What a hook point observes. The register holding the header pointer is in
+/// [`HookPoint::header_arg`]; the values below are what tokio 1.47 and 1.54 release
+/// builds use, each confirmed by disassembly of the fixtures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum HookKind {
+    /// `tokio::runtime::task::list::OwnedTasks<S>::bind_inner`: the new task's header
+    /// pointer is in the 2nd argument register (rsi). rdx (`notified`) points at the same
+    /// header. One instance per scheduler type, unless identical code folding merged them.
+    SpawnOwned,
+    /// `tokio::runtime::blocking::pool::Spawner::spawn_task(&self, task: Task, rt: &Handle)`:
+    /// a `spawn_blocking` task. `Task { task: UnownedTask, mandatory }` is passed by value as
+    /// a (pointer, u8) scalar pair, so the header pointer is in rsi (rdi = `&self`,
+    /// dl = mandatory, rcx = `rt`; the `Result` returns in rax:rdx, no hidden sret pointer).
+    SpawnBlocking,
+    /// `tokio::runtime::task::harness::Harness<T,S>::complete`: header pointer in rdi
+    /// (arg0). Called once per task when its future finished or was cancelled.
+    Complete,
+}
+
+/// A System V integer argument register (entry value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArgReg {
+    Rdi,
+    Rsi,
+    Rdx,
+    Rcx,
+    R8,
+    R9,
+}
+
+impl ArgReg {
+    /// In argument order; `ArgReg as usize` indexes this.
+    pub const ALL: [ArgReg; 6] = [
+        ArgReg::Rdi,
+        ArgReg::Rsi,
+        ArgReg::Rdx,
+        ArgReg::Rcx,
+        ArgReg::R8,
+        ArgReg::R9,
+    ];
+
+    /// 0-based argument position (`PT_REGS_PARM{n+1}`).
+    pub fn position(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for ArgReg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ArgReg::Rdi => "rdi",
+            ArgReg::Rsi => "rsi",
+            ArgReg::Rdx => "rdx",
+            ArgReg::Rcx => "rcx",
+            ArgReg::R8 => "r8",
+            ArgReg::R9 => "r9",
+        })
+    }
+}
+
+/// tokio scheduler a task or hook belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheduler {
+    CurrentThread,
+    MultiThread,
+    /// The blocking pool (`spawn_blocking`).
+    Blocking,
+}
+
+impl fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scheduler::CurrentThread => "current_thread",
+            Scheduler::MultiThread => "multi_thread",
+            Scheduler::Blocking => "blocking",
+        })
+    }
+}
+
+/// Task header layout facts the probes need.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct HeaderLayout {
+    /// Offset of the `&'static Vtable` pointer in a task header.
+    pub vtable_offset: u64,
+    /// Read from the binary's code (true) or the tokio 1.29–1.54 default of 16 (false).
+    pub from_binary: bool,
+}
+
+impl Default for HeaderLayout {
+    /// The tokio 1.29–1.54 layout, marked as not read from a binary.
+    fn default() -> Self {
+        HeaderLayout {
+            vtable_offset: 16,
+            from_binary: false,
+        }
+    }
+}
+
+/// A `PT_LOAD` segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LoadSegment {
+    pub vaddr: u64,
+    pub mem_size: u64,
+    pub file_offset: u64,
+    pub file_size: u64,
+    pub executable: bool,
+}
+
+/// Analyses the executable at `path`. See the module docs.
+pub fn analyze(path: &Path) -> Result<TargetImage, DiscoveryError> {
+    let img = elf::Image::load(path)?;
+    let stripped = !img.has_symtab;
+    let mut warnings = Vec::new();
+
+    let mut by_shape = stripped;
+    let mut raw = vtables::find_vtables(&img, !stripped);
+    if raw.is_empty() && !stripped {
+        // Symbols present but no `raw::poll` (renamed in some tokio version, or symbols
+        // only partially kept): the record shape still identifies vtables.
+        raw = vtables::find_vtables(&img, false);
+        by_shape = true;
+        if !raw.is_empty() {
+            warnings.push(
+                "no tokio::runtime::task::raw::poll symbol found; task vtables were found by \
+                 record shape and are not named"
+                    .to_string(),
+            );
+        }
+    }
+    if raw.is_empty() {
+        return Err(DiscoveryError::NoTaskVtables {
+            path: path.to_path_buf(),
+        });
+    }
+
+    let layout = hooks::header_layout(&img, &mut warnings);
+    let hooks = if stripped {
+        warnings.push(
+            "binary is stripped (no .symtab): spawn/complete hook points cannot be found and \
+             spawn sites are labelled vtable@0x…; rebuild without `strip` (or keep the \
+             unstripped file) for names and hooks"
+                .to_string(),
+        );
+        Vec::new()
+    } else {
+        let (h, w) = hooks::find_hooks(&img, &layout);
+        warnings.extend(w);
+        h
+    };
+    let complete_addrs: Vec<u64> = hooks
+        .iter()
+        .filter(|h| h.kind == HookKind::Complete)
+        .map(|h| h.vaddr)
+        .collect();
+
+    let mut walker = disasm::Walker::new(&img);
+    let mut out = Vec::with_capacity(raw.len());
+    let mut future_fns = Vec::new();
+    for vt in &raw {
+        let label = format!("vtable@0x{:x}", vt.vaddr);
+        let named = if by_shape {
+            None
+        } else {
+            let n = vtables::name_vtable(&mut walker, vt);
+            if let Some(note) = &n.note {
+                warnings.push(format!("vtable@0x{:x} ({}): {note}", vt.vaddr, n.site));
+            }
+            if n.method == NamingMethod::StrippedScan {
+                warnings.push(format!(
+                    "vtable@0x{:x}: no future name found from its poll or dealloc functions",
+                    vt.vaddr
+                ));
+            }
+            Some(n)
+        };
+        let complete_hooked = hooks::complete_reachable(
+            &mut walker,
+            vt.fns[vtables::POLL],
+            vt.fns[vtables::SHUTDOWN],
+            &complete_addrs,
+        );
+        if let Some(f) = named.as_ref().and_then(|n| n.future_fn) {
+            future_fns.push(f);
+        }
+        out.push((
+            TaskVtable {
+                vaddr: vt.vaddr,
+                poll_fn: vt.fns[vtables::POLL],
+                schedule_fn: vt.fns[vtables::SCHEDULE],
+                dealloc_fn: vt.fns[vtables::DEALLOC],
+                shutdown_fn: vt.fns[vtables::SHUTDOWN],
+                site: named.as_ref().map_or(label, |n| n.site.clone()),
+                naming: named
+                    .as_ref()
+                    .map_or(NamingMethod::StrippedScan, |n| n.method),
+                location: None,
+                complete_hooked,
+                scheduler: named.as_ref().and_then(|n| n.scheduler),
+                blocking: named.as_ref().is_some_and(|n| n.blocking),
+                trailer_offset: vt.trailer_offset,
+                scheduler_offset: vt.scheduler_offset,
+                id_offset: vt.id_offset,
+            },
+            named.and_then(|n| n.future_fn),
+        ));
+    }
+
+    match dwarf::line_locations(&img, &future_fns) {
+        Ok(locs) => {
+            for (vt, f) in &mut out {
+                vt.location = f.and_then(|f| locs.get(&f).cloned());
+            }
+        }
+        Err(e) => warnings.push(format!("could not read DWARF line info: {e}")),
+    }
+
+    let mut vtables: Vec<TaskVtable> = out.into_iter().map(|(v, _)| v).collect();
+    vtables.sort_by_key(|v| v.vaddr);
+
+    warnings.extend(hooks::spawn_coverage_warnings(&hooks, &vtables));
+    if !complete_addrs.is_empty() {
+        let unhooked: Vec<&str> = vtables
+            .iter()
+            .filter(|v| !v.complete_hooked)
+            .map(|v| v.site.as_str())
+            .collect();
+        if !unhooked.is_empty() {
+            warnings.push(format!(
+                "{} task vtable(s) reach no Harness::complete hook (inlined for them), so their \
+                 completions are not observed: {}",
+                unhooked.len(),
+                unhooked.join(", ")
+            ));
+        }
+    }
+
+    Ok(TargetImage {
+        path: path.to_path_buf(),
+        build_id: img.build_id.clone(),
+        stripped,
+        vtables,
+        hooks,
+        layout,
+        warnings,
+        segments: img.segments.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

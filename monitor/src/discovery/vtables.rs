@@ -1,0 +1,428 @@
+//! Finding tokio task vtables and naming the spawn site each one belongs to.
+//!
+//! tokio creates one `static Vtable` per `(future type, scheduler)` pair, and every task
+//! header points at its vtable, so the vtable address is the natural key for a spawn site
+//! at run time. This module finds those records in the image and recovers a human label
+//! for each from the code and names around it.
+
+use std::collections::BTreeSet;
+
+use super::disasm::{Step, Walker};
+use super::elf::Image;
+use super::naming::{self, Role};
+use super::{NamingMethod, Scheduler};
+
+/// Demangled (generic-free) path of the vtable's `poll` entry.
+pub(crate) const RAW_POLL: &str = "tokio::runtime::task::raw::poll";
+
+/// How far call chains are followed from a vtable function. `raw::poll` → `Harness::poll`
+/// → future is depth 2 in fat-LTO builds; `catch_unwind`/`Core::poll` layers add up to
+/// three more when not inlined.
+pub(crate) const MAX_DEPTH: usize = 5;
+
+/// A task vtable record as laid out in tokio ≥ 1.29 (7 fn pointers + 3 offsets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RawVtable {
+    pub vaddr: u64,
+    /// poll, schedule, dealloc, try_read_output, drop_join_handle_slow, drop_abort_handle,
+    /// shutdown.
+    pub fns: [u64; 7],
+    pub trailer_offset: u64,
+    pub scheduler_offset: u64,
+    pub id_offset: u64,
+}
+
+pub(crate) const POLL: usize = 0;
+pub(crate) const SCHEDULE: usize = 1;
+pub(crate) const DEALLOC: usize = 2;
+pub(crate) const SHUTDOWN: usize = 6;
+
+const RECORD_WORDS: u64 = 10;
+
+/// True for the three trailing offsets of a real vtable: `scheduler_offset` is the header
+/// size (32 on tokio 1.4x/1.5x; allowed 16..512), `id_offset` follows the scheduler (equal
+/// to it when the scheduler is zero-sized, as `BlockingSchedule` is), and the trailer comes
+/// after the future, so it can be large. All are 8-aligned because every field involved
+/// holds pointers or `u64`s. Checked against the symbol-based result on the fixtures.
+pub(crate) fn plausible_offsets(trailer: u64, scheduler: u64, id: u64) -> bool {
+    let aligned = trailer.is_multiple_of(8) && scheduler.is_multiple_of(8) && id.is_multiple_of(8);
+    aligned
+        && (16..512).contains(&scheduler)
+        && scheduler <= id
+        && id < trailer
+        && trailer < 1 << 28
+}
+
+/// Reads a candidate record at `vaddr`: 7 code pointers then the offsets.
+fn read_record(img: &Image, vaddr: u64) -> Option<RawVtable> {
+    let mut words = [0u64; RECORD_WORDS as usize];
+    for (i, w) in words.iter_mut().enumerate() {
+        *w = img.read_word(vaddr + 8 * i as u64)?;
+    }
+    let mut fns = [0u64; 7];
+    fns.copy_from_slice(&words[..7]);
+    if !fns.iter().all(|&f| img.is_code(f)) {
+        return None;
+    }
+    Some(RawVtable {
+        vaddr,
+        fns,
+        trailer_offset: words[7],
+        scheduler_offset: words[8],
+        id_offset: words[9],
+    })
+}
+
+/// Scans the image's data for task vtables.
+///
+/// With symbols, a record is a vtable when its first word is a `raw::poll` function: exact,
+/// and independent of the offsets' values. Without symbols, the record shape alone decides
+/// (7 code pointers + plausible offsets); on the fixtures both find the same set.
+pub(crate) fn find_vtables(img: &Image, use_symbols: bool) -> Vec<RawVtable> {
+    let poll_fns: BTreeSet<u64> = if use_symbols {
+        img.find_functions(RAW_POLL).into_iter().collect()
+    } else {
+        BTreeSet::new()
+    };
+    let mut out = Vec::new();
+    for (lo, hi) in img.data_ranges() {
+        let mut a = lo.next_multiple_of(8);
+        while a + 8 * RECORD_WORDS <= hi {
+            let Some(w0) = img.read_word(a) else {
+                a += 8;
+                continue;
+            };
+            let hit = if use_symbols {
+                poll_fns.contains(&w0)
+            } else {
+                img.is_code(w0)
+            };
+            if let Some(vt) = hit.then(|| read_record(img, a)).flatten()
+                && (use_symbols
+                    || plausible_offsets(vt.trailer_offset, vt.scheduler_offset, vt.id_offset))
+            {
+                out.push(vt);
+                a += 8 * RECORD_WORDS;
+                continue;
+            }
+            a += 8;
+        }
+    }
+    out.sort_by_key(|v| v.vaddr);
+    out.dedup_by_key(|v| v.vaddr);
+    out
+}
+
+/// The outcome of naming one vtable.
+#[derive(Debug, Clone)]
+pub(crate) struct Naming {
+    pub site: String,
+    pub method: NamingMethod,
+    /// Address of the future's poll function (or of the closure for blocking tasks) when
+    /// known, for DWARF line lookup.
+    pub future_fn: Option<u64>,
+    pub scheduler: Option<Scheduler>,
+    pub blocking: bool,
+    /// Set when the label is doubtful (the two methods disagreed and neither is
+    /// conclusive); becomes a warning.
+    pub note: Option<String>,
+}
+
+struct PollCandidate {
+    addr: u64,
+    labels: Vec<String>,
+}
+
+/// Names the spawn site of `vt`: the future's own poll function reached from `poll`
+/// ([`NamingMethod::FuturePollCall`]), else the future type in the task cell's drop glue
+/// ([`NamingMethod::CellDropGlue`]). The two are cross-checked: when the poll walk found a
+/// function that does not match an unambiguous drop-glue type, the future was inlined and
+/// the walk landed in its body, so the drop-glue type wins.
+pub(crate) fn name_vtable(w: &mut Walker<'_>, vt: &RawVtable) -> Naming {
+    // v0 names spell `T` in `raw::poll::<T, S>` itself. That is exact (each vtable has
+    // its own `raw::poll`), whereas drop glue may be folded across types.
+    let mut poll_types: Vec<(String, String)> = Vec::new();
+    for n in w.img.names_at(vt.fns[POLL]) {
+        if let Some(ts) = naming::raw_poll_args(n)
+            && !poll_types.contains(&ts)
+        {
+            poll_types.push(ts);
+        }
+    }
+    let mut found = walk_vtable(w, vt, MAX_DEPTH, false);
+    if found.candidates.is_empty() && found.cells.is_empty() {
+        // Nothing at all: probably an unoptimised build, where ~12 un-inlined layers
+        // (`poll_inner`, `poll_future`, `catch_unwind`, `__rust_try`, closures) separate
+        // the vtable from the future. Only then walk deeper, through more glue.
+        found = walk_vtable(w, vt, DEEP_DEPTH, true);
+    }
+    let Found {
+        candidates,
+        mut cells,
+        saw_blocking,
+    } = found;
+
+    if poll_types.len() == 1 {
+        cells = poll_types;
+    }
+
+    // Future types from drop glue, with `BlockingTask<F>` unwrapped to `F`.
+    let mut cell_types: Vec<String> = Vec::new();
+    let mut blocking = saw_blocking;
+    let mut scheduler = None;
+    for (t, s) in &cells {
+        let label = match naming::blocking_task_inner(t) {
+            Some(f) => {
+                blocking = true;
+                f
+            }
+            None => t.clone(),
+        };
+        let label = naming::clean_label(&label);
+        if !cell_types.contains(&label) {
+            cell_types.push(label);
+        }
+        if scheduler.is_none() {
+            scheduler = naming::scheduler_in_name(s);
+        }
+    }
+    if scheduler.is_none() {
+        scheduler = scheduler_from_schedule_fn(w, vt);
+    }
+    if scheduler == Some(Scheduler::Blocking) {
+        blocking = true;
+    }
+
+    log::debug!(
+        "vtable@0x{:x}: poll candidates {:?}, cell types {:?}, scheduler {:?}",
+        vt.vaddr,
+        candidates
+            .iter()
+            .map(|(d, c)| (d, format!("0x{:x}", c.addr), &c.labels))
+            .collect::<Vec<_>>(),
+        cell_types,
+        scheduler
+    );
+    let min_depth = candidates.iter().map(|(d, _)| *d).min();
+    let first = candidates
+        .into_iter()
+        .filter(|(d, _)| Some(*d) == min_depth)
+        .map(|(_, c)| c)
+        .next();
+
+    let mut note = None;
+    let (site, method, future_fn) = match first {
+        Some(c) => {
+            let matching: Vec<&String> = c
+                .labels
+                .iter()
+                .filter(|l| cell_types.iter().any(|t| naming::same_site(l, t)))
+                .collect();
+            if cell_types.is_empty() || !matching.is_empty() {
+                let labels: Vec<&String> = if matching.is_empty() {
+                    c.labels.iter().collect()
+                } else {
+                    matching
+                };
+                (join(labels), NamingMethod::FuturePollCall, Some(c.addr))
+            } else if cell_types.len() == 1 {
+                // The expected case when the future's poll was inlined into the glue: the
+                // walk lands in the future's body (e.g. `<Sleep as Future>::poll`).
+                log::debug!(
+                    "vtable@0x{:x}: poll walk reached {} but the task cell holds {}; the \
+                     future's poll was inlined",
+                    vt.vaddr,
+                    c.labels.join(" | "),
+                    cell_types[0]
+                );
+                let addr = function_named(w.img, &cell_types[0]);
+                (cell_types[0].clone(), NamingMethod::CellDropGlue, addr)
+            } else {
+                note = Some(format!(
+                    "label taken from the poll walk ({}), which matches none of the folded \
+                     drop-glue types ({}); it may name code inlined into the task",
+                    c.labels.join(" | "),
+                    cell_types.join(" | ")
+                ));
+                (
+                    join(c.labels.iter()),
+                    NamingMethod::FuturePollCall,
+                    Some(c.addr),
+                )
+            }
+        }
+        None if !cell_types.is_empty() => {
+            let addr = (cell_types.len() == 1)
+                .then(|| function_named(w.img, &cell_types[0]))
+                .flatten();
+            (join(cell_types.iter()), NamingMethod::CellDropGlue, addr)
+        }
+        None => (
+            format!("vtable@0x{:x}", vt.vaddr),
+            NamingMethod::StrippedScan,
+            None,
+        ),
+    };
+    Naming {
+        site,
+        method,
+        future_fn,
+        scheduler,
+        blocking,
+        note,
+    }
+}
+
+/// Depth of the fallback walk for unoptimised builds.
+const DEEP_DEPTH: usize = 16;
+
+/// What the walks from one vtable's `poll` and `dealloc` entries found.
+struct Found {
+    /// Possible future poll functions with the call depth they were found at.
+    candidates: Vec<(usize, PollCandidate)>,
+    /// `(T, S)` of task cells in drop-glue names.
+    cells: Vec<(String, String)>,
+    saw_blocking: bool,
+}
+
+/// Walks from the vtable's `poll` entry (for the future's poll function and drop glue) and
+/// from its `dealloc` entry (for drop glue), through runtime plumbing only.
+fn walk_vtable(w: &mut Walker<'_>, vt: &RawVtable, depth: usize, deep: bool) -> Found {
+    let mut found = Found {
+        candidates: Vec::new(),
+        cells: Vec::new(),
+        saw_blocking: false,
+    };
+    w.walk(&[vt.fns[POLL]], depth, |v| {
+        log::trace!(
+            "vtable@0x{:x} poll walk: depth {} 0x{:x} {:?}",
+            vt.vaddr,
+            v.depth,
+            v.addr,
+            v.names
+        );
+        collect_cells(v.names, &mut found.cells);
+        let (role, futures) =
+            naming::role_of_names(v.names.iter().map(String::as_str), v.in_blocking, deep);
+        if v.names.iter().any(|n| n.contains("BlockingTask")) {
+            found.saw_blocking = true;
+        }
+        match role {
+            Role::Plumbing => Step::Descend,
+            Role::FuturePoll => {
+                let mut labels: Vec<String> = Vec::new();
+                for f in futures {
+                    let l = naming::poll_fn_label(f);
+                    if !labels.contains(&l) {
+                        labels.push(l);
+                    }
+                }
+                found.candidates.push((
+                    v.depth,
+                    PollCandidate {
+                        addr: v.addr,
+                        labels,
+                    },
+                ));
+                Step::Stop
+            }
+            Role::Library | Role::Other => Step::Stop,
+        }
+    });
+    w.walk(&[vt.fns[DEALLOC]], depth, |v| {
+        collect_cells(v.names, &mut found.cells);
+        if naming::role_of_names(v.names.iter().map(String::as_str), false, deep).0
+            == Role::Plumbing
+        {
+            Step::Descend
+        } else {
+            Step::Stop
+        }
+    });
+    found
+}
+
+/// Adds the `(T, S)` of every task-cell drop glue among `names` to `cells`.
+fn collect_cells(names: &[String], cells: &mut Vec<(String, String)>) {
+    for n in names {
+        if let Some(ts) = naming::cell_drop_glue_args(n)
+            && !cells.contains(&ts)
+        {
+            cells.push(ts);
+        }
+    }
+}
+
+fn join<'a>(labels: impl IntoIterator<Item = &'a String>) -> String {
+    labels
+        .into_iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// The unique function named `label` (used to place a drop-glue-named site in the source
+/// when the closure still exists as a function): exact match first, then ignoring generic
+/// arguments (drop glue spells `f<A, B>::{{closure}}`, the function's legacy name `f::…`).
+fn function_named(img: &Image, label: &str) -> Option<u64> {
+    let unique = |pred: &dyn Fn(&str) -> bool| {
+        let mut hits = img
+            .functions
+            .iter()
+            .filter(|(_, f)| f.names.iter().any(|n| pred(n)))
+            .map(|(&a, _)| a);
+        let first = hits.next()?;
+        hits.next().is_none().then_some(first)
+    };
+    unique(&|n| n == label).or_else(|| {
+        let bare = naming::strip_generics(label);
+        unique(&|n| naming::strip_generics(n) == bare)
+    })
+}
+
+/// The scheduler a vtable belongs to, from what its `schedule` entry calls
+/// (`<Arc<current_thread::Handle> as Schedule>::schedule`, …).
+fn scheduler_from_schedule_fn(w: &mut Walker<'_>, vt: &RawVtable) -> Option<Scheduler> {
+    let mut found = None;
+    let root = vt.fns[SCHEDULE];
+    let own: Vec<String> = w.img.names_at(root).to_vec();
+    for n in &own {
+        if let Some(s) = naming::scheduler_in_name(n) {
+            return Some(s);
+        }
+    }
+    w.walk(&[root], 2, |v| {
+        if found.is_none() {
+            found = v.names.iter().find_map(|n| naming::scheduler_in_name(n));
+        }
+        if naming::role_of_names(v.names.iter().map(String::as_str), false, false).0
+            == Role::Plumbing
+        {
+            Step::Descend
+        } else {
+            Step::Stop
+        }
+    });
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_sanity() {
+        assert!(plausible_offsets(184, 32, 40));
+        assert!(
+            plausible_offsets(0x1_2340, 32, 40),
+            "large futures push the trailer far"
+        );
+        assert!(plausible_offsets(128, 32, 32), "zero-sized scheduler");
+        assert!(
+            !plausible_offsets(0, 8, 8),
+            "a trait-object vtable's drop/size/align"
+        );
+        assert!(!plausible_offsets(184, 32, 41));
+        assert!(!plausible_offsets(40, 32, 48));
+    }
+}

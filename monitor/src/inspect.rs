@@ -1,0 +1,80 @@
+//! `leakscope inspect`: what discovery found in a binary, as a person reads it.
+
+use std::fmt::Write as _;
+
+use crate::discovery::{HookKind, NamingMethod, TargetImage};
+
+pub fn render_table(image: &TargetImage) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "binary:      {}", image.path.display());
+    if let Some(id) = &image.build_id {
+        let _ = writeln!(out, "build-id:    {id}");
+    }
+    let _ = writeln!(
+        out,
+        "symbols:     {}",
+        if image.stripped {
+            "stripped"
+        } else {
+            "present"
+        }
+    );
+    let _ = writeln!(
+        out,
+        "task header: vtable pointer at +{} ({})",
+        image.layout.vtable_offset,
+        if image.layout.from_binary {
+            "read from the binary's code"
+        } else {
+            "assumed: not found in the code"
+        }
+    );
+    let _ = writeln!(out, "\nspawn sites ({} task vtables):", image.vtables.len());
+    let _ = writeln!(
+        out,
+        "  {:<18} {:<16} {:<9} site",
+        "vtable", "found by", "complete"
+    );
+    for vtable in &image.vtables {
+        let method = match vtable.naming {
+            NamingMethod::FuturePollCall => "future poll fn",
+            NamingMethod::CellDropGlue => "task cell type",
+            NamingMethod::StrippedScan => "stripped scan",
+        };
+        let location = vtable
+            .location
+            .as_ref()
+            .map(|l| format!("  ({l})"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {:#018x} {:<16} {:<9} {}{}",
+            vtable.vaddr,
+            method,
+            if vtable.complete_hooked {
+                "hooked"
+            } else {
+                "MISSING"
+            },
+            vtable.site,
+            location
+        );
+    }
+    let _ = writeln!(out, "\nhook points ({}):", image.hooks.len());
+    for hook in &image.hooks {
+        let kind = match hook.kind {
+            HookKind::SpawnOwned => "spawn",
+            HookKind::SpawnBlocking => "spawn_blocking",
+            HookKind::Complete => "complete",
+        };
+        let _ = writeln!(
+            out,
+            "  {kind:<15} {:#010x} (file offset {:#x})  {}",
+            hook.vaddr, hook.file_offset, hook.symbol
+        );
+    }
+    for warning in &image.warnings {
+        let _ = writeln!(out, "\nwarning: {warning}");
+    }
+    out
+}

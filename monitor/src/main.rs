@@ -1,0 +1,102 @@
+//! `leakscope`: the command line. Errors become one readable message (anyhow) here, at the
+//! edge; the library modules below keep typed errors.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use leakscope::{daemon, inspect};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "leakscope",
+    version,
+    about = "Find task and heap leaks in running tokio services"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Attach to running processes and export per-spawn-site task counts.
+    Daemon {
+        /// Process to watch (repeatable).
+        #[arg(long = "pid")]
+        pids: Vec<u32>,
+        /// Watch every process running this executable, now and as they start (repeatable).
+        #[arg(long = "exe")]
+        exes: Vec<PathBuf>,
+        /// Address for /metrics, /healthz and /api/v1/tasks.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        listen: SocketAddr,
+        /// Seconds between checks for exited and newly started targets.
+        #[arg(long, default_value_t = 1.0)]
+        rescan_seconds: f64,
+    },
+    /// Show the spawn sites and hook points leakscope finds in a binary (no root needed).
+    Inspect {
+        /// Executable to analyse.
+        #[arg(required_unless_present = "pid", conflicts_with = "pid")]
+        binary: Option<PathBuf>,
+        /// Analyse the executable of this running process instead.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("leakscope: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Daemon {
+            pids,
+            exes,
+            listen,
+            rescan_seconds,
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(daemon::run(daemon::DaemonConfig {
+                pids,
+                exes,
+                listen,
+                rescan: Duration::from_secs_f64(rescan_seconds.max(0.05)),
+            }))
+        }
+        Command::Inspect { binary, pid, json } => {
+            let path = match (binary, pid) {
+                (Some(path), _) => path,
+                (None, Some(pid)) => leakscope::procfs::process_info(pid)?.exe_link(),
+                (None, None) => unreachable!("clap requires one of them"),
+            };
+            let image = leakscope::discovery::analyze(&path)?;
+            let out = if json {
+                serde_json::to_string_pretty(&image)? + "\n"
+            } else {
+                inspect::render_table(&image)
+            };
+            print!("{out}");
+            Ok(())
+        }
+    }
+}

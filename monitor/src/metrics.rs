@@ -1,0 +1,214 @@
+//! Prometheus/OpenMetrics exposition of the task ledger and of leakscope's own health.
+//!
+//! A collector, not registered metric objects: every scrape reads the ledger as it is, so a
+//! process that exited disappears from the output at once instead of leaving stale series.
+
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::probes::KernelCounters;
+use crate::procfs::monotonic_ns;
+use crate::tasks::TaskLedger;
+
+/// What the exporter reads on each scrape.
+#[derive(Clone)]
+pub struct Sources {
+    pub ledger: Arc<Mutex<TaskLedger>>,
+    pub kernel: Option<Arc<KernelCounters>>,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sources")
+    }
+}
+
+#[derive(Debug)]
+struct TaskCollector(Sources);
+
+type Labels = Vec<(&'static str, String)>;
+
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric_type: MetricType,
+    rows: &[(Labels, M)],
+) -> std::fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (labels, value) in rows {
+        value.encode(metric.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for TaskCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let ledger = self.0.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        let rows = ledger.snapshot(monotonic_ns());
+        let labels = |r: &crate::tasks::SiteSnapshot| -> Labels {
+            let mut l = vec![
+                ("pid", r.pid.to_string()),
+                ("exe", r.exe.clone()),
+                ("site", r.site.clone()),
+            ];
+            if let Some(location) = &r.location {
+                l.push(("location", location.clone()));
+            }
+            l
+        };
+        let spawned: Vec<_> = rows
+            .iter()
+            .map(|r| (labels(r), ConstCounter::new(r.spawned)))
+            .collect();
+        family(
+            &mut encoder,
+            "leakscope_tasks_spawned",
+            "Tasks spawned at this site since leakscope attached.",
+            MetricType::Counter,
+            &spawned,
+        )?;
+        let completed: Vec<_> = rows
+            .iter()
+            .map(|r| (labels(r), ConstCounter::new(r.completed)))
+            .collect();
+        family(
+            &mut encoder,
+            "leakscope_tasks_completed",
+            "Tasks from this site whose future finished or was cancelled (only tasks spawned \
+             since attach).",
+            MetricType::Counter,
+            &completed,
+        )?;
+        let alive: Vec<_> = rows
+            .iter()
+            .map(|r| (labels(r), ConstGauge::new(r.alive as i64)))
+            .collect();
+        family(
+            &mut encoder,
+            "leakscope_tasks_alive",
+            "Tasks spawned at this site since attach that have not completed yet.",
+            MetricType::Gauge,
+            &alive,
+        )?;
+        let oldest: Vec<_> = rows
+            .iter()
+            .map(|r| (labels(r), ConstGauge::new(r.oldest_alive_seconds)))
+            .collect();
+        family(
+            &mut encoder,
+            "leakscope_task_oldest_alive_seconds",
+            "Age of the oldest alive task from this site (0 when none is alive).",
+            MetricType::Gauge,
+            &oldest,
+        )?;
+
+        let per_process: Vec<_> = ledger
+            .processes()
+            .map(|p| {
+                (
+                    vec![("pid", p.pid.to_string()), ("exe", p.exe.clone())],
+                    ConstCounter::new(p.completed_untracked),
+                )
+            })
+            .collect();
+        family(
+            &mut encoder,
+            "leakscope_tasks_completed_untracked",
+            "Completions of tasks spawned before leakscope attached (not counted per site).",
+            MetricType::Counter,
+            &per_process,
+        )?;
+
+        let stream = ledger.stream;
+        let attached = ledger.processes().count() as i64;
+        drop(ledger);
+        let scalar = |v: u64| vec![(Labels::new(), ConstCounter::new(v))];
+        family(
+            &mut encoder,
+            "leakscope_events",
+            "Task events received from the kernel.",
+            MetricType::Counter,
+            &scalar(stream.events),
+        )?;
+        family(
+            &mut encoder,
+            "leakscope_events_lost",
+            "Task events the kernel emitted or tried to emit but userspace never received \
+             (ring buffer full); counts built from them may be off by this much.",
+            MetricType::Counter,
+            &scalar(stream.lost),
+        )?;
+        let (ringbuf_full, read_failed) = self
+            .0
+            .kernel
+            .as_ref()
+            .map(|k| (k.ringbuf_full(), k.read_failed()))
+            .unwrap_or((0, 0));
+        family(
+            &mut encoder,
+            "leakscope_ringbuf_reserve_failures",
+            "Ring buffer reservations that failed in the kernel because it was full.",
+            MetricType::Counter,
+            &scalar(ringbuf_full),
+        )?;
+        family(
+            &mut encoder,
+            "leakscope_probe_read_failures",
+            "Probe hits whose task header could not be read from the target's memory.",
+            MetricType::Counter,
+            &scalar(read_failed),
+        )?;
+        family(
+            &mut encoder,
+            "leakscope_attached_processes",
+            "Processes leakscope is attached to.",
+            MetricType::Gauge,
+            &[(Labels::new(), ConstGauge::new(attached))],
+        )?;
+        Ok(())
+    }
+}
+
+/// Renders all families in OpenMetrics text format.
+pub fn render(sources: &Sources) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(TaskCollector(sources.clone())));
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+        out.clear();
+        let _ = writeln!(out, "# encoding failed");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_ledger_still_exports_self_metrics_with_help() {
+        let sources = Sources {
+            ledger: Arc::new(Mutex::new(TaskLedger::new())),
+            kernel: None,
+        };
+        let text = render(&sources);
+        for family in [
+            "leakscope_events_total 0",
+            "leakscope_events_lost_total 0",
+            "leakscope_attached_processes 0",
+            "# HELP leakscope_tasks_alive ",
+            "# TYPE leakscope_tasks_spawned counter",
+            "# EOF",
+        ] {
+            assert!(text.contains(family), "missing {family:?} in:\n{text}");
+        }
+    }
+}

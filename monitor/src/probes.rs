@@ -1,0 +1,222 @@
+//! Loads the embedded eBPF object and attaches its task hook to target processes.
+//!
+//! The hook is attached per process (`UProbeScope::OneProcess`): the kernel writes the
+//! breakpoint into that process's pages only, so other processes running the same binary are
+//! not slowed down. Links are owned here and detached when a process goes away; if the daemon
+//! dies, the kernel drops them with its file descriptors, leaving nothing behind.
+
+use std::num::NonZeroU32;
+use std::path::Path;
+
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope};
+use aya::programs::{ProgramError, UProbe};
+use aya::{Ebpf, EbpfError};
+use monitor_common::{HookCookie, TASK_HOOK_PROGRAMS, TaskEventKind, counter};
+use thiserror::Error;
+
+use crate::discovery::{HookKind, TargetImage};
+
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
+
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    #[error(
+        "loading the eBPF programs was refused ({source}); run leakscope as root, or grant \
+         CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE (kernels with the CVE-2025-38466 fix also \
+         need CAP_SYS_ADMIN to create uprobes)"
+    )]
+    Load { source: Box<EbpfError> },
+    #[error("the eBPF program was rejected by the kernel: {0}")]
+    Program(Box<ProgramError>),
+    #[error("the eBPF object lacks {0}: the build is broken, rebuild leakscope")]
+    Missing(&'static str),
+    #[error("the eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error(
+        "attaching to {symbol} at file offset {offset:#x} of {target}: {source}; a uprobe \
+         needs root or CAP_SYS_ADMIN/CAP_PERFMON"
+    )]
+    Attach {
+        symbol: String,
+        offset: u64,
+        target: String,
+        source: Box<ProgramError>,
+    },
+    #[error(
+        "{0} has no hook point leakscope can use for spawns: {1}. Is it a tokio binary that \
+         spawns tasks? `leakscope inspect` shows what was found"
+    )]
+    NoSpawnHook(String, String),
+    #[error("{symbol}: the task header arrives in {register}, which no task hook program reads")]
+    UnsupportedRegister { symbol: String, register: String },
+}
+
+impl From<ProgramError> for ProbeError {
+    fn from(err: ProgramError) -> Self {
+        Self::Program(Box::new(err))
+    }
+}
+
+/// The loaded programs and their maps, shared by every attached process.
+pub struct TaskProbes {
+    ebpf: Ebpf,
+}
+
+impl TaskProbes {
+    pub fn load() -> Result<Self, ProbeError> {
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|source| ProbeError::Load {
+            source: Box::new(source),
+        })?;
+        for name in TASK_HOOK_PROGRAMS {
+            let program: &mut UProbe = ebpf
+                .program_mut(name)
+                .ok_or(ProbeError::Missing(name))?
+                .try_into()?;
+            program.load()?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// The ring buffer the task events arrive in (can be taken once).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map("TASK_EVENTS")
+            .ok_or(ProbeError::Missing("TASK_EVENTS"))?;
+        RingBuf::try_from(map).map_err(|source| ProbeError::Map {
+            name: "TASK_EVENTS",
+            source,
+        })
+    }
+
+    /// The kernel-side failure counters (can be taken once).
+    pub fn take_counters(&mut self) -> Result<KernelCounters, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map("COUNTERS")
+            .ok_or(ProbeError::Missing("COUNTERS"))?;
+        let counters = PerCpuArray::try_from(map).map_err(|source| ProbeError::Map {
+            name: "COUNTERS",
+            source,
+        })?;
+        Ok(KernelCounters { counters })
+    }
+
+    /// Attaches the task hook at every hook point of `image` in process `pid` (or, with
+    /// `pid == None`, in every process that runs `target`).
+    pub fn attach(
+        &mut self,
+        image: &TargetImage,
+        target: &Path,
+        pid: Option<u32>,
+    ) -> Result<Vec<AttachedLink>, ProbeError> {
+        if !image
+            .hooks
+            .iter()
+            .any(|h| matches!(h.kind, HookKind::SpawnOwned | HookKind::SpawnBlocking))
+        {
+            return Err(ProbeError::NoSpawnHook(
+                image.path.display().to_string(),
+                image.warnings.join("; "),
+            ));
+        }
+        let scope = match pid.and_then(NonZeroU32::new) {
+            Some(pid) => UProbeScope::OneProcess(pid),
+            None => UProbeScope::AllProcesses,
+        };
+        let mut links = Vec::with_capacity(image.hooks.len());
+        for hook in &image.hooks {
+            let kind = match hook.kind {
+                HookKind::SpawnOwned | HookKind::SpawnBlocking => TaskEventKind::Spawn,
+                HookKind::Complete => TaskEventKind::Complete,
+            };
+            let cookie = HookCookie {
+                kind: kind as u32,
+                vtable_offset: image.layout.vtable_offset as u32,
+            };
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(hook.file_offset),
+                cookie: Some(cookie.encode()),
+            };
+            let attached = TASK_HOOK_PROGRAMS
+                .get(hook.header_arg.position())
+                .ok_or_else(|| ProbeError::UnsupportedRegister {
+                    symbol: hook.symbol.clone(),
+                    register: format!("{:?}", hook.header_arg),
+                })
+                .and_then(|&name| {
+                    let program = self.program(name)?;
+                    program
+                        .attach(point, target, scope)
+                        .map(|id| AttachedLink { program: name, id })
+                        .map_err(|source| ProbeError::Attach {
+                            symbol: hook.symbol.clone(),
+                            offset: hook.file_offset,
+                            target: target.display().to_string(),
+                            source: Box::new(source),
+                        })
+                });
+            match attached {
+                Ok(link) => links.push(link),
+                Err(err) => {
+                    // Leave nothing half-attached behind.
+                    self.detach(links);
+                    return Err(err);
+                }
+            }
+        }
+        Ok(links)
+    }
+
+    fn program(&mut self, name: &'static str) -> Result<&mut UProbe, ProbeError> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .ok_or(ProbeError::Missing(name))?
+            .try_into()?)
+    }
+
+    pub fn detach(&mut self, links: Vec<AttachedLink>) {
+        for link in links {
+            if let Ok(program) = self.program(link.program) {
+                // A link whose process already exited may be gone: nothing to undo then.
+                let _ = program.detach(link.id);
+            }
+        }
+    }
+}
+
+/// One attached hook point, detachable.
+#[derive(Debug)]
+pub struct AttachedLink {
+    program: &'static str,
+    id: UProbeLinkId,
+}
+
+/// Failure counters kept by the BPF program, summed over CPUs on read.
+pub struct KernelCounters {
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl KernelCounters {
+    fn read(&self, index: u32) -> u64 {
+        self.counters
+            .get(&index, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// Events dropped because the ring buffer was full.
+    pub fn ringbuf_full(&self) -> u64 {
+        self.read(counter::RINGBUF_FULL)
+    }
+
+    /// Probe hits whose task header could not be read.
+    pub fn read_failed(&self) -> u64 {
+        self.read(counter::READ_FAILED)
+    }
+}

@@ -1,0 +1,229 @@
+//! What `/proc` says about a target process: its executable, identity and load address.
+//!
+//! A process is identified by pid *and* start time (pids are reused), its executable by
+//! device and inode of `/proc/PID/exe` (the same binary under another path, or inside a
+//! container, is the same image and is analysed once).
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ProcError {
+    #[error("no process with pid {0} (it may have exited); check the pid with `ps -p {0}`")]
+    NoSuchProcess(u32),
+    #[error(
+        "cannot read /proc/{pid}/{what}: {source}; leakscope needs root (or CAP_SYS_PTRACE and \
+         CAP_DAC_READ_SEARCH) to inspect other users' processes"
+    )]
+    Unreadable {
+        pid: u32,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("/proc/{pid}/{what} is not in the expected format")]
+    Malformed { pid: u32, what: &'static str },
+    #[error("executable of pid {pid} is not mapped in /proc/{pid}/maps")]
+    ExeNotMapped { pid: u32 },
+}
+
+/// Device and inode of an executable file: two paths to one binary share it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExeIdentity {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// A running process as leakscope tracks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    /// Clock ticks since boot at process start (field 22 of `/proc/PID/stat`).
+    pub start_time: u64,
+    /// Path of the executable as the process sees it (may be inside a container's root).
+    pub exe_path: PathBuf,
+    pub exe: ExeIdentity,
+}
+
+impl ProcessInfo {
+    /// Path through which the executable is reachable from here, also inside containers
+    /// and after the file was replaced on disk.
+    pub fn exe_link(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/exe", self.pid))
+    }
+
+    /// File name of the executable, used as the `exe` label.
+    pub fn exe_name(&self) -> String {
+        self.exe_path
+            .file_name()
+            .map(|n| {
+                n.to_string_lossy()
+                    .trim_end_matches(" (deleted)")
+                    .to_string()
+            })
+            .unwrap_or_else(|| "unknown".to_string())
+    }
+
+    /// True while this very process (same pid, same start) is still running.
+    pub fn is_alive(&self) -> bool {
+        start_time(self.pid).is_ok_and(|t| t == self.start_time)
+    }
+}
+
+pub fn process_info(pid: u32) -> Result<ProcessInfo, ProcError> {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    if !proc_dir.exists() {
+        return Err(ProcError::NoSuchProcess(pid));
+    }
+    let start_time = start_time(pid)?;
+    let exe_link = proc_dir.join("exe");
+    let exe_path = fs::read_link(&exe_link).map_err(|source| ProcError::Unreadable {
+        pid,
+        what: "exe",
+        source,
+    })?;
+    let meta = fs::metadata(&exe_link).map_err(|source| ProcError::Unreadable {
+        pid,
+        what: "exe",
+        source,
+    })?;
+    Ok(ProcessInfo {
+        pid,
+        start_time,
+        exe_path,
+        exe: ExeIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        },
+    })
+}
+
+fn start_time(pid: u32) -> Result<u64, ProcError> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            ProcError::NoSuchProcess(pid)
+        } else {
+            ProcError::Unreadable {
+                pid,
+                what: "stat",
+                source,
+            }
+        }
+    })?;
+    // The command name (field 2) may contain spaces and parentheses: fields after it are
+    // counted from the last ')'.
+    let after_comm = stat
+        .rfind(')')
+        .map(|i| &stat[i + 1..])
+        .ok_or(ProcError::Malformed { pid, what: "stat" })?;
+    after_comm
+        .split_whitespace()
+        .nth(19) // field 22 overall; fields 3.. start at index 0 here
+        .and_then(|f| f.parse().ok())
+        .ok_or(ProcError::Malformed { pid, what: "stat" })
+}
+
+/// Runtime address of the executable's lowest mapping: runtime address minus this, plus the
+/// image's lowest link-time load address, turns a runtime pointer into a link-time one.
+pub fn exe_mapping_start(info: &ProcessInfo) -> Result<u64, ProcError> {
+    let pid = info.pid;
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|source| {
+        ProcError::Unreadable {
+            pid,
+            what: "maps",
+            source,
+        }
+    })?;
+    parse_exe_mapping_start(&maps, info.exe).ok_or(ProcError::ExeNotMapped { pid })
+}
+
+/// Finds the mapping at file offset 0 of the file with identity `exe` in a maps listing.
+fn parse_exe_mapping_start(maps: &str, exe: ExeIdentity) -> Option<u64> {
+    maps.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let range = fields.next()?;
+        let _perms = fields.next()?;
+        let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
+        let dev = fields.next()?;
+        let ino: u64 = fields.next()?.parse().ok()?;
+        let (major, minor) = dev.split_once(':')?;
+        let dev = libc::makedev(
+            u32::from_str_radix(major, 16).ok()?,
+            u32::from_str_radix(minor, 16).ok()?,
+        );
+        (offset == 0 && ino == exe.ino && dev == exe.dev)
+            .then(|| u64::from_str_radix(range.split_once('-')?.0, 16).ok())
+            .flatten()
+    })
+}
+
+/// All running processes whose executable is `exe`.
+pub fn processes_running(exe: ExeIdentity) -> Vec<ProcessInfo> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| process_info(pid).ok())
+        .filter(|p| p.exe == exe)
+        .collect()
+}
+
+/// Identity of an executable given by path (for `--exe`).
+pub fn exe_identity(path: &Path) -> std::io::Result<ExeIdentity> {
+    let meta = fs::metadata(path)?;
+    Ok(ExeIdentity {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    })
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` stamps events with.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_offset_zero_mapping_of_the_executable() {
+        let maps = "\
+5581a0000000-5581a0010000 r--p 00000000 fd:01 1234 /app
+5581a0010000-5581a0020000 r-xp 00010000 fd:01 1234 /app
+7f0000000000-7f0000001000 r--p 00000000 fd:01 999 /lib/libc.so.6
+";
+        let exe = ExeIdentity {
+            dev: libc::makedev(0xfd, 0x01),
+            ino: 1234,
+        };
+        assert_eq!(parse_exe_mapping_start(maps, exe), Some(0x5581a0000000));
+        let other = ExeIdentity {
+            dev: exe.dev,
+            ino: 1,
+        };
+        assert_eq!(parse_exe_mapping_start(maps, other), None);
+    }
+
+    #[test]
+    fn describes_this_process() {
+        let me = process_info(std::process::id()).expect("own /proc entry");
+        assert!(me.is_alive());
+        assert!(exe_mapping_start(&me).expect("own exe mapped") > 0);
+    }
+
+    #[test]
+    fn missing_pid_is_a_clear_error() {
+        let err = process_info(u32::MAX - 1).unwrap_err();
+        assert!(err.to_string().contains("no process with pid"), "{err}");
+    }
+}

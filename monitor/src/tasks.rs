@@ -1,0 +1,382 @@
+//! Task lifetimes per spawn site: the state that task events update and exports read.
+//!
+//! A spawn site is keyed by the task's vtable (tokio builds one vtable per spawned future
+//! type), so counting needs no stack and no symbol lookup on the hot path: the label is
+//! resolved once, the first time a vtable is seen.
+//!
+//! Every table here is bounded: live tasks per process, sites per process. What does not fit
+//! is counted, never silently dropped, so an export can say how much it does not know.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use monitor_common::{TaskEvent, TaskEventKind};
+use serde::Serialize;
+
+use crate::discovery::TargetImage;
+
+/// Live tasks tracked per process before new spawns are only counted, not tracked.
+pub const MAX_LIVE_TASKS_PER_PROCESS: usize = 1 << 20;
+/// Distinct spawn-site labels per process; further sites share the label [`OVERFLOW_SITE`].
+pub const MAX_SITES_PER_PROCESS: usize = 512;
+/// Label of the site that absorbs spawn sites beyond [`MAX_SITES_PER_PROCESS`].
+pub const OVERFLOW_SITE: &str = "other (site limit reached)";
+
+/// One spawn site of one process: where tasks of one future type come from.
+#[derive(Debug)]
+pub struct SpawnSite {
+    /// Demangled future type, e.g. `myapp::handler::{{closure}}::{{closure}}`.
+    pub label: String,
+    /// `file:line` of the async block when the binary has DWARF line info.
+    pub location: Option<String>,
+    pub spawned: u64,
+    pub completed: u64,
+    /// Live tasks ordered by spawn time, so the oldest is the first entry.
+    live: BTreeSet<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LiveTask {
+    site: usize,
+    spawned_ktime_ns: u64,
+}
+
+/// What one attached process is running: its tasks by spawn site.
+#[derive(Debug)]
+pub struct ProcessTasks {
+    pub pid: u32,
+    /// File name of the executable, used as the `exe` label.
+    pub exe: String,
+    image: Arc<TargetImage>,
+    /// Runtime address minus link-time address of the executable's mapping.
+    load_bias: u64,
+    sites: Vec<SpawnSite>,
+    site_by_vtable: HashMap<u64, usize>,
+    live: HashMap<u64, LiveTask>,
+    /// Completions of tasks spawned before leakscope attached: they are not counted against
+    /// any site, so a site's alive count never goes negative.
+    pub completed_untracked: u64,
+    /// Spawns not tracked because [`MAX_LIVE_TASKS_PER_PROCESS`] was reached.
+    pub spawned_untracked: u64,
+    /// A header reused by a new spawn while still live: its completion event was lost.
+    pub completions_missed: u64,
+}
+
+impl ProcessTasks {
+    pub fn new(pid: u32, exe: String, image: Arc<TargetImage>, load_bias: u64) -> Self {
+        Self {
+            pid,
+            exe,
+            image,
+            load_bias,
+            sites: Vec::new(),
+            site_by_vtable: HashMap::new(),
+            live: HashMap::new(),
+            completed_untracked: 0,
+            spawned_untracked: 0,
+            completions_missed: 0,
+        }
+    }
+
+    pub fn sites(&self) -> &[SpawnSite] {
+        &self.sites
+    }
+
+    pub fn image(&self) -> &TargetImage {
+        &self.image
+    }
+
+    fn site_for(&mut self, vtable: u64) -> usize {
+        if let Some(&index) = self.site_by_vtable.get(&vtable) {
+            return index;
+        }
+        let link_address = vtable.wrapping_sub(self.load_bias);
+        let (label, location) = match self.image.vtable_at(link_address) {
+            Some(known) => (known.site.clone(), known.location.clone()),
+            None => (format!("vtable@{link_address:#x}"), None),
+        };
+        let label = if self.sites.len() >= MAX_SITES_PER_PROCESS {
+            OVERFLOW_SITE.to_string()
+        } else {
+            label
+        };
+        // Distinct vtables may carry the same label (one per scheduler flavour, or identical
+        // code folded by the linker): they are one site to the user.
+        let index = match self
+            .sites
+            .iter()
+            .position(|s| s.label == label && s.location == location)
+        {
+            Some(index) => index,
+            None => {
+                self.sites.push(SpawnSite {
+                    label,
+                    location,
+                    spawned: 0,
+                    completed: 0,
+                    live: BTreeSet::new(),
+                });
+                self.sites.len() - 1
+            }
+        };
+        self.site_by_vtable.insert(vtable, index);
+        index
+    }
+
+    fn apply(&mut self, event: &TaskEvent, kind: TaskEventKind) {
+        match kind {
+            TaskEventKind::Spawn => {
+                let site = self.site_for(event.vtable);
+                self.sites[site].spawned += 1;
+                if let Some(previous) = self.live.remove(&event.header) {
+                    self.completions_missed += 1;
+                    self.sites[previous.site]
+                        .live
+                        .remove(&(previous.spawned_ktime_ns, event.header));
+                }
+                if self.live.len() >= MAX_LIVE_TASKS_PER_PROCESS {
+                    self.spawned_untracked += 1;
+                    return;
+                }
+                self.live.insert(
+                    event.header,
+                    LiveTask {
+                        site,
+                        spawned_ktime_ns: event.ktime_ns,
+                    },
+                );
+                self.sites[site].live.insert((event.ktime_ns, event.header));
+            }
+            TaskEventKind::Complete => match self.live.remove(&event.header) {
+                Some(task) => {
+                    let site = &mut self.sites[task.site];
+                    site.completed += 1;
+                    site.live.remove(&(task.spawned_ktime_ns, event.header));
+                }
+                None => self.completed_untracked += 1,
+            },
+        }
+    }
+
+    /// Per-site figures at `now_ktime_ns` (CLOCK_MONOTONIC, the clock BPF stamps events with).
+    pub fn snapshot(&self, now_ktime_ns: u64) -> Vec<SiteSnapshot> {
+        self.sites
+            .iter()
+            .map(|site| SiteSnapshot {
+                pid: self.pid,
+                exe: self.exe.clone(),
+                site: site.label.clone(),
+                location: site.location.clone(),
+                spawned: site.spawned,
+                completed: site.completed,
+                alive: site.live.len() as u64,
+                oldest_alive_seconds: site
+                    .live
+                    .first()
+                    .map(|&(t, _)| now_ktime_ns.saturating_sub(t) as f64 / 1e9)
+                    .unwrap_or(0.0),
+            })
+            .collect()
+    }
+}
+
+/// One row of the task table, as exported.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SiteSnapshot {
+    pub pid: u32,
+    pub exe: String,
+    pub site: String,
+    pub location: Option<String>,
+    pub spawned: u64,
+    pub completed: u64,
+    pub alive: u64,
+    pub oldest_alive_seconds: f64,
+}
+
+/// Event-stream health: how many events arrived and how many were lost on the way.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct StreamStats {
+    pub events: u64,
+    /// Events the kernel numbered but userspace never received (per-CPU sequence gaps).
+    pub lost: u64,
+    /// Events for processes no longer (or not yet) registered, or of an unknown kind.
+    pub ignored: u64,
+}
+
+/// All attached processes' task state, fed by the event stream.
+#[derive(Debug, Default)]
+pub struct TaskLedger {
+    processes: HashMap<u32, ProcessTasks>,
+    last_seq_by_cpu: HashMap<u32, u64>,
+    pub stream: StreamStats,
+}
+
+impl TaskLedger {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add_process(&mut self, process: ProcessTasks) {
+        self.processes.insert(process.pid, process);
+    }
+
+    /// Forget a process (it exited or was detached): its sites leave the exports.
+    pub fn remove_process(&mut self, pid: u32) -> Option<ProcessTasks> {
+        self.processes.remove(&pid)
+    }
+
+    pub fn processes(&self) -> impl Iterator<Item = &ProcessTasks> {
+        self.processes.values()
+    }
+
+    pub fn apply(&mut self, event: &TaskEvent) {
+        self.stream.events += 1;
+        if let Some(last) = self.last_seq_by_cpu.insert(event.cpu, event.seq)
+            && event.seq > last + 1
+        {
+            self.stream.lost += event.seq - last - 1;
+        }
+        let (Some(kind), Some(process)) = (
+            TaskEventKind::from_u32(event.kind),
+            self.processes.get_mut(&event.pid),
+        ) else {
+            self.stream.ignored += 1;
+            return;
+        };
+        process.apply(event, kind);
+    }
+
+    pub fn snapshot(&self, now_ktime_ns: u64) -> Vec<SiteSnapshot> {
+        let mut rows: Vec<SiteSnapshot> = self
+            .processes
+            .values()
+            .flat_map(|p| p.snapshot(now_ktime_ns))
+            .collect();
+        rows.sort_by(|a, b| (a.pid, &a.site).cmp(&(b.pid, &b.site)));
+        rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::{NamingMethod, TaskVtable};
+
+    fn image() -> Arc<TargetImage> {
+        let vtable = |vaddr: u64, site: &str| TaskVtable {
+            vaddr,
+            site: site.to_string(),
+            naming: NamingMethod::FuturePollCall,
+            complete_hooked: true,
+            ..TaskVtable::default()
+        };
+        Arc::new(TargetImage {
+            vtables: vec![
+                vtable(0x1000, "app::leak::{{closure}}"),
+                vtable(0x2000, "app::ok::{{closure}}"),
+                vtable(0x3000, "app::ok::{{closure}}"),
+            ],
+            ..TargetImage::default()
+        })
+    }
+
+    fn event(kind: TaskEventKind, header: u64, vtable: u64, seq: u64) -> TaskEvent {
+        TaskEvent {
+            ktime_ns: seq * 1_000_000_000,
+            seq,
+            header,
+            vtable,
+            pid: 7,
+            tid: 7,
+            cpu: 0,
+            kind: kind as u32,
+        }
+    }
+
+    const BIAS: u64 = 0x5555_0000_0000;
+
+    fn ledger() -> TaskLedger {
+        let mut ledger = TaskLedger::new();
+        ledger.add_process(ProcessTasks::new(7, "app".into(), image(), BIAS));
+        ledger
+    }
+
+    fn row<'a>(rows: &'a [SiteSnapshot], site: &str) -> &'a SiteSnapshot {
+        rows.iter()
+            .find(|r| r.site == site)
+            .unwrap_or_else(|| panic!("no row for {site} in {rows:?}"))
+    }
+
+    #[test]
+    fn counts_alive_per_site_and_oldest_age() {
+        let mut ledger = ledger();
+        ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x1000, 1));
+        ledger.apply(&event(TaskEventKind::Spawn, 0xb0, BIAS + 0x1000, 2));
+        ledger.apply(&event(TaskEventKind::Spawn, 0xc0, BIAS + 0x2000, 3));
+        ledger.apply(&event(TaskEventKind::Complete, 0xc0, BIAS + 0x2000, 4));
+        let rows = ledger.snapshot(10_000_000_000);
+        let leak = row(&rows, "app::leak::{{closure}}");
+        assert_eq!((leak.spawned, leak.completed, leak.alive), (2, 0, 2));
+        assert_eq!(leak.oldest_alive_seconds, 9.0);
+        let ok = row(&rows, "app::ok::{{closure}}");
+        assert_eq!((ok.spawned, ok.completed, ok.alive), (1, 1, 0));
+        assert_eq!(ok.oldest_alive_seconds, 0.0);
+    }
+
+    #[test]
+    fn vtables_with_one_label_are_one_site() {
+        let mut ledger = ledger();
+        ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x2000, 1));
+        ledger.apply(&event(TaskEventKind::Spawn, 0xb0, BIAS + 0x3000, 2));
+        let rows = ledger.snapshot(3_000_000_000);
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].alive, 2);
+    }
+
+    #[test]
+    fn completion_of_a_task_spawned_before_attach_never_goes_negative() {
+        let mut ledger = ledger();
+        ledger.apply(&event(TaskEventKind::Complete, 0xdead, BIAS + 0x1000, 1));
+        assert!(ledger.snapshot(0).is_empty());
+        let process = ledger.processes().next().unwrap();
+        assert_eq!(process.completed_untracked, 1);
+    }
+
+    #[test]
+    fn unknown_vtable_gets_an_address_label() {
+        let mut ledger = ledger();
+        ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x9000, 1));
+        let rows = ledger.snapshot(1);
+        assert_eq!(rows[0].site, "vtable@0x9000");
+    }
+
+    #[test]
+    fn sequence_gaps_count_as_lost_events() {
+        let mut ledger = ledger();
+        ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x1000, 1));
+        ledger.apply(&event(TaskEventKind::Spawn, 0xb0, BIAS + 0x1000, 5));
+        assert_eq!(ledger.stream.lost, 3);
+        assert_eq!(ledger.stream.events, 2);
+    }
+
+    #[test]
+    fn reused_header_counts_a_missed_completion() {
+        let mut ledger = ledger();
+        ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x1000, 1));
+        ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x2000, 2));
+        let rows = ledger.snapshot(3_000_000_000);
+        assert_eq!(row(&rows, "app::leak::{{closure}}").alive, 0);
+        assert_eq!(row(&rows, "app::ok::{{closure}}").alive, 1);
+        assert_eq!(ledger.processes().next().unwrap().completions_missed, 1);
+    }
+
+    #[test]
+    fn events_of_unregistered_processes_are_ignored() {
+        let mut ledger = ledger();
+        let mut e = event(TaskEventKind::Spawn, 0xa0, BIAS + 0x1000, 1);
+        e.pid = 99;
+        ledger.apply(&e);
+        assert_eq!(ledger.stream.ignored, 1);
+        assert!(ledger.snapshot(0).is_empty());
+    }
+}

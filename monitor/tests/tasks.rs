@@ -1,0 +1,201 @@
+//! Task lifetimes end to end: real fixture services, real uprobes, exact counts.
+//!
+//! Each test starts its own fixture process and its own `leakscope daemon --pid`, drives
+//! loopback traffic, and polls `/metrics` with a deadline until the numbers a user relies on
+//! hold (or fails with the last numbers seen).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::*;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Waits until the daemon reports the fixture attached.
+fn wait_attached(daemon: SocketAddr) {
+    eventually("leakscope_attached_processes == 1", DEADLINE, || {
+        let v = scrape(daemon)
+            .iter()
+            .find(|s| s.name == "leakscope_attached_processes")
+            .map(|s| s.value);
+        (v == Some(1.0)).then_some(()).ok_or(format!("{v:?}"))
+    });
+}
+
+/// Polls until (spawned, completed, alive) of `site` in `pid` equal `expected`.
+fn expect_site(daemon: SocketAddr, pid: u32, site: &str, expected: (f64, f64, f64)) {
+    eventually(
+        &format!("{site}: (spawned, completed, alive) == {expected:?}"),
+        DEADLINE,
+        || {
+            let samples = scrape(daemon);
+            let got = (
+                site_value(&samples, "leakscope_tasks_spawned_total", pid, site),
+                site_value(&samples, "leakscope_tasks_completed_total", pid, site),
+                site_value(&samples, "leakscope_tasks_alive", pid, site),
+            );
+            (got == expected)
+                .then_some(())
+                .ok_or(format!("got {got:?}"))
+        },
+    );
+}
+
+fn oldest_age(daemon: SocketAddr, pid: u32, site: &str) -> f64 {
+    site_value(
+        &scrape(daemon),
+        "leakscope_task_oldest_alive_seconds",
+        pid,
+        site,
+    )
+}
+
+/// The seed's patterns and their remedies, against one fixture build and runtime flavour.
+fn leaks_and_remedies(binary: &str, krate: &str, flavor: &str) {
+    let test = format!("{binary} {flavor}");
+    if !ebpf_available(&test) {
+        return;
+    }
+    let (app, addr) = start_fixture(&fixture(binary), &["--flavor", flavor]);
+    let pid = app.pid();
+    let (_daemon, daemon) = start_daemon(&["--pid".into(), pid.to_string()]);
+    wait_attached(daemon);
+    let site = |handler: &str| format!("{krate}::{handler}::{{{{closure}}}}::{{{{closure}}}}");
+
+    const LEAKS: usize = 20;
+    for _ in 0..LEAKS {
+        get_ok(addr, "/leak/forever");
+        get_ok(addr, "/ok/bounded");
+        get_ok(addr, "/ok/awaited");
+        get_ok(addr, "/ok/aborted");
+        get_ok(addr, "/ok/blocking");
+    }
+    for _ in 0..10 {
+        stream_then_disconnect(addr, "/leak/stream");
+        stream_then_disconnect(addr, "/ok/stream");
+    }
+    let n = LEAKS as f64;
+    // Leaks: one task per request stays alive.
+    expect_site(daemon, pid, &site("leak_forever"), (n, 0.0, n));
+    expect_site(daemon, pid, &site("leak_stream"), (10.0, 0.0, 10.0));
+    // Remedies: every task spawned also completed.
+    expect_site(daemon, pid, &site("ok_bounded"), (n, n, 0.0));
+    expect_site(daemon, pid, &site("ok_awaited"), (n, n, 0.0));
+    expect_site(daemon, pid, &site("ok_aborted"), (n, n, 0.0));
+    expect_site(daemon, pid, &site("ok_blocking"), (n, n, 0.0));
+    expect_site(daemon, pid, &site("ok_stream"), (10.0, 10.0, 0.0));
+    // axum's per-connection tasks end with their connections.
+    eventually("connection tasks back to 0", DEADLINE, || {
+        let samples = scrape(daemon);
+        let conn: Vec<_> = samples
+            .iter()
+            .filter(|s| {
+                s.name == "leakscope_tasks_alive"
+                    && s.labels
+                        .get("site")
+                        .is_some_and(|l| l.contains("handle_connection"))
+            })
+            .collect();
+        (!conn.is_empty() && conn.iter().all(|s| s.value == 0.0))
+            .then_some(())
+            .ok_or(format!("{conn:?}"))
+    });
+    // The leaking site's oldest task ages; a healthy site reports no age.
+    let first = oldest_age(daemon, pid, &site("leak_forever"));
+    std::thread::sleep(Duration::from_millis(1100));
+    let later = oldest_age(daemon, pid, &site("leak_forever"));
+    assert!(
+        later >= first + 1.0,
+        "oldest age did not grow: {first} -> {later}"
+    );
+    assert_eq!(oldest_age(daemon, pid, &site("ok_bounded")), 0.0);
+
+    // The fixture's own count agrees with leakscope's.
+    let stats = get_ok(addr, "/stats");
+    assert!(
+        stats.contains(&format!("alive_forever={LEAKS}")),
+        "fixture says {stats}"
+    );
+}
+
+#[test]
+fn multi_thread_leaks_are_counted_exactly() {
+    leaks_and_remedies("axum-app", "axum_app", "multi_thread");
+}
+
+#[test]
+fn current_thread_leaks_are_counted_exactly() {
+    leaks_and_remedies("axum-app", "axum_app", "current_thread");
+}
+
+#[test]
+fn tokio_lts_leaks_are_counted_exactly() {
+    leaks_and_remedies("axum-app-lts", "axum_app_lts", "multi_thread");
+}
+
+#[test]
+fn exited_process_is_detached_and_forgotten() {
+    if !ebpf_available("exited_process_is_detached_and_forgotten") {
+        return;
+    }
+    let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
+    let pid = app.pid();
+    let (_daemon, daemon) = start_daemon(&["--pid".into(), pid.to_string()]);
+    wait_attached(daemon);
+    get_ok(addr, "/leak/forever");
+    expect_site(
+        daemon,
+        pid,
+        "axum_app::leak_forever::{{closure}}::{{closure}}",
+        (1.0, 0.0, 1.0),
+    );
+    drop(app);
+    eventually("the exited process leaves /metrics", DEADLINE, || {
+        let samples = scrape(daemon);
+        let attached = samples
+            .iter()
+            .find(|s| s.name == "leakscope_attached_processes")
+            .map(|s| s.value);
+        let stale = samples
+            .iter()
+            .filter(|s| s.labels.get("pid") == Some(&pid.to_string()))
+            .count();
+        (attached == Some(0.0) && stale == 0)
+            .then_some(())
+            .ok_or(format!("attached {attached:?}, {stale} series left"))
+    });
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn exe_mode_follows_processes_started_later() {
+    if !ebpf_available("exe_mode_follows_processes_started_later") {
+        return;
+    }
+    // A private copy (its own inode), so fixtures of tests running in parallel are not
+    // attached too.
+    let binary = workspace_root().join(format!("target/exe-mode-{}", std::process::id()));
+    std::fs::copy(fixture("axum-app"), &binary).expect("copying the fixture");
+    let _cleanup = RemoveOnDrop(binary.clone());
+    let (_daemon, daemon) = start_daemon(&["--exe".into(), binary.display().to_string()]);
+    let (app, addr) = start_fixture(&binary, &[]);
+    wait_attached(daemon);
+    for _ in 0..3 {
+        get_ok(addr, "/leak/forever");
+    }
+    expect_site(
+        daemon,
+        app.pid(),
+        "axum_app::leak_forever::{{closure}}::{{closure}}",
+        (3.0, 0.0, 3.0),
+    );
+}

@@ -1,0 +1,209 @@
+//! Project tasks: `cargo xtask setup | fixtures | test | demo`.
+//!
+//! Everything a fresh machine needs is installed from here (nothing done by hand survives a
+//! new machine), and `test` is exactly what CI runs.
+
+mod demo;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what building leakscope needs: nightly rust-src and bpf-linker (idempotent).
+    Setup,
+    /// Build the fixture programs (release profile) the tests and the demo run.
+    Fixtures,
+    /// fmt check, clippy, unit and eBPF integration tests (what CI runs).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Run a leaky fixture under load with leakscope attached and show the suspects.
+    Demo {
+        /// How long to drive load and refresh the table, in seconds.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup(),
+        Task::Fixtures => {
+            setup()?;
+            fixtures()
+        }
+        Task::Test { cargo_test_args } => test(&cargo_test_args),
+        Task::Demo { seconds } => {
+            setup()?;
+            fixtures()?;
+            demo::run(seconds)
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command to completion, failing with its command line if it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}");
+    eprintln!("xtask: $ {shown}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// nightly + rust-src (for `-Z build-std=core` of the BPF target) and bpf-linker built
+/// against nightly's own libLLVM, so the two always agree on the LLVM version.
+fn setup() -> anyhow::Result<()> {
+    output(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])).context(
+        "the `nightly` toolchain is missing: install it with `rustup toolchain install nightly`",
+    )?;
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))?;
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    if Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    install_bpf_linker()
+}
+
+fn install_bpf_linker() -> anyhow::Result<()> {
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let lib_dir = Path::new(sysroot.trim()).join("lib");
+    let libllvm = std::fs::read_dir(&lib_dir)
+        .with_context(|| format!("reading {}", lib_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
+        })
+        .with_context(|| format!("no libLLVM.so.*-rust-* in {}", lib_dir.display()))?;
+    let version = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("`rustc +nightly -vV` does not say its LLVM version")?
+        .to_string();
+    let prefix = workspace_root().join("target/llvm-prefix");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib/libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&libllvm, &link)
+        .with_context(|| format!("linking {}", link.display()))?;
+    run(Command::new("cargo")
+        .env("LLVM_PREFIX", &prefix)
+        .args([
+            "install",
+            "--locked",
+            "bpf-linker",
+            "--no-default-features",
+            "--features",
+        ])
+        .arg(format!("llvm-{major}")))
+    .context("building bpf-linker against nightly's libLLVM")
+}
+
+/// Fixture binaries, all in the default release profile, as a user would build them.
+pub struct Fixtures {
+    pub axum_app: PathBuf,
+    pub axum_app_lts: PathBuf,
+    pub axum_app_stripped: PathBuf,
+}
+
+pub fn fixture_paths() -> Fixtures {
+    let release = workspace_root().join("target/release");
+    Fixtures {
+        axum_app: release.join("axum-app"),
+        axum_app_lts: release.join("axum-app-lts"),
+        axum_app_stripped: release.join("axum-app-stripped"),
+    }
+}
+
+fn fixtures() -> anyhow::Result<()> {
+    let root = workspace_root();
+    run(cargo().args(["build", "--release", "-p", "axum-app"]))?;
+    // The LTS fixture pins an older tokio, so it is its own workspace; it shares the target
+    // directory to reuse what both versions have in common.
+    run(cargo()
+        .args(["build", "--release", "--manifest-path"])
+        .arg(root.join("monitor/tests/fixtures/axum-app-lts/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(root.join("target")))?;
+    // A copy with line tables, as a user who sets `debug = "line-tables-only"` builds it, for
+    // the file:line of spawn sites. Its own target dir: other flags, other artifacts.
+    run(cargo()
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "line-tables-only")
+        .args(["build", "--release", "-p", "axum-app", "--target-dir"])
+        .arg(root.join("target/fixtures-dwarf")))?;
+    let paths = fixture_paths();
+    run(Command::new("strip")
+        .arg("-o")
+        .arg(&paths.axum_app_stripped)
+        .arg(&paths.axum_app))?;
+    Ok(())
+}
+
+fn test(cargo_test_args: &[String]) -> anyhow::Result<()> {
+    setup()?;
+    run(cargo().args(["fmt", "--all", "--check"]))
+        .context("formatting differs: run `cargo fmt --all`")?;
+    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    fixtures()?;
+    run(cargo().args(["test"]).args(cargo_test_args))
+}
