@@ -13,6 +13,10 @@ pub enum TaskEventKind {
     Spawn = 1,
     /// Its future finished or was cancelled (`Harness::complete`).
     Complete = 2,
+    /// First poll of a task, for task types whose spawn path was inlined beyond reach (no
+    /// `bind_inner`): the BPF side emits it once per task (until the task completes), and
+    /// userspace counts it as the spawn.
+    FirstPoll = 3,
 }
 
 impl TaskEventKind {
@@ -20,6 +24,7 @@ impl TaskEventKind {
         match value {
             1 => Some(Self::Spawn),
             2 => Some(Self::Complete),
+            3 => Some(Self::FirstPoll),
             _ => None,
         }
     }
@@ -48,6 +53,21 @@ pub struct TaskEvent {
 }
 
 const _: () = assert!(core::mem::size_of::<TaskEvent>() == 48);
+
+/// Key of the BPF map that remembers which tasks were already polled once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolledTask {
+    pub header: u64,
+    pub pid: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<PolledTask>() == 16);
+
+/// Capacity of the polled-tasks map (LRU: an evicted live task that polls again is emitted
+/// again, which userspace recognises as the same task).
+pub const POLLED_TASKS_MAX: u32 = 1 << 18;
 
 /// What one attach point means, passed to the BPF program as the uprobe's attach cookie so
 /// one program serves every hook point of every target, whatever its tokio version:
@@ -82,14 +102,19 @@ impl HookCookie {
     }
 }
 
+pub mod heap;
+pub mod unwind;
+
 /// Indexes into the per-CPU `COUNTERS` array.
 pub mod counter {
     /// Events that could not be written because the ring buffer was full.
     pub const RINGBUF_FULL: u32 = 0;
     /// Probes that fired but could not read the task header from user memory.
     pub const READ_FAILED: u32 = 1;
+    /// First polls that could not be remembered (map update failed).
+    pub const POLLED_MAP_FAILED: u32 = 2;
     /// Number of counters.
-    pub const COUNT: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Ring buffer size in bytes (a power of two multiple of the page size).
@@ -99,6 +124,14 @@ pub const RINGBUF_BYTES: u32 = 1 << 22;
 mod user {
     // SAFETY: plain-old-data, repr(C), no padding (asserted above).
     unsafe impl aya::Pod for super::TaskEvent {}
+    // SAFETY: as above (asserted in `heap`).
+    unsafe impl aya::Pod for super::heap::HeapEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::heap::BlockKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::heap::BlockInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::heap::HeapTarget {}
 }
 
 #[cfg(test)]

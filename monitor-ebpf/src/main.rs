@@ -10,14 +10,17 @@
 #![no_main]
 
 use aya_ebpf::EbpfContext;
+use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::{
     bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
     bpf_probe_read_user,
 };
 use aya_ebpf::macros::{map, uprobe};
-use aya_ebpf::maps::{PerCpuArray, RingBuf};
+use aya_ebpf::maps::{LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::ProbeContext;
-use monitor_common::{HookCookie, RINGBUF_BYTES, TaskEvent, counter};
+use monitor_common::{
+    HookCookie, POLLED_TASKS_MAX, PolledTask, RINGBUF_BYTES, TaskEvent, TaskEventKind, counter,
+};
 
 #[map]
 static TASK_EVENTS: RingBuf = RingBuf::with_byte_size(RINGBUF_BYTES, 0);
@@ -29,6 +32,10 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 /// Per-CPU event sequence numbers, so userspace can see gaps.
 #[map]
 static SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Tasks already reported by a first-poll hook, until they complete.
+#[map]
+static POLLED: LruHashMap<PolledTask, u8> = LruHashMap::with_max_entries(POLLED_TASKS_MAX, 0);
 
 /// One entry point per argument register that can hold the task header: the register is a
 /// constant in each, because the verifier rejects a context read at a computed offset.
@@ -69,6 +76,25 @@ fn try_task_hook<const ARG: usize>(ctx: &ProbeContext) -> Result<(), u32> {
     let vtable = unsafe { bpf_probe_read_user((header + vtable_offset) as *const u64) }
         .map_err(|_| counter::READ_FAILED)?;
 
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    let polled = PolledTask {
+        header,
+        pid,
+        _pad: 0,
+    };
+    if cookie.kind == TaskEventKind::FirstPoll as u32 {
+        // Only the first poll of a task is news; later polls cost just this lookup.
+        if POLLED.get_ptr(&polled).is_some() {
+            return Ok(());
+        }
+        if POLLED.insert(&polled, &1, u64::from(BPF_NOEXIST)).is_err() {
+            bump(counter::POLLED_MAP_FAILED);
+        }
+    } else if cookie.kind == TaskEventKind::Complete as u32 {
+        let _ = POLLED.remove(&polled);
+    }
+
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let seq = match SEQ.get_ptr_mut(0) {
         // SAFETY: per-CPU slot; uprobe programs do not migrate while running.
@@ -78,13 +104,12 @@ fn try_task_hook<const ARG: usize>(ctx: &ProbeContext) -> Result<(), u32> {
         },
         None => 0,
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
     let event = TaskEvent {
         ktime_ns: unsafe { bpf_ktime_get_ns() },
         seq,
         header,
         vtable,
-        pid: (pid_tgid >> 32) as u32,
+        pid,
         tid: pid_tgid as u32,
         cpu,
         kind: cookie.kind,

@@ -66,6 +66,7 @@ pub fn render_table(image: &TargetImage) -> String {
             HookKind::SpawnOwned => "spawn",
             HookKind::SpawnBlocking => "spawn_blocking",
             HookKind::Complete => "complete",
+            HookKind::FirstPoll => "first poll",
         };
         let _ = writeln!(
             out,

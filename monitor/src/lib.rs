@@ -7,7 +7,9 @@
 pub mod daemon;
 pub mod discovery;
 pub mod events;
+pub mod heap;
 pub mod inspect;
+pub mod kernel_btf;
 pub mod metrics;
 pub mod probes;
 pub mod procfs;

@@ -114,11 +114,12 @@ impl TaskProbes {
         target: &Path,
         pid: Option<u32>,
     ) -> Result<Vec<AttachedLink>, ProbeError> {
-        if !image
-            .hooks
-            .iter()
-            .any(|h| matches!(h.kind, HookKind::SpawnOwned | HookKind::SpawnBlocking))
-        {
+        if !image.hooks.iter().any(|h| {
+            matches!(
+                h.kind,
+                HookKind::SpawnOwned | HookKind::SpawnBlocking | HookKind::FirstPoll
+            )
+        }) {
             return Err(ProbeError::NoSpawnHook(
                 image.path.display().to_string(),
                 image.warnings.join("; "),
@@ -133,6 +134,7 @@ impl TaskProbes {
             let kind = match hook.kind {
                 HookKind::SpawnOwned | HookKind::SpawnBlocking => TaskEventKind::Spawn,
                 HookKind::Complete => TaskEventKind::Complete,
+                HookKind::FirstPoll => TaskEventKind::FirstPoll,
             };
             let cookie = HookCookie {
                 kind: kind as u32,

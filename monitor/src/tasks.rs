@@ -125,7 +125,15 @@ impl ProcessTasks {
 
     fn apply(&mut self, event: &TaskEvent, kind: TaskEventKind) {
         match kind {
-            TaskEventKind::Spawn => {
+            TaskEventKind::FirstPoll
+                if self
+                    .live
+                    .get(&event.header)
+                    .is_some_and(|t| self.site_by_vtable.get(&event.vtable) == Some(&t.site)) =>
+            {
+                // Already known: seen spawning, or re-reported after the BPF side forgot it.
+            }
+            TaskEventKind::Spawn | TaskEventKind::FirstPoll => {
                 let site = self.site_for(event.vtable);
                 self.sites[site].spawned += 1;
                 if let Some(previous) = self.live.remove(&event.header) {
@@ -368,6 +376,19 @@ mod tests {
         assert_eq!(row(&rows, "app::leak::{{closure}}").alive, 0);
         assert_eq!(row(&rows, "app::ok::{{closure}}").alive, 1);
         assert_eq!(ledger.processes().next().unwrap().completions_missed, 1);
+    }
+
+    #[test]
+    fn first_poll_counts_as_spawn_once() {
+        let mut ledger = ledger();
+        ledger.apply(&event(TaskEventKind::FirstPoll, 0xa0, BIAS + 0x1000, 1));
+        ledger.apply(&event(TaskEventKind::FirstPoll, 0xa0, BIAS + 0x1000, 2));
+        ledger.apply(&event(TaskEventKind::Spawn, 0xb0, BIAS + 0x1000, 3));
+        ledger.apply(&event(TaskEventKind::FirstPoll, 0xb0, BIAS + 0x1000, 4));
+        let rows = ledger.snapshot(5_000_000_000);
+        let leak = row(&rows, "app::leak::{{closure}}");
+        assert_eq!((leak.spawned, leak.alive), (2, 2));
+        assert_eq!(leak.oldest_alive_seconds, 4.0);
     }
 
     #[test]

@@ -146,3 +146,15 @@ fn daemon_without_targets_fails_clearly() {
         stderr(&out)
     );
 }
+
+#[test]
+fn inspect_reports_first_poll_hooks_where_bind_inner_was_inlined() {
+    let out = leakscope(&["inspect", fixture("one-task-type").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.lines().any(|l| l.contains("first poll")
+            && l.contains("one_task_type::main::{{closure}}::{{closure}}::{{closure}}")),
+        "{table}"
+    );
+}

@@ -199,3 +199,43 @@ fn exe_mode_follows_processes_started_later() {
         (3.0, 0.0, 3.0),
     );
 }
+
+#[test]
+fn spawns_are_counted_where_bind_inner_was_inlined() {
+    if !ebpf_available("spawns_are_counted_where_bind_inner_was_inlined") {
+        return;
+    }
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+
+    let mut child = Command::new(fixture("one-task-type"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting one-task-type");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let app = Proc {
+        child,
+        name: "one-task-type".into(),
+    };
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let (_daemon, daemon) = start_daemon(&["--pid".into(), app.pid().to_string()]);
+    wait_attached(daemon);
+    let mut command = |c: &str| {
+        writeln!(stdin, "{c}").unwrap();
+        line.clear();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ok", "after {c}");
+    };
+    command("leak 25");
+    command("done 40");
+    expect_site(
+        daemon,
+        app.pid(),
+        "one_task_type::main::{{closure}}::{{closure}}::{{closure}}",
+        (65.0, 40.0, 25.0),
+    );
+}

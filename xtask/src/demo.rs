@@ -1,60 +1,17 @@
 //! `cargo xtask demo`: the leaky fixture under bounded loopback load, leakscope attached, and
 //! a refreshing table of spawn sites, leaks on top.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+use crate::util::{KillOnDrop, get, is_root, start_leakscope, stream_and_leave};
 use crate::{cargo, fixture_paths, workspace_root};
 
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default())
-}
-
-/// Opens a stream, reads its first chunk and hangs up: a client that went away.
-fn stream_and_leave(addr: SocketAddr, path: &str) -> std::io::Result<()> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n")?;
-    let mut buf = [0u8; 512];
-    let _ = stream.read(&mut buf)?;
-    Ok(())
-}
-
-pub fn run(seconds: u64) -> anyhow::Result<()> {
-    // Root check without libc: the effective uid is the second field of `Uid:`.
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
-        })
-        .unwrap_or_default();
-    if uid != "0" {
+pub fn demo(seconds: u64) -> anyhow::Result<()> {
+    if !is_root() {
         bail!("the demo loads eBPF programs: run it as root (e.g. `sudo -E cargo xtask demo`)");
     }
     crate::run(cargo().args(["build", "--release", "-p", "monitor"]))?;
@@ -78,29 +35,7 @@ pub fn run(seconds: u64) -> anyhow::Result<()> {
         .context("fixture did not say where it listens")?
         .parse()?;
 
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let listen: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let daemon = Command::new(&leakscope)
-        .args([
-            "daemon",
-            "--pid",
-            &app_pid.to_string(),
-            "--listen",
-            &listen.to_string(),
-        ])
-        .spawn()
-        .context("starting leakscope")?;
-    let mut daemon = KillOnDrop(daemon);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while get(listen, "/healthz").is_err() {
-        if let Some(status) = daemon.0.try_wait()? {
-            bail!("leakscope exited with {status}");
-        }
-        if Instant::now() > deadline {
-            bail!("leakscope did not come up on {listen}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (_daemon, listen) = start_leakscope(&leakscope, app_pid)?;
 
     println!(
         "\nfixture axum-app (pid {app_pid}) on {app_addr}; leakscope on {listen}\n\

@@ -3,7 +3,9 @@
 //! Everything a fresh machine needs is installed from here (nothing done by hand survives a
 //! new machine), and `test` is exactly what CI runs.
 
+mod bench;
 mod demo;
+mod util;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,6 +32,8 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Overhead of the hooks: spawn microbenchmark, baseline vs monitored, side by side.
+    Bench,
     /// Run a leaky fixture under load with leakscope attached and show the suspects.
     Demo {
         /// How long to drive load and refresh the table, in seconds.
@@ -49,7 +53,12 @@ fn main() -> anyhow::Result<()> {
         Task::Demo { seconds } => {
             setup()?;
             fixtures()?;
-            demo::run(seconds)
+            demo::demo(seconds)
+        }
+        Task::Bench => {
+            setup()?;
+            fixtures()?;
+            bench::bench()
         }
     }
 }

@@ -19,6 +19,7 @@ pub(crate) fn hook_path(kind: HookKind) -> &'static str {
         HookKind::SpawnOwned => "tokio::runtime::task::list::OwnedTasks::bind_inner",
         HookKind::SpawnBlocking => "tokio::runtime::blocking::pool::Spawner::spawn_task",
         HookKind::Complete => "tokio::runtime::task::harness::Harness::complete",
+        HookKind::FirstPoll => "tokio::runtime::task::raw::poll",
     }
 }
 
@@ -34,7 +35,7 @@ pub(crate) fn hook_path(kind: HookKind) -> &'static str {
 pub(crate) fn expected_arg(kind: HookKind) -> ArgReg {
     match kind {
         HookKind::SpawnOwned | HookKind::SpawnBlocking => ArgReg::Rsi,
-        HookKind::Complete => ArgReg::Rdi,
+        HookKind::Complete | HookKind::FirstPoll => ArgReg::Rdi,
     }
 }
 
@@ -235,7 +236,63 @@ fn missing_warning(kind: HookKind) -> String {
              from leaked ones except by their release",
             hook_path(kind)
         ),
+        HookKind::FirstPoll => String::new(),
     }
+}
+
+/// First-poll hooks for the task vtables no spawn hook covers: `bind_inner` serves one
+/// scheduler per instance, and when LLVM inlined it for a flavour (a small program with one
+/// spawned type, say), spawns on that flavour would go unseen; `Spawner::spawn_task` likewise
+/// for blocking tasks. The vtable's own `poll` fn is always out of line (it is called through
+/// the vtable), so its first hit per task stands in for the spawn.
+pub(crate) fn first_poll_hooks(
+    img: &Image,
+    hooks: &[HookPoint],
+    vtables: &[super::TaskVtable],
+) -> Vec<HookPoint> {
+    let owned: Vec<&HookPoint> = hooks
+        .iter()
+        .filter(|h| h.kind == HookKind::SpawnOwned)
+        .collect();
+    let served: Vec<Scheduler> = owned.iter().flat_map(|h| h.schedulers.clone()).collect();
+    let blocking_hooked = hooks.iter().any(|h| h.kind == HookKind::SpawnBlocking);
+    let covered = |v: &super::TaskVtable| {
+        if v.blocking || v.scheduler == Some(Scheduler::Blocking) {
+            blocking_hooked
+        } else {
+            match v.scheduler {
+                // Instances whose flavour could not be told are trusted to serve all.
+                Some(flavour) => {
+                    served.contains(&flavour) || (!owned.is_empty() && served.is_empty())
+                }
+                None => !owned.is_empty(),
+            }
+        }
+    };
+    let mut out: Vec<HookPoint> = Vec::new();
+    for v in vtables.iter().filter(|v| !covered(v)) {
+        if out.iter().any(|h| h.vaddr == v.poll_fn) {
+            continue;
+        }
+        let Some(file_offset) = img.file_offset(v.poll_fn) else {
+            continue;
+        };
+        out.push(HookPoint {
+            kind: HookKind::FirstPoll,
+            symbol: format!(
+                "{} (first poll of {})",
+                hook_path(HookKind::FirstPoll),
+                v.site
+            ),
+            vaddr: v.poll_fn,
+            file_offset,
+            header_arg: ArgReg::Rdi,
+            // `poll(ptr: NonNull<Header>)`: the vtable calling convention, not a guess.
+            header_arg_verified: true,
+            schedulers: v.scheduler.into_iter().collect(),
+        });
+    }
+    out
 }
 
 /// Direct and GOT-indirect callers of `targets` among tokio's functions (the only place

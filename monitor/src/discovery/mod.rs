@@ -17,11 +17,14 @@
 //! could not be established is reported in [`TargetImage::warnings`] instead of guessed
 //! silently: a wrong hook or label turns into a false leak report.
 
+pub mod alloc;
 mod disasm;
 mod dwarf;
 mod elf;
 mod hooks;
 mod naming;
+mod resolve;
+pub mod task_context;
 mod vtables;
 
 use std::fmt;
@@ -86,6 +89,8 @@ pub struct TargetImage {
     pub warnings: Vec<String>,
     /// The file's `PT_LOAD` segments, kept for [`TargetImage::file_offset`].
     pub segments: Vec<LoadSegment>,
+    /// Where a thread keeps the id of the task it polls, for heap attribution.
+    pub current_task_slot: Option<task_context::CurrentTaskSlot>,
 }
 
 impl TargetImage {
@@ -216,6 +221,10 @@ pub enum HookKind {
     /// `tokio::runtime::task::harness::Harness<T,S>::complete`: header pointer in rdi
     /// (arg0). Called once per task when its future finished or was cancelled.
     Complete,
+    /// A task vtable's `poll` fn (`raw::poll<T,S>`, header in rdi), hooked only for task
+    /// types whose spawn path reaches no spawn hook (inlined `bind_inner`): the first poll
+    /// of each task stands in for its spawn. Costs one hit per poll of those types.
+    FirstPoll,
 }
 
 /// A System V integer argument register (entry value).
@@ -357,14 +366,22 @@ pub fn analyze(path: &Path) -> Result<TargetImage, DiscoveryError> {
         .collect();
 
     let mut walker = disasm::Walker::new(&img);
+    // Name every vtable from its own code, then narrow the labels across vtables.
+    let namings: Vec<Option<vtables::Naming>> = if by_shape {
+        vec![None; raw.len()]
+    } else {
+        let mut n: Vec<vtables::Naming> = raw
+            .iter()
+            .map(|vt| vtables::name_vtable(&mut walker, vt))
+            .collect();
+        resolve::resolve(&img, &raw, &mut n, &mut warnings);
+        n.into_iter().map(Some).collect()
+    };
     let mut out = Vec::with_capacity(raw.len());
     let mut future_fns = Vec::new();
-    for vt in &raw {
+    for (vt, named) in raw.iter().zip(namings) {
         let label = format!("vtable@0x{:x}", vt.vaddr);
-        let named = if by_shape {
-            None
-        } else {
-            let n = vtables::name_vtable(&mut walker, vt);
+        if let Some(n) = &named {
             if let Some(note) = &n.note {
                 warnings.push(format!("vtable@0x{:x} ({}): {note}", vt.vaddr, n.site));
             }
@@ -374,8 +391,7 @@ pub fn analyze(path: &Path) -> Result<TargetImage, DiscoveryError> {
                     vt.vaddr
                 ));
             }
-            Some(n)
-        };
+        }
         let complete_hooked = hooks::complete_reachable(
             &mut walker,
             vt.fns[vtables::POLL],
@@ -421,6 +437,11 @@ pub fn analyze(path: &Path) -> Result<TargetImage, DiscoveryError> {
     vtables.sort_by_key(|v| v.vaddr);
 
     warnings.extend(hooks::spawn_coverage_warnings(&hooks, &vtables));
+    let mut hooks = hooks;
+    if !stripped {
+        hooks.extend(hooks::first_poll_hooks(&img, &hooks, &vtables));
+    }
+    let current_task_slot = task_context::find_current_task_slot(&img);
     if !complete_addrs.is_empty() {
         let unhooked: Vec<&str> = vtables
             .iter()
@@ -446,6 +467,7 @@ pub fn analyze(path: &Path) -> Result<TargetImage, DiscoveryError> {
         layout,
         warnings,
         segments: img.segments.clone(),
+        current_task_slot,
     })
 }
 

@@ -399,6 +399,112 @@ pub(crate) fn same_site(poll_label: &str, future_type: &str) -> bool {
     a == b
 }
 
+/// Crates whose futures are never a spawn site by themselves unless the binary says so (a
+/// task cell holds them): a poll walk that ends in one of these has usually descended into
+/// a user future that was inlined into the task glue, e.g. `tokio::time::sleep::Sleep`.
+const LIBRARY_CRATES: &[&str] = &[
+    "tokio",
+    "std",
+    "core",
+    "alloc",
+    "futures",
+    "futures_util",
+    "futures_core",
+    "futures_channel",
+    "futures_executor",
+    "hyper",
+    "hyper_util",
+];
+
+/// The crate names a path mentions: identifiers that start a path (`a::…` not preceded by
+/// `::`). `<(&str, u16) as std::net::ToSocketAddrs>::f` mentions only `std`.
+fn crate_roots(name: &str) -> impl Iterator<Item = &str> {
+    let bytes = name.as_bytes();
+    let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while i < bytes.len() {
+            if !ident(bytes[i]) || (i > 0 && (ident(bytes[i - 1]) || bytes[i - 1] == b':')) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < bytes.len() && ident(bytes[i]) {
+                i += 1;
+            }
+            if name[i..].starts_with("::") {
+                return Some(&name[start..i]);
+            }
+        }
+        None
+    })
+}
+
+/// True when every crate `label` mentions is a runtime/standard library crate (see
+/// [`LIBRARY_CRATES`]): `tokio::time::sleep::Sleep`, `<(&str, u16) as
+/// std::net::socket_addr::ToSocketAddrs>::to_socket_addrs`. A label that mentions a user
+/// crate anywhere (`hyper::Svc<app::Handler>`) is not library code.
+pub(crate) fn is_library_label(label: &str) -> bool {
+    let mut any = false;
+    for root in crate_roots(label) {
+        if !LIBRARY_CRATES.contains(&root) {
+            return false;
+        }
+        any = true;
+    }
+    any
+}
+
+/// True when a poll-walk label and a task-cell future type can name the same site: the same
+/// path ignoring generics, or one nested in the other at a path boundary (an inner
+/// `…::{{closure}}` of the type, or the function owning a closure type). `BlockingTask<F>`
+/// must already be unwrapped to `F` on the cell side.
+pub(crate) fn related_site(label: &str, cell_type: &str) -> bool {
+    let a = strip_generics(label);
+    let b = strip_generics(cell_type);
+    a == b
+        || b.strip_prefix(a.as_str())
+            .is_some_and(|rest| rest.starts_with("::"))
+        || a.strip_prefix(b.as_str())
+            .is_some_and(|rest| rest.starts_with("::"))
+}
+
+/// The item that defines a future type: the type's path without generics and without
+/// trailing closure segments. `app::handler::{{closure}}::{{closure}}` (an async block in
+/// `async fn handler`) → `app::handler`; `hyper::H2Stream<F, B>` → `hyper::H2Stream`.
+/// `None` when less than two path segments remain (too unspecific to look for).
+pub(crate) fn owner_path(future_type: &str) -> Option<String> {
+    let mut p = strip_generics(future_type);
+    while let Some(pos) = p.rfind("::") {
+        let last = &p[pos + 2..];
+        if last != "{{closure}}" && !last.starts_with("{closure#") {
+            break;
+        }
+        p.truncate(pos);
+    }
+    p.contains("::").then_some(p)
+}
+
+/// True when `name` mentions the path `owner` as a whole path (not as the tail of a longer
+/// path, not as a prefix of a longer identifier): `app::f` is mentioned by `app::f::{{closure}}`,
+/// `<app::f as axum::Handler<T>>::call` and `app::f<X>`, not by `app::foo` or `x::app::f`.
+pub(crate) fn mentions_path(name: &str, owner: &str) -> bool {
+    let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let bytes = name.as_bytes();
+    let mut from = 0;
+    while let Some(pos) = name[from..].find(owner) {
+        let start = from + pos;
+        let end = start + owner.len();
+        let before_ok = start == 0 || !(ident(bytes[start - 1]) || bytes[start - 1] == b':');
+        let after_ok = end == bytes.len() || !ident(bytes[end]);
+        if before_ok && after_ok {
+            return true;
+        }
+        from = start + 1;
+    }
+    false
+}
+
 /// Which scheduler a name mentions, used to tell the two runtime flavours' copies of a
 /// spawn site (and of `bind_inner`) apart.
 pub(crate) fn scheduler_in_name(name: &str) -> Option<super::Scheduler> {
@@ -683,6 +789,74 @@ mod tests {
             "hyper::H2Stream<core::pin::Pin<X>,axum::body::Body>"
         ));
         assert!(!same_site("app::a::{{closure}}", "app::b::{{closure}}"));
+    }
+
+    #[test]
+    fn library_labels() {
+        assert!(is_library_label("tokio::time::sleep::Sleep"));
+        assert!(is_library_label(
+            "<(&str, u16) as std::net::socket_addr::ToSocketAddrs>::to_socket_addrs"
+        ));
+        assert!(is_library_label(
+            "tokio::sync::mpsc::bounded::Sender<T>::send::{{closure}}"
+        ));
+        assert!(is_library_label("futures_util::future::Map<Fut,F>"));
+        assert!(!is_library_label(
+            "axum_app::ok_bounded::{{closure}}::{{closure}}"
+        ));
+        assert!(!is_library_label("hyper::Svc<app::Handler>"));
+        assert!(!is_library_label(
+            "axum::serve::handle_connection<L,M,S>::{{closure}}::{{closure}}"
+        ));
+        assert!(!is_library_label("malloc"));
+    }
+
+    #[test]
+    fn related_sites() {
+        assert!(related_site(
+            "axum_app::ok_blocking::{{closure}}::{{closure}}",
+            "axum_app::ok_blocking::{{closure}}::{{closure}}"
+        ));
+        assert!(related_site("hyper::H2Stream<F,B>", "hyper::H2Stream<X,Y>"));
+        // A closure nested in the cell's future type, and the other way round.
+        assert!(related_site(
+            "app::f::{{closure}}::{{closure}}",
+            "app::f::{{closure}}"
+        ));
+        assert!(related_site(
+            "app::f::{{closure}}",
+            "app::f::{{closure}}::{{closure}}"
+        ));
+        assert!(!related_site("app::f::{{closure}}", "app::ff::{{closure}}"));
+        assert!(!related_site(
+            "tokio::time::sleep::Sleep",
+            "axum_app::ok_bounded::{{closure}}::{{closure}}"
+        ));
+    }
+
+    #[test]
+    fn owners_and_mentions() {
+        assert_eq!(
+            owner_path("axum_app::ok_bounded::{{closure}}::{{closure}}").as_deref(),
+            Some("axum_app::ok_bounded")
+        );
+        assert_eq!(
+            owner_path("axum::serve::handle_connection<A,B,C>::{{closure}}::{{closure}}")
+                .as_deref(),
+            Some("axum::serve::handle_connection")
+        );
+        assert_eq!(
+            owner_path("app::f::{closure#0}::{closure#1}").as_deref(),
+            Some("app::f")
+        );
+        assert_eq!(owner_path("main::{{closure}}"), None);
+        let glue = "core::ptr::drop_in_place<<axum_app::ok_bounded as axum::handler::Handler<((),),alloc::sync::Arc<axum_app::AppState>>>::call::{{closure}}>";
+        assert!(mentions_path(glue, "axum_app::ok_bounded"));
+        assert!(!mentions_path(glue, "axum_app::ok"));
+        assert!(!mentions_path(glue, "app::ok_bounded"));
+        assert!(mentions_path("app::f::{{closure}}", "app::f"));
+        assert!(mentions_path("app::f<X>::g", "app::f"));
+        assert!(!mentions_path("app::foo::{{closure}}", "app::f"));
     }
 
     #[test]

@@ -126,6 +126,24 @@ pub(crate) struct Naming {
     /// Set when the label is doubtful (the two methods disagreed and neither is
     /// conclusive); becomes a warning.
     pub note: Option<String>,
+    /// The labels this site can still have; `site` is them joined with `" | "`. One when
+    /// the site is known, several when identical code folding merged drop glue, none for
+    /// [`NamingMethod::StrippedScan`]. [`super::resolve`] narrows them across vtables.
+    pub candidates: Vec<String>,
+    /// `candidates` come from the poll walk and this vtable has no task-cell drop glue to
+    /// confirm them: [`super::resolve`] checks them against every task cell in the binary.
+    pub unconfirmed: bool,
+}
+
+impl Naming {
+    /// Recomputes `site` from `candidates` (or the `vtable@0x…` placeholder).
+    pub(crate) fn relabel(&mut self, vaddr: u64) {
+        self.site = if self.candidates.is_empty() {
+            format!("vtable@0x{vaddr:x}")
+        } else {
+            join(self.candidates.iter())
+        };
+    }
 }
 
 struct PollCandidate {
@@ -133,11 +151,14 @@ struct PollCandidate {
     labels: Vec<String>,
 }
 
-/// Names the spawn site of `vt`: the future's own poll function reached from `poll`
-/// ([`NamingMethod::FuturePollCall`]), else the future type in the task cell's drop glue
-/// ([`NamingMethod::CellDropGlue`]). The two are cross-checked: when the poll walk found a
-/// function that does not match an unambiguous drop-glue type, the future was inlined and
-/// the walk landed in its body, so the drop-glue type wins.
+/// Names the spawn site of `vt` from its own code: the future's own poll function reached
+/// from `poll` ([`NamingMethod::FuturePollCall`]), else the future type in the task cell's
+/// drop glue ([`NamingMethod::CellDropGlue`]). The two are cross-checked: when the poll
+/// walk found a function that is none of the drop-glue types, the future was inlined and
+/// the walk landed in its body, so the drop-glue types win (several when identical code
+/// folding merged their glue). This is only the first pass: [`super::resolve::resolve`]
+/// then checks unconfirmed poll-walk labels against every task cell in the binary and
+/// narrows folded candidate sets across vtables.
 pub(crate) fn name_vtable(w: &mut Walker<'_>, vt: &RawVtable) -> Naming {
     // v0 names spell `T` in `raw::poll::<T, S>` itself. That is exact (each vtable has
     // its own `raw::poll`), whereas drop glue may be folded across types.
@@ -210,67 +231,58 @@ pub(crate) fn name_vtable(w: &mut Walker<'_>, vt: &RawVtable) -> Naming {
         .map(|(_, c)| c)
         .next();
 
-    let mut note = None;
-    let (site, method, future_fn) = match first {
+    let (candidates, method, future_fn, unconfirmed) = match first {
         Some(c) => {
-            let matching: Vec<&String> = c
+            let matching: Vec<String> = c
                 .labels
                 .iter()
                 .filter(|l| cell_types.iter().any(|t| naming::same_site(l, t)))
+                .cloned()
                 .collect();
-            if cell_types.is_empty() || !matching.is_empty() {
-                let labels: Vec<&String> = if matching.is_empty() {
-                    c.labels.iter().collect()
-                } else {
-                    matching
-                };
-                (join(labels), NamingMethod::FuturePollCall, Some(c.addr))
-            } else if cell_types.len() == 1 {
+            if !matching.is_empty() {
+                (matching, NamingMethod::FuturePollCall, Some(c.addr), false)
+            } else if cell_types.is_empty() {
+                // Nothing of this vtable's own to confirm the walk with: `resolve` checks
+                // the label against every task cell type in the binary.
+                (c.labels, NamingMethod::FuturePollCall, Some(c.addr), true)
+            } else {
                 // The expected case when the future's poll was inlined into the glue: the
-                // walk lands in the future's body (e.g. `<Sleep as Future>::poll`).
+                // walk lands in the future's body (e.g. `<Sleep as Future>::poll`), which is
+                // not what the task cell holds. The cell's drop glue is authoritative about
+                // the future type; folded glue (several types) is narrowed by `resolve`.
                 log::debug!(
                     "vtable@0x{:x}: poll walk reached {} but the task cell holds {}; the \
                      future's poll was inlined",
                     vt.vaddr,
                     c.labels.join(" | "),
-                    cell_types[0]
-                );
-                let addr = function_named(w.img, &cell_types[0]);
-                (cell_types[0].clone(), NamingMethod::CellDropGlue, addr)
-            } else {
-                note = Some(format!(
-                    "label taken from the poll walk ({}), which matches none of the folded \
-                     drop-glue types ({}); it may name code inlined into the task",
-                    c.labels.join(" | "),
                     cell_types.join(" | ")
-                ));
-                (
-                    join(c.labels.iter()),
-                    NamingMethod::FuturePollCall,
-                    Some(c.addr),
-                )
+                );
+                let addr = (cell_types.len() == 1)
+                    .then(|| function_named(w.img, &cell_types[0]))
+                    .flatten();
+                (cell_types.clone(), NamingMethod::CellDropGlue, addr, false)
             }
         }
         None if !cell_types.is_empty() => {
             let addr = (cell_types.len() == 1)
                 .then(|| function_named(w.img, &cell_types[0]))
                 .flatten();
-            (join(cell_types.iter()), NamingMethod::CellDropGlue, addr)
+            (cell_types.clone(), NamingMethod::CellDropGlue, addr, false)
         }
-        None => (
-            format!("vtable@0x{:x}", vt.vaddr),
-            NamingMethod::StrippedScan,
-            None,
-        ),
+        None => (Vec::new(), NamingMethod::StrippedScan, None, false),
     };
-    Naming {
-        site,
+    let mut n = Naming {
+        site: String::new(),
         method,
         future_fn,
         scheduler,
         blocking,
-        note,
-    }
+        note: None,
+        candidates,
+        unconfirmed,
+    };
+    n.relabel(vt.vaddr);
+    n
 }
 
 /// Depth of the fallback walk for unoptimised builds.
@@ -364,7 +376,7 @@ fn join<'a>(labels: impl IntoIterator<Item = &'a String>) -> String {
 /// The unique function named `label` (used to place a drop-glue-named site in the source
 /// when the closure still exists as a function): exact match first, then ignoring generic
 /// arguments (drop glue spells `f<A, B>::{{closure}}`, the function's legacy name `f::…`).
-fn function_named(img: &Image, label: &str) -> Option<u64> {
+pub(crate) fn function_named(img: &Image, label: &str) -> Option<u64> {
     let unique = |pred: &dyn Fn(&str) -> bool| {
         let mut hits = img
             .functions

@@ -1,0 +1,226 @@
+//! Live heap per (allocation callsite, task site), fed by heap events.
+//!
+//! The kernel only reports frees of blocks it saw allocated, with their size; here each
+//! block is remembered with the group it was counted in, so a free subtracts from the right
+//! series even after the allocating task is gone. Bounded like the task ledger: blocks per
+//! process and groups per process are capped, and what does not fit is counted.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use monitor_common::heap::{HeapEvent, HeapEventKind};
+use serde::Serialize;
+
+use super::symbolize::{CallsiteCache, Symbolizer};
+
+/// Blocks tracked per process (the kernel map is bounded too).
+pub const MAX_BLOCKS_PER_PROCESS: usize = 1 << 22;
+/// (callsite, task site) groups per process; further groups share [`OVERFLOW_GROUP`].
+pub const MAX_GROUPS_PER_PROCESS: usize = 1024;
+pub const OVERFLOW_GROUP: &str = "other (callsite limit reached)";
+/// `task_site` of allocations made outside any tokio task.
+pub const NO_TASK: &str = "none";
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HeapGroupSnapshot {
+    pub pid: u32,
+    pub exe: String,
+    pub site: String,
+    pub task_site: String,
+    pub live_bytes: u64,
+    pub live_allocations: u64,
+}
+
+#[derive(Debug)]
+struct HeapGroup {
+    site: String,
+    task_site: String,
+    live_bytes: u64,
+    live_allocations: u64,
+}
+
+/// Per-process totals, exported as counters.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct HeapTotals {
+    pub allocated_bytes: u64,
+    pub freed_bytes: u64,
+    /// Frees the daemon could not match to a tracked block.
+    pub untracked_frees: u64,
+    /// Allocations not tracked because the per-process block limit was reached.
+    pub blocks_dropped: u64,
+}
+
+/// Resolves a task id (as the allocation probe read it) to its spawn-site label.
+pub trait TaskSites {
+    fn task_site(&self, pid: u32, task_id: u64) -> Option<String>;
+}
+
+#[derive(Debug)]
+pub struct ProcessHeap {
+    pub pid: u32,
+    pub exe: String,
+    load_bias: u64,
+    symbolizer: Arc<Symbolizer>,
+    callsites: CallsiteCache,
+    groups: Vec<HeapGroup>,
+    group_index: HashMap<(String, String), usize>,
+    blocks: HashMap<u64, (usize, u64)>,
+    pub totals: HeapTotals,
+}
+
+impl ProcessHeap {
+    pub fn new(pid: u32, exe: String, load_bias: u64, symbolizer: Arc<Symbolizer>) -> Self {
+        Self {
+            pid,
+            exe,
+            load_bias,
+            symbolizer,
+            callsites: CallsiteCache::default(),
+            groups: Vec::new(),
+            group_index: HashMap::new(),
+            blocks: HashMap::new(),
+            totals: HeapTotals::default(),
+        }
+    }
+
+    fn group(&mut self, site: String, task_site: String) -> usize {
+        let key = if self.groups.len() >= MAX_GROUPS_PER_PROCESS
+            && !self
+                .group_index
+                .contains_key(&(site.clone(), task_site.clone()))
+        {
+            (OVERFLOW_GROUP.to_string(), OVERFLOW_GROUP.to_string())
+        } else {
+            (site, task_site)
+        };
+        if let Some(&index) = self.group_index.get(&key) {
+            return index;
+        }
+        self.groups.push(HeapGroup {
+            site: key.0.clone(),
+            task_site: key.1.clone(),
+            live_bytes: 0,
+            live_allocations: 0,
+        });
+        self.group_index.insert(key, self.groups.len() - 1);
+        self.groups.len() - 1
+    }
+
+    pub fn apply(&mut self, event: &HeapEvent, tasks: &dyn TaskSites) {
+        match HeapEventKind::from_u32(event.kind) {
+            Some(HeapEventKind::Alloc) => {
+                self.totals.allocated_bytes += event.size;
+                if self.blocks.len() >= MAX_BLOCKS_PER_PROCESS {
+                    self.totals.blocks_dropped += 1;
+                    return;
+                }
+                let nframes = (event.nframes as usize).min(event.frames.len());
+                let frames: Vec<u64> = event.frames[..nframes]
+                    .iter()
+                    .map(|pc| pc.wrapping_sub(self.load_bias))
+                    .collect();
+                let site = self
+                    .callsites
+                    .label(&self.symbolizer, event.stack_hash, &frames)
+                    .to_string();
+                let task_site = match event.task_id {
+                    0 => NO_TASK.to_string(),
+                    id => tasks
+                        .task_site(self.pid, id)
+                        .unwrap_or_else(|| "task spawned before attach".to_string()),
+                };
+                let group = self.group(site, task_site);
+                if let Some((old_group, old_size)) =
+                    self.blocks.insert(event.addr, (group, event.size))
+                {
+                    // The kernel reported no free for a reused address: drop the stale block.
+                    let g = &mut self.groups[old_group];
+                    g.live_bytes = g.live_bytes.saturating_sub(old_size);
+                    g.live_allocations = g.live_allocations.saturating_sub(1);
+                }
+                let g = &mut self.groups[group];
+                g.live_bytes += event.size;
+                g.live_allocations += 1;
+            }
+            Some(HeapEventKind::Free) => match self.blocks.remove(&event.addr) {
+                Some((group, size)) => {
+                    self.totals.freed_bytes += size;
+                    let g = &mut self.groups[group];
+                    g.live_bytes = g.live_bytes.saturating_sub(size);
+                    g.live_allocations = g.live_allocations.saturating_sub(1);
+                }
+                None => self.totals.untracked_frees += 1,
+            },
+            None => {}
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<HeapGroupSnapshot> {
+        self.groups
+            .iter()
+            .filter(|g| g.live_allocations > 0 || g.live_bytes > 0)
+            .map(|g| HeapGroupSnapshot {
+                pid: self.pid,
+                exe: self.exe.clone(),
+                site: g.site.clone(),
+                task_site: g.task_site.clone(),
+                live_bytes: g.live_bytes,
+                live_allocations: g.live_allocations,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoTasks;
+    impl TaskSites for NoTasks {
+        fn task_site(&self, _: u32, id: u64) -> Option<String> {
+            (id == 7).then(|| "app::handler::{{closure}}".to_string())
+        }
+    }
+
+    fn event(kind: HeapEventKind, addr: u64, size: u64, task_id: u64) -> HeapEvent {
+        HeapEvent {
+            ktime_ns: 0,
+            seq: 0,
+            addr,
+            size,
+            stack_hash: 1,
+            task_id,
+            pid: 1,
+            tid: 1,
+            cpu: 0,
+            kind: kind as u32,
+            nframes: 0,
+            _pad: 0,
+            frames: [0; monitor_common::heap::HEAP_FRAMES],
+        }
+    }
+
+    #[test]
+    fn frees_leave_the_group_they_were_counted_in() {
+        let mut heap = ProcessHeap::new(1, "app".into(), 0, Arc::new(Symbolizer::default()));
+        heap.apply(&event(HeapEventKind::Alloc, 0x10, 100, 7), &NoTasks);
+        heap.apply(&event(HeapEventKind::Alloc, 0x20, 50, 0), &NoTasks);
+        heap.apply(&event(HeapEventKind::Free, 0x10, 100, 7), &NoTasks);
+        heap.apply(&event(HeapEventKind::Free, 0x99, 1, 0), &NoTasks);
+        let rows = heap.snapshot();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].task_site, NO_TASK);
+        assert_eq!((rows[0].live_bytes, rows[0].live_allocations), (50, 1));
+        assert_eq!(heap.totals.allocated_bytes, 150);
+        assert_eq!(heap.totals.freed_bytes, 100);
+        assert_eq!(heap.totals.untracked_frees, 1);
+    }
+
+    #[test]
+    fn allocations_carry_their_task_site() {
+        let mut heap = ProcessHeap::new(1, "app".into(), 0, Arc::new(Symbolizer::default()));
+        heap.apply(&event(HeapEventKind::Alloc, 0x10, 100, 7), &NoTasks);
+        let rows = heap.snapshot();
+        assert_eq!(rows[0].task_site, "app::handler::{{closure}}");
+    }
+}

@@ -1,0 +1,158 @@
+//! Names for code addresses of a target executable, and the rule that picks an allocation's
+//! callsite out of its stack: the first frame outside allocator, `alloc`, `core` and `std`
+//! code.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use object::{Object, ObjectSymbol, SymbolKind};
+
+/// Function symbols of one executable, sorted by address, with a cache of resolved names.
+#[derive(Debug, Default)]
+pub struct Symbolizer {
+    /// (start, end, demangled name without hash).
+    functions: Vec<(u64, u64, String)>,
+}
+
+/// Path prefixes of code that allocates on behalf of its caller, never the callsite a user
+/// wants to see.
+const RUNTIME_PREFIXES: &[&str] = &[
+    "alloc::",
+    "core::",
+    "std::",
+    "hashbrown::",
+    "__rust",
+    "__rdl",
+    "__rg_",
+    "_rjem_",
+    "tikv_jemallocator::",
+    "tikv_jemalloc_sys::",
+    "mimalloc::",
+    "libmimalloc_sys::",
+    "mi_",
+    "je_",
+    "malloc",
+    "calloc",
+    "realloc",
+    "posix_memalign",
+];
+
+/// True when `name` is allocator or standard-library plumbing (including trait impls such as
+/// `<alloc::vec::Vec<T> as core::clone::Clone>::clone` or `<T as alloc::..::SpecFromElem>`).
+pub fn is_runtime_frame(name: &str) -> bool {
+    let trimmed = name.trim_start_matches('<');
+    if RUNTIME_PREFIXES.iter().any(|p| trimmed.starts_with(p)) {
+        return true;
+    }
+    // `<T as alloc::...>` / `<[T] as alloc::...>`: a generic self type with a std trait.
+    if let Some((self_ty, rest)) = trimmed.split_once(" as ") {
+        let generic_self =
+            self_ty.len() <= 3 || self_ty.starts_with('[') || self_ty.starts_with('&');
+        return generic_self && RUNTIME_PREFIXES.iter().any(|p| rest.starts_with(p));
+    }
+    false
+}
+
+impl Symbolizer {
+    pub fn load(path: &Path) -> std::io::Result<Self> {
+        let data = std::fs::read(path)?;
+        let file = object::File::parse(&*data).map_err(std::io::Error::other)?;
+        let mut functions: Vec<(u64, u64, String)> = file
+            .symbols()
+            .chain(file.dynamic_symbols())
+            .filter(|s| s.kind() == SymbolKind::Text && s.address() != 0)
+            .filter_map(|s| {
+                let raw = s.name().ok()?;
+                let raw = raw.split(".llvm.").next().unwrap_or(raw);
+                let name = format!("{:#}", rustc_demangle::demangle(raw));
+                Some((s.address(), s.address() + s.size().max(1), name))
+            })
+            .collect();
+        functions.sort_by_key(|f| (f.0, std::cmp::Reverse(f.1)));
+        functions.dedup_by_key(|f| f.0);
+        Ok(Self { functions })
+    }
+
+    /// Name of the function containing link-time address `addr`.
+    pub fn name(&self, addr: u64) -> Option<&str> {
+        let index = self
+            .functions
+            .partition_point(|f| f.0 <= addr)
+            .checked_sub(1)?;
+        let (start, end, name) = &self.functions[index];
+        (addr >= *start && addr < *end).then_some(name.as_str())
+    }
+
+    /// The callsite label of a stack: the first frame (innermost first, link-time return
+    /// addresses) whose function is not runtime plumbing. Unnamed frames are labelled by
+    /// address; a stack that never leaves the runtime is labelled by its outermost frame.
+    pub fn callsite(&self, frames: &[u64]) -> String {
+        let mut last = None;
+        for &pc in frames {
+            match self.name(pc.saturating_sub(1)) {
+                Some(name) if is_runtime_frame(name) => last = Some(name.to_string()),
+                Some(name) => return name.to_string(),
+                None => return format!("0x{pc:x}"),
+            }
+        }
+        last.unwrap_or_else(|| "unknown".to_string())
+    }
+}
+
+/// Callsite labels by stack hash, so each distinct stack is symbolized once.
+#[derive(Debug, Default)]
+pub struct CallsiteCache {
+    labels: HashMap<u64, String>,
+}
+
+/// Distinct stacks remembered per process before the cache starts over.
+const MAX_CACHED_STACKS: usize = 1 << 16;
+
+impl CallsiteCache {
+    pub fn label(&mut self, symbolizer: &Symbolizer, stack_hash: u64, frames: &[u64]) -> &str {
+        if self.labels.len() >= MAX_CACHED_STACKS && !self.labels.contains_key(&stack_hash) {
+            self.labels.clear();
+        }
+        self.labels
+            .entry(stack_hash)
+            .or_insert_with(|| symbolizer.callsite(frames))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_frames_are_recognised() {
+        for name in [
+            "alloc::raw_vec::finish_grow",
+            "<alloc::vec::Vec<T> as core::clone::Clone>::clone",
+            "<T as alloc::vec::spec_from_elem::SpecFromElem>::from_elem",
+            "hashbrown::raw::RawTable<T,A>::reserve_rehash",
+            "__rust_alloc",
+            "_rjem_malloc",
+            "std::sys::alloc::unix::<impl core::alloc::global::GlobalAlloc for std::alloc::System>::alloc",
+        ] {
+            assert!(is_runtime_frame(name), "{name}");
+        }
+        for name in [
+            "heap_app::grow::{{closure}}",
+            "axum_app::state_leak::{{closure}}",
+            "<heap_app::Cache as core::default::Default>::default",
+        ] {
+            assert!(!is_runtime_frame(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn names_functions_of_this_test_binary() {
+        let symbolizer = Symbolizer::load(Path::new("/proc/self/exe")).expect("own symbols");
+        let (start, _, name) = symbolizer
+            .functions
+            .iter()
+            .find(|f| f.2.ends_with("names_functions_of_this_test_binary"))
+            .expect("this test's own symbol");
+        assert_eq!(symbolizer.name(*start + 1), Some(name.as_str()));
+    }
+}

@@ -1,0 +1,112 @@
+//! `cargo xtask bench`: overhead of leakscope's task hooks, measured side by side in one run.
+//!
+//! The spawn microbenchmark (`spawn-bench`, a fixture) spawns and awaits N trivial tasks;
+//! each task fires two hooks (spawn, complete). Rounds alternate baseline and monitored runs
+//! so drift on the machine hits both alike; the report is the ratio of medians and the
+//! per-hook cost derived from it, plus a check that every hook actually fired.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, bail};
+
+use crate::util::{KillOnDrop, get, is_root, start_leakscope};
+use crate::{cargo, workspace_root};
+
+const TASKS: u64 = 200_000;
+const ROUNDS: usize = 5;
+
+/// One run of spawn-bench; with `monitored`, leakscope is attached before it starts.
+/// Returns elapsed nanoseconds and, when monitored, the events leakscope received.
+fn one_run(monitored: bool) -> anyhow::Result<(u64, Option<u64>)> {
+    let root = workspace_root();
+    let mut child = Command::new(root.join("target/release/spawn-bench"))
+        .arg(TASKS.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting spawn-bench")?;
+    let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let pid = child.id();
+    let _bench = KillOnDrop(child);
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    if line.trim() != "ready" {
+        bail!("spawn-bench said {line:?}");
+    }
+    let daemon = if monitored {
+        Some(start_leakscope(
+            &root.join("target/release/leakscope"),
+            pid,
+        )?)
+    } else {
+        None
+    };
+    writeln!(stdin, "go")?;
+    line.clear();
+    stdout.read_line(&mut line)?;
+    let elapsed: u64 = line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("elapsed_ns="))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("spawn-bench said {line:?}"))?;
+    let events = match &daemon {
+        Some((_, listen)) => {
+            // Let the ring buffer drain before reading the count.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let metrics = get(*listen, "/metrics")?;
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("leakscope_events_total "))
+                .and_then(|v| v.trim().parse().ok())
+        }
+        None => None,
+    };
+    Ok((elapsed, events))
+}
+
+fn median(values: &mut [u64]) -> u64 {
+    values.sort_unstable();
+    values[values.len() / 2]
+}
+
+pub fn bench() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the benchmark loads eBPF programs: run it as root");
+    }
+    crate::run(cargo().args(["build", "--release", "-p", "monitor", "-p", "axum-app"]))?;
+    let mut baseline = Vec::new();
+    let mut monitored = Vec::new();
+    let mut events = Vec::new();
+    for round in 1..=ROUNDS {
+        let (b, _) = one_run(false)?;
+        let (m, e) = one_run(true)?;
+        eprintln!(
+            "round {round}: baseline {:.0} ns/task, monitored {:.0} ns/task, events {e:?}",
+            b as f64 / TASKS as f64,
+            m as f64 / TASKS as f64
+        );
+        baseline.push(b);
+        monitored.push(m);
+        events.push(e.unwrap_or(0));
+    }
+    let b = median(&mut baseline) as f64 / TASKS as f64;
+    let m = median(&mut monitored) as f64 / TASKS as f64;
+    let min_events = events.iter().copied().min().unwrap_or(0);
+    println!("\nspawn+await of {TASKS} trivial tasks, median of {ROUNDS} alternating rounds:");
+    println!("  baseline   {b:8.0} ns/task");
+    println!("  monitored  {m:8.0} ns/task   (ratio {:.2}x)", m / b);
+    println!(
+        "  cost per hook hit ≈ {:.2} µs (2 hooks per task: spawn + complete)",
+        (m - b) / 2.0 / 1000.0
+    );
+    println!(
+        "  events received: at least {min_events} of {} expected per monitored run",
+        2 * TASKS
+    );
+    if min_events < 2 * TASKS {
+        bail!("hooks missed events: {min_events} < {}", 2 * TASKS);
+    }
+    Ok(())
+}
