@@ -1,7 +1,21 @@
 //! Heap events: allocations and frees of tracked memory, with the allocating stack.
 
-/// Return addresses captured per allocation (innermost first).
-pub const HEAP_FRAMES: usize = 16;
+/// Return addresses captured per allocation, after `first_pc` (innermost first).
+pub const HEAP_FRAMES: usize = crate::unwind::MAX_FRAMES;
+
+/// Rows of unwind tables the kernel holds, for all watched executables together.
+pub const UNWIND_ROWS_MAX: u32 = 1 << 19;
+
+/// Indexes into the per-CPU `HEAP_COUNTERS` array.
+pub mod heap_counter {
+    /// Events lost because the heap ring buffer was full (the block is then not tracked).
+    pub const RINGBUF_FULL: u32 = 0;
+    /// Blocks not tracked because the outstanding map was full.
+    pub const OUTSTANDING_FULL: u32 = 1;
+    /// Allocation entries not remembered until their return (pending map full).
+    pub const PENDING_FULL: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
 
 /// Allocations tracked at once across all watched processes (kernel map capacity).
 pub const OUTSTANDING_MAX: u32 = 1 << 20;
@@ -46,11 +60,13 @@ pub struct HeapEvent {
     /// Valid entries in `frames` (allocations only).
     pub nframes: u32,
     pub _pad: u32,
-    /// Runtime return addresses, innermost first: `frames[0]` is in the allocator's caller.
+    /// Where the allocator returned to: a pc in its caller (allocations only).
+    pub first_pc: u64,
+    /// Further return addresses up the stack, innermost first (runtime addresses).
     pub frames: [u64; HEAP_FRAMES],
 }
 
-const _: () = assert!(core::mem::size_of::<HeapEvent>() == 72 + 8 * HEAP_FRAMES);
+const _: () = assert!(core::mem::size_of::<HeapEvent>() == 80 + 8 * HEAP_FRAMES);
 
 /// Key of the kernel's outstanding-allocation map.
 #[repr(C)]
@@ -84,10 +100,10 @@ pub struct HeapTarget {
     pub task_slot_fs_offset: i64,
     /// Offset of `thread.fsbase` in the kernel's `task_struct`.
     pub fsbase_offset: u64,
-    /// Rows of the executable's unwind table in `UNWIND_ROWS`.
+    /// First row of the executable's unwind table in `UNWIND_ROWS`.
+    pub unwind_first: u32,
+    /// Rows of the executable's unwind table.
     pub unwind_rows: u32,
-    /// Record 1 in `sample_every` allocations (1: all).
-    pub sample_every: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<HeapTarget>() == 32);

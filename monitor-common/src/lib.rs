@@ -50,9 +50,12 @@ pub struct TaskEvent {
     pub cpu: u32,
     /// A [`TaskEventKind`] value.
     pub kind: u32,
+    /// tokio's task `Id` (0 if it could not be read): heap probes see the id of the task
+    /// being polled, and this ties it to the task's spawn site.
+    pub task_id: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<TaskEvent>() == 48);
+const _: () = assert!(core::mem::size_of::<TaskEvent>() == 56);
 
 /// Key of the BPF map that remembers which tasks were already polled once.
 #[repr(C)]
@@ -78,6 +81,8 @@ pub const POLLED_TASKS_MAX: u32 = 1 << 18;
 pub struct HookCookie {
     pub kind: u32,
     pub vtable_offset: u32,
+    /// Where in the vtable record its `id_offset` field sits (0: do not read the id).
+    pub vtable_id_field: u32,
 }
 
 /// The task hook programs, indexed by the System V position of the argument register that
@@ -91,13 +96,16 @@ pub const TASK_HOOK_PROGRAMS: [&str; 4] = [
 
 impl HookCookie {
     pub const fn encode(self) -> u64 {
-        (self.kind as u64 & 0xff) | ((self.vtable_offset as u64 & 0xffff) << 16)
+        (self.kind as u64 & 0xff)
+            | ((self.vtable_offset as u64 & 0xffff) << 16)
+            | ((self.vtable_id_field as u64 & 0xffff) << 32)
     }
 
     pub const fn decode(cookie: u64) -> Self {
         Self {
             kind: (cookie & 0xff) as u32,
             vtable_offset: ((cookie >> 16) & 0xffff) as u32,
+            vtable_id_field: ((cookie >> 32) & 0xffff) as u32,
         }
     }
 }
@@ -143,6 +151,7 @@ mod tests {
         let cookie = HookCookie {
             kind: TaskEventKind::Complete as u32,
             vtable_offset: 16,
+            vtable_id_field: 72,
         };
         assert_eq!(HookCookie::decode(cookie.encode()), cookie);
     }

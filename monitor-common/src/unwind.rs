@@ -16,7 +16,11 @@
 //! the bias, looks rows up with `runtime_pc - bias`, and emits *runtime* return addresses.
 //!
 //! Limits: x86_64 only; frames whose CFA is a DWARF expression (PLT stubs), signal frames and
-//! code without unwind info (JIT, other objects not in the table) stop the walk.
+//! code without unwind info (JIT, other objects not in the table) stop the walk. A table
+//! covers one binary, so the first frame must be in it: probe the binary's own allocator
+//! entry (`__rust_alloc`, `__rdl_alloc`, a statically linked jemalloc/mimalloc), not libc's
+//! `malloc`, whose frames would need libc's table. A return address into another object is
+//! still emitted (as the last one), since it is read from the frame that called it.
 
 /// CFA = `rsp + cfa_offset`.
 pub const CFA_RSP: u8 = 0;
@@ -107,7 +111,8 @@ pub const fn lookup_pc(pc: u64, first_frame: bool) -> u64 {
 
 /// The row covering link-time `pc` in a table of `len` rows sorted by `pc`, read with
 /// `row_at(index)`: the last row whose `pc` is `<= pc`. `None` if `pc` is before the first
-/// row, `row_at` fails, or the table is larger than [`MAX_ROWS`]. The returned row may be a
+/// row, `row_at` fails, or the search did not finish within [`FIND_ROW_MAX_ITERATIONS`]
+/// (possible only for tables larger than [`MAX_ROWS`]). The returned row may be a
 /// [`CFA_END`] row (after the last function, or in a gap); [`step`] stops on it.
 #[inline(always)]
 pub fn find_row(len: u32, row_at: impl Fn(u32) -> Option<UnwindRow>, pc: u64) -> Option<UnwindRow> {

@@ -9,6 +9,8 @@
 #![no_std]
 #![no_main]
 
+mod heap;
+
 use aya_ebpf::EbpfContext;
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::{
@@ -95,6 +97,18 @@ fn try_task_hook<const ARG: usize>(ctx: &ProbeContext) -> Result<(), u32> {
         let _ = POLLED.remove(&polled);
     }
 
+    // The task's id sits at `header + vtable.id_offset`; read only at spawn, where the
+    // userspace ledger ties it to the site.
+    let task_id = if cookie.vtable_id_field != 0 && cookie.kind != TaskEventKind::Complete as u32 {
+        // SAFETY: checked reads of the target's memory.
+        unsafe {
+            bpf_probe_read_user((vtable + u64::from(cookie.vtable_id_field)) as *const u64)
+                .and_then(|id_offset| bpf_probe_read_user((header + id_offset) as *const u64))
+                .unwrap_or(0)
+        }
+    } else {
+        0
+    };
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let seq = match SEQ.get_ptr_mut(0) {
         // SAFETY: per-CPU slot; uprobe programs do not migrate while running.
@@ -113,6 +127,7 @@ fn try_task_hook<const ARG: usize>(ctx: &ProbeContext) -> Result<(), u32> {
         tid: pid_tgid as u32,
         cpu,
         kind: cookie.kind,
+        task_id,
     };
     let mut entry = TASK_EVENTS
         .reserve::<TaskEvent>(0)

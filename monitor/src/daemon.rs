@@ -17,6 +17,8 @@ use log::{info, warn};
 use serde::Serialize;
 
 use crate::discovery::{self, TargetImage};
+use crate::heap::ledger::HeapLedger;
+use crate::heap::tracker::{HeapMode, HeapTracker};
 use crate::metrics::{self, Sources};
 use crate::probes::{AttachedLink, TaskProbes};
 use crate::procfs::{self, ExeIdentity, ProcessInfo};
@@ -30,6 +32,7 @@ pub struct DaemonConfig {
     pub listen: SocketAddr,
     /// How often exited processes are reaped and `--exe` targets rescanned.
     pub rescan: Duration,
+    pub heap: HeapMode,
 }
 
 struct AttachedProcess {
@@ -44,6 +47,9 @@ struct ProcessRegistry {
     images: HashMap<ExeIdentity, Arc<TargetImage>>,
     attached: HashMap<u32, AttachedProcess>,
     ledger: Arc<Mutex<TaskLedger>>,
+    heap: Option<HeapTracker>,
+    /// Processes of `--exe` targets seen by the last scan and not attached yet.
+    sighted: std::collections::HashSet<(u32, u64)>,
 }
 
 impl ProcessRegistry {
@@ -51,13 +57,7 @@ impl ProcessRegistry {
         if let Some(image) = self.images.get(&process.exe) {
             return Ok(image.clone());
         }
-        let image = Arc::new(discovery::analyze(&process.exe_link()).with_context(|| {
-            format!(
-                "analysing {} (pid {})",
-                process.exe_path.display(),
-                process.pid
-            )
-        })?);
+        let image = Arc::new(analyze_process(process)?);
         for warning in &image.warnings {
             warn!("{}: {warning}", process.exe_path.display());
         }
@@ -83,7 +83,23 @@ impl ProcessRegistry {
                 image.clone(),
                 load_bias,
             ));
-        match self.probes.attach(&image, &info.exe_link(), Some(pid)) {
+        let attached = self
+            .probes
+            .attach(&image, &info.exe_link(), Some(pid))
+            .map_err(anyhow::Error::from)
+            .and_then(|mut links| {
+                if let Some(heap) = &mut self.heap {
+                    match heap.attach(&mut self.probes, &info, &image, load_bias) {
+                        Ok(heap_links) => links.extend(heap_links),
+                        Err(err) => {
+                            self.probes.detach(links);
+                            return Err(err);
+                        }
+                    }
+                }
+                Ok(links)
+            });
+        match attached {
             Ok(links) => {
                 info!(
                     "attached to pid {pid} ({}): {} hook points, {} spawn sites known",
@@ -116,6 +132,9 @@ impl ProcessRegistry {
             if let Some(process) = self.attached.remove(&pid) {
                 self.probes.detach(process.links);
             }
+            if let Some(heap) = &mut self.heap {
+                heap.detach(&mut self.probes, pid);
+            }
             self.ledger
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -124,17 +143,38 @@ impl ProcessRegistry {
         }
     }
 
+    /// Attaches to processes running one of `exes`. A process is attached on the second
+    /// scan that sees it: on the first, it may still be inside `execve` (its `exe` link
+    /// already points at the new binary while the image is not set up yet), and a probe
+    /// registered in that window was seen to never fire.
     fn scan(&mut self, exes: &[ExeIdentity]) {
+        let mut seen = std::collections::HashSet::new();
         for &exe in exes {
             for process in procfs::processes_running(exe) {
-                if !self.attached.contains_key(&process.pid)
-                    && let Err(err) = self.attach(process.pid)
+                let pid = process.pid;
+                if self.attached.contains_key(&pid) {
+                    continue;
+                }
+                seen.insert((pid, process.start_time));
+                if self.sighted.contains(&(pid, process.start_time))
+                    && let Err(err) = self.attach(pid)
                 {
                     warn!("{err:#}");
                 }
             }
         }
+        self.sighted = seen;
     }
+}
+
+fn analyze_process(process: &ProcessInfo) -> anyhow::Result<TargetImage> {
+    discovery::analyze(&process.exe_link()).with_context(|| {
+        format!(
+            "analysing {} (pid {})",
+            process.exe_path.display(),
+            process.pid
+        )
+    })
 }
 
 /// The JSON view of the task table (`GET /api/v1/tasks`).
@@ -153,6 +193,18 @@ async fn metrics_handler(State(sources): State<Sources>) -> impl IntoResponse {
         )],
         metrics::render(&sources),
     )
+}
+
+async fn heap_handler(State(sources): State<Sources>) -> axum::Json<serde_json::Value> {
+    let Some(heap) = &sources.heap else {
+        return axum::Json(serde_json::json!({"enabled": false, "groups": []}));
+    };
+    let heap = heap.lock().unwrap_or_else(|e| e.into_inner());
+    axum::Json(serde_json::json!({
+        "enabled": true,
+        "groups": heap.snapshot(),
+        "stream": heap.stream,
+    }))
 }
 
 async fn tasks_handler(State(sources): State<Sources>) -> axum::Json<TasksResponse> {
@@ -174,30 +226,62 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         .map(|path| procfs::exe_identity(path).with_context(|| format!("--exe {}", path.display())))
         .collect::<anyhow::Result<_>>()?;
 
+    // Bad targets (no such pid, not a tokio binary, ...) are reported before anything is
+    // loaded into the kernel: those errors need no privileges to explain.
+    let mut images = HashMap::new();
+    for &pid in &config.pids {
+        let info = procfs::process_info(pid)?;
+        if let std::collections::hash_map::Entry::Vacant(entry) = images.entry(info.exe) {
+            entry.insert(Arc::new(analyze_process(&info)?));
+        }
+    }
+
     let mut probes = TaskProbes::load()?;
     let ring = probes.take_events()?;
     let kernel = Arc::new(probes.take_counters()?);
     let ledger = Arc::new(Mutex::new(TaskLedger::new()));
+    let (heap, mut drain) = match config.heap {
+        HeapMode::Off => (
+            None,
+            tokio::spawn(crate::events::drain(ring, ledger.clone())),
+        ),
+        HeapMode::Exact => {
+            probes.enable_heap()?;
+            let heap_ring = probes.take_heap_events()?;
+            let heap_ledger = Arc::new(Mutex::new(HeapLedger::default()));
+            let drain = tokio::spawn(crate::events::drain_tasks_and_heap(
+                ring,
+                heap_ring,
+                ledger.clone(),
+                heap_ledger.clone(),
+            ));
+            (Some(HeapTracker::new(heap_ledger)), drain)
+        }
+    };
+    let heap_ledger = heap.as_ref().map(|h| h.ledger.clone());
     let mut registry = ProcessRegistry {
         probes,
-        images: HashMap::new(),
+        images,
         attached: HashMap::new(),
         ledger: ledger.clone(),
+        heap,
+        sighted: std::collections::HashSet::new(),
     };
     for &pid in &config.pids {
         registry.attach(pid)?;
     }
     registry.scan(&exes);
 
-    let mut drain = tokio::spawn(crate::events::drain(ring, ledger.clone()));
     let sources = Sources {
         ledger,
         kernel: Some(kernel),
+        heap: heap_ledger,
     };
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/tasks", get(tasks_handler))
+        .route("/api/v1/heap", get(heap_handler))
         .with_state(sources);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -7,7 +7,9 @@ use monitor_common::TaskEvent;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
+use crate::heap::ledger::{HeapLedger, TaskSites};
 use crate::tasks::TaskLedger;
+use monitor_common::heap::HeapEvent;
 
 /// Decodes one ring-buffer record; `None` for a record of the wrong size.
 pub fn decode(bytes: &[u8]) -> Option<TaskEvent> {
@@ -19,26 +21,88 @@ pub fn decode(bytes: &[u8]) -> Option<TaskEvent> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<TaskEvent>()) })
 }
 
-/// Applies every event to `ledger` as soon as the kernel signals the buffer readable. Runs
-/// until the ring buffer's fd fails.
-pub async fn drain(ring: RingBuf<MapData>, ledger: Arc<Mutex<TaskLedger>>) -> std::io::Result<()> {
+/// Calls `apply` with every record (batch by batch, as the kernel signals the buffer
+/// readable) until the ring buffer's fd fails.
+async fn drain_records(
+    ring: RingBuf<MapData>,
+    mut apply: impl FnMut(&mut RingBuf<MapData>),
+) -> std::io::Result<()> {
     // SAFETY: the ring buffer owns its fd and moves into the AsyncFd, which drops it (and
     // deregisters) before the fd is closed.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(std::io::Error::from)?;
     loop {
         let mut guard = fd.readable_mut().await?;
-        {
-            let ring = guard.get_inner_mut();
-            let mut ledger = ledger.lock().unwrap_or_else(|e| e.into_inner());
-            while let Some(record) = ring.next() {
-                match decode(&record) {
-                    Some(event) => ledger.apply(&event),
-                    None => ledger.stream.ignored += 1,
-                }
-            }
-        }
+        apply(guard.get_inner_mut());
         guard.clear_ready();
+    }
+}
+
+/// Applies every task event to `ledger`.
+pub async fn drain(ring: RingBuf<MapData>, ledger: Arc<Mutex<TaskLedger>>) -> std::io::Result<()> {
+    drain_records(ring, |ring| {
+        let mut ledger = ledger.lock().unwrap_or_else(|e| e.into_inner());
+        drain_task_records(ring, &mut ledger);
+    })
+    .await
+}
+
+/// Decodes one heap ring-buffer record.
+pub fn decode_heap(bytes: &[u8]) -> Option<HeapEvent> {
+    if bytes.len() < size_of::<HeapEvent>() {
+        return None;
+    }
+    // SAFETY: as in `decode`: repr(C) plain data, size checked.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<HeapEvent>()) })
+}
+
+/// Drains the task and heap rings together, tasks first on every wakeup: a task's spawn
+/// event is written before any of its allocations can happen, so draining the task ring
+/// first means an allocation's task id always finds its spawn site. Locks tasks before heap,
+/// the order every reader of both uses.
+pub async fn drain_tasks_and_heap(
+    task_ring: RingBuf<MapData>,
+    heap_ring: RingBuf<MapData>,
+    tasks: Arc<Mutex<TaskLedger>>,
+    heap: Arc<Mutex<HeapLedger>>,
+) -> std::io::Result<()> {
+    // SAFETY: as in `drain_records`: each ring buffer owns its fd and moves into its AsyncFd.
+    let mut task_fd = unsafe { AsyncFd::register_with_interest(task_ring, Interest::READABLE) }
+        .map_err(std::io::Error::from)?;
+    let mut heap_fd = unsafe { AsyncFd::register_with_interest(heap_ring, Interest::READABLE) }
+        .map_err(std::io::Error::from)?;
+    loop {
+        tokio::select! {
+            guard = task_fd.readable_mut() => guard?.clear_ready(),
+            guard = heap_fd.readable_mut() => guard?.clear_ready(),
+        }
+        let mut tasks = tasks.lock().unwrap_or_else(|e| e.into_inner());
+        let task_ring = task_fd.get_mut();
+        drain_task_records(task_ring, &mut tasks);
+        let mut heap = heap.lock().unwrap_or_else(|e| e.into_inner());
+        let heap_ring = heap_fd.get_mut();
+        while let Some(record) = heap_ring.next() {
+            let Some(event) = decode_heap(&record) else {
+                heap.stream.ignored += 1;
+                continue;
+            };
+            drop(record);
+            // The task's spawn event may have landed after the task ring was drained
+            // above (the allocation came later still): drain it again before giving up.
+            if event.task_id != 0 && tasks.task_site(event.pid, event.task_id).is_none() {
+                drain_task_records(task_ring, &mut tasks);
+            }
+            heap.apply(&event, &*tasks);
+        }
+    }
+}
+
+fn drain_task_records(ring: &mut RingBuf<MapData>, tasks: &mut TaskLedger) {
+    while let Some(record) = ring.next() {
+        match decode(&record) {
+            Some(event) => tasks.apply(&event),
+            None => tasks.stream.ignored += 1,
+        }
     }
 }
 
@@ -57,6 +121,7 @@ mod tests {
             tid: 6,
             cpu: 7,
             kind: 1,
+            task_id: 8,
         };
         // SAFETY: viewing a repr(C) POD value as bytes.
         let bytes = unsafe {

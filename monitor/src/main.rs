@@ -37,6 +37,10 @@ enum Command {
         /// Seconds between checks for exited and newly started targets.
         #[arg(long, default_value_t = 1.0)]
         rescan_seconds: f64,
+        /// Heap tracking: `off` (task tracking only) or `exact` (every allocation of the
+        /// watched processes, costing ~2-4 µs each; see README).
+        #[arg(long, value_enum, default_value = "off")]
+        heap: leakscope::heap::tracker::HeapMode,
     },
     /// Show the spawn sites and hook points leakscope finds in a binary (no root needed).
     Inspect {
@@ -70,6 +74,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             exes,
             listen,
             rescan_seconds,
+            heap,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -81,6 +86,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 exes,
                 listen,
                 rescan: Duration::from_secs_f64(rescan_seconds.max(0.05)),
+                heap,
             }))
         }
         Command::Inspect { binary, pid, json } => {

@@ -13,6 +13,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use crate::heap::ledger::HeapLedger;
 use crate::probes::KernelCounters;
 use crate::procfs::monotonic_ns;
 use crate::tasks::TaskLedger;
@@ -22,6 +23,8 @@ use crate::tasks::TaskLedger;
 pub struct Sources {
     pub ledger: Arc<Mutex<TaskLedger>>,
     pub kernel: Option<Arc<KernelCounters>>,
+    /// Present when heap tracking is on.
+    pub heap: Option<Arc<Mutex<HeapLedger>>>,
 }
 
 impl std::fmt::Debug for Sources {
@@ -173,8 +176,111 @@ impl Collector for TaskCollector {
             MetricType::Gauge,
             &[(Labels::new(), ConstGauge::new(attached))],
         )?;
+        if let Some(heap) = &self.0.heap {
+            encode_heap(&mut encoder, heap, self.0.kernel.as_deref())?;
+        }
         Ok(())
     }
+}
+
+fn encode_heap(
+    encoder: &mut DescriptorEncoder,
+    heap: &Mutex<HeapLedger>,
+    kernel: Option<&KernelCounters>,
+) -> std::fmt::Result {
+    let heap = heap.lock().unwrap_or_else(|e| e.into_inner());
+    let rows = heap.snapshot();
+    let labels = |r: &crate::heap::ledger::HeapGroupSnapshot| -> Labels {
+        vec![
+            ("pid", r.pid.to_string()),
+            ("exe", r.exe.clone()),
+            ("site", r.site.clone()),
+            ("task_site", r.task_site.clone()),
+        ]
+    };
+    let bytes: Vec<_> = rows
+        .iter()
+        .map(|r| (labels(r), ConstGauge::new(r.live_bytes as i64)))
+        .collect();
+    family(
+        encoder,
+        "leakscope_heap_live_bytes",
+        "Bytes allocated since attach and not freed, by allocation callsite and by the spawn \
+         site of the tokio task that allocated (task_site=\"none\" outside tasks).",
+        MetricType::Gauge,
+        &bytes,
+    )?;
+    let allocations: Vec<_> = rows
+        .iter()
+        .map(|r| (labels(r), ConstGauge::new(r.live_allocations as i64)))
+        .collect();
+    family(
+        encoder,
+        "leakscope_heap_live_allocations",
+        "Blocks allocated since attach and not freed, by callsite and task site.",
+        MetricType::Gauge,
+        &allocations,
+    )?;
+    let per_process =
+        |value: &dyn Fn(&crate::heap::ledger::ProcessHeap) -> u64| -> Vec<(Labels, ConstCounter)> {
+            heap.processes()
+                .map(|p| {
+                    (
+                        vec![("pid", p.pid.to_string()), ("exe", p.exe.clone())],
+                        ConstCounter::new(value(p)),
+                    )
+                })
+                .collect()
+        };
+    family(
+        encoder,
+        "leakscope_heap_allocated_bytes",
+        "Bytes allocated since attach.",
+        MetricType::Counter,
+        &per_process(&|p| p.totals.allocated_bytes),
+    )?;
+    family(
+        encoder,
+        "leakscope_heap_freed_bytes",
+        "Bytes freed since attach, of blocks allocated since attach.",
+        MetricType::Counter,
+        &per_process(&|p| p.totals.freed_bytes),
+    )?;
+    family(
+        encoder,
+        "leakscope_heap_untracked_frees",
+        "Frees of blocks allocated before leakscope attached (not counted anywhere else).",
+        MetricType::Counter,
+        &per_process(&|p| kernel.map(|k| k.untracked_frees(p.pid)).unwrap_or(0)),
+    )?;
+    let scalar = |v: u64| vec![(Labels::new(), ConstCounter::new(v))];
+    family(
+        encoder,
+        "leakscope_heap_events",
+        "Heap events received from the kernel.",
+        MetricType::Counter,
+        &scalar(heap.stream.events),
+    )?;
+    family(
+        encoder,
+        "leakscope_heap_events_lost",
+        "Heap events numbered by the kernel but never received.",
+        MetricType::Counter,
+        &scalar(heap.stream.lost),
+    )?;
+    let failures: Vec<_> = kernel
+        .map(|k| k.heap_failures().to_vec())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(reason, n)| (vec![("reason", reason.to_string())], ConstCounter::new(n)))
+        .collect();
+    family(
+        encoder,
+        "leakscope_heap_untracked_allocations",
+        "Allocations not tracked, by reason (ring buffer full, outstanding map full, ...).",
+        MetricType::Counter,
+        &failures,
+    )
 }
 
 /// Renders all families in OpenMetrics text format.
@@ -198,6 +304,7 @@ mod tests {
         let sources = Sources {
             ledger: Arc::new(Mutex::new(TaskLedger::new())),
             kernel: None,
+            heap: None,
         };
         let text = render(&sources);
         for family in [

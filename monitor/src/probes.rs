@@ -61,6 +61,10 @@ impl From<ProgramError> for ProbeError {
     }
 }
 
+/// Position of `id_offset` in tokio's task vtable record: seven fn pointers, then
+/// `trailer_offset`, `scheduler_offset`, `id_offset` (discovery checks that shape).
+const VTABLE_ID_OFFSET_FIELD: u32 = 9 * 8;
+
 /// The loaded programs and their maps, shared by every attached process.
 pub struct TaskProbes {
     ebpf: Ebpf,
@@ -103,7 +107,28 @@ impl TaskProbes {
             name: "COUNTERS",
             source,
         })?;
-        Ok(KernelCounters { counters })
+        let map = self
+            .ebpf
+            .take_map("HEAP_COUNTERS")
+            .ok_or(ProbeError::Missing("HEAP_COUNTERS"))?;
+        let heap_counters = PerCpuArray::try_from(map).map_err(|source| ProbeError::Map {
+            name: "HEAP_COUNTERS",
+            source,
+        })?;
+        let map = self
+            .ebpf
+            .take_map("UNTRACKED_FREES")
+            .ok_or(ProbeError::Missing("UNTRACKED_FREES"))?;
+        let untracked_frees =
+            aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map {
+                name: "UNTRACKED_FREES",
+                source,
+            })?;
+        Ok(KernelCounters {
+            counters,
+            heap_counters,
+            untracked_frees,
+        })
     }
 
     /// Attaches the task hook at every hook point of `image` in process `pid` (or, with
@@ -139,6 +164,7 @@ impl TaskProbes {
             let cookie = HookCookie {
                 kind: kind as u32,
                 vtable_offset: image.layout.vtable_offset as u32,
+                vtable_id_field: VTABLE_ID_OFFSET_FIELD,
             };
             let point = UProbeAttachPoint {
                 location: UProbeAttachLocation::AbsoluteOffset(hook.file_offset),
@@ -192,6 +218,181 @@ impl TaskProbes {
     }
 }
 
+/// The heap programs, by what they read at their attach point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum HeapProgram {
+    /// size in arg 0: `__rust_alloc`, `__rust_alloc_zeroed`, `malloc`, `valloc`, ...
+    AllocEntry,
+    /// `calloc(n, size)`.
+    CallocEntry,
+    /// size in arg 1: `aligned_alloc`, `memalign`.
+    AlignedEntry,
+    /// `posix_memalign(&out, align, size)`.
+    PosixMemalignEntry,
+    /// `realloc(ptr, size)`.
+    ReallocEntry,
+    /// `__rust_realloc(ptr, old_size, align, new_size)`.
+    RustReallocEntry,
+    /// pointer in arg 0: `free`, `__rust_dealloc`, ...
+    FreeEntry,
+    /// Return of any allocating function (uretprobe at the function's entry).
+    AllocReturn,
+}
+
+impl HeapProgram {
+    pub const ALL: [HeapProgram; 8] = [
+        HeapProgram::AllocEntry,
+        HeapProgram::CallocEntry,
+        HeapProgram::AlignedEntry,
+        HeapProgram::PosixMemalignEntry,
+        HeapProgram::ReallocEntry,
+        HeapProgram::RustReallocEntry,
+        HeapProgram::FreeEntry,
+        HeapProgram::AllocReturn,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            HeapProgram::AllocEntry => "heap_alloc_entry",
+            HeapProgram::CallocEntry => "heap_calloc_entry",
+            HeapProgram::AlignedEntry => "heap_aligned_entry",
+            HeapProgram::PosixMemalignEntry => "heap_posix_memalign_entry",
+            HeapProgram::ReallocEntry => "heap_realloc_entry",
+            HeapProgram::RustReallocEntry => "heap_rust_realloc_entry",
+            HeapProgram::FreeEntry => "heap_free_entry",
+            HeapProgram::AllocReturn => "heap_alloc_return",
+        }
+    }
+}
+
+/// Where one heap program goes.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HeapAttachPoint {
+    pub program: HeapProgram,
+    /// File the offset is in (the executable, or a library as the process maps it).
+    pub target: std::path::PathBuf,
+    pub file_offset: u64,
+    pub symbol: String,
+}
+
+impl TaskProbes {
+    /// Loads the heap programs (verified by the kernel now, not at first attach).
+    pub fn enable_heap(&mut self) -> Result<(), ProbeError> {
+        for program in HeapProgram::ALL {
+            let name = program.name();
+            let p: &mut UProbe = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(ProbeError::Missing(name))?
+                .try_into()?;
+            p.load()?;
+        }
+        Ok(())
+    }
+
+    /// The heap ring buffer (can be taken once).
+    pub fn take_heap_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map("HEAP_EVENTS")
+            .ok_or(ProbeError::Missing("HEAP_EVENTS"))?;
+        RingBuf::try_from(map).map_err(|source| ProbeError::Map {
+            name: "HEAP_EVENTS",
+            source,
+        })
+    }
+
+    /// Copies an executable's unwind table into the kernel at `first`.
+    pub fn load_unwind_rows(
+        &mut self,
+        first: u32,
+        rows: &[monitor_common::unwind::UnwindRow],
+    ) -> Result<(), ProbeError> {
+        let map = self
+            .ebpf
+            .map_mut("UNWIND_ROWS")
+            .ok_or(ProbeError::Missing("UNWIND_ROWS"))?;
+        let mut array: aya::maps::Array<_, monitor_common::unwind::UnwindRow> =
+            aya::maps::Array::try_from(map).map_err(|source| ProbeError::Map {
+                name: "UNWIND_ROWS",
+                source,
+            })?;
+        for (i, row) in rows.iter().enumerate() {
+            array
+                .set(first + i as u32, row, 0)
+                .map_err(|source| ProbeError::Map {
+                    name: "UNWIND_ROWS",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Starts (`Some`) or stops (`None`) heap tracking for `pid`.
+    pub fn set_heap_target(
+        &mut self,
+        pid: u32,
+        target: Option<monitor_common::heap::HeapTarget>,
+    ) -> Result<(), ProbeError> {
+        let map = self
+            .ebpf
+            .map_mut("HEAP_TARGETS")
+            .ok_or(ProbeError::Missing("HEAP_TARGETS"))?;
+        let mut targets: aya::maps::HashMap<_, u32, monitor_common::heap::HeapTarget> =
+            aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map {
+                name: "HEAP_TARGETS",
+                source,
+            })?;
+        let result = match target {
+            Some(t) => targets.insert(pid, t, 0),
+            None => targets.remove(&pid),
+        };
+        result.map_err(|source| ProbeError::Map {
+            name: "HEAP_TARGETS",
+            source,
+        })
+    }
+
+    /// Attaches heap programs in process `pid`.
+    pub fn attach_heap(
+        &mut self,
+        pid: u32,
+        points: &[HeapAttachPoint],
+    ) -> Result<Vec<AttachedLink>, ProbeError> {
+        let scope = match NonZeroU32::new(pid) {
+            Some(pid) => UProbeScope::OneProcess(pid),
+            None => UProbeScope::AllProcesses,
+        };
+        let mut links = Vec::with_capacity(points.len());
+        for point in points {
+            let name = point.program.name();
+            let attached = self.program(name).and_then(|program| {
+                program
+                    .attach(
+                        UProbeAttachLocation::AbsoluteOffset(point.file_offset),
+                        &point.target,
+                        scope,
+                    )
+                    .map(|id| AttachedLink { program: name, id })
+                    .map_err(|source| ProbeError::Attach {
+                        symbol: point.symbol.clone(),
+                        offset: point.file_offset,
+                        target: point.target.display().to_string(),
+                        source: Box::new(source),
+                    })
+            });
+            match attached {
+                Ok(link) => links.push(link),
+                Err(err) => {
+                    self.detach(links);
+                    return Err(err);
+                }
+            }
+        }
+        Ok(links)
+    }
+}
+
 /// One attached hook point, detachable.
 #[derive(Debug)]
 pub struct AttachedLink {
@@ -202,14 +403,44 @@ pub struct AttachedLink {
 /// Failure counters kept by the BPF program, summed over CPUs on read.
 pub struct KernelCounters {
     counters: PerCpuArray<MapData, u64>,
+    heap_counters: PerCpuArray<MapData, u64>,
+    untracked_frees: aya::maps::HashMap<MapData, u32, u64>,
+}
+
+fn sum_per_cpu(array: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
+    array
+        .get(&index, 0)
+        .map(|per_cpu| per_cpu.iter().sum())
+        .unwrap_or(0)
 }
 
 impl KernelCounters {
     fn read(&self, index: u32) -> u64 {
-        self.counters
-            .get(&index, 0)
-            .map(|per_cpu| per_cpu.iter().sum())
-            .unwrap_or(0)
+        sum_per_cpu(&self.counters, index)
+    }
+
+    /// Heap tracking failures by reason (`monitor_common::heap::heap_counter`).
+    pub fn heap_failures(&self) -> [(&'static str, u64); 3] {
+        use monitor_common::heap::heap_counter;
+        [
+            (
+                "ringbuf_full",
+                sum_per_cpu(&self.heap_counters, heap_counter::RINGBUF_FULL),
+            ),
+            (
+                "outstanding_full",
+                sum_per_cpu(&self.heap_counters, heap_counter::OUTSTANDING_FULL),
+            ),
+            (
+                "pending_full",
+                sum_per_cpu(&self.heap_counters, heap_counter::PENDING_FULL),
+            ),
+        ]
+    }
+
+    /// Frees of blocks allocated before attach, in process `pid`.
+    pub fn untracked_frees(&self, pid: u32) -> u64 {
+        self.untracked_frees.get(&pid, 0).unwrap_or(0)
     }
 
     /// Events dropped because the ring buffer was full.

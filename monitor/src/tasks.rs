@@ -7,7 +7,7 @@
 //! Every table here is bounded: live tasks per process, sites per process. What does not fit
 //! is counted, never silently dropped, so an export can say how much it does not know.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use monitor_common::{TaskEvent, TaskEventKind};
@@ -19,6 +19,9 @@ use crate::discovery::TargetImage;
 pub const MAX_LIVE_TASKS_PER_PROCESS: usize = 1 << 20;
 /// Distinct spawn-site labels per process; further sites share the label [`OVERFLOW_SITE`].
 pub const MAX_SITES_PER_PROCESS: usize = 512;
+/// Completed tasks whose id → site binding is kept, for heap events that arrive after the
+/// task's completion event (the two streams are separate ring buffers).
+pub const RETAINED_COMPLETED_IDS: usize = 1 << 16;
 /// Label of the site that absorbs spawn sites beyond [`MAX_SITES_PER_PROCESS`].
 pub const OVERFLOW_SITE: &str = "other (site limit reached)";
 
@@ -39,6 +42,7 @@ pub struct SpawnSite {
 struct LiveTask {
     site: usize,
     spawned_ktime_ns: u64,
+    task_id: Option<u64>,
 }
 
 /// What one attached process is running: its tasks by spawn site.
@@ -53,6 +57,9 @@ pub struct ProcessTasks {
     sites: Vec<SpawnSite>,
     site_by_vtable: HashMap<u64, usize>,
     live: HashMap<u64, LiveTask>,
+    /// tokio task id → site, for live tasks and the most recently completed ones.
+    site_by_task_id: HashMap<u64, usize>,
+    completed_ids: VecDeque<u64>,
     /// Completions of tasks spawned before leakscope attached: they are not counted against
     /// any site, so a site's alive count never goes negative.
     pub completed_untracked: u64,
@@ -72,10 +79,19 @@ impl ProcessTasks {
             sites: Vec::new(),
             site_by_vtable: HashMap::new(),
             live: HashMap::new(),
+            site_by_task_id: HashMap::new(),
+            completed_ids: VecDeque::new(),
             completed_untracked: 0,
             spawned_untracked: 0,
             completions_missed: 0,
         }
+    }
+
+    /// Spawn-site label of the task with tokio id `task_id` (live or recently completed).
+    pub fn site_of_task(&self, task_id: u64) -> Option<&str> {
+        self.site_by_task_id
+            .get(&task_id)
+            .map(|&i| self.sites[i].label.as_str())
     }
 
     pub fn sites(&self) -> &[SpawnSite] {
@@ -146,11 +162,20 @@ impl ProcessTasks {
                     self.spawned_untracked += 1;
                     return;
                 }
+                if event.task_id != 0 {
+                    log::debug!(
+                        "pid {}: task id {} spawned at site {site}",
+                        self.pid,
+                        event.task_id
+                    );
+                    self.site_by_task_id.insert(event.task_id, site);
+                }
                 self.live.insert(
                     event.header,
                     LiveTask {
                         site,
                         spawned_ktime_ns: event.ktime_ns,
+                        task_id: (event.task_id != 0).then_some(event.task_id),
                     },
                 );
                 self.sites[site].live.insert((event.ktime_ns, event.header));
@@ -160,6 +185,14 @@ impl ProcessTasks {
                     let site = &mut self.sites[task.site];
                     site.completed += 1;
                     site.live.remove(&(task.spawned_ktime_ns, event.header));
+                    if let Some(id) = task.task_id {
+                        self.completed_ids.push_back(id);
+                        if self.completed_ids.len() > RETAINED_COMPLETED_IDS
+                            && let Some(oldest) = self.completed_ids.pop_front()
+                        {
+                            self.site_by_task_id.remove(&oldest);
+                        }
+                    }
                 }
                 None => self.completed_untracked += 1,
             },
@@ -254,6 +287,10 @@ impl TaskLedger {
         process.apply(event, kind);
     }
 
+    pub fn process(&self, pid: u32) -> Option<&ProcessTasks> {
+        self.processes.get(&pid)
+    }
+
     pub fn snapshot(&self, now_ktime_ns: u64) -> Vec<SiteSnapshot> {
         let mut rows: Vec<SiteSnapshot> = self
             .processes
@@ -262,6 +299,12 @@ impl TaskLedger {
             .collect();
         rows.sort_by(|a, b| (a.pid, &a.site).cmp(&(b.pid, &b.site)));
         rows
+    }
+}
+
+impl crate::heap::ledger::TaskSites for TaskLedger {
+    fn task_site(&self, pid: u32, task_id: u64) -> Option<String> {
+        self.process(pid)?.site_of_task(task_id).map(str::to_string)
     }
 }
 
@@ -298,6 +341,7 @@ mod tests {
             tid: 7,
             cpu: 0,
             kind: kind as u32,
+            task_id: header,
         }
     }
 
@@ -389,6 +433,19 @@ mod tests {
         let leak = row(&rows, "app::leak::{{closure}}");
         assert_eq!((leak.spawned, leak.alive), (2, 2));
         assert_eq!(leak.oldest_alive_seconds, 4.0);
+    }
+
+    #[test]
+    fn task_ids_resolve_to_sites_after_completion() {
+        use crate::heap::ledger::TaskSites;
+        let mut ledger = ledger();
+        ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x1000, 1));
+        ledger.apply(&event(TaskEventKind::Complete, 0xa0, BIAS + 0x1000, 2));
+        assert_eq!(
+            ledger.task_site(7, 0xa0).as_deref(),
+            Some("app::leak::{{closure}}")
+        );
+        assert_eq!(ledger.task_site(7, 0xb0), None);
     }
 
     #[test]

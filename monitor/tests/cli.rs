@@ -129,10 +129,29 @@ fn daemon_with_a_missing_pid_fails_clearly() {
     let out = leakscope(&["daemon", "--pid", "4194303", "--listen", "127.0.0.1:0"]);
     assert!(!out.status.success());
     let err = stderr(&out);
-    // Without root the probes fail to load first; either way the message must say what to do.
+    assert!(err.contains("no process with pid 4194303"), "{err}");
+}
+
+#[test]
+fn daemon_on_a_process_that_is_not_tokio_says_so() {
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("starting sleep");
+    let out = leakscope(&[
+        "daemon",
+        "--pid",
+        &sleeper.id().to_string(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert!(!out.status.success());
     assert!(
-        err.contains("no process with pid 4194303") || err.contains("run leakscope as root"),
-        "{err}"
+        stderr(&out).contains("does not look like a tokio binary"),
+        "{}",
+        stderr(&out)
     );
 }
 

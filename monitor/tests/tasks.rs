@@ -239,3 +239,36 @@ fn spawns_are_counted_where_bind_inner_was_inlined() {
         (65.0, 40.0, 25.0),
     );
 }
+
+/// A stripped production binary with its symbols in a separate debug file, linked by
+/// `.gnu_debuglink` (`cargo xtask fixtures` makes it): the daemon finds the debug file next
+/// to the binary, hooks it and names its sites as it does the unstripped build.
+#[test]
+fn stripped_binary_with_debuglink_is_counted_exactly() {
+    if !ebpf_available("stripped_binary_with_debuglink_is_counted_exactly") {
+        return;
+    }
+    let (app, addr) = start_fixture(
+        &fixture("axum-app-stripped-debuglink"),
+        &["--flavor", "multi_thread"],
+    );
+    let pid = app.pid();
+    let (_daemon, daemon) = start_daemon(&["--pid".into(), pid.to_string()]);
+    wait_attached(daemon);
+    for _ in 0..7 {
+        get_ok(addr, "/leak/forever");
+        get_ok(addr, "/ok/bounded");
+    }
+    expect_site(
+        daemon,
+        pid,
+        "axum_app::leak_forever::{{closure}}::{{closure}}",
+        (7.0, 0.0, 7.0),
+    );
+    expect_site(
+        daemon,
+        pid,
+        "axum_app::ok_bounded::{{closure}}::{{closure}}",
+        (7.0, 7.0, 0.0),
+    );
+}

@@ -205,6 +205,26 @@ fn fixtures() -> anyhow::Result<()> {
         .arg("-o")
         .arg(&paths.axum_app_stripped)
         .arg(&paths.axum_app))?;
+    // Production practice: symbols kept aside in a debug file, the shipped binary stripped
+    // and linked to it by `.gnu_debuglink` (name + CRC32). Once as released (symbols only)
+    // and once from the line-tables build (symbols + DWARF). `objcopy` is binutils, like
+    // `strip`.
+    let dwarf = root.join("target/fixtures-dwarf/release/axum-app");
+    for unstripped in [&paths.axum_app, &dwarf] {
+        let dir = unstripped.parent().expect("fixture in a directory");
+        let debug = dir.join("axum-app.debug");
+        let linked = dir.join("axum-app-stripped-debuglink");
+        run(Command::new("objcopy")
+            .arg("--only-keep-debug")
+            .arg(unstripped)
+            .arg(&debug))?;
+        run(Command::new("strip").arg("-o").arg(&linked).arg(unstripped))?;
+        // The link names the debug file by file name only, so run where both are.
+        run(Command::new("objcopy")
+            .current_dir(dir)
+            .arg("--add-gnu-debuglink=axum-app.debug")
+            .arg(&linked))?;
+    }
     Ok(())
 }
 

@@ -6,6 +6,11 @@
 //! the real link-time value in an `R_X86_64_RELATIVE` addend. Reading the file word alone
 //! would find no vtables at all. Packed `DT_RELR` relocations use the in-file word as the
 //! addend, so "relocation addend, else in-file word" is right for both schemes.
+//!
+//! A stripped binary can be paired with its separate debug file ([`Image::attach_debug`]):
+//! names and function extents then come from the debug file's `.symtab`, DWARF sections
+//! from the debug file, while code bytes, data, relocations and file offsets stay the
+//! binary's own (a debug file's `.text` and `.data.rel.ro` are `NOBITS`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -46,7 +51,11 @@ pub(crate) struct Image {
     /// Function start → names/size, from `.symtab` and `.dynsym`.
     pub functions: BTreeMap<u64, FnInfo>,
     pub build_id: Option<String>,
+    /// A symbol table was read, from the file itself or from an attached debug file.
     pub has_symtab: bool,
+    /// Bytes of the separate debug file attached by [`Image::attach_debug`], read for the
+    /// sections the binary itself lacks (DWARF).
+    pub debug_data: Option<Vec<u8>>,
 }
 
 const R_X86_64_64: u32 = 1;
@@ -73,25 +82,7 @@ impl Image {
     }
 
     pub fn parse(path: &Path, data: Vec<u8>) -> Result<Self, DiscoveryError> {
-        if data.len() < 20 || &data[..4] != b"\x7fELF" {
-            return Err(DiscoveryError::NotElf {
-                path: path.to_path_buf(),
-            });
-        }
-        let class = data[4];
-        let little = data[5] == elf::ELFDATA2LSB;
-        let machine = if little {
-            u16::from_le_bytes([data[18], data[19]])
-        } else {
-            u16::from_be_bytes([data[18], data[19]])
-        };
-        if class != elf::ELFCLASS64 || machine != elf::EM_X86_64 || !little {
-            return Err(DiscoveryError::UnsupportedArch {
-                path: path.to_path_buf(),
-                machine: machine_name(machine, class),
-            });
-        }
-
+        check_x86_64_elf(path, &data)?;
         let file = ElfFile64::<Endianness>::parse(&*data).map_err(|e| malformed(path, e))?;
         let endian = file.endian();
         let raw = &*data;
@@ -176,38 +167,10 @@ impl Image {
         }
 
         let mut functions: BTreeMap<u64, FnInfo> = BTreeMap::new();
-        let mut has_symtab = false;
-        let mut add = |sym: object::read::elf::ElfSymbol64<'_, '_, Endianness>| {
-            if sym.kind() != SymbolKind::Text || sym.is_undefined() || sym.address() == 0 {
-                return;
-            }
-            let Ok(name) = sym.name() else { return };
-            if name.is_empty() {
-                return;
-            }
-            let entry = functions.entry(sym.address()).or_default();
-            entry.size = entry.size.max(sym.size());
-            let demangled = super::naming::demangle(name);
-            if !entry.names.contains(&demangled) {
-                entry.names.push(demangled);
-            }
-        };
-        for sym in file.symbols() {
-            has_symtab = true;
-            add(sym);
-        }
-        for sym in file.dynamic_symbols() {
-            add(sym);
-        }
-        // `file.symbols()` is empty when there is no `.symtab`; an empty `.symtab` is
-        // as good as none.
-        has_symtab = has_symtab && file.section_by_name(".symtab").is_some();
-
-        let build_id = file
-            .build_id()
-            .ok()
-            .flatten()
-            .map(|id| id.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        // An empty `.symtab` is as good as none.
+        let has_symtab = add_functions(&mut functions, file.symbols());
+        add_functions(&mut functions, file.dynamic_symbols());
+        let build_id = file_build_id(&file);
 
         drop(file);
         Ok(Image {
@@ -218,7 +181,37 @@ impl Image {
             functions,
             build_id,
             has_symtab,
+            debug_data: None,
         })
+    }
+
+    /// Takes names, function extents and DWARF from `data`, the separate debug file of this
+    /// binary read from `path` (checking that it belongs to this binary is the caller's
+    /// job). The functions are rebuilt from the debug file's `.symtab` first, then this
+    /// file's own `.symtab` and `.dynsym`: the order [`Image::parse`] reads an unstripped
+    /// file in, so the result is what the unstripped binary gives. Returns whether the
+    /// debug file had a symbol table.
+    pub fn attach_debug(&mut self, path: &Path, data: Vec<u8>) -> Result<bool, DiscoveryError> {
+        check_x86_64_elf(path, &data)?;
+        let debug = ElfFile64::<Endianness>::parse(&*data).map_err(|e| malformed(path, e))?;
+        let own = ElfFile64::<Endianness>::parse(&*self.data).map_err(|e| malformed(path, e))?;
+        let mut functions = BTreeMap::new();
+        let debug_symtab = add_functions(&mut functions, debug.symbols());
+        let own_symtab = add_functions(&mut functions, own.symbols());
+        add_functions(&mut functions, own.dynamic_symbols());
+        drop((debug, own));
+        self.functions = functions;
+        self.has_symtab = debug_symtab || own_symtab;
+        self.debug_data = Some(data);
+        Ok(debug_symtab)
+    }
+
+    /// The `.gnu_debuglink` entry: the debug file's name and the CRC32 of its contents.
+    pub fn gnu_debuglink(&self) -> Option<(String, u32)> {
+        let file = ElfFile64::<Endianness>::parse(&*self.data).ok()?;
+        let (name, crc) = file.gnu_debuglink().ok().flatten()?;
+        let name = std::str::from_utf8(name).ok()?;
+        (!name.is_empty()).then(|| (name.to_string(), crc))
     }
 
     /// File offset of a link-time virtual address, through the `PT_LOAD` segment that maps
@@ -339,13 +332,92 @@ impl Image {
             .collect()
     }
 
-    /// Loads a DWARF section by name, decompressed when needed.
+    /// Loads a DWARF section by name, decompressed when needed: the file's own section, or
+    /// when the file has none with contents (stripped), the attached debug file's.
     pub fn section_data(&self, name: &str) -> Option<std::borrow::Cow<'_, [u8]>> {
-        let file = ElfFile64::<Endianness>::parse(&*self.data).ok()?;
-        let section = file.section_by_name(name)?;
-        // The returned data borrows `self.data` (the parser's input), not `file`.
-        section.uncompressed_data().ok()
+        let own = section_with_contents(&self.data, name);
+        if own.is_some() {
+            return own;
+        }
+        section_with_contents(self.debug_data.as_deref()?, name)
     }
+}
+
+/// The contents of section `name` of the ELF file in `data`, unless it has none (`NOBITS`,
+/// as the allocated sections of a debug file are).
+fn section_with_contents<'d>(data: &'d [u8], name: &str) -> Option<std::borrow::Cow<'d, [u8]>> {
+    let file = ElfFile64::<Endianness>::parse(data).ok()?;
+    let section = file.section_by_name(name)?;
+    if section.elf_section_header().sh_type(file.endian()) == elf::SHT_NOBITS {
+        return None;
+    }
+    // The returned data borrows `data` (the parser's input), not `file`.
+    section.uncompressed_data().ok()
+}
+
+/// Adds the defined functions among `symbols` to `functions`; returns whether there were any
+/// symbols at all.
+fn add_functions<'d: 'f, 'f>(
+    functions: &mut BTreeMap<u64, FnInfo>,
+    symbols: impl Iterator<Item = object::read::elf::ElfSymbol64<'d, 'f, Endianness>>,
+) -> bool {
+    let mut any = false;
+    for sym in symbols {
+        any = true;
+        if sym.kind() != SymbolKind::Text || sym.is_undefined() || sym.address() == 0 {
+            continue;
+        }
+        let Ok(name) = sym.name() else { continue };
+        if name.is_empty() {
+            continue;
+        }
+        let entry = functions.entry(sym.address()).or_default();
+        entry.size = entry.size.max(sym.size());
+        let demangled = super::naming::demangle(name);
+        if !entry.names.contains(&demangled) {
+            entry.names.push(demangled);
+        }
+    }
+    any
+}
+
+/// Hex of the file's `NT_GNU_BUILD_ID`.
+fn file_build_id(file: &ElfFile64<'_, Endianness>) -> Option<String> {
+    file.build_id()
+        .ok()
+        .flatten()
+        .filter(|id| !id.is_empty())
+        .map(|id| id.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Hex of the `NT_GNU_BUILD_ID` of the x86_64 ELF file in `data` (`None` if it has none or
+/// is no such file).
+pub(crate) fn build_id_of(data: &[u8]) -> Option<String> {
+    check_x86_64_elf(Path::new(""), data).ok()?;
+    file_build_id(&ElfFile64::<Endianness>::parse(data).ok()?)
+}
+
+/// Rejects anything that is not a 64-bit little-endian x86_64 ELF, before deeper parsing.
+pub(crate) fn check_x86_64_elf(path: &Path, data: &[u8]) -> Result<(), DiscoveryError> {
+    if data.len() < 20 || &data[..4] != b"\x7fELF" {
+        return Err(DiscoveryError::NotElf {
+            path: path.to_path_buf(),
+        });
+    }
+    let class = data[4];
+    let little = data[5] == elf::ELFDATA2LSB;
+    let machine = if little {
+        u16::from_le_bytes([data[18], data[19]])
+    } else {
+        u16::from_be_bytes([data[18], data[19]])
+    };
+    if class != elf::ELFCLASS64 || machine != elf::EM_X86_64 || !little {
+        return Err(DiscoveryError::UnsupportedArch {
+            path: path.to_path_buf(),
+            machine: machine_name(machine, class),
+        });
+    }
+    Ok(())
 }
 
 /// An image holding only `code` mapped executable at `vaddr`, for disassembly tests.
@@ -365,6 +437,7 @@ pub(crate) fn code_image(vaddr: u64, code: &[u8]) -> Image {
         functions: BTreeMap::new(),
         build_id: None,
         has_symtab: false,
+        debug_data: None,
     }
 }
 
@@ -415,6 +488,7 @@ mod tests {
             functions: BTreeMap::new(),
             build_id: None,
             has_symtab: false,
+            debug_data: None,
         }
     }
 

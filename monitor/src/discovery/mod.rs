@@ -12,12 +12,17 @@
 //! - the **header layout** (where the vtable pointer sits in a task header), read from the
 //!   code that uses it rather than from a per-version table.
 //!
+//! A stripped binary is paired with its separate debug file when there is one (see
+//! [`analyze_with_debug_file`]): names and hook points then come from the debug file's
+//! symbols, everything else from the binary, so the result is that of the unstripped build.
+//!
 //! tokio's task internals are private API. Everything here is therefore derived from the
 //! binary itself and cross-checked where two independent sources exist, and anything that
 //! could not be established is reported in [`TargetImage::warnings`] instead of guessed
 //! silently: a wrong hook or label turns into a false leak report.
 
 pub mod alloc;
+mod debuginfo;
 mod disasm;
 mod dwarf;
 mod elf;
@@ -68,6 +73,28 @@ pub enum DiscoveryError {
         .path.display()
     )]
     NoTaskVtables { path: PathBuf },
+    #[error(
+        "{} is not the debug file of {}: {reason}; use the debug file saved from the same \
+         build as the binary (`objcopy --only-keep-debug` of its unstripped original)",
+        .debug.display(),
+        .path.display()
+    )]
+    DebugFileMismatch {
+        path: PathBuf,
+        debug: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "{} cannot be used as the debug file of {}: {reason}; pass the file that \
+         `objcopy --only-keep-debug` made from the unstripped binary",
+        .debug.display(),
+        .path.display()
+    )]
+    InvalidDebugFile {
+        path: PathBuf,
+        debug: PathBuf,
+        reason: String,
+    },
 }
 
 /// Everything discovery learned about one executable.
@@ -78,9 +105,12 @@ pub struct TargetImage {
     pub path: PathBuf,
     /// Hex of `NT_GNU_BUILD_ID`, to check that a running process maps this exact file.
     pub build_id: Option<String>,
-    /// No `.symtab`: vtables are found by shape only, labels are `vtable@0x…`, and no hook
-    /// points can be found by name.
+    /// No symbol table, neither in the file nor in a separate debug file: vtables are found
+    /// by shape only, labels are `vtable@0x…`, and no hook points can be found by name.
     pub stripped: bool,
+    /// The separate debug file whose symbols (and DWARF) were used, normally because the
+    /// binary itself is stripped (see [`analyze_with_debug_file`]).
+    pub debug_file: Option<PathBuf>,
     /// Sorted by `vaddr`.
     pub vtables: Vec<TaskVtable>,
     pub hooks: Vec<HookPoint>,
@@ -318,11 +348,32 @@ pub struct LoadSegment {
     pub executable: bool,
 }
 
-/// Analyses the executable at `path`. See the module docs.
+/// Analyses the executable at `path`, with its separate debug file if one is found the way
+/// gdb finds it. See the module docs and [`analyze_with_debug_file`].
 pub fn analyze(path: &Path) -> Result<TargetImage, DiscoveryError> {
-    let img = elf::Image::load(path)?;
+    analyze_with_debug_file(path, None)
+}
+
+/// Analyses the executable at `path`, taking names, function extents and hook points from
+/// the separate debug file `debug` (as made by `objcopy --only-keep-debug`), while code,
+/// data, relocations and file offsets come from `path` itself.
+///
+/// The debug file must belong to the binary: equal build-ids when both have one, else the
+/// CRC32 in the binary's `.gnu_debuglink`; a mismatch is [`DiscoveryError::DebugFileMismatch`].
+///
+/// With `debug` = `None` the debug file is looked up as gdb does, in this order:
+/// `/usr/lib/debug/.build-id/<xx>/<rest>.debug` by build-id, then the `.gnu_debuglink` name
+/// in the binary's directory, in its `.debug/` subdirectory and under
+/// `/usr/lib/debug/<directory>/`. Candidates that do not match are skipped; without a debug
+/// file a stripped binary is analysed by shape only, with a warning naming the paths searched.
+pub fn analyze_with_debug_file(
+    path: &Path,
+    debug: Option<&Path>,
+) -> Result<TargetImage, DiscoveryError> {
+    let mut img = elf::Image::load(path)?;
+    let debug = debuginfo::attach(path, &mut img, debug)?;
     let stripped = !img.has_symtab;
-    let mut warnings = Vec::new();
+    let mut warnings = debug.warnings.clone();
 
     let mut by_shape = stripped;
     let mut raw = vtables::find_vtables(&img, !stripped);
@@ -347,12 +398,7 @@ pub fn analyze(path: &Path) -> Result<TargetImage, DiscoveryError> {
 
     let layout = hooks::header_layout(&img, &mut warnings);
     let hooks = if stripped {
-        warnings.push(
-            "binary is stripped (no .symtab): spawn/complete hook points cannot be found and \
-             spawn sites are labelled vtable@0x…; rebuild without `strip` (or keep the \
-             unstripped file) for names and hooks"
-                .to_string(),
-        );
+        warnings.push(debug.stripped_warning());
         Vec::new()
     } else {
         let (h, w) = hooks::find_hooks(&img, &layout);
@@ -462,6 +508,7 @@ pub fn analyze(path: &Path) -> Result<TargetImage, DiscoveryError> {
         path: path.to_path_buf(),
         build_id: img.build_id.clone(),
         stripped,
+        debug_file: debug.file,
         vtables,
         hooks,
         layout,

@@ -20,6 +20,8 @@ pub const MAX_GROUPS_PER_PROCESS: usize = 1024;
 pub const OVERFLOW_GROUP: &str = "other (callsite limit reached)";
 /// `task_site` of allocations made outside any tokio task.
 pub const NO_TASK: &str = "none";
+/// `task_site` of allocations by a task whose spawn leakscope did not see (before attach).
+pub const UNKNOWN_TASK: &str = "unknown (spawned before attach)";
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct HeapGroupSnapshot {
@@ -115,8 +117,11 @@ impl ProcessHeap {
                     return;
                 }
                 let nframes = (event.nframes as usize).min(event.frames.len());
-                let frames: Vec<u64> = event.frames[..nframes]
-                    .iter()
+                // `first_pc` is a pc inside the allocator's caller (where it returned to);
+                // the rest are return addresses. All are looked up at `pc - 1`, which for
+                // `first_pc` too lands inside the call instruction, in the caller.
+                let frames: Vec<u64> = std::iter::once(event.first_pc)
+                    .chain(event.frames[..nframes].iter().copied())
                     .map(|pc| pc.wrapping_sub(self.load_bias))
                     .collect();
                 let site = self
@@ -125,9 +130,10 @@ impl ProcessHeap {
                     .to_string();
                 let task_site = match event.task_id {
                     0 => NO_TASK.to_string(),
-                    id => tasks
-                        .task_site(self.pid, id)
-                        .unwrap_or_else(|| "task spawned before attach".to_string()),
+                    id => tasks.task_site(self.pid, id).unwrap_or_else(|| {
+                        log::debug!("pid {}: allocation by unknown task id {id}", self.pid);
+                        UNKNOWN_TASK.to_string()
+                    }),
                 };
                 let group = self.group(site, task_site);
                 if let Some((old_group, old_size)) =
@@ -171,6 +177,51 @@ impl ProcessHeap {
     }
 }
 
+/// All watched processes' heap state.
+#[derive(Debug, Default)]
+pub struct HeapLedger {
+    processes: HashMap<u32, ProcessHeap>,
+    last_seq_by_cpu: HashMap<u32, u64>,
+    pub stream: crate::tasks::StreamStats,
+}
+
+impl HeapLedger {
+    pub fn add_process(&mut self, process: ProcessHeap) {
+        self.processes.insert(process.pid, process);
+    }
+
+    pub fn remove_process(&mut self, pid: u32) -> Option<ProcessHeap> {
+        self.processes.remove(&pid)
+    }
+
+    pub fn processes(&self) -> impl Iterator<Item = &ProcessHeap> {
+        self.processes.values()
+    }
+
+    pub fn apply(&mut self, event: &HeapEvent, tasks: &dyn TaskSites) {
+        self.stream.events += 1;
+        if let Some(last) = self.last_seq_by_cpu.insert(event.cpu, event.seq)
+            && event.seq > last + 1
+        {
+            self.stream.lost += event.seq - last - 1;
+        }
+        match self.processes.get_mut(&event.pid) {
+            Some(process) => process.apply(event, tasks),
+            None => self.stream.ignored += 1,
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<HeapGroupSnapshot> {
+        let mut rows: Vec<HeapGroupSnapshot> = self
+            .processes
+            .values()
+            .flat_map(ProcessHeap::snapshot)
+            .collect();
+        rows.sort_by_key(|r| std::cmp::Reverse(r.live_bytes));
+        rows
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +247,7 @@ mod tests {
             kind: kind as u32,
             nframes: 0,
             _pad: 0,
+            first_pc: 0,
             frames: [0; monitor_common::heap::HEAP_FRAMES],
         }
     }

@@ -2,4 +2,5 @@
 
 pub mod ledger;
 pub mod symbolize;
+pub mod tracker;
 pub mod unwind_table;

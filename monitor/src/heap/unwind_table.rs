@@ -9,12 +9,16 @@
 //!
 //! Rows that cannot be expressed that way become [`CFA_END`] rows and stop the walk there:
 //! CFA expressions (PLT stubs), CFA relative to other registers (stack realignment through
-//! another register), a return address not at `CFA - 8` or undefined (the outermost frame),
-//! an `rbp` recovered other than from the stack, and signal trampolines. Gaps between
-//! functions and the end of the covered code are [`CFA_END`] rows too.
+//! another register, and the few instructions of inline stack probing loops in functions
+//! with frames of a page or more, where CFA = `r11 + n`), a return address not at `CFA - 8`
+//! or undefined (the outermost frame), an `rbp` recovered other than from the stack, and
+//! signal trampolines. Gaps between functions and the end of the covered code are
+//! [`CFA_END`] rows too.
 //!
 //! All pcs are link-time addresses (as in the ELF file); the walker translates with the
 //! mapping's bias.
+//!
+//! [`CFA_END`]: monitor_common::unwind::CFA_END
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,13 +30,13 @@ use gimli::{
     UnwindTableRow, X86_64,
 };
 use monitor_common::unwind::{
-    CFA_END, CFA_RBP, CFA_RSP, MAX_FRAMES, MAX_ROWS, RBP_SAVED, RBP_UNCHANGED, Regs, UnwindRow,
-    find_row, unwind,
+    CFA_RBP, CFA_RSP, MAX_FRAMES, MAX_ROWS, RBP_SAVED, RBP_UNCHANGED, Regs, UnwindRow, find_row,
+    unwind,
 };
 use object::{Architecture, Object, ObjectSection, SectionKind};
 
 /// A binary's unwind rows, sorted by link-time `pc`, each `pc` unique and no row repeating
-/// its predecessor's rule. The last row is a [`CFA_END`] row at the end of the covered code.
+/// its predecessor's rule. The last row is a `CFA_END` row at the end of the covered code.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UnwindTable {
     pub rows: Vec<UnwindRow>,
@@ -49,7 +53,7 @@ pub struct BuildStats {
     /// FDEs ignored: empty, or not inside an executable section (left over from discarded
     /// code).
     pub skipped_fdes: usize,
-    /// FDEs whose call frame program gimli could not evaluate: their range is [`CFA_END`].
+    /// FDEs whose call frame program gimli could not evaluate: their range is `CFA_END`.
     pub bad_fdes: usize,
     /// Rows produced by evaluating the FDEs' call frame programs.
     pub cfi_rows: usize,
@@ -85,12 +89,13 @@ pub enum UnwindTableError {
     #[error("{path}: no .eh_frame section")]
     NoEhFrame { path: PathBuf },
     #[error("{path}: malformed .eh_frame: {source}")]
-    EhFrame {
-        path: PathBuf,
-        source: gimli::Error,
-    },
+    EhFrame { path: PathBuf, source: gimli::Error },
     #[error("{path}: unwind table has {rows} rows, more than the {max} a BPF walk can search")]
-    TooLarge { path: PathBuf, rows: usize, max: u32 },
+    TooLarge {
+        path: PathBuf,
+        rows: usize,
+        max: u32,
+    },
 }
 
 impl UnwindTable {
@@ -146,18 +151,21 @@ pub fn build_with_stats(path: &Path) -> Result<(UnwindTable, BuildStats), Unwind
             architecture,
         });
     }
-    let eh_frame = file
-        .section_by_name(".eh_frame")
-        .ok_or_else(|| UnwindTableError::NoEhFrame {
-            path: path.to_owned(),
-        })?;
+    let eh_frame =
+        file.section_by_name(".eh_frame")
+            .ok_or_else(|| UnwindTableError::NoEhFrame {
+                path: path.to_owned(),
+            })?;
     let eh_frame_data = eh_frame.uncompressed_data().map_err(elf_error)?;
 
     // Pointer encodings in .eh_frame are relative to these (mostly pc-relative, which only
     // needs the section's own address).
     let mut bases = BaseAddresses::default().set_eh_frame(eh_frame.address());
     for (name, set) in [
-        (".eh_frame_hdr", BaseAddresses::set_eh_frame_hdr as fn(_, _) -> _),
+        (
+            ".eh_frame_hdr",
+            BaseAddresses::set_eh_frame_hdr as fn(_, _) -> _,
+        ),
         (".text", BaseAddresses::set_text),
         (".got", BaseAddresses::set_got),
     ] {
@@ -279,7 +287,7 @@ fn fde_rows(
     Ok(())
 }
 
-/// One CFI row as an [`UnwindRow`], or a [`CFA_END`] row if the walker cannot follow it.
+/// One CFI row as an [`UnwindRow`], or a `CFA_END` row if the walker cannot follow it.
 fn convert(row: &UnwindTableRow<usize>, stats: &mut BuildStats) -> UnwindRow {
     let end = UnwindRow::end(row.start_address());
     let (register, offset) = match *row.cfa() {

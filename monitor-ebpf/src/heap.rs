@@ -1,0 +1,335 @@
+//! Heap probes: allocator entry points and returns, per watched process.
+//!
+//! Map roles follow bcc's memleak: the requested size is stashed per *thread* between an
+//! allocation's entry and its return; outstanding blocks are kept as `(pid, addr) → {size,
+//! stack hash, task id}`; a free deletes its block and reports it, a free of a block never
+//! seen allocated (made before attach) only bumps a per-process counter.
+//!
+//! The callsite comes from unwinding the user stack in the probe itself with the target's
+//! `.eh_frame` rules, compiled by userspace into `UNWIND_ROWS` (release binaries have no
+//! frame pointers). The tokio task the thread is polling comes from tokio's thread-local
+//! current-task slot, at the offset discovery read from the target's code.
+
+use aya_ebpf::bindings::BPF_ANY;
+use aya_ebpf::helpers::{
+    bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+    bpf_probe_read_kernel, bpf_probe_read_user,
+};
+use aya_ebpf::macros::{map, uprobe, uretprobe};
+use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
+use aya_ebpf::programs::{ProbeContext, RetProbeContext};
+use monitor_common::heap::{
+    BlockInfo, BlockKey, HeapEvent, HeapEventKind, HeapTarget, OUTSTANDING_MAX, heap_counter,
+};
+use monitor_common::unwind::{self, MAX_FRAMES, Regs, UnwindRow};
+
+/// Entries are allocated on insert: the capacity is a bound, not memory taken up front.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+#[map]
+static HEAP_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
+
+#[map]
+static HEAP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(heap_counter::COUNT, 0);
+
+#[map]
+static HEAP_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Watched processes and their settings, by pid.
+#[map]
+static HEAP_TARGETS: HashMap<u32, HeapTarget> = HashMap::with_max_entries(1024, 0);
+
+/// Rows of every watched executable's unwind table; each target owns a slice.
+#[map]
+static UNWIND_ROWS: Array<UnwindRow> =
+    Array::with_max_entries(monitor_common::heap::UNWIND_ROWS_MAX, 0);
+
+/// What an allocation's entry learned, until its return: by thread (pid_tgid).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Pending {
+    size: u64,
+    /// Block being resized (realloc) or 0.
+    old_addr: u64,
+    /// Where posix_memalign will store the block's address, or 0 (then: the return value).
+    out_ptr: u64,
+}
+
+#[map]
+static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(1 << 14, 0);
+
+#[map]
+static OUTSTANDING: HashMap<BlockKey, BlockInfo> =
+    HashMap::with_max_entries(OUTSTANDING_MAX, BPF_F_NO_PREALLOC);
+
+/// Frees of blocks allocated before attach (or not tracked), by pid.
+#[map]
+static UNTRACKED_FREES: HashMap<u32, u64> = HashMap::with_max_entries(1024, 0);
+
+fn bump(index: u32) {
+    if let Some(slot) = HEAP_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot; uprobe programs do not migrate while running.
+        unsafe { *slot += 1 };
+    }
+}
+
+fn pid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+fn target(pid: u32) -> Option<HeapTarget> {
+    // SAFETY: the value is copied out before the map can change.
+    unsafe { HEAP_TARGETS.get(&pid) }.copied()
+}
+
+#[inline(always)]
+fn stash(size: u64, old_addr: u64, out_ptr: u64) -> u32 {
+    if target(pid()).is_none() {
+        return 0;
+    }
+    let pending = Pending {
+        size,
+        old_addr,
+        out_ptr,
+    };
+    if PENDING
+        .insert(&bpf_get_current_pid_tgid(), &pending, u64::from(BPF_ANY))
+        .is_err()
+    {
+        bump(heap_counter::PENDING_FULL);
+    }
+    0
+}
+
+/// `__rust_alloc(size, align)`, `__rust_alloc_zeroed`, `malloc(size)`, `valloc`, `pvalloc`.
+#[uprobe]
+pub fn heap_alloc_entry(ctx: ProbeContext) -> u32 {
+    stash(ctx.arg::<u64>(0).unwrap_or(0), 0, 0)
+}
+
+/// `calloc(n, size)`.
+#[uprobe]
+pub fn heap_calloc_entry(ctx: ProbeContext) -> u32 {
+    let n = ctx.arg::<u64>(0).unwrap_or(0);
+    let size = ctx.arg::<u64>(1).unwrap_or(0);
+    // An overflowing product makes calloc fail, and a failed allocation is not recorded.
+    stash(n.wrapping_mul(size), 0, 0)
+}
+
+/// `aligned_alloc(align, size)`, `memalign(align, size)`.
+#[uprobe]
+pub fn heap_aligned_entry(ctx: ProbeContext) -> u32 {
+    stash(ctx.arg::<u64>(1).unwrap_or(0), 0, 0)
+}
+
+/// `posix_memalign(&out, align, size)`.
+#[uprobe]
+pub fn heap_posix_memalign_entry(ctx: ProbeContext) -> u32 {
+    stash(
+        ctx.arg::<u64>(2).unwrap_or(0),
+        0,
+        ctx.arg::<u64>(0).unwrap_or(0),
+    )
+}
+
+/// `realloc(ptr, size)`.
+#[uprobe]
+pub fn heap_realloc_entry(ctx: ProbeContext) -> u32 {
+    stash(
+        ctx.arg::<u64>(1).unwrap_or(0),
+        ctx.arg::<u64>(0).unwrap_or(0),
+        0,
+    )
+}
+
+/// `__rust_realloc(ptr, old_size, align, new_size)`.
+#[uprobe]
+pub fn heap_rust_realloc_entry(ctx: ProbeContext) -> u32 {
+    stash(
+        ctx.arg::<u64>(3).unwrap_or(0),
+        ctx.arg::<u64>(0).unwrap_or(0),
+        0,
+    )
+}
+
+/// `free(ptr)`, `__rust_dealloc(ptr, size, align)`, `_rjem_sdallocx(ptr, ...)`, `mi_free`.
+#[uprobe]
+pub fn heap_free_entry(ctx: ProbeContext) -> u32 {
+    let pid = pid();
+    if target(pid).is_some() {
+        free_block(pid, ctx.arg::<u64>(0).unwrap_or(0));
+    }
+    0
+}
+
+/// Return of every allocating function: the block's address is the return value (or, for
+/// posix_memalign, what it stored).
+#[uretprobe]
+pub fn heap_alloc_return(ctx: RetProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    // SAFETY: copied out before removal.
+    let Some(pending) = (unsafe { PENDING.get(&pid_tgid) }).copied() else {
+        return 0;
+    };
+    let _ = PENDING.remove(&pid_tgid);
+    let Some(target) = target(pid) else {
+        return 0;
+    };
+    let returned: u64 = ctx.ret();
+    let addr = if pending.out_ptr != 0 {
+        if returned != 0 {
+            return 0; // posix_memalign failed: nothing allocated
+        }
+        // SAFETY: reading the target's memory through the checked helper.
+        unsafe { bpf_probe_read_user(pending.out_ptr as *const u64) }.unwrap_or(0)
+    } else {
+        returned
+    };
+    if pending.old_addr != 0 && (addr != 0 || pending.size == 0) {
+        // A successful realloc (or realloc(p, 0)) released the old block.
+        free_block(pid, pending.old_addr);
+    }
+    if addr == 0 {
+        return 0;
+    }
+    record_alloc(&ctx, pid, &target, addr, pending.size);
+    0
+}
+
+fn free_block(pid: u32, addr: u64) {
+    if addr == 0 {
+        return;
+    }
+    let key = BlockKey { addr, pid, _pad: 0 };
+    // SAFETY: copied out before removal.
+    let Some(info) = (unsafe { OUTSTANDING.get(&key) }).copied() else {
+        match UNTRACKED_FREES.get_ptr_mut(&pid) {
+            // SAFETY: a counter only this pid's probes touch; a lost race loses one count.
+            Some(count) => unsafe { *count += 1 },
+            None => {
+                let _ = UNTRACKED_FREES.insert(&pid, &1, u64::from(BPF_ANY));
+            }
+        }
+        return;
+    };
+    let _ = OUTSTANDING.remove(&key);
+    if let Some(entry) = reserve(HeapEventKind::Free, pid, addr, &info) {
+        entry.submit(0);
+    }
+}
+
+fn current_task_id(target: &HeapTarget) -> u64 {
+    if target.task_slot_fs_offset == 0 || target.fsbase_offset == 0 {
+        return 0;
+    }
+    // SAFETY: reads through the checked helpers; a bad address yields an error, not a fault.
+    unsafe {
+        let task = bpf_get_current_task();
+        let Ok(fsbase) = bpf_probe_read_kernel((task + target.fsbase_offset) as *const u64) else {
+            return 0;
+        };
+        let slot = fsbase.wrapping_add(target.task_slot_fs_offset as u64);
+        bpf_probe_read_user(slot as *const u64).unwrap_or(0)
+    }
+}
+
+fn next_seq() -> u64 {
+    match HEAP_SEQ.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot.
+        Some(slot) => unsafe {
+            *slot += 1;
+            *slot
+        },
+        None => 0,
+    }
+}
+
+/// Reserves an event and fills everything but the stack. The event is written in place:
+/// a `HeapEvent` on the BPF stack would not fit next to the unwinder's state (512 bytes).
+fn reserve(
+    kind: HeapEventKind,
+    pid: u32,
+    addr: u64,
+    info: &BlockInfo,
+) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<HeapEvent>> {
+    let seq = next_seq();
+    let Some(mut entry) = HEAP_EVENTS.reserve::<HeapEvent>(0) else {
+        bump(heap_counter::RINGBUF_FULL);
+        return None;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points at the reserved, exclusively owned ring-buffer record.
+    unsafe {
+        (*event).ktime_ns = bpf_ktime_get_ns();
+        (*event).seq = seq;
+        (*event).addr = addr;
+        (*event).size = info.size;
+        (*event).stack_hash = info.stack_hash;
+        (*event).task_id = info.task_id;
+        (*event).pid = pid;
+        (*event).tid = bpf_get_current_pid_tgid() as u32;
+        (*event).cpu = bpf_get_smp_processor_id();
+        (*event).kind = kind as u32;
+        (*event).nframes = 0;
+        (*event)._pad = 0;
+        (*event).first_pc = 0;
+    }
+    Some(entry)
+}
+
+fn record_alloc(ctx: &RetProbeContext, pid: u32, target: &HeapTarget, addr: u64, size: u64) {
+    let mut info = BlockInfo {
+        size,
+        stack_hash: 0,
+        task_id: current_task_id(target),
+    };
+    let Some(mut entry) = reserve(HeapEventKind::Alloc, pid, addr, &info) else {
+        return; // not tracked: its free will count as untracked, not corrupt a series
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `regs` is the probe's register context for the program's duration.
+    let regs = unsafe { &*ctx.regs };
+    // At a return probe the first frame is the allocator's caller itself, at `pc`.
+    let start = Regs {
+        pc: regs.rip,
+        rsp: regs.rsp,
+        rbp: regs.rbp,
+    };
+    let first = target.unwind_first;
+    let rows = target.unwind_rows;
+    // SAFETY: the record is ours until submitted; `frames` is a plain array inside it.
+    let frames = unsafe { &mut (*event).frames };
+    let unwound = unwind::unwind(
+        &start,
+        target.load_bias,
+        MAX_FRAMES,
+        |pc| unwind::find_row(rows, |i| UNWIND_ROWS.get(first + i).copied(), pc),
+        // SAFETY: reading the target's stack through the checked helper.
+        |at| unsafe { bpf_probe_read_user(at as *const u64) }.ok(),
+        frames,
+    );
+    let mut hash: u64 = (0xcbf2_9ce4_8422_2325 ^ start.pc).wrapping_mul(0x0100_0000_01b3);
+    for i in 0..MAX_FRAMES {
+        if i >= unwound {
+            break;
+        }
+        if let Some(&pc) = frames.get(i) {
+            hash = (hash ^ pc).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    info.stack_hash = hash;
+    // SAFETY: as above.
+    unsafe {
+        (*event).first_pc = start.pc;
+        (*event).nframes = unwound as u32;
+        (*event).stack_hash = hash;
+    }
+    let key = BlockKey { addr, pid, _pad: 0 };
+    if OUTSTANDING.insert(&key, &info, u64::from(BPF_ANY)).is_err() {
+        bump(heap_counter::OUTSTANDING_FULL);
+        entry.discard(0);
+        return;
+    }
+    entry.submit(0);
+}
