@@ -53,6 +53,11 @@ struct Pending {
     old_addr: u64,
     /// Where posix_memalign will store the block's address, or 0 (then: the return value).
     out_ptr: u64,
+    /// The allocator's return address and the stack pointer at its entry, read at entry
+    /// (where `[rsp]` is the return address): a return probe's own `ip` can be the uretprobe
+    /// trampoline instead, as was seen on threads other than tokio's workers.
+    return_address: u64,
+    entry_rsp: u64,
 }
 
 #[map]
@@ -83,14 +88,21 @@ fn target(pid: u32) -> Option<HeapTarget> {
 }
 
 #[inline(always)]
-fn stash(size: u64, old_addr: u64, out_ptr: u64) -> u32 {
+fn stash(ctx: &ProbeContext, size: u64, old_addr: u64, out_ptr: u64) -> u32 {
     if target(pid()).is_none() {
         return 0;
     }
+    // SAFETY: `regs` is the probe's register context; the entry probes sit before anything
+    // that moves rsp (see discovery::alloc), so `[rsp]` is the return address.
+    let entry_rsp = unsafe { (*ctx.regs).rsp };
+    // SAFETY: checked read of the target's stack.
+    let return_address = unsafe { bpf_probe_read_user(entry_rsp as *const u64) }.unwrap_or(0);
     let pending = Pending {
         size,
         old_addr,
         out_ptr,
+        return_address,
+        entry_rsp,
     };
     if PENDING
         .insert(&bpf_get_current_pid_tgid(), &pending, u64::from(BPF_ANY))
@@ -104,7 +116,7 @@ fn stash(size: u64, old_addr: u64, out_ptr: u64) -> u32 {
 /// `__rust_alloc(size, align)`, `__rust_alloc_zeroed`, `malloc(size)`, `valloc`, `pvalloc`.
 #[uprobe]
 pub fn heap_alloc_entry(ctx: ProbeContext) -> u32 {
-    stash(ctx.arg::<u64>(0).unwrap_or(0), 0, 0)
+    stash(&ctx, ctx.arg::<u64>(0).unwrap_or(0), 0, 0)
 }
 
 /// `calloc(n, size)`.
@@ -113,19 +125,20 @@ pub fn heap_calloc_entry(ctx: ProbeContext) -> u32 {
     let n = ctx.arg::<u64>(0).unwrap_or(0);
     let size = ctx.arg::<u64>(1).unwrap_or(0);
     // An overflowing product makes calloc fail, and a failed allocation is not recorded.
-    stash(n.wrapping_mul(size), 0, 0)
+    stash(&ctx, n.wrapping_mul(size), 0, 0)
 }
 
 /// `aligned_alloc(align, size)`, `memalign(align, size)`.
 #[uprobe]
 pub fn heap_aligned_entry(ctx: ProbeContext) -> u32 {
-    stash(ctx.arg::<u64>(1).unwrap_or(0), 0, 0)
+    stash(&ctx, ctx.arg::<u64>(1).unwrap_or(0), 0, 0)
 }
 
 /// `posix_memalign(&out, align, size)`.
 #[uprobe]
 pub fn heap_posix_memalign_entry(ctx: ProbeContext) -> u32 {
     stash(
+        &ctx,
         ctx.arg::<u64>(2).unwrap_or(0),
         0,
         ctx.arg::<u64>(0).unwrap_or(0),
@@ -136,6 +149,7 @@ pub fn heap_posix_memalign_entry(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn heap_realloc_entry(ctx: ProbeContext) -> u32 {
     stash(
+        &ctx,
         ctx.arg::<u64>(1).unwrap_or(0),
         ctx.arg::<u64>(0).unwrap_or(0),
         0,
@@ -146,6 +160,7 @@ pub fn heap_realloc_entry(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn heap_rust_realloc_entry(ctx: ProbeContext) -> u32 {
     stash(
+        &ctx,
         ctx.arg::<u64>(3).unwrap_or(0),
         ctx.arg::<u64>(0).unwrap_or(0),
         0,
@@ -193,7 +208,7 @@ pub fn heap_alloc_return(ctx: RetProbeContext) -> u32 {
     if addr == 0 {
         return 0;
     }
-    record_alloc(&ctx, pid, &target, addr, pending.size);
+    record_alloc(&ctx, pid, &target, addr, &pending);
     0
 }
 
@@ -278,9 +293,15 @@ fn reserve(
     Some(entry)
 }
 
-fn record_alloc(ctx: &RetProbeContext, pid: u32, target: &HeapTarget, addr: u64, size: u64) {
+fn record_alloc(
+    ctx: &RetProbeContext,
+    pid: u32,
+    target: &HeapTarget,
+    addr: u64,
+    pending: &Pending,
+) {
     let mut info = BlockInfo {
-        size,
+        size: pending.size,
         stack_hash: 0,
         task_id: current_task_id(target),
     };
@@ -290,10 +311,11 @@ fn record_alloc(ctx: &RetProbeContext, pid: u32, target: &HeapTarget, addr: u64,
     let event = entry.as_mut_ptr();
     // SAFETY: `regs` is the probe's register context for the program's duration.
     let regs = unsafe { &*ctx.regs };
-    // At a return probe the first frame is the allocator's caller itself, at `pc`.
+    // After the return: in the caller at the return address, the return address popped;
+    // rbp is callee-saved, so the probe's value is the caller's.
     let start = Regs {
-        pc: regs.rip,
-        rsp: regs.rsp,
+        pc: pending.return_address,
+        rsp: pending.entry_rsp.wrapping_add(8),
         rbp: regs.rbp,
     };
     let first = target.unwind_first;

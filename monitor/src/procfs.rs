@@ -79,16 +79,17 @@ pub fn process_info(pid: u32) -> Result<ProcessInfo, ProcError> {
     }
     let start_time = start_time(pid)?;
     let exe_link = proc_dir.join("exe");
-    let exe_path = fs::read_link(&exe_link).map_err(|source| ProcError::Unreadable {
-        pid,
-        what: "exe",
-        source,
-    })?;
-    let meta = fs::metadata(&exe_link).map_err(|source| ProcError::Unreadable {
-        pid,
-        what: "exe",
-        source,
-    })?;
+    let unreadable = |source: std::io::Error| match source.kind() {
+        // The process exited meanwhile (or is a kernel thread, which has no executable).
+        std::io::ErrorKind::NotFound => ProcError::NoSuchProcess(pid),
+        _ => ProcError::Unreadable {
+            pid,
+            what: "exe",
+            source,
+        },
+    };
+    let exe_path = fs::read_link(&exe_link).map_err(unreadable)?;
+    let meta = fs::metadata(&exe_link).map_err(unreadable)?;
     Ok(ProcessInfo {
         pid,
         start_time,

@@ -194,6 +194,21 @@ fn fixtures() -> anyhow::Result<()> {
         .arg(root.join("monitor/tests/fixtures/axum-app-lts/Cargo.toml"))
         .arg("--target-dir")
         .arg(root.join("target")))?;
+    // The heap fixture under each global allocator leakscope supports.
+    run(cargo().args(["build", "--release", "-p", "heap-app"]))?;
+    for allocator in ["jemalloc", "mimalloc"] {
+        run(cargo()
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "heap-app",
+                "--features",
+                allocator,
+            ])
+            .arg("--target-dir")
+            .arg(root.join(format!("target/fixtures-{allocator}"))))?;
+    }
     // A copy with line tables, as a user who sets `debug = "line-tables-only"` builds it, for
     // the file:line of spawn sites. Its own target dir: other flags, other artifacts.
     run(cargo()

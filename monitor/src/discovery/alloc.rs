@@ -2040,47 +2040,4 @@ mod tests {
         );
     }
 
-    /// Prints what the fixtures yield (`cargo test -p monitor --lib discovery::alloc::tests::dump
-    /// -- --ignored --nocapture`).
-    #[test]
-    #[ignore]
-    fn dump() {
-        for (dir, build) in [
-            ("", SYSTEM_BUILD),
-            ("fixtures-jemalloc", JEMALLOC_BUILD),
-            ("fixtures-mimalloc", MIMALLOC_BUILD),
-        ] {
-            let a = analyse_fixture(dir, build);
-            println!("== {} global={:?}", a.exe.display(), a.global);
-            for e in &a.evidence {
-                println!("  evidence: {e}");
-            }
-            for w in &a.warnings {
-                println!("  warning: {w}");
-            }
-            for f in &a.functions {
-                println!(
-                    "  {:?} {:?} {} @{:#x} entry=+{:#x} {} emulated={} intact={:?} rets={:?} \
-                     tail_calls={} aliases={:?}",
-                    f.family,
-                    f.role,
-                    f.symbol,
-                    f.vaddr,
-                    f.entry_probe.offset,
-                    f.entry_probe.insn,
-                    f.entry_probe.emulated,
-                    f.entry_probe.intact_args,
-                    f.returns.iter().map(|r| r.offset).collect::<Vec<_>>(),
-                    f.tail_calls,
-                    f.aliases
-                );
-                for p in &f.prologue {
-                    println!("      {p}");
-                }
-                if let Some(fw) = &f.forwarding {
-                    println!("      forwarding: {fw:?}");
-                }
-            }
-        }
-    }
 }

@@ -107,6 +107,15 @@ impl HeapTracker {
         if points.is_empty() {
             bail!("pid {pid}: no allocator entry points found to probe");
         }
+        for point in &points {
+            log::debug!(
+                "pid {pid}: {} at {} offset {:#x} ({})",
+                point.program.name(),
+                point.target.display(),
+                point.file_offset,
+                point.symbol
+            );
+        }
         let fsbase_offset = self.fsbase_offset;
         let exe = self.exe_info(probes, process)?;
         let target = HeapTarget {
@@ -152,31 +161,67 @@ impl HeapTracker {
 
 /// Where the heap programs go for this process's allocator.
 ///
-/// The Rust global-allocator shims are hooked, whatever allocator sits behind them: every
-/// allocation Rust code makes goes through them, sizes are exact, and `__rust_dealloc`
-/// states its size. Hooking libc's malloc family as well would see each Rust allocation
-/// twice (shim, then malloc); C code allocating through libc directly is not tracked yet.
+/// One layer of the allocator stack is hooked, so that each allocation is seen once:
+/// - System allocator: the Rust global-allocator shims (`__rust_alloc`, ...). Every Rust
+///   allocation goes through them, sizes are exact and `__rust_dealloc` states its size.
+///   (libc's malloc family would see them again one level down; C code allocating through
+///   libc directly is not tracked yet.)
+/// - jemalloc / mimalloc as `#[global_allocator]`: their own API (`_rjem_*`, `mi_*`). The
+///   shims are not enough there: the crate that declares the global allocator gets the shim
+///   inlined by (default, crate-local) ThinLTO and calls the allocator directly, which was
+///   seen to bypass `__rust_alloc` for most of the program's own allocations.
+///
 /// Entry probes sit on the first instruction the kernel emulates (see `discovery::alloc`);
 /// returns use a uretprobe at the same site, since a uprobe on a `ret` is single-stepped
 /// (about 10x dearer, measured).
 pub fn heap_points(allocators: &AllocatorImage) -> Vec<HeapAttachPoint> {
-    use crate::discovery::alloc::{AllocFamily, AllocRole};
+    use crate::discovery::alloc::{AllocFamily, AllocRole, GlobalAllocator};
     use crate::probes::HeapProgram;
-    let mut points = Vec::new();
-    for function in allocators
-        .functions
-        .iter()
-        .filter(|f| f.family == AllocFamily::RustShim)
-    {
+    let family = match allocators.global {
+        GlobalAllocator::Jemalloc => AllocFamily::Jemalloc,
+        GlobalAllocator::Mimalloc => AllocFamily::Mimalloc,
+        _ => AllocFamily::RustShim,
+    };
+    let mut points: Vec<HeapAttachPoint> = Vec::new();
+    for function in allocators.functions.iter().filter(|f| f.family == family) {
         let programs: &[HeapProgram] = match function.role {
-            AllocRole::Alloc | AllocRole::AllocZeroed => {
-                &[HeapProgram::AllocEntry, HeapProgram::AllocReturn]
+            AllocRole::Alloc
+            | AllocRole::AllocZeroed
+            | AllocRole::Malloc
+            | AllocRole::Zalloc
+            | AllocRole::MallocAligned
+            | AllocRole::ZallocAligned
+            | AllocRole::Mallocx
+            | AllocRole::Valloc
+            | AllocRole::Pvalloc => &[HeapProgram::AllocEntry, HeapProgram::AllocReturn],
+            AllocRole::Calloc => &[HeapProgram::CallocEntry, HeapProgram::AllocReturn],
+            AllocRole::AlignedAlloc | AllocRole::Memalign => {
+                &[HeapProgram::AlignedEntry, HeapProgram::AllocReturn]
+            }
+            AllocRole::PosixMemalign => {
+                &[HeapProgram::PosixMemalignEntry, HeapProgram::AllocReturn]
             }
             AllocRole::Realloc => &[HeapProgram::RustReallocEntry, HeapProgram::AllocReturn],
-            AllocRole::Dealloc => &[HeapProgram::FreeEntry],
-            _ => &[],
+            AllocRole::CRealloc | AllocRole::Rallocx | AllocRole::ReallocAligned => {
+                &[HeapProgram::ReallocEntry, HeapProgram::AllocReturn]
+            }
+            AllocRole::Dealloc
+            | AllocRole::Free
+            | AllocRole::Sdallocx
+            | AllocRole::Dallocx
+            | AllocRole::FreeSized => &[HeapProgram::FreeEntry],
+            // In-place resize: the block keeps its address; its new size is not tracked.
+            AllocRole::Xallocx => &[],
         };
         for &program in programs {
+            // Aliases (one function, several names) are attached once.
+            if points.iter().any(|p| {
+                p.program == program
+                    && p.file_offset == function.entry_probe.file_offset
+                    && p.target == function.file
+            }) {
+                continue;
+            }
             points.push(HeapAttachPoint {
                 program,
                 target: function.file.clone(),

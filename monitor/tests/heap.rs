@@ -1,0 +1,257 @@
+//! Heap lifetimes end to end: a fixture allocates known sizes from known callsites (under the
+//! system allocator, jemalloc and mimalloc), `leakscope daemon --heap exact` watches it, and
+//! the live bytes per callsite must match what the fixture says it holds.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+const TASK: &str = "heap_app::main::{{closure}}::{{closure}}";
+
+struct HeapApp {
+    proc: Proc,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl HeapApp {
+    fn start(binary: PathBuf) -> Self {
+        let mut child = Command::new(&binary)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert!(line.starts_with("ready"), "fixture said {line:?}");
+        Self {
+            proc: Proc {
+                child,
+                name: binary.display().to_string(),
+            },
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Runs a command; returns what the fixture holds per callsite function, in bytes.
+    fn command(&mut self, command: &str) -> BTreeMap<String, f64> {
+        writeln!(self.stdin, "{command}").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        let rest = line
+            .trim()
+            .strip_prefix("ok ")
+            .unwrap_or_else(|| panic!("{command}: fixture said {line:?}"));
+        rest.split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (format!("heap_app::{k}"), v.parse().unwrap()))
+            .collect()
+    }
+}
+
+/// Live bytes per (site, task_site) from `/metrics`, for one pid.
+fn live_bytes(daemon: SocketAddr, pid: u32) -> BTreeMap<(String, String), f64> {
+    scrape(daemon)
+        .into_iter()
+        .filter(|s| {
+            s.name == "leakscope_heap_live_bytes" && s.labels.get("pid") == Some(&pid.to_string())
+        })
+        .map(|s| {
+            (
+                (s.labels["site"].clone(), s.labels["task_site"].clone()),
+                s.value,
+            )
+        })
+        .collect()
+}
+
+fn site_bytes(live: &BTreeMap<(String, String), f64>, site: &str) -> f64 {
+    live.iter()
+        .filter(|((s, _), _)| s == site)
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Polls until every callsite the fixture reports holds within 1 % of its figure (and is
+/// attributed to `expected_task(site)`), then returns the last scrape.
+fn expect_held(
+    daemon: SocketAddr,
+    pid: u32,
+    held: &BTreeMap<String, f64>,
+    expected_task: impl Fn(&str) -> &'static str,
+) {
+    eventually(
+        "live bytes per callsite match the fixture",
+        DEADLINE,
+        || {
+            let live = live_bytes(daemon, pid);
+            for (site, &bytes) in held {
+                let got = site_bytes(&live, site);
+                if (got - bytes).abs() > bytes * 0.01 {
+                    return Err(format!(
+                        "{site}: fixture holds {bytes}, leakscope says {got}; {live:?}"
+                    ));
+                }
+                if bytes > 0.0 {
+                    let task = expected_task(site);
+                    if !live.contains_key(&(site.clone(), task.to_string())) {
+                        return Err(format!("{site}: no series with task_site={task}: {live:?}"));
+                    }
+                }
+            }
+            Ok(())
+        },
+    );
+}
+
+fn callsites_match_under(binary: PathBuf, allocator: &str) {
+    let test = format!("heap callsites under {allocator}");
+    if !ebpf_available(&test) {
+        return;
+    }
+    assert!(
+        binary.exists(),
+        "{} is missing: build fixtures first with `cargo xtask fixtures`",
+        binary.display()
+    );
+    let mut app = HeapApp::start(binary);
+    let pid = app.proc.pid();
+    let (_daemon, daemon) = start_daemon(&[
+        "--pid".into(),
+        pid.to_string(),
+        "--heap".into(),
+        "exact".into(),
+    ]);
+    eventually("attached", DEADLINE, || {
+        let attached = scrape(daemon)
+            .iter()
+            .any(|s| s.name == "leakscope_attached_processes" && s.value == 1.0);
+        attached.then_some(()).ok_or("not yet".to_string())
+    });
+    let task_or_thread = |site: &str| {
+        if site == "heap_app::cross_thread_block" {
+            "none" // allocated on a plain std thread, outside any tokio task
+        } else {
+            TASK
+        }
+    };
+
+    app.command("grow 100000");
+    app.command("cache 200");
+    app.command("big 3");
+    app.command("zeroed 2");
+    app.command("aligned 5");
+    let held = app.command("cross 4");
+    expect_held(daemon, pid, &held, task_or_thread);
+
+    // The cache plateaus: more inserts, same bytes.
+    let held = app.command("cache 500");
+    expect_held(daemon, pid, &held, task_or_thread);
+
+    // Freed memory leaves the gauges.
+    let released = app.command("release");
+    assert!(released.values().all(|&v| v == 0.0), "{released:?}");
+    expect_held(
+        daemon,
+        pid,
+        &held.keys().map(|k| (k.clone(), 0.0)).collect(),
+        task_or_thread,
+    );
+
+    let samples = scrape(daemon);
+    let total = |family: &str| {
+        samples
+            .iter()
+            .find(|s| s.name == family && s.labels.get("pid") == Some(&pid.to_string()))
+            .map(|s| s.value)
+            .unwrap_or_else(|| panic!("no {family} for pid {pid}"))
+    };
+    assert!(
+        total("leakscope_heap_freed_bytes_total") >= 1_000_000.0,
+        "freed bytes not counted"
+    );
+    assert!(
+        total("leakscope_heap_allocated_bytes_total") >= total("leakscope_heap_freed_bytes_total")
+    );
+}
+
+#[test]
+fn callsites_are_exact_under_the_system_allocator() {
+    callsites_match_under(workspace_root().join("target/release/heap-app"), "system");
+}
+
+#[test]
+fn callsites_are_exact_under_jemalloc() {
+    callsites_match_under(
+        workspace_root().join("target/fixtures-jemalloc/release/heap-app"),
+        "jemalloc",
+    );
+}
+
+#[test]
+fn callsites_are_exact_under_mimalloc() {
+    callsites_match_under(
+        workspace_root().join("target/fixtures-mimalloc/release/heap-app"),
+        "mimalloc",
+    );
+}
+
+/// The seed's third pattern: a handler whose un-awaited task pushes 256 KiB per request into
+/// shared state, next to its remedy (awaited, bounded state).
+#[test]
+fn state_grown_by_an_unawaited_task_is_found_and_its_remedy_is_not() {
+    if !ebpf_available("state_grown_by_an_unawaited_task") {
+        return;
+    }
+    let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
+    let pid = app.pid();
+    let (_daemon, daemon) = start_daemon(&[
+        "--pid".into(),
+        pid.to_string(),
+        "--heap".into(),
+        "exact".into(),
+    ]);
+    eventually("attached", DEADLINE, || {
+        let attached = scrape(daemon)
+            .iter()
+            .any(|s| s.name == "leakscope_attached_processes" && s.value == 1.0);
+        attached.then_some(()).ok_or("not yet".to_string())
+    });
+    const REQUESTS: usize = 60;
+    for _ in 0..REQUESTS {
+        get_ok(addr, "/state/leak");
+        get_ok(addr, "/state/ok");
+    }
+    let pushed = (REQUESTS * 256 * 1024) as f64;
+    let leak = "axum_app::state_leak::{{closure}}::{{closure}}";
+    let remedy = "axum_app::state_ok::{{closure}}::{{closure}}";
+    eventually("the leaking handler holds what it pushed", DEADLINE, || {
+        let live = live_bytes(daemon, pid);
+        let leaked: f64 = live
+            .iter()
+            .filter(|((site, task), _)| site == leak || task == leak)
+            .map(|(_, v)| v)
+            .sum();
+        let remedied: f64 = live
+            .iter()
+            .filter(|((site, task), _)| site == remedy || task == remedy)
+            .map(|(_, v)| v)
+            .sum();
+        (leaked >= 0.9 * pushed && remedied < 0.1 * pushed)
+            .then_some(())
+            .ok_or(format!(
+                "leak {leaked} of {pushed} pushed, remedy {remedied}: {live:?}"
+            ))
+    });
+}
