@@ -18,7 +18,7 @@ pub mod heap_counter {
 }
 
 /// Allocations tracked at once across all watched processes (kernel map capacity).
-pub const OUTSTANDING_MAX: u32 = 1 << 20;
+pub const OUTSTANDING_MAX: u32 = 1 << 18;
 
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -22,6 +22,7 @@ use monitor_common::heap::{
     BlockInfo, BlockKey, HeapEvent, HeapEventKind, HeapTarget, OUTSTANDING_MAX, heap_counter,
 };
 use monitor_common::unwind::{self, MAX_FRAMES, Regs, UnwindRow};
+use monitor_common::{RB_AVAIL_DATA, RB_FORCE_WAKEUP, RB_NO_WAKEUP, RINGBUF_WAKEUP_BYTES};
 
 /// Entries are allocated on insert: the capacity is a bound, not memory taken up front.
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -64,8 +65,7 @@ struct Pending {
 static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(1 << 14, 0);
 
 #[map]
-static OUTSTANDING: HashMap<BlockKey, BlockInfo> =
-    HashMap::with_max_entries(OUTSTANDING_MAX, BPF_F_NO_PREALLOC);
+static OUTSTANDING: HashMap<BlockKey, BlockInfo> = HashMap::with_max_entries(OUTSTANDING_MAX, 0);
 
 /// Frees of blocks allocated before attach (or not tracked), by pid.
 #[map]
@@ -75,6 +75,15 @@ fn bump(index: u32) {
     if let Some(slot) = HEAP_COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot; uprobe programs do not migrate while running.
         unsafe { *slot += 1 };
+    }
+}
+
+/// Wakes the reader only once a batch is waiting (see `RINGBUF_WAKEUP_BYTES`).
+fn submit_flags() -> u64 {
+    if HEAP_EVENTS.query(RB_AVAIL_DATA) >= RINGBUF_WAKEUP_BYTES {
+        RB_FORCE_WAKEUP
+    } else {
+        RB_NO_WAKEUP
     }
 }
 
@@ -230,7 +239,7 @@ fn free_block(pid: u32, addr: u64) {
     };
     let _ = OUTSTANDING.remove(&key);
     if let Some(entry) = reserve(HeapEventKind::Free, pid, addr, &info) {
-        entry.submit(0);
+        entry.submit(submit_flags());
     }
 }
 
@@ -353,5 +362,5 @@ fn record_alloc(
         entry.discard(0);
         return;
     }
-    entry.submit(0);
+    entry.submit(submit_flags());
 }

@@ -21,7 +21,8 @@ use aya_ebpf::macros::{map, uprobe};
 use aya_ebpf::maps::{LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::ProbeContext;
 use monitor_common::{
-    HookCookie, POLLED_TASKS_MAX, PolledTask, RINGBUF_BYTES, TaskEvent, TaskEventKind, counter,
+    HookCookie, POLLED_TASKS_MAX, PolledTask, RB_AVAIL_DATA, RB_FORCE_WAKEUP, RB_NO_WAKEUP,
+    RINGBUF_BYTES, RINGBUF_WAKEUP_BYTES, TaskEvent, TaskEventKind, counter,
 };
 
 #[map]
@@ -133,7 +134,13 @@ fn try_task_hook<const ARG: usize>(ctx: &ProbeContext) -> Result<(), u32> {
         .reserve::<TaskEvent>(0)
         .ok_or(counter::RINGBUF_FULL)?;
     entry.write(event);
-    entry.submit(0);
+    // Wake the reader only once a batch is waiting (see `RINGBUF_WAKEUP_BYTES`).
+    let flags = if TASK_EVENTS.query(RB_AVAIL_DATA) >= RINGBUF_WAKEUP_BYTES {
+        RB_FORCE_WAKEUP
+    } else {
+        RB_NO_WAKEUP
+    };
+    entry.submit(flags);
     Ok(())
 }
 

@@ -31,12 +31,19 @@ async fn drain_records(
     // deregisters) before the fd is closed.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(std::io::Error::from)?;
+    let mut tick = tokio::time::interval(DRAIN_PERIOD);
     loop {
-        let mut guard = fd.readable_mut().await?;
-        apply(guard.get_inner_mut());
-        guard.clear_ready();
+        tokio::select! {
+            guard = fd.readable_mut() => guard?.clear_ready(),
+            _ = tick.tick() => {}
+        }
+        apply(fd.get_mut());
     }
 }
+
+/// The probes wake the reader only for batches (see `monitor_common::RINGBUF_WAKEUP_BYTES`),
+/// so the rings are also drained this often.
+const DRAIN_PERIOD: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Applies every task event to `ledger`.
 pub async fn drain(ring: RingBuf<MapData>, ledger: Arc<Mutex<TaskLedger>>) -> std::io::Result<()> {
@@ -71,10 +78,12 @@ pub async fn drain_tasks_and_heap(
         .map_err(std::io::Error::from)?;
     let mut heap_fd = unsafe { AsyncFd::register_with_interest(heap_ring, Interest::READABLE) }
         .map_err(std::io::Error::from)?;
+    let mut tick = tokio::time::interval(DRAIN_PERIOD);
     loop {
         tokio::select! {
             guard = task_fd.readable_mut() => guard?.clear_ready(),
             guard = heap_fd.readable_mut() => guard?.clear_ready(),
+            _ = tick.tick() => {}
         }
         let mut tasks = tasks.lock().unwrap_or_else(|e| e.into_inner());
         let task_ring = task_fd.get_mut();

@@ -2,7 +2,9 @@
 
 use std::fmt::Write as _;
 
+use crate::discovery::alloc::AllocatorImage;
 use crate::discovery::{HookKind, NamingMethod, TargetImage};
+use crate::probes::HeapAttachPoint;
 
 pub fn render_table(image: &TargetImage) -> String {
     let mut out = String::new();
@@ -76,6 +78,46 @@ pub fn render_table(image: &TargetImage) -> String {
     }
     for warning in &image.warnings {
         let _ = writeln!(out, "\nwarning: {warning}");
+    }
+    out
+}
+
+/// The allocator section: which global allocator, how it was recognised, and where
+/// `--heap exact` puts its probes.
+pub fn render_allocator(allocators: &AllocatorImage, points: &[HeapAttachPoint]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "\nglobal allocator: {:?}", allocators.global);
+    for line in &allocators.evidence {
+        let _ = writeln!(out, "  {line}");
+    }
+    let _ = writeln!(out, "heap probes (--heap exact): {}", points.len());
+    for point in points {
+        let site = allocators
+            .functions
+            .iter()
+            .find(|f| f.entry_probe.file_offset == point.file_offset && f.file == point.target)
+            .map(|f| {
+                format!(
+                    "+{:#x} {}{}",
+                    f.entry_probe.offset,
+                    f.entry_probe.insn,
+                    if f.entry_probe.emulated {
+                        " (emulated)"
+                    } else {
+                        " (single-stepped)"
+                    }
+                )
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {:<26} {:<40} {site}",
+            point.program.name(),
+            point.symbol
+        );
+    }
+    for warning in &allocators.warnings {
+        let _ = writeln!(out, "warning: {warning}");
     }
     out
 }

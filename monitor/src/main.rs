@@ -90,16 +90,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }))
         }
         Command::Inspect { binary, pid, json } => {
-            let path = match (binary, pid) {
-                (Some(path), _) => path,
-                (None, Some(pid)) => leakscope::procfs::process_info(pid)?.exe_link(),
+            let (path, libraries) = match (binary, pid) {
+                (Some(path), _) => (path, Vec::new()),
+                (None, Some(pid)) => (
+                    leakscope::procfs::process_info(pid)?.exe_link(),
+                    leakscope::discovery::alloc::mapped_libraries(pid),
+                ),
                 (None, None) => unreachable!("clap requires one of them"),
             };
             let image = leakscope::discovery::analyze(&path)?;
+            let allocators = leakscope::discovery::alloc::find_allocators(&path, &libraries)
+                .context("finding the allocator")?;
+            let heap_points = leakscope::heap::tracker::heap_points(&allocators);
             let out = if json {
-                serde_json::to_string_pretty(&image)? + "\n"
+                let mut value = serde_json::to_value(&image)?;
+                value["allocator"] = serde_json::json!({
+                    "global": allocators.global,
+                    "evidence": allocators.evidence,
+                    "heap_probes": heap_points,
+                });
+                serde_json::to_string_pretty(&value)? + "\n"
             } else {
                 inspect::render_table(&image)
+                    + &inspect::render_allocator(&allocators, &heap_points)
             };
             print!("{out}");
             Ok(())

@@ -120,8 +120,10 @@ fn setup() -> anyhow::Result<()> {
             "nightly",
         ]))?;
     }
-    if Command::new("bpf-linker")
-        .arg("--version")
+    // bpf-linker links against nightly's libLLVM, which is on the library path only under
+    // `rustup run nightly` (as aya-build runs it).
+    if Command::new("rustup")
+        .args(["run", "nightly", "bpf-linker", "--version"])
         .output()
         .is_ok_and(|o| o.status.success())
     {

@@ -59,6 +59,15 @@ pub fn is_root() -> bool {
 /// Starts `leakscope daemon --pid PID` on a free loopback port and waits until it reports
 /// the process attached.
 pub fn start_leakscope(leakscope: &Path, pid: u32) -> anyhow::Result<(KillOnDrop, SocketAddr)> {
+    start_leakscope_with(leakscope, pid, &[])
+}
+
+/// As [`start_leakscope`], with extra daemon arguments.
+pub fn start_leakscope_with(
+    leakscope: &Path,
+    pid: u32,
+    extra: &[&str],
+) -> anyhow::Result<(KillOnDrop, SocketAddr)> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let child = Command::new(leakscope)
@@ -69,6 +78,7 @@ pub fn start_leakscope(leakscope: &Path, pid: u32) -> anyhow::Result<(KillOnDrop
             "--listen",
             &listen.to_string(),
         ])
+        .args(extra)
         .spawn()
         .context("starting leakscope")?;
     let mut daemon = KillOnDrop(child);
