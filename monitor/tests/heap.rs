@@ -255,3 +255,79 @@ fn state_grown_by_an_unawaited_task_is_found_and_its_remedy_is_not() {
             ))
     });
 }
+
+/// `Anonymous:` kB of the executable mappings of `path_part` in `/proc/PID/smaps`: a uprobe
+/// breakpoint turns the patched page of a file mapping into a private anonymous copy.
+fn patched_kb(pid: u32, path_part: &str) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
+    let mut in_target = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() >= 5 && fields[0].contains('-') && !line.ends_with(" kB") {
+            in_target = fields[1].contains('x') && line.contains(path_part);
+        } else if in_target && let Some(kb) = line.strip_prefix("Anonymous:") {
+            total += kb
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0);
+        }
+    }
+    total
+}
+
+/// Probes are per process: a second process running the same executable (and everything
+/// sharing its libc) is neither slowed by breakpoints nor reported.
+#[test]
+fn an_unwatched_process_is_not_patched_and_not_reported() {
+    if !ebpf_available("an_unwatched_process_is_not_patched_and_not_reported") {
+        return;
+    }
+    let binary = workspace_root().join("target/release/heap-app");
+    let mut watched = HeapApp::start(binary.clone());
+    let mut unwatched = HeapApp::start(binary);
+    let (_daemon, daemon) = start_daemon(&[
+        "--pid".into(),
+        watched.proc.pid().to_string(),
+        "--heap".into(),
+        "exact".into(),
+    ]);
+    eventually("attached", DEADLINE, || {
+        let attached = scrape(daemon)
+            .iter()
+            .any(|s| s.name == "leakscope_attached_processes" && s.value == 1.0);
+        attached.then_some(()).ok_or("not yet".to_string())
+    });
+    let held = watched.command("big 2");
+    unwatched.command("big 2");
+    unwatched.command("bench 10000");
+    expect_held(daemon, watched.proc.pid(), &held, |_| TASK);
+
+    let (w, u) = (watched.proc.pid(), unwatched.proc.pid());
+    assert!(
+        patched_kb(w, "heap-app") > 0,
+        "the watched process shows no patched page"
+    );
+    assert_eq!(
+        patched_kb(u, "heap-app"),
+        0,
+        "the unwatched process was patched"
+    );
+    assert_eq!(
+        patched_kb(w, "libc.so"),
+        0,
+        "libc was patched in the watched process"
+    );
+    assert_eq!(
+        patched_kb(u, "libc.so"),
+        0,
+        "libc was patched in the unwatched process"
+    );
+    let reported = scrape(daemon)
+        .iter()
+        .filter(|s| s.labels.get("pid") == Some(&u.to_string()))
+        .count();
+    assert_eq!(reported, 0, "series reported for the unwatched process");
+}
