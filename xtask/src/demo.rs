@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::util::{KillOnDrop, get, is_root, start_leakscope, stream_and_leave};
+use crate::util::{KillOnDrop, get, is_root, start_leakscope_with, stream_and_leave};
 use crate::{cargo, fixture_paths, workspace_root};
 
 pub fn demo(seconds: u64) -> anyhow::Result<()> {
@@ -35,12 +35,12 @@ pub fn demo(seconds: u64) -> anyhow::Result<()> {
         .context("fixture did not say where it listens")?
         .parse()?;
 
-    let (_daemon, listen) = start_leakscope(&leakscope, app_pid)?;
+    let (_daemon, listen) = start_leakscope_with(&leakscope, app_pid, &["--heap", "exact"])?;
 
     println!(
         "\nfixture axum-app (pid {app_pid}) on {app_addr}; leakscope on {listen}\n\
          load for {seconds} s: every 0.5 s one request to each leaky route (/leak/forever, \
-         /leak/stream) and to each remedy (/ok/*).\n"
+         /leak/stream, /state/leak) and to each remedy (/ok/*, /state/ok).\n"
     );
     let end = Instant::now() + Duration::from_secs(seconds);
     let mut next_table = Instant::now();
@@ -51,6 +51,8 @@ pub fn demo(seconds: u64) -> anyhow::Result<()> {
             "/ok/awaited",
             "/ok/aborted",
             "/ok/blocking",
+            "/state/leak",
+            "/state/ok",
         ] {
             get(app_addr, path).with_context(|| format!("GET {path}"))?;
         }
@@ -78,9 +80,36 @@ pub fn demo(seconds: u64) -> anyhow::Result<()> {
     {
         println!("  {line}");
     }
+    print_heap(listen)?;
     println!(
         "\nThe same against your own service: leakscope daemon --pid <PID> --listen 127.0.0.1:9464"
     );
+    Ok(())
+}
+
+/// The heap callsites holding the most memory.
+fn print_heap(listen: SocketAddr) -> anyhow::Result<()> {
+    let body = get(listen, "/api/v1/heap")?;
+    let json: serde_json::Value = serde_json::from_str(&body).context("parsing /api/v1/heap")?;
+    println!(
+        "\nHeap (--heap exact): live bytes by allocation callsite and allocating task. The \
+         un-awaited task of /state/leak keeps 256 KiB per request; its remedy /state/ok stays \
+         bounded.\n"
+    );
+    println!(
+        "{:>12} {:>7}  {:<52} task",
+        "live bytes", "blocks", "callsite"
+    );
+    let groups = json["groups"].as_array().cloned().unwrap_or_default();
+    for group in groups.iter().take(6) {
+        println!(
+            "{:>12} {:>7}  {:<52} {}",
+            group["live_bytes"].as_u64().unwrap_or(0),
+            group["live_allocations"].as_u64().unwrap_or(0),
+            group["site"].as_str().unwrap_or("?"),
+            group["task_site"].as_str().unwrap_or("?"),
+        );
+    }
     Ok(())
 }
 

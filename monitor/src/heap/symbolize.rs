@@ -73,6 +73,14 @@ impl Symbolizer {
         Ok(Self { functions })
     }
 
+    /// Whether `addr` lies within the executable's named code at all.
+    fn covers(&self, addr: u64) -> bool {
+        match (self.functions.first(), self.functions.last()) {
+            (Some(first), Some(last)) => addr >= first.0 && addr < last.1,
+            _ => false,
+        }
+    }
+
     /// Name of the function containing link-time address `addr`.
     pub fn name(&self, addr: u64) -> Option<&str> {
         let index = self
@@ -92,7 +100,10 @@ impl Symbolizer {
             match self.name(pc.saturating_sub(1)) {
                 Some(name) if is_runtime_frame(name) => last = Some(name.to_string()),
                 Some(name) => return name.to_string(),
-                None => return format!("0x{pc:x}"),
+                None if self.covers(pc) => return format!("0x{pc:x}"),
+                // A return address into a shared library (or the vdso): the executable's
+                // table has no name for it, and the allocation came from outside Rust code.
+                None => return "[code outside the executable]".to_string(),
             }
         }
         last.unwrap_or_else(|| "unknown".to_string())
