@@ -104,6 +104,20 @@ pub struct HeapTarget {
     pub unwind_first: u32,
     /// Rows of the executable's unwind table.
     pub unwind_rows: u32,
+    /// Track 1 in `2^sample_shift` blocks, chosen by address (0: every block). Frees use
+    /// the same choice, so a sampled block is always matched by its free.
+    pub sample_shift: u32,
+    pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<HeapTarget>() == 32);
+const _: () = assert!(core::mem::size_of::<HeapTarget>() == 40);
+
+/// Whether the block at `addr` is tracked under `2^shift` sampling: a multiplicative hash
+/// of the address (without its alignment bits), so the choice is the same at free time.
+#[inline(always)]
+pub const fn sampled(addr: u64, shift: u32) -> bool {
+    if shift == 0 || shift >= 64 {
+        return true;
+    }
+    ((addr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - shift)) == 0
+}

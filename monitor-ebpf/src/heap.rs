@@ -20,6 +20,7 @@ use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{ProbeContext, RetProbeContext};
 use monitor_common::heap::{
     BlockInfo, BlockKey, HeapEvent, HeapEventKind, HeapTarget, OUTSTANDING_MAX, heap_counter,
+    sampled,
 };
 use monitor_common::unwind::{self, MAX_FRAMES, Regs, UnwindRow};
 use monitor_common::{RB_AVAIL_DATA, RB_FORCE_WAKEUP, RB_NO_WAKEUP, RINGBUF_WAKEUP_BYTES};
@@ -180,8 +181,11 @@ pub fn heap_rust_realloc_entry(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn heap_free_entry(ctx: ProbeContext) -> u32 {
     let pid = pid();
-    if target(pid).is_some() {
-        free_block(pid, ctx.arg::<u64>(0).unwrap_or(0));
+    let addr = ctx.arg::<u64>(0).unwrap_or(0);
+    if let Some(target) = target(pid)
+        && sampled(addr, target.sample_shift)
+    {
+        free_block(pid, addr);
     }
     0
 }
@@ -210,11 +214,14 @@ pub fn heap_alloc_return(ctx: RetProbeContext) -> u32 {
     } else {
         returned
     };
-    if pending.old_addr != 0 && (addr != 0 || pending.size == 0) {
+    if pending.old_addr != 0
+        && (addr != 0 || pending.size == 0)
+        && sampled(pending.old_addr, target.sample_shift)
+    {
         // A successful realloc (or realloc(p, 0)) released the old block.
         free_block(pid, pending.old_addr);
     }
-    if addr == 0 {
+    if addr == 0 || !sampled(addr, target.sample_shift) {
         return 0;
     }
     record_alloc(&ctx, pid, &target, addr, &pending);

@@ -245,7 +245,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             None,
             tokio::spawn(crate::events::drain(ring, ledger.clone())),
         ),
-        HeapMode::Exact => {
+        HeapMode::Exact | HeapMode::Sampled => {
             probes.enable_heap()?;
             let heap_ring = probes.take_heap_events()?;
             let heap_ledger = Arc::new(Mutex::new(HeapLedger::default()));
@@ -255,7 +255,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
                 ledger.clone(),
                 heap_ledger.clone(),
             ));
-            (Some(HeapTracker::new(heap_ledger)), drain)
+            (Some(HeapTracker::new(heap_ledger, config.heap)), drain)
         }
     };
     let heap_ledger = heap.as_ref().map(|h| h.ledger.clone());

@@ -237,14 +237,14 @@ fn encode_heap(
         "leakscope_heap_allocated_bytes",
         "Bytes allocated since attach.",
         MetricType::Counter,
-        &per_process(&|p| p.totals.allocated_bytes),
+        &per_process(&|p| p.scaled_totals().allocated_bytes),
     )?;
     family(
         encoder,
         "leakscope_heap_freed_bytes",
         "Bytes freed since attach, of blocks allocated since attach.",
         MetricType::Counter,
-        &per_process(&|p| p.totals.freed_bytes),
+        &per_process(&|p| p.scaled_totals().freed_bytes),
     )?;
     family(
         encoder,

@@ -68,10 +68,18 @@ pub struct ProcessHeap {
     group_index: HashMap<(String, String), usize>,
     blocks: HashMap<u64, (usize, u64)>,
     pub totals: HeapTotals,
+    /// Blocks stand for this many (sampling); figures are scaled by it on export.
+    scale: u64,
 }
 
 impl ProcessHeap {
-    pub fn new(pid: u32, exe: String, load_bias: u64, symbolizer: Arc<Symbolizer>) -> Self {
+    pub fn new(
+        pid: u32,
+        exe: String,
+        load_bias: u64,
+        symbolizer: Arc<Symbolizer>,
+        scale: u64,
+    ) -> Self {
         Self {
             pid,
             exe,
@@ -82,6 +90,7 @@ impl ProcessHeap {
             group_index: HashMap::new(),
             blocks: HashMap::new(),
             totals: HeapTotals::default(),
+            scale: scale.max(1),
         }
     }
 
@@ -170,10 +179,19 @@ impl ProcessHeap {
                 exe: self.exe.clone(),
                 site: g.site.clone(),
                 task_site: g.task_site.clone(),
-                live_bytes: g.live_bytes,
-                live_allocations: g.live_allocations,
+                live_bytes: g.live_bytes * self.scale,
+                live_allocations: g.live_allocations * self.scale,
             })
             .collect()
+    }
+
+    /// Totals as exported: scaled like the groups under sampling.
+    pub fn scaled_totals(&self) -> HeapTotals {
+        HeapTotals {
+            allocated_bytes: self.totals.allocated_bytes * self.scale,
+            freed_bytes: self.totals.freed_bytes * self.scale,
+            ..self.totals
+        }
     }
 }
 
@@ -254,7 +272,7 @@ mod tests {
 
     #[test]
     fn frees_leave_the_group_they_were_counted_in() {
-        let mut heap = ProcessHeap::new(1, "app".into(), 0, Arc::new(Symbolizer::default()));
+        let mut heap = ProcessHeap::new(1, "app".into(), 0, Arc::new(Symbolizer::default()), 1);
         heap.apply(&event(HeapEventKind::Alloc, 0x10, 100, 7), &NoTasks);
         heap.apply(&event(HeapEventKind::Alloc, 0x20, 50, 0), &NoTasks);
         heap.apply(&event(HeapEventKind::Free, 0x10, 100, 7), &NoTasks);
@@ -269,8 +287,17 @@ mod tests {
     }
 
     #[test]
+    fn sampled_figures_are_scaled() {
+        let mut heap = ProcessHeap::new(1, "app".into(), 0, Arc::new(Symbolizer::default()), 16);
+        heap.apply(&event(HeapEventKind::Alloc, 0x10, 100, 0), &NoTasks);
+        let rows = heap.snapshot();
+        assert_eq!((rows[0].live_bytes, rows[0].live_allocations), (1600, 16));
+        assert_eq!(heap.scaled_totals().allocated_bytes, 1600);
+    }
+
+    #[test]
     fn allocations_carry_their_task_site() {
-        let mut heap = ProcessHeap::new(1, "app".into(), 0, Arc::new(Symbolizer::default()));
+        let mut heap = ProcessHeap::new(1, "app".into(), 0, Arc::new(Symbolizer::default()), 1);
         heap.apply(&event(HeapEventKind::Alloc, 0x10, 100, 7), &NoTasks);
         let rows = heap.snapshot();
         assert_eq!(rows[0].task_site, "app::handler::{{closure}}");

@@ -22,6 +22,20 @@ pub enum HeapMode {
     Off,
     /// Every allocation and free of the process is seen.
     Exact,
+    /// 1 in 16 blocks (chosen by address) is tracked and its figures scaled by 16: the
+    /// probes still fire on every allocation, but skip the stack walk and the bookkeeping
+    /// for the others (about half the per-allocation cost, measured).
+    Sampled,
+}
+
+impl HeapMode {
+    /// `log2` of the sampling period.
+    pub const fn sample_shift(self) -> u32 {
+        match self {
+            HeapMode::Sampled => 4,
+            _ => 0,
+        }
+    }
 }
 
 /// Per-executable state shared by all processes running it.
@@ -34,6 +48,7 @@ struct ExeHeapInfo {
 /// Heap state across processes, owned by the daemon's process registry.
 pub struct HeapTracker {
     pub ledger: Arc<Mutex<HeapLedger>>,
+    mode: HeapMode,
     /// Offset of `thread.fsbase` in `task_struct`; 0 disables task attribution.
     fsbase_offset: u64,
     exes: HashMap<ExeIdentity, ExeHeapInfo>,
@@ -41,7 +56,7 @@ pub struct HeapTracker {
 }
 
 impl HeapTracker {
-    pub fn new(ledger: Arc<Mutex<HeapLedger>>) -> Self {
+    pub fn new(ledger: Arc<Mutex<HeapLedger>>, mode: HeapMode) -> Self {
         let fsbase_offset = match crate::kernel_btf::task_struct_fsbase_offset() {
             Ok(offset) => offset,
             Err(err) => {
@@ -51,6 +66,7 @@ impl HeapTracker {
         };
         Self {
             ledger,
+            mode,
             fsbase_offset,
             exes: HashMap::new(),
             next_unwind_row: 0,
@@ -117,6 +133,7 @@ impl HeapTracker {
             );
         }
         let fsbase_offset = self.fsbase_offset;
+        let sample_shift = self.mode.sample_shift();
         let exe = self.exe_info(probes, process)?;
         let target = HeapTarget {
             load_bias,
@@ -128,6 +145,8 @@ impl HeapTracker {
             fsbase_offset,
             unwind_first: exe.unwind_first,
             unwind_rows: exe.unwind_rows,
+            sample_shift,
+            _pad: 0,
         };
         let symbolizer = exe.symbolizer.clone();
         self.ledger
@@ -138,6 +157,7 @@ impl HeapTracker {
                 process.exe_name(),
                 load_bias,
                 symbolizer,
+                1 << sample_shift,
             ));
         probes.set_heap_target(pid, Some(target))?;
         match probes.attach_heap(pid, &points) {
