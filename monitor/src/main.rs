@@ -57,6 +57,9 @@ enum Command {
     },
 }
 
+/// Where Debian/Ubuntu x86_64 keep glibc: what an executable given by path would map.
+const SYSTEM_LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match run(Cli::parse()) {
@@ -92,7 +95,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Inspect { binary, pid, json } => {
             let (path, libraries) = match (binary, pid) {
-                (Some(path), _) => (path, Vec::new()),
+                // Not running: show the probes for this machine's libc, which it would map.
+                (Some(path), _) => (
+                    path,
+                    [SYSTEM_LIBC]
+                        .iter()
+                        .map(std::path::PathBuf::from)
+                        .filter(|p| p.exists())
+                        .collect(),
+                ),
                 (None, Some(pid)) => (
                     leakscope::procfs::process_info(pid)?.exe_link(),
                     leakscope::discovery::alloc::mapped_libraries(pid),

@@ -182,14 +182,15 @@ impl HeapTracker {
 /// Where the heap programs go for this process's allocator.
 ///
 /// One layer of the allocator stack is hooked, so that each allocation is seen once:
-/// - System allocator: the Rust global-allocator shims (`__rust_alloc`, ...). Every Rust
-///   allocation goes through them, sizes are exact and `__rust_dealloc` states its size.
-///   (libc's malloc family would see them again one level down; C code allocating through
-///   libc directly is not tracked yet.)
+/// - System allocator: libc's malloc family, in the libc this process maps (per-process
+///   probes: other processes sharing that libc are not touched). Rust's allocations reach
+///   it through `__rdl_*`, and C code calling `malloc` directly is seen too, including
+///   the large blocks glibc serves with mmap. Without a mapped libc (a static binary),
+///   the Rust shims (`__rust_alloc`, ...) are hooked instead.
 /// - jemalloc / mimalloc as `#[global_allocator]`: their own API (`_rjem_*`, `mi_*`). The
-///   shims are not enough there: the crate that declares the global allocator gets the shim
-///   inlined by (default, crate-local) ThinLTO and calls the allocator directly, which was
-///   seen to bypass `__rust_alloc` for most of the program's own allocations.
+///   Rust shims are not enough there: the crate that declares the global allocator gets the
+///   shim inlined by (default, crate-local) ThinLTO and calls the allocator directly, which
+///   was seen to bypass `__rust_alloc` for most of the program's own allocations.
 ///
 /// Entry probes sit on the first instruction the kernel emulates (see `discovery::alloc`);
 /// returns use a uretprobe at the same site, since a uprobe on a `ret` is single-stepped
@@ -197,9 +198,14 @@ impl HeapTracker {
 pub fn heap_points(allocators: &AllocatorImage) -> Vec<HeapAttachPoint> {
     use crate::discovery::alloc::{AllocFamily, AllocRole, GlobalAllocator};
     use crate::probes::HeapProgram;
+    let has_libc = allocators
+        .functions
+        .iter()
+        .any(|f| f.family == AllocFamily::Libc && f.role == AllocRole::Malloc);
     let family = match allocators.global {
         GlobalAllocator::Jemalloc => AllocFamily::Jemalloc,
         GlobalAllocator::Mimalloc => AllocFamily::Mimalloc,
+        GlobalAllocator::System if has_libc => AllocFamily::Libc,
         _ => AllocFamily::RustShim,
     };
     let mut points: Vec<HeapAttachPoint> = Vec::new();
