@@ -353,6 +353,32 @@ impl TaskProbes {
         })
     }
 
+    /// Forgets every block the kernel still tracks for `pid` (it exited or was detached), so
+    /// that the bounded map does not fill with the dead and a later process reusing the pid
+    /// does not inherit them. Returns how many were dropped.
+    pub fn purge_heap_blocks(&mut self, pid: u32) -> Result<usize, ProbeError> {
+        use monitor_common::heap::{BlockInfo, BlockKey};
+        let map = self
+            .ebpf
+            .map_mut("OUTSTANDING")
+            .ok_or(ProbeError::Missing("OUTSTANDING"))?;
+        let mut blocks: aya::maps::HashMap<_, BlockKey, BlockInfo> =
+            aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map {
+                name: "OUTSTANDING",
+                source,
+            })?;
+        let stale: Vec<BlockKey> = blocks
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.pid == pid)
+            .collect();
+        for key in &stale {
+            // Gone already (freed meanwhile): nothing to do.
+            let _ = blocks.remove(key);
+        }
+        Ok(stale.len())
+    }
+
     /// Attaches heap programs in process `pid`.
     pub fn attach_heap(
         &mut self,

@@ -188,6 +188,26 @@ fn callsites_match_under(binary: PathBuf, allocator: &str) {
     assert!(
         total("leakscope_heap_allocated_bytes_total") >= total("leakscope_heap_freed_bytes_total")
     );
+
+    // When the process exits, its heap state goes with it.
+    app.command("big 2");
+    drop(app);
+    eventually(
+        "the exited process's heap series are gone",
+        DEADLINE,
+        || {
+            let left = scrape(daemon)
+                .iter()
+                .filter(|s| {
+                    s.name.starts_with("leakscope_heap_")
+                        && s.labels.get("pid") == Some(&pid.to_string())
+                })
+                .count();
+            (left == 0)
+                .then_some(())
+                .ok_or(format!("{left} series left"))
+        },
+    );
 }
 
 #[test]

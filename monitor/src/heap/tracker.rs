@@ -172,6 +172,10 @@ impl HeapTracker {
     /// Forgets a process (exited or detached).
     pub fn detach(&mut self, probes: &mut TaskProbes, pid: u32) {
         let _ = probes.set_heap_target(pid, None);
+        match probes.purge_heap_blocks(pid) {
+            Ok(n) => log::debug!("pid {pid}: dropped {n} outstanding blocks"),
+            Err(err) => log::warn!("pid {pid}: could not drop its outstanding blocks: {err}"),
+        }
         self.ledger
             .lock()
             .unwrap_or_else(|e| e.into_inner())
