@@ -154,7 +154,7 @@ impl TaskProbes {
             Some(pid) => UProbeScope::OneProcess(pid),
             None => UProbeScope::AllProcesses,
         };
-        let mut links = Vec::with_capacity(image.hooks.len());
+        let mut requests = Vec::with_capacity(image.hooks.len());
         for hook in &image.hooks {
             let kind = match hook.kind {
                 HookKind::SpawnOwned | HookKind::SpawnBlocking => TaskEventKind::Spawn,
@@ -166,32 +166,53 @@ impl TaskProbes {
                 vtable_offset: image.layout.vtable_offset as u32,
                 vtable_id_field: VTABLE_ID_OFFSET_FIELD,
             };
-            let point = UProbeAttachPoint {
-                location: UProbeAttachLocation::AbsoluteOffset(hook.file_offset),
-                cookie: Some(cookie.encode()),
-            };
-            let attached = TASK_HOOK_PROGRAMS
+            let program = *TASK_HOOK_PROGRAMS
                 .get(hook.header_arg.position())
                 .ok_or_else(|| ProbeError::UnsupportedRegister {
                     symbol: hook.symbol.clone(),
                     register: format!("{:?}", hook.header_arg),
-                })
-                .and_then(|&name| {
-                    let program = self.program(name)?;
-                    program
-                        .attach(point, target, scope)
-                        .map(|id| AttachedLink { program: name, id })
-                        .map_err(|source| ProbeError::Attach {
-                            symbol: hook.symbol.clone(),
-                            offset: hook.file_offset,
-                            target: target.display().to_string(),
-                            source: Box::new(source),
-                        })
-                });
+                })?;
+            requests.push(AttachRequest {
+                program,
+                target,
+                file_offset: hook.file_offset,
+                cookie: Some(cookie.encode()),
+                symbol: &hook.symbol,
+            });
+        }
+        self.attach_all(&requests, scope)
+    }
+
+    /// Attaches every request, or none: on the first failure the ones already attached are
+    /// detached again, so nothing is left half-attached.
+    fn attach_all(
+        &mut self,
+        requests: &[AttachRequest<'_>],
+        scope: UProbeScope,
+    ) -> Result<Vec<AttachedLink>, ProbeError> {
+        let mut links = Vec::with_capacity(requests.len());
+        for request in requests {
+            let attached = self.program(request.program).and_then(|program| {
+                let point = UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(request.file_offset),
+                    cookie: request.cookie,
+                };
+                program
+                    .attach(point, request.target, scope)
+                    .map(|id| AttachedLink {
+                        program: request.program,
+                        id,
+                    })
+                    .map_err(|source| ProbeError::Attach {
+                        symbol: request.symbol.to_string(),
+                        offset: request.file_offset,
+                        target: request.target.display().to_string(),
+                        source: Box::new(source),
+                    })
+            });
             match attached {
                 Ok(link) => links.push(link),
                 Err(err) => {
-                    // Leave nothing half-attached behind.
                     self.detach(links);
                     return Err(err);
                 }
@@ -389,34 +410,27 @@ impl TaskProbes {
             Some(pid) => UProbeScope::OneProcess(pid),
             None => UProbeScope::AllProcesses,
         };
-        let mut links = Vec::with_capacity(points.len());
-        for point in points {
-            let name = point.program.name();
-            let attached = self.program(name).and_then(|program| {
-                program
-                    .attach(
-                        UProbeAttachLocation::AbsoluteOffset(point.file_offset),
-                        &point.target,
-                        scope,
-                    )
-                    .map(|id| AttachedLink { program: name, id })
-                    .map_err(|source| ProbeError::Attach {
-                        symbol: point.symbol.clone(),
-                        offset: point.file_offset,
-                        target: point.target.display().to_string(),
-                        source: Box::new(source),
-                    })
-            });
-            match attached {
-                Ok(link) => links.push(link),
-                Err(err) => {
-                    self.detach(links);
-                    return Err(err);
-                }
-            }
-        }
-        Ok(links)
+        let requests: Vec<AttachRequest<'_>> = points
+            .iter()
+            .map(|point| AttachRequest {
+                program: point.program.name(),
+                target: &point.target,
+                file_offset: point.file_offset,
+                cookie: None,
+                symbol: &point.symbol,
+            })
+            .collect();
+        self.attach_all(&requests, scope)
     }
+}
+
+/// One uprobe to attach: which program, where, and with which cookie.
+struct AttachRequest<'a> {
+    program: &'static str,
+    target: &'a Path,
+    file_offset: u64,
+    cookie: Option<u64>,
+    symbol: &'a str,
 }
 
 /// One attached hook point, detachable.
