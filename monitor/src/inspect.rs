@@ -31,11 +31,16 @@ pub fn render_table(image: &TargetImage) -> String {
             "assumed: not found in the code"
         }
     );
-    let _ = writeln!(out, "\nspawn sites ({} task vtables):", image.vtables.len());
     let _ = writeln!(
         out,
-        "  {:<18} {:<16} {:<9} site",
-        "vtable", "found by", "complete"
+        "\nspawn sites ({} task vtables; tokio builds one per future type and scheduler, so a \
+         site appears once per runtime flavour compiled in; /metrics merges them):",
+        image.vtables.len()
+    );
+    let _ = writeln!(
+        out,
+        "  {:<18} {:<14} {:<16} {:<9} site",
+        "vtable", "scheduler", "found by", "complete"
     );
     for vtable in &image.vtables {
         let method = match vtable.naming {
@@ -48,10 +53,15 @@ pub fn render_table(image: &TargetImage) -> String {
             .as_ref()
             .map(|l| format!("  ({l})"))
             .unwrap_or_default();
+        let scheduler = vtable
+            .scheduler
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "?".to_string());
         let _ = writeln!(
             out,
-            "  {:#018x} {:<16} {:<9} {}{}",
+            "  {:#018x} {:<14} {:<16} {:<9} {}{}",
             vtable.vaddr,
+            scheduler,
             method,
             if vtable.complete_hooked {
                 "hooked"
