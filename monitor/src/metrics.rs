@@ -191,12 +191,16 @@ fn encode_heap(
     let heap = heap.lock().unwrap_or_else(|e| e.into_inner());
     let rows = heap.snapshot();
     let labels = |r: &crate::heap::ledger::HeapGroupSnapshot| -> Labels {
-        vec![
+        let mut l = vec![
             ("pid", r.pid.to_string()),
             ("exe", r.exe.clone()),
             ("site", r.site.clone()),
-            ("task_site", r.task_site.clone()),
-        ]
+        ];
+        if let Some(location) = &r.location {
+            l.push(("location", location.clone()));
+        }
+        l.push(("task_site", r.task_site.clone()));
+        l
     };
     let bytes: Vec<_> = rows
         .iter()
@@ -205,8 +209,9 @@ fn encode_heap(
     family(
         encoder,
         "leakscope_heap_live_bytes",
-        "Bytes allocated since attach and not freed, by allocation callsite and by the spawn \
-         site of the tokio task that allocated (task_site=\"none\" outside tasks).",
+        "Bytes allocated since attach and not freed, by allocation callsite (location: its \
+         file:line, when the binary has DWARF line info) and by the spawn site of the tokio \
+         task that allocated (task_site=\"none\" outside tasks).",
         MetricType::Gauge,
         &bytes,
     )?;

@@ -393,3 +393,90 @@ fn sampled_mode_estimates_live_bytes() {
         (got == 0.0).then_some(()).ok_or(format!("estimate {got}"))
     });
 }
+
+/// 1-based number of the first line containing `needle` after `async fn {function}(` in the
+/// axum fixture's source, so the test follows edits of the fixture.
+fn axum_fixture_line(function: &str, needle: &str) -> usize {
+    let path = workspace_root().join("monitor/tests/fixtures/axum-app/src/main.rs");
+    let src = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let start = src
+        .lines()
+        .position(|l| l.contains(&format!("async fn {function}(")))
+        .unwrap_or_else(|| panic!("no async fn {function} in {}", path.display()));
+    let offset = src
+        .lines()
+        .skip(start)
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no {needle:?} after async fn {function}"));
+    start + offset + 1
+}
+
+/// With DWARF line info (the fixture built with `debug = "line-tables-only"`), a heap
+/// callsite carries the `file:line` of the allocating call: the state leak's 256 KiB blocks
+/// sit on the `vec!` line of the task, although the allocator call there is inlined library
+/// code (`RawVec` down to `__rust_alloc`) whose own line-table row is in `alloc.rs`.
+#[test]
+fn heap_callsites_of_a_dwarf_build_carry_their_source_line() {
+    if !ebpf_available("heap_callsites_of_a_dwarf_build_carry_their_source_line") {
+        return;
+    }
+    let binary = workspace_root().join("target/fixtures-dwarf/release/axum-app");
+    assert!(
+        binary.exists(),
+        "{} is missing: build fixtures first with `cargo xtask fixtures`",
+        binary.display()
+    );
+    let (app, addr) = start_fixture(&binary, &[]);
+    let pid = app.pid();
+    let (_daemon, daemon) = start_daemon(&[
+        "--pid".into(),
+        pid.to_string(),
+        "--heap".into(),
+        "exact".into(),
+    ]);
+    eventually("attached", DEADLINE, || {
+        let attached = scrape(daemon)
+            .iter()
+            .any(|s| s.name == "leakscope_attached_processes" && s.value == 1.0);
+        attached.then_some(()).ok_or("not yet".to_string())
+    });
+    const REQUESTS: usize = 10;
+    for _ in 0..REQUESTS {
+        get_ok(addr, "/state/leak");
+    }
+    let pushed = (REQUESTS * 256 * 1024) as f64;
+    let leak = "axum_app::state_leak::{{closure}}::{{closure}}";
+    let line = axum_fixture_line("state_leak", "let payload = vec![0x5au8; 256 * 1024];");
+    let location = format!("monitor/tests/fixtures/axum-app/src/main.rs:{line}");
+    eventually(
+        "the leak's callsite holds its blocks at their line",
+        DEADLINE,
+        || {
+            let series: Vec<_> = scrape(daemon)
+                .into_iter()
+                .filter(|s| {
+                    s.name == "leakscope_heap_live_bytes"
+                        && s.labels.get("pid") == Some(&pid.to_string())
+                        && s.labels.get("site").map(String::as_str) == Some(leak)
+                })
+                .collect();
+            series
+                .iter()
+                .any(|s| {
+                    s.value >= pushed
+                        && s.labels
+                            .get("location")
+                            .is_some_and(|l| l.ends_with(&location))
+                })
+                .then_some(())
+                .ok_or(format!(
+                    "no {leak} series holding {pushed} bytes at {location}: {:?}",
+                    series
+                        .iter()
+                        .map(|s| (s.labels.get("location"), &s.labels["task_site"], s.value))
+                        .collect::<Vec<_>>()
+                ))
+        },
+    );
+}

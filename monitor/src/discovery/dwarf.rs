@@ -1,16 +1,25 @@
-//! `file:line` of spawn sites from `.debug_line`, when the target was built with debug
-//! info (`debug = "line-tables-only"` is enough).
+//! `file:line` of code addresses from DWARF, when the target was built with debug info
+//! (`debug = "line-tables-only"` is enough).
 //!
-//! A label like `app::handler::{{closure}}::{{closure}}` says which function spawned, but a
-//! handler often spawns several tasks; the line of the async block's poll function pins the
-//! exact `tokio::spawn` call. Only the line program is read (no `.debug_info` DIEs beyond
-//! unit headers), which keeps this cheap even for large binaries.
+//! Spawn sites ([`line_locations`]): a label like `app::handler::{{closure}}::{{closure}}`
+//! says which function spawned, but a handler often spawns several tasks; the line of the
+//! async block's poll function pins the exact `tokio::spawn` call. Only the line program is
+//! read (no `.debug_info` DIEs beyond unit headers), which keeps this cheap even for large
+//! binaries.
+//!
+//! Heap callsites ([`LineIndex`]): any return address of a stack, so the whole line table
+//! is indexed once per executable, together with the outermost inlined calls of
+//! `.debug_info`, so that an address inside inlined library code (`vec!` inlines
+//! `RawVec::allocate` down to the `__rust_alloc` call) resolves to the line of the
+//! function that the symbol table names.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 use gimli::{EndianSlice, LittleEndian};
 
+use super::DiscoveryError;
 use super::elf::Image;
 
 type R<'a> = EndianSlice<'a, LittleEndian>;
@@ -96,6 +105,18 @@ fn location(
     file_index: u64,
     line: u64,
 ) -> Option<String> {
+    let path = file_path(dwarf, unit, header, file_index)?;
+    Some(format!("{path}:{line}"))
+}
+
+/// The path of file `file_index` of a line program, as [`line_locations`] shows it:
+/// relative to the compilation directory for the user's own files, absolute otherwise.
+fn file_path(
+    dwarf: &gimli::Dwarf<R<'_>>,
+    unit: &gimli::Unit<R<'_>>,
+    header: &gimli::LineProgramHeader<R<'_>>,
+    file_index: u64,
+) -> Option<String> {
     let file = header.file(file_index)?;
     let name = dwarf.attr_string(unit, file.path_name()).ok()?;
     let name = name.to_string_lossy().into_owned();
@@ -130,5 +151,637 @@ fn location(
             path = rel.to_string();
         }
     }
-    Some(format!("{path}:{line}"))
+    Some(path)
+}
+
+/// `file:line` of every code address that an executable's DWARF line tables cover, built
+/// once per executable ([`LineIndex::load`]) and looked up by binary search.
+///
+/// Two tables:
+/// - the rows of `.debug_line`, sequence by sequence: an address belongs to the row with
+///   the greatest address not above it, within the sequence that covers it;
+/// - the outermost inlined calls of `.debug_info` (`DW_TAG_inlined_subroutine` DIEs not
+///   nested in another one), each with its `DW_AT_call_file`/`DW_AT_call_line`. The line
+///   table gives the innermost source line of inlined code (for a `vec![…]` that is a line
+///   of `alloc/src/alloc.rs`); the call of the outermost inlined function is the line of
+///   the function that owns the machine code, the one a symbol table names.
+///
+/// Paths are rendered as [`line_locations`] renders them. Empty without `.debug_line`.
+#[derive(Debug, Default)]
+pub struct LineIndex {
+    /// Distinct rendered paths; [`LineRow::file`] and [`InlinedCall::file`] index them.
+    files: Vec<String>,
+    /// Sorted by address, sequences not overlapping, each closed by an [`END_OF_SEQUENCE`]
+    /// row at its end address.
+    rows: Vec<LineRow>,
+    /// Sorted by `start`, not overlapping.
+    inlined: Vec<InlinedCall>,
+}
+
+/// [`LineRow::file`] of the row that closes a sequence.
+const END_OF_SEQUENCE: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LineRow {
+    addr: u64,
+    file: u32,
+    /// 0: no location known for this row.
+    line: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct InlinedCall {
+    start: u64,
+    end: u64,
+    file: u32,
+    /// 0: the call's line is unknown.
+    line: u32,
+}
+
+/// Interned rendered paths.
+#[derive(Default)]
+struct Paths {
+    ids: HashMap<String, u32>,
+    paths: Vec<String>,
+}
+
+impl Paths {
+    /// The id of file `file_index` of `header`, cached per unit in `unit_files`.
+    fn id(
+        &mut self,
+        unit_files: &mut HashMap<u64, Option<u32>>,
+        dwarf: &gimli::Dwarf<R<'_>>,
+        unit: &gimli::Unit<R<'_>>,
+        header: &gimli::LineProgramHeader<R<'_>>,
+        file_index: u64,
+    ) -> Option<u32> {
+        *unit_files.entry(file_index).or_insert_with(|| {
+            let path = file_path(dwarf, unit, header, file_index)?;
+            if let Some(&id) = self.ids.get(&path) {
+                return Some(id);
+            }
+            let id = u32::try_from(self.paths.len())
+                .ok()
+                .filter(|&id| id != END_OF_SEQUENCE)?;
+            self.ids.insert(path.clone(), id);
+            self.paths.push(path);
+            Some(id)
+        })
+    }
+}
+
+/// One line-table sequence: its rows (address, file id and line, 0 when unknown) and the
+/// address that ends it.
+struct Sequence {
+    rows: Vec<(u64, Option<u32>, u32)>,
+    end: u64,
+}
+
+impl LineIndex {
+    /// Reads the executable at `exe` and its separate debug file the way discovery does
+    /// ([`super::analyze_with_debug_file`]): `debug_file` when given, else the one gdb
+    /// would find. The DWARF comes from the binary itself when it has any.
+    pub fn load(exe: &Path, debug_file: Option<&Path>) -> Result<Self, DiscoveryError> {
+        let mut img = Image::load(exe)?;
+        super::debuginfo::attach(exe, &mut img, debug_file)?;
+        Self::build(&img).map_err(|e| DiscoveryError::Malformed {
+            path: exe.to_path_buf(),
+            reason: format!("unreadable DWARF: {e}"),
+        })
+    }
+
+    /// Indexes the line tables (and inlined calls) of `img`, with its debug file if one is
+    /// attached. A unit whose DWARF cannot be read is skipped.
+    pub(crate) fn build(img: &Image) -> Result<Self, gimli::Error> {
+        if img.section_data(".debug_line").is_none() {
+            return Ok(Self::default());
+        }
+        let sections = gimli::DwarfSections::load(|id| -> Result<Cow<'_, [u8]>, gimli::Error> {
+            Ok(img.section_data(id.name()).unwrap_or(Cow::Borrowed(&[])))
+        })?;
+        let dwarf = sections.borrow(|s| EndianSlice::new(s, LittleEndian));
+
+        let mut paths = Paths::default();
+        let mut sequences: Vec<Sequence> = Vec::new();
+        let mut inlined: Vec<InlinedCall> = Vec::new();
+        let mut units = dwarf.units();
+        while let Some(header) = units.next()? {
+            let offset = header.offset();
+            let unit = match dwarf.unit(header) {
+                Ok(unit) => unit,
+                Err(e) => {
+                    log::debug!("DWARF unit at {offset:?} skipped: {e}");
+                    continue;
+                }
+            };
+            let Some(program) = unit.line_program.clone() else {
+                continue;
+            };
+            let mut unit_files = HashMap::new();
+            if let Err(e) = read_sequences(
+                &dwarf,
+                &unit,
+                program.clone(),
+                &mut paths,
+                &mut unit_files,
+                &mut sequences,
+            ) {
+                log::debug!("line program of DWARF unit at {offset:?} skipped: {e}");
+            }
+            if let Err(e) = read_inlined_calls(
+                &dwarf,
+                &unit,
+                program.header(),
+                &mut paths,
+                &mut unit_files,
+                &mut inlined,
+            ) {
+                log::debug!("inlined calls of DWARF unit at {offset:?} skipped: {e}");
+            }
+        }
+
+        // Sequences of code that the linker dropped or folded can claim the addresses of
+        // kept code: the first sequence at an address stays, overlapping ones go.
+        sequences.sort_by_key(|s| (s.rows[0].0, std::cmp::Reverse(s.end)));
+        let mut rows: Vec<LineRow> = Vec::new();
+        let mut covered_to = 0;
+        for seq in sequences {
+            if seq.rows[0].0 < covered_to {
+                continue;
+            }
+            covered_to = seq.end;
+            rows.extend(seq.rows.iter().map(|&(addr, file, line)| match file {
+                Some(file) => LineRow { addr, file, line },
+                None => LineRow {
+                    addr,
+                    file: 0,
+                    line: 0,
+                },
+            }));
+            rows.push(LineRow {
+                addr: seq.end,
+                file: END_OF_SEQUENCE,
+                line: 0,
+            });
+        }
+
+        inlined.sort_by_key(|c| (c.start, std::cmp::Reverse(c.end)));
+        let mut covered_to = 0;
+        inlined.retain(|c| {
+            let keep = c.start >= covered_to;
+            if keep {
+                covered_to = c.end;
+            }
+            keep
+        });
+
+        Ok(Self {
+            files: paths.paths,
+            rows,
+            inlined,
+        })
+    }
+
+    /// No line info at all (the executable has no `.debug_line`, or none that could be read).
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// `(path, line)` of link-time address `addr` in the source of the function that owns
+    /// its machine code: the call of the outermost inlined function when `addr` is inside
+    /// inlined code, else its line-table row. Code the compiler attributed to no line (line
+    /// 0) takes the location of the next code in its sequence that has one, as in
+    /// [`line_locations`].
+    pub fn lookup(&self, addr: u64) -> Option<(String, u64)> {
+        self.resolve(addr)
+            .map(|(path, line)| (path.to_string(), u64::from(line)))
+    }
+
+    /// [`LineIndex::lookup`] as `"path:line"`.
+    pub fn location(&self, addr: u64) -> Option<String> {
+        self.resolve(addr)
+            .map(|(path, line)| format!("{path}:{line}"))
+    }
+
+    /// `(path, line)` of the line-table row covering `addr` as it stands: the innermost
+    /// source line of inlined code, nothing for line 0.
+    pub fn line_row(&self, addr: u64) -> Option<(String, u64)> {
+        let row = self.rows[self.row_index(addr)?];
+        (row.file != END_OF_SEQUENCE && row.line != 0)
+            .then(|| (self.files[row.file as usize].clone(), u64::from(row.line)))
+    }
+
+    fn resolve(&self, addr: u64) -> Option<(&str, u32)> {
+        let in_own_code = |addr: u64, row: &LineRow| match self.inlined_call(addr) {
+            Some(call) => (call.line != 0).then_some((call.file, call.line)),
+            None => Some((row.file, row.line)),
+        };
+        let index = self.row_index(addr)?;
+        let first = &self.rows[index];
+        let (file, line) = if first.file == END_OF_SEQUENCE {
+            return None;
+        } else if first.line != 0 || self.inlined_call(addr).is_some() {
+            in_own_code(addr, first)?
+        } else {
+            let next = self.rows[index + 1..]
+                .iter()
+                .take_while(|r| r.file != END_OF_SEQUENCE)
+                .find(|r| r.line != 0)?;
+            in_own_code(next.addr, next)?
+        };
+        Some((self.files[file as usize].as_str(), line))
+    }
+
+    /// Index of the row with the greatest address not above `addr`.
+    fn row_index(&self, addr: u64) -> Option<usize> {
+        self.rows.partition_point(|r| r.addr <= addr).checked_sub(1)
+    }
+
+    fn inlined_call(&self, addr: u64) -> Option<InlinedCall> {
+        let index = self
+            .inlined
+            .partition_point(|c| c.start <= addr)
+            .checked_sub(1)?;
+        let call = self.inlined[index];
+        (addr < call.end).then_some(call)
+    }
+}
+
+/// Appends the sequences of one unit's line program to `out` (tombstoned ones, starting at
+/// address 0, left out).
+fn read_sequences(
+    dwarf: &gimli::Dwarf<R<'_>>,
+    unit: &gimli::Unit<R<'_>>,
+    program: gimli::IncompleteLineProgram<R<'_>>,
+    paths: &mut Paths,
+    unit_files: &mut HashMap<u64, Option<u32>>,
+    out: &mut Vec<Sequence>,
+) -> Result<(), gimli::Error> {
+    let mut rows = program.rows();
+    let mut current: Vec<(u64, Option<u32>, u32)> = Vec::new();
+    while let Some((header, row)) = rows.next_row()? {
+        let addr = row.address();
+        if row.end_sequence() {
+            let rows = std::mem::take(&mut current);
+            if let Some(&(start, ..)) = rows.first()
+                && start != 0
+                && addr > start
+            {
+                out.push(Sequence { rows, end: addr });
+            }
+            continue;
+        }
+        let line = row
+            .line()
+            .and_then(|l| u32::try_from(l.get()).ok())
+            .unwrap_or(0);
+        let file = if line == 0 {
+            None
+        } else {
+            paths.id(unit_files, dwarf, unit, header, row.file_index())
+        };
+        current.push((addr, file, line));
+    }
+    Ok(())
+}
+
+/// Appends the address ranges of one unit's outermost inlined calls to `out`.
+fn read_inlined_calls(
+    dwarf: &gimli::Dwarf<R<'_>>,
+    unit: &gimli::Unit<R<'_>>,
+    header: &gimli::LineProgramHeader<R<'_>>,
+    paths: &mut Paths,
+    unit_files: &mut HashMap<u64, Option<u32>>,
+    out: &mut Vec<InlinedCall>,
+) -> Result<(), gimli::Error> {
+    let mut cursor = unit.entries();
+    let mut depth: isize = 0;
+    // Depth of the inlined call whose subtree the cursor is in.
+    let mut inside: Option<isize> = None;
+    while let Some((delta, entry)) = cursor.next_dfs()? {
+        depth += delta;
+        if let Some(outer) = inside {
+            if depth > outer {
+                continue;
+            }
+            inside = None;
+        }
+        if entry.tag() != gimli::DW_TAG_inlined_subroutine {
+            continue;
+        }
+        inside = Some(depth);
+        let file_index = match entry.attr_value(gimli::DW_AT_call_file)? {
+            Some(gimli::AttributeValue::FileIndex(i) | gimli::AttributeValue::Udata(i)) => Some(i),
+            _ => None,
+        };
+        let line = entry
+            .attr_value(gimli::DW_AT_call_line)?
+            .and_then(|v| v.udata_value())
+            .and_then(|l| u32::try_from(l).ok())
+            .unwrap_or(0);
+        let file = match (line, file_index) {
+            (0, _) | (_, None) => None,
+            (_, Some(i)) => paths.id(unit_files, dwarf, unit, header, i),
+        };
+        let (file, line) = file.map_or((0, 0), |f| (f, line));
+        for (start, end) in die_ranges(dwarf, unit, entry)? {
+            out.push(InlinedCall {
+                start,
+                end,
+                file,
+                line,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The non-empty, non-tombstoned `[start, end)` ranges of a DIE (`DW_AT_low_pc` with
+/// `DW_AT_high_pc`, or `DW_AT_ranges`).
+fn die_ranges(
+    dwarf: &gimli::Dwarf<R<'_>>,
+    unit: &gimli::Unit<R<'_>>,
+    entry: &gimli::DebuggingInformationEntry<'_, '_, R<'_>>,
+) -> Result<Vec<(u64, u64)>, gimli::Error> {
+    let mut low = None;
+    let mut high = None;
+    let mut size = None;
+    let mut out = Vec::new();
+    let mut attrs = entry.attrs();
+    while let Some(attr) = attrs.next()? {
+        match attr.name() {
+            gimli::DW_AT_low_pc => low = dwarf.attr_address(unit, attr.value())?,
+            gimli::DW_AT_high_pc => match attr.value() {
+                gimli::AttributeValue::Udata(n) => size = Some(n),
+                value => high = dwarf.attr_address(unit, value)?,
+            },
+            gimli::DW_AT_ranges => {
+                if let Some(mut ranges) = dwarf.attr_ranges(unit, attr.value())? {
+                    while let Some(r) = ranges.next()? {
+                        out.push((r.begin, r.end));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(low) = low
+        && let Some(high) = high.or_else(|| size.and_then(|n| low.checked_add(n)))
+    {
+        out.push((low, high));
+    }
+    out.retain(|&(start, end)| start != 0 && start < end);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    /// (address, file, line) rows of a sequence, and its end address.
+    type TestSequence<'a> = (&'a [(u64, u32, u32)], u64);
+
+    /// An index over hand-made rows: `sequences` of (address, file, line) rows, each closed at
+    /// its end address; `inlined` calls as (start, end, file, line).
+    fn index(
+        files: &[&str],
+        sequences: &[TestSequence<'_>],
+        inlined: &[(u64, u64, u32, u32)],
+    ) -> LineIndex {
+        let mut rows = Vec::new();
+        for (seq, end) in sequences {
+            rows.extend(
+                seq.iter()
+                    .map(|&(addr, file, line)| LineRow { addr, file, line }),
+            );
+            rows.push(LineRow {
+                addr: *end,
+                file: END_OF_SEQUENCE,
+                line: 0,
+            });
+        }
+        LineIndex {
+            files: files.iter().map(|f| f.to_string()).collect(),
+            rows,
+            inlined: inlined
+                .iter()
+                .map(|&(start, end, file, line)| InlinedCall {
+                    start,
+                    end,
+                    file,
+                    line,
+                })
+                .collect(),
+        }
+    }
+
+    fn at(index: &LineIndex, addr: u64) -> Option<String> {
+        index.location(addr)
+    }
+
+    #[test]
+    fn an_address_takes_the_last_row_at_or_before_it_within_its_sequence() {
+        let index = index(
+            &["src/a.rs", "src/b.rs"],
+            &[
+                (
+                    &[(0x100, 0, 10), (0x108, 0, 11), (0x108, 1, 3), (0x110, 0, 0)],
+                    0x120,
+                ),
+                (&[(0x120, 1, 7)], 0x130),
+                (&[(0x200, 0, 20)], 0x210),
+            ],
+            &[],
+        );
+        assert_eq!(at(&index, 0xff), None, "before any sequence");
+        assert_eq!(at(&index, 0x100).as_deref(), Some("src/a.rs:10"));
+        assert_eq!(at(&index, 0x107).as_deref(), Some("src/a.rs:10"));
+        // Two rows at one address: the later one describes the code.
+        assert_eq!(at(&index, 0x108).as_deref(), Some("src/b.rs:3"));
+        assert_eq!(at(&index, 0x110), None, "a row with line 0");
+        // A sequence that starts where the previous one ends.
+        assert_eq!(at(&index, 0x120).as_deref(), Some("src/b.rs:7"));
+        assert_eq!(at(&index, 0x12f).as_deref(), Some("src/b.rs:7"));
+        assert_eq!(at(&index, 0x130), None, "between sequences");
+        assert_eq!(at(&index, 0x1ff), None, "between sequences");
+        assert_eq!(at(&index, 0x20f).as_deref(), Some("src/a.rs:20"));
+        assert_eq!(at(&index, 0x210), None, "past the last sequence");
+        assert_eq!(
+            index.lookup(0x104),
+            Some(("src/a.rs".to_string(), 10)),
+            "lookup splits path and line"
+        );
+    }
+
+    #[test]
+    fn inlined_code_resolves_to_the_line_that_called_it() {
+        let index = index(
+            &["src/main.rs", "/rustc/x/library/alloc/src/alloc.rs"],
+            &[(
+                &[(0x100, 0, 5), (0x108, 0, 0), (0x110, 1, 95), (0x120, 0, 6)],
+                0x130,
+            )],
+            &[(0x110, 0x120, 0, 7), (0x124, 0x128, 0, 0)],
+        );
+        assert_eq!(at(&index, 0x107).as_deref(), Some("src/main.rs:5"));
+        // Line 0 takes the location of the code that follows, here the inlined call.
+        assert_eq!(at(&index, 0x10f).as_deref(), Some("src/main.rs:7"));
+        assert_eq!(index.line_row(0x10f), None, "the raw row has no line");
+        assert_eq!(at(&index, 0x118).as_deref(), Some("src/main.rs:7"));
+        assert_eq!(
+            index.line_row(0x118),
+            Some(("/rustc/x/library/alloc/src/alloc.rs".to_string(), 95)),
+            "the raw row is the innermost line"
+        );
+        assert_eq!(at(&index, 0x120).as_deref(), Some("src/main.rs:6"));
+        assert_eq!(at(&index, 0x124), None, "an inlined call of unknown line");
+        assert_eq!(at(&index, 0x128).as_deref(), Some("src/main.rs:6"));
+    }
+
+    #[test]
+    fn no_debug_line_gives_an_empty_index() {
+        let img = super::super::elf::code_image(0x1000, &[0xc3]);
+        let index = LineIndex::build(&img).expect("build");
+        assert!(index.is_empty());
+        assert_eq!(index.lookup(0x1000), None);
+    }
+
+    /// The only line of this function is the one `line!()` reports.
+    #[rustfmt::skip]
+    #[inline(never)]
+    fn one_line_marker() -> u32 { std::hint::black_box(line!()) }
+
+    /// An allocating function inlined into its caller even without optimizations.
+    #[rustfmt::skip]
+    #[inline(always)]
+    fn inlined_helper(n: usize) -> (Vec<u8>, u32) { (vec![7u8; std::hint::black_box(n)], line!()) }
+
+    #[rustfmt::skip]
+    #[inline(never)]
+    fn calls_inlined_helper() -> (Vec<u8>, u32, u32) { let (v, inner) = inlined_helper(3); (v, inner, line!()) }
+
+    /// Link-time start and end of the function of this test binary whose name ends in `name`.
+    fn own_function(img: &Image, name: &str) -> (u64, u64) {
+        let start = img
+            .functions
+            .iter()
+            .find(|(_, f)| f.names.iter().any(|n| n.ends_with(name)))
+            .map(|(&a, _)| a)
+            .unwrap_or_else(|| panic!("no symbol {name}"));
+        img.function_extent(start).expect("extent")
+    }
+
+    #[test]
+    fn locates_functions_of_this_test_binary() {
+        let exe = Path::new("/proc/self/exe");
+        let index = LineIndex::load(exe, None).expect("own line tables");
+        assert!(!index.is_empty(), "test binaries are built with debug info");
+        let img = Image::load(exe).expect("own image");
+        let this = "monitor/src/discovery/dwarf.rs";
+
+        let (start, _) = own_function(&img, "dwarf::tests::one_line_marker");
+        assert_eq!(
+            index.lookup(start),
+            Some((this.to_string(), u64::from(one_line_marker()))),
+            "paths of workspace code are relative to the workspace root"
+        );
+
+        // Every address of the caller resolves to its own line, also inside the inlined
+        // helper, whose own line the raw row gives.
+        let (_, inner, outer) = calls_inlined_helper();
+        let (start, end) = own_function(&img, "dwarf::tests::calls_inlined_helper");
+        let mut inner_rows = 0;
+        for addr in start..end {
+            let Some((path, line)) = index.lookup(addr) else {
+                continue;
+            };
+            assert_eq!((path.as_str(), line), (this, u64::from(outer)), "{addr:#x}");
+            if index.line_row(addr) == Some((this.to_string(), u64::from(inner))) {
+                inner_rows += 1;
+            }
+        }
+        assert!(inner_rows > 0, "no code of the inlined helper found");
+    }
+
+    fn dwarf_fixture(name: &str) -> PathBuf {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/fixtures-dwarf/release")
+            .join(name);
+        assert!(
+            p.is_file(),
+            "{} is missing: build fixtures first with `cargo xtask fixtures`",
+            p.display()
+        );
+        p
+    }
+
+    /// 1-based line of the first line containing `needle` after `async fn {function}(` in
+    /// the axum fixture's source.
+    fn fixture_line(function: &str, needle: &str) -> u64 {
+        let src = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/axum-app/src/main.rs"),
+        )
+        .expect("fixture source");
+        let start = src
+            .lines()
+            .position(|l| l.contains(&format!("async fn {function}(")))
+            .expect("function in fixture");
+        let offset = src
+            .lines()
+            .skip(start)
+            .position(|l| l.contains(needle))
+            .expect("needle after function");
+        (start + offset + 1) as u64
+    }
+
+    /// The release fixture with line tables: `vec![…; 256 * 1024]` in `state_leak`'s task is
+    /// inlined down to the `__rust_alloc` call, whose row is a line of `alloc.rs`; the index
+    /// puts the call on the `vec!` line. The stripped copy with a debuglink finds the same
+    /// lines in its debug file.
+    #[test]
+    fn inlined_allocation_in_the_dwarf_fixture_gets_its_source_line() {
+        let full = dwarf_fixture("axum-app");
+        let linked = dwarf_fixture("axum-app-stripped-debuglink");
+        let index = LineIndex::load(&full, None).expect("line tables");
+        let img = Image::load(&full).expect("image");
+        let (start, end) = own_function(&img, "axum_app::state_leak::{{closure}}::{{closure}}");
+        // The return addresses of the task's calls of the allocator.
+        let returns: Vec<u64> = super::super::disasm::decode_range(&img, start, end)
+            .iter()
+            .filter(|i| {
+                super::super::disasm::static_target(&img, i)
+                    .is_some_and(|t| img.names_at(t).iter().any(|n| n.ends_with("__rust_alloc")))
+            })
+            .map(|i| i.next_ip())
+            .collect();
+        assert_eq!(returns.len(), 1, "one __rust_alloc call in the task");
+        let call = returns[0] - 1;
+        let (raw_path, _) = index.line_row(call).expect("a row for the call");
+        assert!(
+            raw_path.ends_with("library/alloc/src/alloc.rs"),
+            "the call's own row is inlined library code: {raw_path}"
+        );
+        let vec_line = fixture_line("state_leak", "let payload = vec![0x5au8; 256 * 1024];");
+        assert_eq!(
+            index.lookup(call),
+            Some((
+                "monitor/tests/fixtures/axum-app/src/main.rs".to_string(),
+                vec_line
+            ))
+        );
+        // Every address of the task resolves to a line of the fixture.
+        for addr in start..end {
+            if let Some((path, _)) = index.lookup(addr) {
+                assert!(path.ends_with("axum-app/src/main.rs"), "{addr:#x}: {path}");
+            }
+        }
+
+        let stripped = LineIndex::load(&linked, None).expect("line tables of the debug file");
+        assert!(!stripped.is_empty());
+        for addr in start..end {
+            assert_eq!(stripped.lookup(addr), index.lookup(addr), "{addr:#x}");
+        }
+    }
 }

@@ -37,6 +37,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+pub use dwarf::LineIndex;
+
 /// Why a target could not be analysed. Each message says what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {

@@ -28,6 +28,8 @@ pub struct HeapGroupSnapshot {
     pub pid: u32,
     pub exe: String,
     pub site: String,
+    /// `"path:line"` of the allocating call in `site`, when the binary has DWARF line info.
+    pub location: Option<String>,
     pub task_site: String,
     pub live_bytes: u64,
     pub live_allocations: u64,
@@ -36,6 +38,7 @@ pub struct HeapGroupSnapshot {
 #[derive(Debug)]
 struct HeapGroup {
     site: String,
+    location: Option<String>,
     task_site: String,
     live_bytes: u64,
     live_allocations: u64,
@@ -57,6 +60,9 @@ pub trait TaskSites {
     fn task_site(&self, pid: u32, task_id: u64) -> Option<String>;
 }
 
+/// (callsite label, callsite location, task site).
+type GroupKey = (String, Option<String>, String);
+
 #[derive(Debug)]
 pub struct ProcessHeap {
     pub pid: u32,
@@ -65,7 +71,7 @@ pub struct ProcessHeap {
     symbolizer: Arc<Symbolizer>,
     callsites: CallsiteCache,
     groups: Vec<HeapGroup>,
-    group_index: HashMap<(String, String), usize>,
+    group_index: HashMap<GroupKey, usize>,
     blocks: HashMap<u64, (usize, u64)>,
     pub totals: HeapTotals,
     /// Blocks stand for this many (sampling); figures are scaled by it on export.
@@ -94,22 +100,21 @@ impl ProcessHeap {
         }
     }
 
-    fn group(&mut self, site: String, task_site: String) -> usize {
+    fn group(&mut self, key: GroupKey) -> usize {
         let key = if self.groups.len() >= MAX_GROUPS_PER_PROCESS
-            && !self
-                .group_index
-                .contains_key(&(site.clone(), task_site.clone()))
+            && !self.group_index.contains_key(&key)
         {
-            (OVERFLOW_GROUP.to_string(), OVERFLOW_GROUP.to_string())
+            (OVERFLOW_GROUP.to_string(), None, OVERFLOW_GROUP.to_string())
         } else {
-            (site, task_site)
+            key
         };
         if let Some(&index) = self.group_index.get(&key) {
             return index;
         }
         self.groups.push(HeapGroup {
             site: key.0.clone(),
-            task_site: key.1.clone(),
+            location: key.1.clone(),
+            task_site: key.2.clone(),
             live_bytes: 0,
             live_allocations: 0,
         });
@@ -133,10 +138,10 @@ impl ProcessHeap {
                     .chain(event.frames[..nframes].iter().copied())
                     .map(|pc| pc.wrapping_sub(self.load_bias))
                     .collect();
-                let site = self
+                let callsite = self
                     .callsites
-                    .label(&self.symbolizer, event.stack_hash, &frames)
-                    .to_string();
+                    .callsite(&self.symbolizer, event.stack_hash, &frames)
+                    .clone();
                 let task_site = match event.task_id {
                     0 => NO_TASK.to_string(),
                     id => tasks.task_site(self.pid, id).unwrap_or_else(|| {
@@ -144,7 +149,7 @@ impl ProcessHeap {
                         UNKNOWN_TASK.to_string()
                     }),
                 };
-                let group = self.group(site, task_site);
+                let group = self.group((callsite.label, callsite.location, task_site));
                 if let Some((old_group, old_size)) =
                     self.blocks.insert(event.addr, (group, event.size))
                 {
@@ -178,6 +183,7 @@ impl ProcessHeap {
                 pid: self.pid,
                 exe: self.exe.clone(),
                 site: g.site.clone(),
+                location: g.location.clone(),
                 task_site: g.task_site.clone(),
                 live_bytes: g.live_bytes * self.scale,
                 live_allocations: g.live_allocations * self.scale,
@@ -293,6 +299,32 @@ mod tests {
         let rows = heap.snapshot();
         assert_eq!((rows[0].live_bytes, rows[0].live_allocations), (1600, 16));
         assert_eq!(heap.scaled_totals().allocated_bytes, 1600);
+    }
+
+    #[test]
+    fn groups_carry_the_callsite_location() {
+        use crate::heap::symbolize::tests::{allocating_marker, own_function};
+        let symbolizer =
+            Symbolizer::load(std::path::Path::new("/proc/self/exe"), None).expect("own symbols");
+        let marker = own_function(&symbolizer, "symbolize::tests::allocating_marker");
+        let mut heap = ProcessHeap::new(1, "app".into(), 0, Arc::new(symbolizer), 1);
+        let mut alloc = event(HeapEventKind::Alloc, 0x10, 100, 0);
+        alloc.first_pc = marker + 1;
+        heap.apply(&alloc, &NoTasks);
+        let rows = heap.snapshot();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert!(rows[0].site.ends_with("allocating_marker"), "{rows:?}");
+        assert_eq!(
+            rows[0].location,
+            Some(format!(
+                "monitor/src/heap/symbolize.rs:{}",
+                allocating_marker().1
+            ))
+        );
+        // Without line info, no location.
+        let mut heap = ProcessHeap::new(1, "app".into(), 0, Arc::new(Symbolizer::default()), 1);
+        heap.apply(&alloc, &NoTasks);
+        assert_eq!(heap.snapshot()[0].location, None);
     }
 
     #[test]

@@ -1,17 +1,30 @@
-//! Names for code addresses of a target executable, and the rule that picks an allocation's
-//! callsite out of its stack: the first frame outside allocator, `alloc`, `core` and `std`
-//! code.
+//! Names (and, with DWARF line info, `file:line`) for code addresses of a target
+//! executable, and the rule that picks an allocation's callsite out of its stack: the first
+//! frame outside allocator, `alloc`, `core` and `std` code.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use object::{Object, ObjectSymbol, SymbolKind};
 
-/// Function symbols of one executable, sorted by address, with a cache of resolved names.
+use crate::discovery::LineIndex;
+
+/// Function symbols of one executable, sorted by address, and its line tables.
 #[derive(Debug, Default)]
 pub struct Symbolizer {
     /// (start, end, demangled name without hash).
     functions: Vec<(u64, u64, String)>,
+    /// Empty when the executable (and its debug file) has no DWARF line info.
+    lines: LineIndex,
+}
+
+/// Where an allocation was made: see [`Symbolizer::callsite`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Callsite {
+    /// The function, demangled (`app::state::remember`), or an address.
+    pub label: String,
+    /// `"path:line"` of the call in that function, when the binary has DWARF line info.
+    pub location: Option<String>,
 }
 
 /// Path prefixes of code that allocates on behalf of its caller, never the callsite a user
@@ -54,7 +67,10 @@ pub fn is_runtime_frame(name: &str) -> bool {
 }
 
 impl Symbolizer {
-    pub fn load(path: &Path) -> std::io::Result<Self> {
+    /// Reads the symbols of the executable at `path` and the line tables of it or of its
+    /// separate debug file (`debug_file` when given, else the one gdb would find). Missing
+    /// or unreadable line info only costs the locations; it is logged, not an error.
+    pub fn load(path: &Path, debug_file: Option<&Path>) -> std::io::Result<Self> {
         let data = std::fs::read(path)?;
         let file = object::File::parse(&*data).map_err(std::io::Error::other)?;
         let mut functions: Vec<(u64, u64, String)> = file
@@ -70,7 +86,19 @@ impl Symbolizer {
             .collect();
         functions.sort_by_key(|f| (f.0, std::cmp::Reverse(f.1)));
         functions.dedup_by_key(|f| f.0);
-        Ok(Self { functions })
+        let lines = match LineIndex::load(path, debug_file) {
+            Ok(lines) => lines,
+            Err(e) => {
+                log::warn!("{}: heap callsites get no file:line: {e}", path.display());
+                LineIndex::default()
+            }
+        };
+        Ok(Self { functions, lines })
+    }
+
+    /// Replaces the line tables (for tests).
+    pub fn with_lines(self, lines: LineIndex) -> Self {
+        Self { lines, ..self }
     }
 
     /// Whether `addr` lies within the executable's named code at all.
@@ -91,36 +119,60 @@ impl Symbolizer {
         (addr >= *start && addr < *end).then_some(name.as_str())
     }
 
-    /// The callsite label of a stack: the first frame (innermost first, link-time return
+    /// The callsite of a stack: the first frame (innermost first, link-time return
     /// addresses) whose function is not runtime plumbing. Unnamed frames are labelled by
     /// address; a stack that never leaves the runtime is labelled by its outermost frame.
-    pub fn callsite(&self, frames: &[u64]) -> String {
+    ///
+    /// The location is that of the chosen frame's call instruction (`pc - 1`), in the
+    /// function the label names: inlined library code inside it resolves to the line that
+    /// called it (see [`LineIndex::lookup`]).
+    pub fn callsite(&self, frames: &[u64]) -> Callsite {
+        let at = |label: String, pc: u64| Callsite {
+            label,
+            location: self.lines.location(pc.saturating_sub(1)),
+        };
         let mut last = None;
         for &pc in frames {
             match self.name(pc.saturating_sub(1)) {
-                Some(name) if is_runtime_frame(name) => last = Some(name.to_string()),
-                Some(name) => return name.to_string(),
-                None if self.covers(pc) => return format!("0x{pc:x}"),
+                Some(name) if is_runtime_frame(name) => last = Some((name, pc)),
+                Some(name) => return at(name.to_string(), pc),
+                None if self.covers(pc) => return at(format!("0x{pc:x}"), pc),
                 // A return address into a shared library (or the vdso): the executable's
                 // table has no name for it, and the allocation came from outside Rust code.
-                None => return "[code outside the executable]".to_string(),
+                None => {
+                    return Callsite {
+                        label: "[code outside the executable]".to_string(),
+                        location: None,
+                    };
+                }
             }
         }
-        last.unwrap_or_else(|| "unknown".to_string())
+        match last {
+            Some((name, pc)) => at(name.to_string(), pc),
+            None => Callsite {
+                label: "unknown".to_string(),
+                location: None,
+            },
+        }
     }
 }
 
-/// Callsite labels by stack hash, so each distinct stack is symbolized once.
+/// Callsites by stack hash, so each distinct stack is symbolized once.
 #[derive(Debug, Default)]
 pub struct CallsiteCache {
-    labels: HashMap<u64, String>,
+    labels: HashMap<u64, Callsite>,
 }
 
 /// Distinct stacks remembered per process before the cache starts over.
 const MAX_CACHED_STACKS: usize = 1 << 16;
 
 impl CallsiteCache {
-    pub fn label(&mut self, symbolizer: &Symbolizer, stack_hash: u64, frames: &[u64]) -> &str {
+    pub fn callsite(
+        &mut self,
+        symbolizer: &Symbolizer,
+        stack_hash: u64,
+        frames: &[u64],
+    ) -> &Callsite {
         if self.labels.len() >= MAX_CACHED_STACKS && !self.labels.contains_key(&stack_hash) {
             self.labels.clear();
         }
@@ -131,7 +183,7 @@ impl CallsiteCache {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -156,9 +208,62 @@ mod tests {
         }
     }
 
+    /// Allocates on its only line, which it returns.
+    #[rustfmt::skip]
+    #[inline(never)]
+    pub(crate) fn allocating_marker() -> (Vec<u8>, u32) { (vec![1u8; std::hint::black_box(64)], line!()) }
+
+    /// Link-time start of the function of this test binary whose name ends in `name`.
+    pub(crate) fn own_function(symbolizer: &Symbolizer, name: &str) -> u64 {
+        symbolizer
+            .functions
+            .iter()
+            .find(|f| f.2.ends_with(name))
+            .unwrap_or_else(|| panic!("no symbol {name}"))
+            .0
+    }
+
+    #[test]
+    fn callsite_carries_the_file_and_line_of_the_chosen_frame() {
+        let symbolizer = Symbolizer::load(Path::new("/proc/self/exe"), None).expect("own symbols");
+        let marker = own_function(&symbolizer, "symbolize::tests::allocating_marker");
+        let runtime = symbolizer
+            .functions
+            .iter()
+            .find(|f| f.2.starts_with("alloc::raw_vec::"))
+            .expect("an alloc:: function")
+            .0;
+        let line = allocating_marker().1;
+        // Return addresses: one into runtime code, then one into the marker.
+        let callsite = symbolizer.callsite(&[runtime + 1, marker + 1]);
+        assert!(
+            callsite.label.ends_with("allocating_marker"),
+            "{callsite:?}"
+        );
+        assert_eq!(
+            callsite.location,
+            Some(format!("monitor/src/heap/symbolize.rs:{line}"))
+        );
+        // Cached per stack.
+        let mut cache = CallsiteCache::default();
+        assert_eq!(cache.callsite(&symbolizer, 9, &[marker + 1]), &callsite);
+        // Without line tables, the same label and no location.
+        let bare = symbolizer.with_lines(LineIndex::default());
+        let callsite = bare.callsite(&[runtime + 1, marker + 1]);
+        assert!(callsite.label.ends_with("allocating_marker"));
+        assert_eq!(callsite.location, None);
+        assert_eq!(
+            Symbolizer::default().callsite(&[1]),
+            Callsite {
+                label: "[code outside the executable]".to_string(),
+                location: None
+            }
+        );
+    }
+
     #[test]
     fn names_functions_of_this_test_binary() {
-        let symbolizer = Symbolizer::load(Path::new("/proc/self/exe")).expect("own symbols");
+        let symbolizer = Symbolizer::load(Path::new("/proc/self/exe"), None).expect("own symbols");
         let (start, _, name) = symbolizer
             .functions
             .iter()

@@ -77,6 +77,7 @@ impl HeapTracker {
         &mut self,
         probes: &mut TaskProbes,
         process: &ProcessInfo,
+        image: &TargetImage,
     ) -> anyhow::Result<&ExeHeapInfo> {
         if !self.exes.contains_key(&process.exe) {
             let exe = process.exe_link();
@@ -91,8 +92,9 @@ impl HeapTracker {
                 );
             }
             probes.load_unwind_rows(self.next_unwind_row, &table.rows)?;
+            // Line tables from the debug file discovery used, if it used one.
             let symbolizer = Arc::new(
-                Symbolizer::load(&exe)
+                Symbolizer::load(&exe, image.debug_file.as_deref())
                     .with_context(|| format!("reading symbols of {}", exe.display()))?,
             );
             self.exes.insert(
@@ -134,7 +136,7 @@ impl HeapTracker {
         }
         let fsbase_offset = self.fsbase_offset;
         let sample_shift = self.mode.sample_shift();
-        let exe = self.exe_info(probes, process)?;
+        let exe = self.exe_info(probes, process, image)?;
         let target = HeapTarget {
             load_bias,
             task_slot_fs_offset: image
