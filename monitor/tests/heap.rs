@@ -235,10 +235,21 @@ fn callsites_are_exact_under_mimalloc() {
 /// shared state, next to its remedy (awaited, bounded state).
 #[test]
 fn state_grown_by_an_unawaited_task_is_found_and_its_remedy_is_not() {
-    if !ebpf_available("state_grown_by_an_unawaited_task") {
+    seed_pattern_three("axum-app");
+}
+
+/// The same against a stripped copy whose symbols live in a separate debug file (how
+/// production binaries ship): names come from the debug file, probes go into libc.
+#[test]
+fn state_leak_is_found_in_a_stripped_binary_with_a_debug_file() {
+    seed_pattern_three("axum-app-stripped-debuglink");
+}
+
+fn seed_pattern_three(binary: &str) {
+    if !ebpf_available(&format!("seed pattern three on {binary}")) {
         return;
     }
-    let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
+    let (app, addr) = start_fixture(&fixture(binary), &[]);
     let pid = app.pid();
     let (_daemon, daemon) = start_daemon(&[
         "--pid".into(),

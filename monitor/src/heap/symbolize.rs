@@ -71,19 +71,13 @@ impl Symbolizer {
     /// separate debug file (`debug_file` when given, else the one gdb would find). Missing
     /// or unreadable line info only costs the locations; it is logged, not an error.
     pub fn load(path: &Path, debug_file: Option<&Path>) -> std::io::Result<Self> {
-        let data = std::fs::read(path)?;
-        let file = object::File::parse(&*data).map_err(std::io::Error::other)?;
-        let mut functions: Vec<(u64, u64, String)> = file
-            .symbols()
-            .chain(file.dynamic_symbols())
-            .filter(|s| s.kind() == SymbolKind::Text && s.address() != 0)
-            .filter_map(|s| {
-                let raw = s.name().ok()?;
-                let raw = raw.split(".llvm.").next().unwrap_or(raw);
-                let name = format!("{:#}", rustc_demangle::demangle(raw));
-                Some((s.address(), s.address() + s.size().max(1), name))
-            })
-            .collect();
+        let mut functions = function_symbols(path)?;
+        // A stripped executable keeps its names in the separate debug file discovery found.
+        if functions.is_empty()
+            && let Some(debug) = debug_file
+        {
+            functions = function_symbols(debug)?;
+        }
         functions.sort_by_key(|f| (f.0, std::cmp::Reverse(f.1)));
         functions.dedup_by_key(|f| f.0);
         let lines = match LineIndex::load(path, debug_file) {
@@ -155,6 +149,23 @@ impl Symbolizer {
             },
         }
     }
+}
+
+/// Function symbols (start, end, demangled name without hash) of an ELF file.
+fn function_symbols(path: &Path) -> std::io::Result<Vec<(u64, u64, String)>> {
+    let data = std::fs::read(path)?;
+    let file = object::File::parse(&*data).map_err(std::io::Error::other)?;
+    Ok(file
+        .symbols()
+        .chain(file.dynamic_symbols())
+        .filter(|s| s.kind() == SymbolKind::Text && s.address() != 0)
+        .filter_map(|s| {
+            let raw = s.name().ok()?;
+            let raw = raw.split(".llvm.").next().unwrap_or(raw);
+            let name = format!("{:#}", rustc_demangle::demangle(raw));
+            Some((s.address(), s.address() + s.size().max(1), name))
+        })
+        .collect())
 }
 
 /// Callsites by stack hash, so each distinct stack is symbolized once.

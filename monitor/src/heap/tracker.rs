@@ -211,7 +211,9 @@ pub fn heap_points(allocators: &AllocatorImage) -> Vec<HeapAttachPoint> {
     let family = match allocators.global {
         GlobalAllocator::Jemalloc => AllocFamily::Jemalloc,
         GlobalAllocator::Mimalloc => AllocFamily::Mimalloc,
-        GlobalAllocator::System if has_libc => AllocFamily::Libc,
+        // System, or not recognisable (a stripped binary hides its shims): libc's malloc
+        // family sees whatever reaches libc.
+        _ if has_libc => AllocFamily::Libc,
         _ => AllocFamily::RustShim,
     };
     let mut points: Vec<HeapAttachPoint> = Vec::new();
