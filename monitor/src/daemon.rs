@@ -48,8 +48,20 @@ struct ProcessRegistry {
     attached: HashMap<u32, AttachedProcess>,
     ledger: Arc<Mutex<TaskLedger>>,
     heap: Option<HeapTracker>,
-    /// Processes of `--exe` targets seen by the last scan and not attached yet.
-    sighted: std::collections::HashSet<(u32, u64)>,
+    /// Task hooks placed on `--exe` executables, covering all their processes.
+    exe_links: HashMap<ExeIdentity, Vec<AttachedLink>>,
+}
+
+/// How long an `--exe` process runs before it is attached (see `ProcessRegistry::scan`).
+const SETTLE_BEFORE_ATTACH: Duration = Duration::from_secs(1);
+
+/// Where task hooks are placed for a process.
+#[derive(Debug, Clone, Copy)]
+enum TaskHookScope {
+    /// In this process only (`--pid`).
+    Process,
+    /// On the executable, for all processes running it (`--exe`).
+    Executable,
 }
 
 impl ProcessRegistry {
@@ -65,7 +77,27 @@ impl ProcessRegistry {
         Ok(image)
     }
 
+    /// Attaches to `pid` with per-process task hooks (`--pid`), once it has run for
+    /// [`SETTLE_BEFORE_ATTACH`] (see `scan`).
     fn attach(&mut self, pid: u32) -> anyhow::Result<()> {
+        if let Some(age) = procfs::process_info(pid)
+            .ok()
+            .as_ref()
+            .and_then(procfs::age)
+            && age < SETTLE_BEFORE_ATTACH
+        {
+            std::thread::sleep(SETTLE_BEFORE_ATTACH - age);
+        }
+        self.attach_with(pid, TaskHookScope::Process)
+    }
+
+    /// Attaches to `pid`, a process of an `--exe` target: the task hooks are placed once on
+    /// the executable for every process that runs it (created here for the first one).
+    fn attach_exe_process(&mut self, pid: u32) -> anyhow::Result<()> {
+        self.attach_with(pid, TaskHookScope::Executable)
+    }
+
+    fn attach_with(&mut self, pid: u32, scope: TaskHookScope) -> anyhow::Result<()> {
         if self.attached.contains_key(&pid) {
             return Ok(());
         }
@@ -83,9 +115,23 @@ impl ProcessRegistry {
                 image.clone(),
                 load_bias,
             ));
-        let attached = self
-            .probes
-            .attach(&image, &info.exe_link(), Some(pid))
+        let task_links = match scope {
+            TaskHookScope::Process => self.probes.attach(&image, &info.exe_link(), Some(pid)),
+            TaskHookScope::Executable if self.exe_links.contains_key(&info.exe) => Ok(Vec::new()),
+            TaskHookScope::Executable => {
+                // A uprobe lives on the file's inode: once placed, it covers every process
+                // that maps the file, from its exec on. (Per-process uprobes placed on a
+                // process that had just started were seen, rarely, to never fire.)
+                match self.probes.attach(&image, &info.exe_link(), None) {
+                    Ok(links) => {
+                        self.exe_links.insert(info.exe, links);
+                        Ok(Vec::new())
+                    }
+                    Err(err) => Err(err),
+                }
+            }
+        };
+        let attached = task_links
             .map_err(anyhow::Error::from)
             .and_then(|mut links| {
                 if let Some(heap) = &mut self.heap {
@@ -101,10 +147,13 @@ impl ProcessRegistry {
             });
         match attached {
             Ok(links) => {
+                let exe_wide = self.exe_links.get(&info.exe).map_or(0, Vec::len);
                 info!(
-                    "attached to pid {pid} ({}): {} hook points, {} spawn sites known",
+                    "attached to pid {pid} ({}): {} hook points in the process, {} on its \
+                     executable, {} spawn sites known",
                     info.exe_path.display(),
                     links.len(),
+                    exe_wide,
                     image.vtables.len()
                 );
                 self.attached.insert(pid, AttachedProcess { info, links });
@@ -143,27 +192,23 @@ impl ProcessRegistry {
         }
     }
 
-    /// Attaches to processes running one of `exes`. A process is attached on the second
-    /// scan that sees it: on the first, it may still be inside `execve` (its `exe` link
-    /// already points at the new binary while the image is not set up yet), and a probe
-    /// registered in that window was seen to never fire.
+    /// Attaches to processes running one of `exes` once they have run for
+    /// [`SETTLE_BEFORE_ATTACH`]: probes placed on a process in its first moments (while the
+    /// loader and runtime start up) were seen, under load, to never fire.
     fn scan(&mut self, exes: &[ExeIdentity]) {
-        let mut seen = std::collections::HashSet::new();
         for &exe in exes {
             for process in procfs::processes_running(exe) {
                 let pid = process.pid;
-                if self.attached.contains_key(&pid) {
+                if self.attached.contains_key(&pid)
+                    || procfs::age(&process).is_some_and(|age| age < SETTLE_BEFORE_ATTACH)
+                {
                     continue;
                 }
-                seen.insert((pid, process.start_time));
-                if self.sighted.contains(&(pid, process.start_time))
-                    && let Err(err) = self.attach(pid)
-                {
+                if let Err(err) = self.attach_exe_process(pid) {
                     warn!("{err:#}");
                 }
             }
         }
-        self.sighted = seen;
     }
 }
 
@@ -265,7 +310,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         attached: HashMap::new(),
         ledger: ledger.clone(),
         heap,
-        sighted: std::collections::HashSet::new(),
+        exe_links: HashMap::new(),
     };
     for &pid in &config.pids {
         registry.attach(pid)?;
@@ -306,7 +351,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     }
     server.abort();
     info!(
-        "shutting down: detaching from {} processes",
+        "shutting down: detaching from {} process(es)",
         registry.attached.len()
     );
     Ok(())

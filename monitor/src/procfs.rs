@@ -172,6 +172,25 @@ pub fn processes_running(exe: ExeIdentity) -> Vec<ProcessInfo> {
         .collect()
 }
 
+/// How long `process` has been running, from its start time and the system uptime.
+pub fn age(process: &ProcessInfo) -> Option<std::time::Duration> {
+    let uptime: f64 = fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks <= 0 {
+        return None;
+    }
+    let started = process.start_time as f64 / ticks as f64;
+    Some(std::time::Duration::from_secs_f64(
+        (uptime - started).max(0.0),
+    ))
+}
+
 /// Identity of an executable given by path (for `--exe`).
 pub fn exe_identity(path: &Path) -> std::io::Result<ExeIdentity> {
     let meta = fs::metadata(path)?;
@@ -220,6 +239,13 @@ mod tests {
         let me = process_info(std::process::id()).expect("own /proc entry");
         assert!(me.is_alive());
         assert!(exe_mapping_start(&me).expect("own exe mapped") > 0);
+    }
+
+    #[test]
+    fn this_process_has_an_age() {
+        let me = process_info(std::process::id()).unwrap();
+        let age = age(&me).expect("age");
+        assert!(age < std::time::Duration::from_secs(24 * 3600), "{age:?}");
     }
 
     #[test]

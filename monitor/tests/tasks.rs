@@ -168,38 +168,6 @@ fn exited_process_is_detached_and_forgotten() {
     });
 }
 
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-#[test]
-fn exe_mode_follows_processes_started_later() {
-    if !ebpf_available("exe_mode_follows_processes_started_later") {
-        return;
-    }
-    // A private copy (its own inode), so fixtures of tests running in parallel are not
-    // attached too.
-    let binary = workspace_root().join(format!("target/exe-mode-{}", std::process::id()));
-    std::fs::copy(fixture("axum-app"), &binary).expect("copying the fixture");
-    let _cleanup = RemoveOnDrop(binary.clone());
-    let (_daemon, daemon) = start_daemon(&["--exe".into(), binary.display().to_string()]);
-    let (app, addr) = start_fixture(&binary, &[]);
-    wait_attached(daemon);
-    for _ in 0..3 {
-        get_ok(addr, "/leak/forever");
-    }
-    expect_site(
-        daemon,
-        app.pid(),
-        "axum_app::leak_forever::{{closure}}::{{closure}}",
-        (3.0, 0.0, 3.0),
-    );
-}
-
 #[test]
 fn spawns_are_counted_where_bind_inner_was_inlined() {
     if !ebpf_available("spawns_are_counted_where_bind_inner_was_inlined") {
