@@ -60,6 +60,23 @@ impl HeapApp {
     }
 }
 
+/// Starts `leakscope daemon --pid PID --heap MODE` and waits until it has attached.
+fn start_heap_daemon(pid: u32, mode: &str) -> (Proc, SocketAddr) {
+    let (proc, daemon) = start_daemon(&[
+        "--pid".into(),
+        pid.to_string(),
+        "--heap".into(),
+        mode.into(),
+    ]);
+    eventually("attached", DEADLINE, || {
+        let attached = scrape(daemon)
+            .iter()
+            .any(|s| s.name == "leakscope_attached_processes" && s.value == 1.0);
+        attached.then_some(()).ok_or("not yet".to_string())
+    });
+    (proc, daemon)
+}
+
 /// Live bytes per (site, task_site) from `/metrics`, for one pid.
 fn live_bytes(daemon: SocketAddr, pid: u32) -> BTreeMap<(String, String), f64> {
     scrape(daemon)
@@ -127,18 +144,7 @@ fn callsites_match_under(binary: PathBuf, allocator: &str) {
     );
     let mut app = HeapApp::start(binary);
     let pid = app.proc.pid();
-    let (_daemon, daemon) = start_daemon(&[
-        "--pid".into(),
-        pid.to_string(),
-        "--heap".into(),
-        "exact".into(),
-    ]);
-    eventually("attached", DEADLINE, || {
-        let attached = scrape(daemon)
-            .iter()
-            .any(|s| s.name == "leakscope_attached_processes" && s.value == 1.0);
-        attached.then_some(()).ok_or("not yet".to_string())
-    });
+    let (_daemon, daemon) = start_heap_daemon(pid, "exact");
     let task_or_thread = |site: &str| {
         if site == "heap_app::cross_thread_block" {
             "none" // allocated on a plain std thread, outside any tokio task
@@ -251,18 +257,7 @@ fn seed_pattern_three(binary: &str) {
     }
     let (app, addr) = start_fixture(&fixture(binary), &[]);
     let pid = app.pid();
-    let (_daemon, daemon) = start_daemon(&[
-        "--pid".into(),
-        pid.to_string(),
-        "--heap".into(),
-        "exact".into(),
-    ]);
-    eventually("attached", DEADLINE, || {
-        let attached = scrape(daemon)
-            .iter()
-            .any(|s| s.name == "leakscope_attached_processes" && s.value == 1.0);
-        attached.then_some(()).ok_or("not yet".to_string())
-    });
+    let (_daemon, daemon) = start_heap_daemon(pid, "exact");
     const REQUESTS: usize = 60;
     for _ in 0..REQUESTS {
         get_ok(addr, "/state/leak");
@@ -324,18 +319,7 @@ fn an_unwatched_process_is_not_patched_and_not_reported() {
     let binary = workspace_root().join("target/release/heap-app");
     let mut watched = HeapApp::start(binary.clone());
     let mut unwatched = HeapApp::start(binary);
-    let (_daemon, daemon) = start_daemon(&[
-        "--pid".into(),
-        watched.proc.pid().to_string(),
-        "--heap".into(),
-        "exact".into(),
-    ]);
-    eventually("attached", DEADLINE, || {
-        let attached = scrape(daemon)
-            .iter()
-            .any(|s| s.name == "leakscope_attached_processes" && s.value == 1.0);
-        attached.then_some(()).ok_or("not yet".to_string())
-    });
+    let (_daemon, daemon) = start_heap_daemon(watched.proc.pid(), "exact");
     let held = watched.command("big 2");
     unwatched.command("big 2");
     unwatched.command("bench 10000");
@@ -378,18 +362,7 @@ fn sampled_mode_estimates_live_bytes() {
     }
     let mut app = HeapApp::start(workspace_root().join("target/release/heap-app"));
     let pid = app.proc.pid();
-    let (_daemon, daemon) = start_daemon(&[
-        "--pid".into(),
-        pid.to_string(),
-        "--heap".into(),
-        "sampled".into(),
-    ]);
-    eventually("attached", DEADLINE, || {
-        let attached = scrape(daemon)
-            .iter()
-            .any(|s| s.name == "leakscope_attached_processes" && s.value == 1.0);
-        attached.then_some(()).ok_or("not yet".to_string())
-    });
+    let (_daemon, daemon) = start_heap_daemon(pid, "sampled");
     let held = app.command("aligned 2048")["heap_app::aligned_blocks"];
     // 2048 blocks sampled at 1/16: about 128 tracked, a standard deviation of about 8 %.
     eventually("sampled estimate within 40 %", DEADLINE, || {
@@ -440,18 +413,7 @@ fn heap_callsites_of_a_dwarf_build_carry_their_source_line() {
     );
     let (app, addr) = start_fixture(&binary, &[]);
     let pid = app.pid();
-    let (_daemon, daemon) = start_daemon(&[
-        "--pid".into(),
-        pid.to_string(),
-        "--heap".into(),
-        "exact".into(),
-    ]);
-    eventually("attached", DEADLINE, || {
-        let attached = scrape(daemon)
-            .iter()
-            .any(|s| s.name == "leakscope_attached_processes" && s.value == 1.0);
-        attached.then_some(()).ok_or("not yet".to_string())
-    });
+    let (_daemon, daemon) = start_heap_daemon(pid, "exact");
     const REQUESTS: usize = 10;
     for _ in 0..REQUESTS {
         get_ok(addr, "/state/leak");
