@@ -5,22 +5,11 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use support::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-fn wait_attached(daemon: SocketAddr) {
-    eventually("leakscope_attached_processes == 1", DEADLINE, || {
-        let v = scrape(daemon)
-            .iter()
-            .find(|s| s.name == "leakscope_attached_processes")
-            .map(|s| s.value);
-        (v == Some(1.0)).then_some(()).ok_or(format!("{v:?}"))
-    });
-}
 
 #[test]
 fn exe_mode_follows_processes_started_later() {

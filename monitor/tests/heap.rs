@@ -68,12 +68,7 @@ fn start_heap_daemon(pid: u32, mode: &str) -> (Proc, SocketAddr) {
         "--heap".into(),
         mode.into(),
     ]);
-    eventually("attached", DEADLINE, || {
-        let attached = scrape(daemon)
-            .iter()
-            .any(|s| s.name == "leakscope_attached_processes" && s.value == 1.0);
-        attached.then_some(()).ok_or("not yet".to_string())
-    });
+    wait_attached(daemon);
     (proc, daemon)
 }
 

@@ -13,17 +13,6 @@ use support::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Waits until the daemon reports the fixture attached.
-fn wait_attached(daemon: SocketAddr) {
-    eventually("leakscope_attached_processes == 1", DEADLINE, || {
-        let v = scrape(daemon)
-            .iter()
-            .find(|s| s.name == "leakscope_attached_processes")
-            .map(|s| s.value);
-        (v == Some(1.0)).then_some(()).ok_or(format!("{v:?}"))
-    });
-}
-
 /// Polls until (spawned, completed, alive) of `site` in `pid` equal `expected`.
 fn expect_site(daemon: SocketAddr, pid: u32, site: &str, expected: (f64, f64, f64)) {
     eventually(

@@ -717,24 +717,7 @@ mod tests {
         p
     }
 
-    /// 1-based line of the first line containing `needle` after `async fn {function}(` in
-    /// the axum fixture's source.
-    fn fixture_line(function: &str, needle: &str) -> u64 {
-        let src = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/axum-app/src/main.rs"),
-        )
-        .expect("fixture source");
-        let start = src
-            .lines()
-            .position(|l| l.contains(&format!("async fn {function}(")))
-            .expect("function in fixture");
-        let offset = src
-            .lines()
-            .skip(start)
-            .position(|l| l.contains(needle))
-            .expect("needle after function");
-        (start + offset + 1) as u64
-    }
+    use super::super::tests::fixture_line;
 
     /// The release fixture with line tables: `vec![…; 256 * 1024]` in `state_leak`'s task is
     /// inlined down to the `__rust_alloc` call, whose row is a line of `alloc.rs`; the index

@@ -738,7 +738,7 @@ fn bad_inputs_give_typed_errors() {
 
 /// The line of the first line at or after `async fn {function}(` that contains `needle`, in
 /// the fixture's source, so the test follows edits of the fixture.
-fn fixture_line(function: &str, needle: &str) -> u64 {
+pub(crate) fn fixture_line(function: &str, needle: &str) -> u64 {
     let src = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/axum-app/src/main.rs"),
     )

@@ -237,6 +237,21 @@ pub fn scrape(daemon: SocketAddr) -> Vec<Sample> {
     parse_metrics(&get_ok(daemon, "/metrics"))
 }
 
+/// Waits until the daemon at `daemon` reports exactly one attached process.
+pub fn wait_attached(daemon: SocketAddr) {
+    eventually(
+        "leakscope_attached_processes == 1",
+        Duration::from_secs(30),
+        || {
+            let v = scrape(daemon)
+                .iter()
+                .find(|s| s.name == "leakscope_attached_processes")
+                .map(|s| s.value);
+            (v == Some(1.0)).then_some(()).ok_or(format!("{v:?}"))
+        },
+    );
+}
+
 /// Polls `check` until it returns Ok or the deadline passes; panics with the last reason.
 pub fn eventually<T>(
     what: &str,
