@@ -572,17 +572,9 @@ const LIBC_API: [(&str, AllocRole); 9] = [
     ("pvalloc", AllocRole::Pvalloc),
 ];
 
-/// jemalloc's public API without its prefix (tikv-jemalloc-sys links it as `_rjem_<name>`).
-const JEMALLOC_API: [(&str, AllocRole); 14] = [
-    ("malloc", AllocRole::Malloc),
-    ("calloc", AllocRole::Calloc),
-    ("realloc", AllocRole::CRealloc),
-    ("free", AllocRole::Free),
-    ("posix_memalign", AllocRole::PosixMemalign),
-    ("aligned_alloc", AllocRole::AlignedAlloc),
-    ("memalign", AllocRole::Memalign),
-    ("valloc", AllocRole::Valloc),
-    ("pvalloc", AllocRole::Pvalloc),
+/// jemalloc's public API beyond the C malloc family it also exports, without its prefix
+/// (tikv-jemalloc-sys links it as `_rjem_<name>`).
+const JEMALLOC_EXTRA_API: [(&str, AllocRole); 5] = [
     ("mallocx", AllocRole::Mallocx),
     ("rallocx", AllocRole::Rallocx),
     ("xallocx", AllocRole::Xallocx),
@@ -926,10 +918,15 @@ impl<'a> Ctx<'a> {
 
     /// jemalloc, mimalloc and (in an executable) a statically linked libc.
     fn allocator_api(&self, is_exe: bool) -> Vec<AllocFn> {
-        let mut out = self.api(&JEMALLOC_API, JEMALLOC_PREFIX, AllocFamily::Jemalloc);
+        let jemalloc = |prefix| {
+            let mut fns = self.api(&LIBC_API, prefix, AllocFamily::Jemalloc);
+            fns.extend(self.api(&JEMALLOC_EXTRA_API, prefix, AllocFamily::Jemalloc));
+            fns
+        };
+        let mut out = jemalloc(JEMALLOC_PREFIX);
         let unprefixed_jemalloc = self.by_name.contains_key("mallocx");
         if unprefixed_jemalloc {
-            out.extend(self.api(&JEMALLOC_API, "", AllocFamily::Jemalloc));
+            out.extend(jemalloc(""));
         }
         out.extend(self.api(&MIMALLOC_API, "", AllocFamily::Mimalloc));
         if is_exe && !unprefixed_jemalloc && self.by_name.contains_key("malloc") {

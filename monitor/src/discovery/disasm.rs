@@ -195,7 +195,8 @@ fn gpr_index(r: Register) -> Option<usize> {
     full.is_gpr64().then(|| full.number())
 }
 
-const CALLER_SAVED: [Register; 9] = [
+/// Registers a call may clobber (System V x86_64).
+pub(crate) const CALLER_SAVED: [Register; 9] = [
     Register::RAX,
     Register::RCX,
     Register::RDX,

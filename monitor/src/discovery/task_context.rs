@@ -116,17 +116,7 @@ fn slot_offset(code: &[Instruction]) -> Option<i64> {
             }
             // Calls clobber caller-saved registers; what survives is callee-saved.
             Mnemonic::Call => {
-                for reg in [
-                    Register::RAX,
-                    Register::RCX,
-                    Register::RDX,
-                    Register::RSI,
-                    Register::RDI,
-                    Register::R8,
-                    Register::R9,
-                    Register::R10,
-                    Register::R11,
-                ] {
+                for reg in disasm::CALLER_SAVED {
                     holds_arg.remove(&reg);
                     fs_relative.remove(&reg);
                 }
