@@ -43,13 +43,18 @@ fn family<M: EncodeMetric>(
     name: &str,
     help: &str,
     metric_type: MetricType,
-    rows: &[(Labels, M)],
+    rows: impl IntoIterator<Item = (Labels, M)>,
 ) -> std::fmt::Result {
     let mut metric = encoder.encode_descriptor(name, help, None, metric_type)?;
     for (labels, value) in rows {
-        value.encode(metric.encode_family(labels)?)?;
+        value.encode(metric.encode_family(&labels)?)?;
     }
     Ok(())
+}
+
+/// A counter family with one unlabelled sample.
+fn scalar(value: u64) -> [(Labels, ConstCounter); 1] {
+    [(Labels::new(), ConstCounter::new(value))]
 }
 
 impl Collector for TaskCollector {
@@ -67,79 +72,61 @@ impl Collector for TaskCollector {
             }
             l
         };
-        let spawned: Vec<_> = rows
-            .iter()
-            .map(|r| (labels(r), ConstCounter::new(r.spawned)))
-            .collect();
         family(
             &mut encoder,
             "leakscope_tasks_spawned",
             "Tasks spawned at this site since leakscope attached.",
             MetricType::Counter,
-            &spawned,
+            rows.iter()
+                .map(|r| (labels(r), ConstCounter::new(r.spawned))),
         )?;
-        let completed: Vec<_> = rows
-            .iter()
-            .map(|r| (labels(r), ConstCounter::new(r.completed)))
-            .collect();
         family(
             &mut encoder,
             "leakscope_tasks_completed",
             "Tasks from this site whose future finished or was cancelled (only tasks spawned \
              since attach).",
             MetricType::Counter,
-            &completed,
+            rows.iter()
+                .map(|r| (labels(r), ConstCounter::new(r.completed))),
         )?;
-        let alive: Vec<_> = rows
-            .iter()
-            .map(|r| (labels(r), ConstGauge::new(r.alive as i64)))
-            .collect();
         family(
             &mut encoder,
             "leakscope_tasks_alive",
             "Tasks spawned at this site since attach that have not completed yet.",
             MetricType::Gauge,
-            &alive,
+            rows.iter()
+                .map(|r| (labels(r), ConstGauge::new(r.alive as i64))),
         )?;
-        let oldest: Vec<_> = rows
-            .iter()
-            .map(|r| (labels(r), ConstGauge::new(r.oldest_alive_seconds)))
-            .collect();
         family(
             &mut encoder,
             "leakscope_task_oldest_alive_seconds",
             "Age of the oldest alive task from this site (0 when none is alive).",
             MetricType::Gauge,
-            &oldest,
+            rows.iter()
+                .map(|r| (labels(r), ConstGauge::new(r.oldest_alive_seconds))),
         )?;
-
-        let per_process: Vec<_> = ledger
-            .processes()
-            .map(|p| {
-                (
-                    vec![("pid", p.pid.to_string()), ("exe", p.exe.clone())],
-                    ConstCounter::new(p.completed_untracked),
-                )
-            })
-            .collect();
         family(
             &mut encoder,
             "leakscope_tasks_completed_untracked",
             "Completions of tasks spawned before leakscope attached (not counted per site).",
             MetricType::Counter,
-            &per_process,
+            ledger.processes().map(|p| {
+                (
+                    vec![("pid", p.pid.to_string()), ("exe", p.exe.clone())],
+                    ConstCounter::new(p.completed_untracked),
+                )
+            }),
         )?;
 
         let stream = ledger.stream;
         let attached = ledger.processes().count() as i64;
         drop(ledger);
-        let scalar = |v: u64| vec![(Labels::new(), ConstCounter::new(v))];
         family(
             &mut encoder,
             "leakscope_events",
             "Task events received from the kernel.",
             MetricType::Counter,
-            &scalar(stream.events),
+            scalar(stream.events),
         )?;
         family(
             &mut encoder,
@@ -147,7 +134,7 @@ impl Collector for TaskCollector {
             "Task events the kernel emitted or tried to emit but userspace never received \
              (ring buffer full); counts built from them may be off by this much.",
             MetricType::Counter,
-            &scalar(stream.lost),
+            scalar(stream.lost),
         )?;
         let (ringbuf_full, read_failed) = self
             .0
@@ -160,21 +147,21 @@ impl Collector for TaskCollector {
             "leakscope_ringbuf_reserve_failures",
             "Ring buffer reservations that failed in the kernel because it was full.",
             MetricType::Counter,
-            &scalar(ringbuf_full),
+            scalar(ringbuf_full),
         )?;
         family(
             &mut encoder,
             "leakscope_probe_read_failures",
             "Probe hits whose task header could not be read from the target's memory.",
             MetricType::Counter,
-            &scalar(read_failed),
+            scalar(read_failed),
         )?;
         family(
             &mut encoder,
             "leakscope_attached_processes",
             "Processes leakscope is attached to.",
             MetricType::Gauge,
-            &[(Labels::new(), ConstGauge::new(attached))],
+            [(Labels::new(), ConstGauge::new(attached))],
         )?;
         if let Some(heap) = &self.0.heap {
             encode_heap(&mut encoder, heap, self.0.kernel.as_deref())?;
@@ -202,10 +189,6 @@ fn encode_heap(
         l.push(("task_site", r.task_site.clone()));
         l
     };
-    let bytes: Vec<_> = rows
-        .iter()
-        .map(|r| (labels(r), ConstGauge::new(r.live_bytes as i64)))
-        .collect();
     family(
         encoder,
         "leakscope_heap_live_bytes",
@@ -213,18 +196,16 @@ fn encode_heap(
          file:line, when the binary has DWARF line info) and by the spawn site of the tokio \
          task that allocated (task_site=\"none\" outside tasks).",
         MetricType::Gauge,
-        &bytes,
+        rows.iter()
+            .map(|r| (labels(r), ConstGauge::new(r.live_bytes as i64))),
     )?;
-    let allocations: Vec<_> = rows
-        .iter()
-        .map(|r| (labels(r), ConstGauge::new(r.live_allocations as i64)))
-        .collect();
     family(
         encoder,
         "leakscope_heap_live_allocations",
         "Blocks allocated since attach and not freed, by callsite and task site.",
         MetricType::Gauge,
-        &allocations,
+        rows.iter()
+            .map(|r| (labels(r), ConstGauge::new(r.live_allocations as i64))),
     )?;
     let per_process =
         |value: &dyn Fn(&crate::heap::ledger::ProcessHeap) -> u64| -> Vec<(Labels, ConstCounter)> {
@@ -242,49 +223,46 @@ fn encode_heap(
         "leakscope_heap_allocated_bytes",
         "Bytes allocated since attach.",
         MetricType::Counter,
-        &per_process(&|p| p.scaled_totals().allocated_bytes),
+        per_process(&|p| p.scaled_totals().allocated_bytes),
     )?;
     family(
         encoder,
         "leakscope_heap_freed_bytes",
         "Bytes freed since attach, of blocks allocated since attach.",
         MetricType::Counter,
-        &per_process(&|p| p.scaled_totals().freed_bytes),
+        per_process(&|p| p.scaled_totals().freed_bytes),
     )?;
     family(
         encoder,
         "leakscope_heap_untracked_frees",
         "Frees of blocks allocated before leakscope attached (not counted anywhere else).",
         MetricType::Counter,
-        &per_process(&|p| kernel.map(|k| k.untracked_frees(p.pid)).unwrap_or(0)),
+        per_process(&|p| kernel.map(|k| k.untracked_frees(p.pid)).unwrap_or(0)),
     )?;
-    let scalar = |v: u64| vec![(Labels::new(), ConstCounter::new(v))];
     family(
         encoder,
         "leakscope_heap_events",
         "Heap events received from the kernel.",
         MetricType::Counter,
-        &scalar(heap.stream.events),
+        scalar(heap.stream.events),
     )?;
     family(
         encoder,
         "leakscope_heap_events_lost",
         "Heap events numbered by the kernel but never received.",
         MetricType::Counter,
-        &scalar(heap.stream.lost),
+        scalar(heap.stream.lost),
     )?;
-    let failures: Vec<_> = kernel
-        .map(|k| k.heap_failures().to_vec())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(reason, n)| (vec![("reason", reason.to_string())], ConstCounter::new(n)))
-        .collect();
     family(
         encoder,
         "leakscope_heap_untracked_allocations",
         "Allocations not tracked, by reason (ring buffer full, outstanding map full, ...).",
         MetricType::Counter,
-        &failures,
+        kernel
+            .map(|k| k.heap_failures().to_vec())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(reason, n)| (vec![("reason", reason.to_string())], ConstCounter::new(n))),
     )
 }
 

@@ -87,43 +87,14 @@ impl TaskProbes {
 
     /// The ring buffer the task events arrive in (can be taken once).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
-        let map = self
-            .ebpf
-            .take_map("TASK_EVENTS")
-            .ok_or(ProbeError::Missing("TASK_EVENTS"))?;
-        RingBuf::try_from(map).map_err(|source| ProbeError::Map {
-            name: "TASK_EVENTS",
-            source,
-        })
+        self.take("TASK_EVENTS")
     }
 
     /// The kernel-side failure counters (can be taken once).
     pub fn take_counters(&mut self) -> Result<KernelCounters, ProbeError> {
-        let map = self
-            .ebpf
-            .take_map("COUNTERS")
-            .ok_or(ProbeError::Missing("COUNTERS"))?;
-        let counters = PerCpuArray::try_from(map).map_err(|source| ProbeError::Map {
-            name: "COUNTERS",
-            source,
-        })?;
-        let map = self
-            .ebpf
-            .take_map("HEAP_COUNTERS")
-            .ok_or(ProbeError::Missing("HEAP_COUNTERS"))?;
-        let heap_counters = PerCpuArray::try_from(map).map_err(|source| ProbeError::Map {
-            name: "HEAP_COUNTERS",
-            source,
-        })?;
-        let map = self
-            .ebpf
-            .take_map("UNTRACKED_FREES")
-            .ok_or(ProbeError::Missing("UNTRACKED_FREES"))?;
-        let untracked_frees =
-            aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map {
-                name: "UNTRACKED_FREES",
-                source,
-            })?;
+        let counters = self.take("COUNTERS")?;
+        let heap_counters = self.take("HEAP_COUNTERS")?;
+        let untracked_frees = self.take("UNTRACKED_FREES")?;
         Ok(KernelCounters {
             counters,
             heap_counters,
@@ -221,6 +192,24 @@ impl TaskProbes {
         Ok(links)
     }
 
+    /// Takes a map out of the object (so it can be read without borrowing the programs).
+    fn take<T>(&mut self, name: &'static str) -> Result<T, ProbeError>
+    where
+        T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self.ebpf.take_map(name).ok_or(ProbeError::Missing(name))?;
+        T::try_from(map).map_err(|source| ProbeError::Map { name, source })
+    }
+
+    /// Borrows a map of the object, typed.
+    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, ProbeError>
+    where
+        T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self.ebpf.map_mut(name).ok_or(ProbeError::Missing(name))?;
+        T::try_from(map).map_err(|source| ProbeError::Map { name, source })
+    }
+
     fn program(&mut self, name: &'static str) -> Result<&mut UProbe, ProbeError> {
         Ok(self
             .ebpf
@@ -313,14 +302,7 @@ impl TaskProbes {
 
     /// The heap ring buffer (can be taken once).
     pub fn take_heap_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
-        let map = self
-            .ebpf
-            .take_map("HEAP_EVENTS")
-            .ok_or(ProbeError::Missing("HEAP_EVENTS"))?;
-        RingBuf::try_from(map).map_err(|source| ProbeError::Map {
-            name: "HEAP_EVENTS",
-            source,
-        })
+        self.take("HEAP_EVENTS")
     }
 
     /// Copies an executable's unwind table into the kernel at `first`.
@@ -329,15 +311,8 @@ impl TaskProbes {
         first: u32,
         rows: &[monitor_common::unwind::UnwindRow],
     ) -> Result<(), ProbeError> {
-        let map = self
-            .ebpf
-            .map_mut("UNWIND_ROWS")
-            .ok_or(ProbeError::Missing("UNWIND_ROWS"))?;
         let mut array: aya::maps::Array<_, monitor_common::unwind::UnwindRow> =
-            aya::maps::Array::try_from(map).map_err(|source| ProbeError::Map {
-                name: "UNWIND_ROWS",
-                source,
-            })?;
+            self.map_mut("UNWIND_ROWS")?;
         for (i, row) in rows.iter().enumerate() {
             array
                 .set(first + i as u32, row, 0)
@@ -355,15 +330,8 @@ impl TaskProbes {
         pid: u32,
         target: Option<monitor_common::heap::HeapTarget>,
     ) -> Result<(), ProbeError> {
-        let map = self
-            .ebpf
-            .map_mut("HEAP_TARGETS")
-            .ok_or(ProbeError::Missing("HEAP_TARGETS"))?;
         let mut targets: aya::maps::HashMap<_, u32, monitor_common::heap::HeapTarget> =
-            aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map {
-                name: "HEAP_TARGETS",
-                source,
-            })?;
+            self.map_mut("HEAP_TARGETS")?;
         let result = match target {
             Some(t) => targets.insert(pid, t, 0),
             None => targets.remove(&pid),
@@ -379,15 +347,7 @@ impl TaskProbes {
     /// does not inherit them. Returns how many were dropped.
     pub fn purge_heap_blocks(&mut self, pid: u32) -> Result<usize, ProbeError> {
         use monitor_common::heap::{BlockInfo, BlockKey};
-        let map = self
-            .ebpf
-            .map_mut("OUTSTANDING")
-            .ok_or(ProbeError::Missing("OUTSTANDING"))?;
-        let mut blocks: aya::maps::HashMap<_, BlockKey, BlockInfo> =
-            aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map {
-                name: "OUTSTANDING",
-                source,
-            })?;
+        let mut blocks: aya::maps::HashMap<_, BlockKey, BlockInfo> = self.map_mut("OUTSTANDING")?;
         let stale: Vec<BlockKey> = blocks
             .keys()
             .filter_map(Result::ok)

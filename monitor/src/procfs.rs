@@ -29,11 +29,24 @@ pub enum ProcError {
     ExeNotMapped { pid: u32 },
 }
 
-/// Device and inode of an executable file: two paths to one binary share it.
+/// Device, inode and change time of an executable file: two paths to one binary share it.
+/// The change time tells a file from a deleted one whose inode number it reuses (a process
+/// still running the deleted binary was seen to match a new build by device and inode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ExeIdentity {
     pub dev: u64,
     pub ino: u64,
+    pub ctime_ns: i128,
+}
+
+impl ExeIdentity {
+    fn of(meta: &fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        }
+    }
 }
 
 /// A running process as leakscope tracks it.
@@ -94,10 +107,7 @@ pub fn process_info(pid: u32) -> Result<ProcessInfo, ProcError> {
         pid,
         start_time,
         exe_path,
-        exe: ExeIdentity {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        },
+        exe: ExeIdentity::of(&meta),
     })
 }
 
@@ -193,11 +203,7 @@ pub fn age(process: &ProcessInfo) -> Option<std::time::Duration> {
 
 /// Identity of an executable given by path (for `--exe`).
 pub fn exe_identity(path: &Path) -> std::io::Result<ExeIdentity> {
-    let meta = fs::metadata(path)?;
-    Ok(ExeIdentity {
-        dev: meta.dev(),
-        ino: meta.ino(),
-    })
+    Ok(ExeIdentity::of(&fs::metadata(path)?))
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` stamps events with.
@@ -225,11 +231,13 @@ mod tests {
         let exe = ExeIdentity {
             dev: libc::makedev(0xfd, 0x01),
             ino: 1234,
+            ctime_ns: 0,
         };
         assert_eq!(parse_exe_mapping_start(maps, exe), Some(0x5581a0000000));
         let other = ExeIdentity {
             dev: exe.dev,
             ino: 1,
+            ctime_ns: 0,
         };
         assert_eq!(parse_exe_mapping_start(maps, other), None);
     }

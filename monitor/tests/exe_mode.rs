@@ -16,20 +16,11 @@ fn exe_mode_follows_processes_started_later() {
     if !ebpf_available("exe_mode_follows_processes_started_later") {
         return;
     }
-    // A private copy (its own inode), so fixtures of tests running in parallel are not
-    // attached too. Copies of earlier runs are removed now rather than at the end of each
-    // run: deleting a file right as the uprobes on it are torn down (the daemon is killed)
-    // and creating the next copy at once was seen to leave the new copy's probes silent
-    // (the kernel reusing the freed inode while the old uprobes were still being freed).
-    let dir = workspace_root().join("target");
-    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-        let name = entry.file_name();
-        if name.to_string_lossy().starts_with("exe-mode-") {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-    let binary = dir.join(format!("exe-mode-{}", std::process::id()));
-    std::fs::copy(fixture("axum-app"), &binary).expect("copying the fixture");
+    // The fixture itself, not a fresh copy: this test binary runs alone, so no other
+    // process of it is about. (A copy made per run, deleted as its daemon died, let the
+    // kernel reuse the inode while the old uprobes were being torn down, and the new
+    // copy's probes stayed silent about one run in five.)
+    let binary = fixture("axum-app");
     let (_daemon, daemon) = start_daemon(&["--exe".into(), binary.display().to_string()]);
     let (app, addr) = start_fixture(&binary, &[]);
     wait_attached(daemon);
