@@ -22,7 +22,7 @@ use crate::heap::tracker::{HeapMode, HeapTracker};
 use crate::metrics::{self, Sources};
 use crate::probes::{AttachedLink, TaskProbes};
 use crate::procfs::{self, ExeIdentity, ProcessInfo};
-use crate::tasks::{ProcessTasks, SiteSnapshot, StreamStats, TaskLedger};
+use crate::tasks::{ProcessSummary, ProcessTasks, SiteSnapshot, StreamStats, TaskLedger};
 
 /// What the user asked the daemon to watch.
 #[derive(Debug, Clone)]
@@ -52,7 +52,9 @@ struct ProcessRegistry {
     exe_links: HashMap<ExeIdentity, Vec<AttachedLink>>,
 }
 
-/// How long an `--exe` process runs before it is attached (see `ProcessRegistry::scan`).
+/// How long a process runs before it is registered: its heap probes go into the libraries
+/// it maps, which the dynamic loader may still be mapping in its first moments. (Its task
+/// events are not lost meanwhile: `--exe` hooks are on the file and their events are held.)
 const SETTLE_BEFORE_ATTACH: Duration = Duration::from_secs(1);
 
 /// Where task hooks are placed for a process.
@@ -91,8 +93,28 @@ impl ProcessRegistry {
         self.attach_with(pid, TaskHookScope::Process)
     }
 
-    /// Attaches to `pid`, a process of an `--exe` target: the task hooks are placed once on
-    /// the executable for every process that runs it (created here for the first one).
+    /// Places the task hooks of an `--exe` target on its file: a uprobe lives on the file's
+    /// inode, so once placed it reports every process that runs the file, from its exec on.
+    /// Events of processes not registered yet are held and replayed (see
+    /// `tasks::PendingEvents`), so the tasks a service spawns as it starts are counted.
+    fn watch_executable(&mut self, path: &std::path::Path, exe: ExeIdentity) -> anyhow::Result<()> {
+        let image = self.images[&exe].clone();
+        let links = self
+            .probes
+            .attach(&image, path, None)
+            .with_context(|| format!("placing task hooks on {}", path.display()))?;
+        info!(
+            "watching {}: {} hook points on the executable, {} spawn sites known",
+            path.display(),
+            links.len(),
+            image.vtables.len()
+        );
+        self.exe_links.insert(exe, links);
+        Ok(())
+    }
+
+    /// Registers `pid`, a process of an `--exe` target (its task hooks are on the
+    /// executable already), and places its heap probes.
     fn attach_exe_process(&mut self, pid: u32) -> anyhow::Result<()> {
         self.attach_with(pid, TaskHookScope::Executable)
     }
@@ -117,19 +139,8 @@ impl ProcessRegistry {
             ));
         let task_links = match scope {
             TaskHookScope::Process => self.probes.attach(&image, &info.exe_link(), Some(pid)),
-            TaskHookScope::Executable if self.exe_links.contains_key(&info.exe) => Ok(Vec::new()),
-            TaskHookScope::Executable => {
-                // A uprobe lives on the file's inode: once placed, it covers every process
-                // that maps the file, from its exec on. (Per-process uprobes placed on a
-                // process that had just started were seen, rarely, to never fire.)
-                match self.probes.attach(&image, &info.exe_link(), None) {
-                    Ok(links) => {
-                        self.exe_links.insert(info.exe, links);
-                        Ok(Vec::new())
-                    }
-                    Err(err) => Err(err),
-                }
-            }
+            // Placed on the executable when the daemon started (`watch_executable`).
+            TaskHookScope::Executable => Ok(Vec::new()),
         };
         let attached = task_links
             .map_err(anyhow::Error::from)
@@ -147,6 +158,10 @@ impl ProcessRegistry {
             });
         match attached {
             Ok(links) => {
+                self.ledger
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .mark_probes_ready(pid);
                 let exe_wide = self.exe_links.get(&info.exe).map_or(0, Vec::len);
                 info!(
                     "attached to pid {pid} ({}): {} hook points in the process, {} on its \
@@ -190,11 +205,14 @@ impl ProcessRegistry {
                 .remove_process(pid);
             info!("pid {pid} exited: detached and forgot its tasks");
         }
+        self.ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .expire_pending(procfs::monotonic_ns(), procfs::pid_exists);
     }
 
-    /// Attaches to processes running one of `exes` once they have run for
-    /// [`SETTLE_BEFORE_ATTACH`]: probes placed on a process in its first moments (while the
-    /// loader and runtime start up) were seen, under load, to never fire.
+    /// Registers processes running one of `exes` once they have run for
+    /// [`SETTLE_BEFORE_ATTACH`].
     fn scan(&mut self, exes: &[ExeIdentity]) {
         for &exe in exes {
             for process in procfs::processes_running(exe) {
@@ -228,6 +246,7 @@ pub struct TasksResponse {
     pub sites: Vec<SiteSnapshot>,
     pub stream: StreamStats,
     pub attached_processes: usize,
+    pub processes: Vec<ProcessSummary>,
 }
 
 async fn metrics_handler(State(sources): State<Sources>) -> impl IntoResponse {
@@ -257,7 +276,8 @@ async fn tasks_handler(State(sources): State<Sources>) -> axum::Json<TasksRespon
     axum::Json(TasksResponse {
         sites: ledger.snapshot(procfs::monotonic_ns()),
         stream: ledger.stream,
-        attached_processes: ledger.processes().count(),
+        attached_processes: ledger.attached_processes(),
+        processes: ledger.process_summaries(),
     })
 }
 
@@ -278,6 +298,17 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         let info = procfs::process_info(pid)?;
         if let std::collections::hash_map::Entry::Vacant(entry) = images.entry(info.exe) {
             entry.insert(Arc::new(analyze_process(&info)?));
+        }
+    }
+
+    for (path, &exe) in config.exes.iter().zip(&exes) {
+        if let std::collections::hash_map::Entry::Vacant(entry) = images.entry(exe) {
+            let image = discovery::analyze(path)
+                .with_context(|| format!("analysing --exe {}", path.display()))?;
+            for warning in &image.warnings {
+                warn!("{}: {warning}", path.display());
+            }
+            entry.insert(Arc::new(image));
         }
     }
 
@@ -312,6 +343,9 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         heap,
         exe_links: HashMap::new(),
     };
+    for (path, &exe) in config.exes.iter().zip(&exes) {
+        registry.watch_executable(path, exe)?;
+    }
     for &pid in &config.pids {
         registry.attach(pid)?;
     }

@@ -119,7 +119,7 @@ impl Collector for TaskCollector {
         )?;
 
         let stream = ledger.stream;
-        let attached = ledger.processes().count() as i64;
+        let attached = ledger.attached_processes() as i64;
         drop(ledger);
         family(
             &mut encoder,
@@ -135,6 +135,15 @@ impl Collector for TaskCollector {
              (ring buffer full); counts built from them may be off by this much.",
             MetricType::Counter,
             scalar(stream.lost),
+        )?;
+        family(
+            &mut encoder,
+            "leakscope_events_ignored",
+            "Task events received but not counted: from a process that was not registered \
+             within 30 s (or exited first), beyond the bound on events held for processes \
+             about to be registered, or of an unknown kind.",
+            MetricType::Counter,
+            scalar(stream.ignored),
         )?;
         let (ringbuf_full, read_failed) = self
             .0
@@ -293,6 +302,7 @@ mod tests {
         for family in [
             "leakscope_events_total 0",
             "leakscope_events_lost_total 0",
+            "leakscope_events_ignored_total 0",
             "leakscope_attached_processes 0",
             "# HELP leakscope_tasks_alive ",
             "# TYPE leakscope_tasks_spawned counter",

@@ -85,6 +85,11 @@ impl ProcessInfo {
     }
 }
 
+/// True while some process has this pid.
+pub fn pid_exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
 pub fn process_info(pid: u32) -> Result<ProcessInfo, ProcError> {
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     if !proc_dir.exists() {

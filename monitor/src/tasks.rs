@@ -46,6 +46,15 @@ struct LiveTask {
 }
 
 /// What one attached process is running: its tasks by spawn site.
+/// One watched process as the JSON API lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessSummary {
+    pub pid: u32,
+    pub exe: String,
+    /// All its probes are in place: events from it are being counted.
+    pub attached: bool,
+}
+
 #[derive(Debug)]
 pub struct ProcessTasks {
     pub pid: u32,
@@ -67,6 +76,10 @@ pub struct ProcessTasks {
     pub spawned_untracked: u64,
     /// A header reused by a new spawn while still live: its completion event was lost.
     pub completions_missed: u64,
+    /// All of the process's probes are in place. The process is registered before they go
+    /// in (so their first events find it), but only counts as attached once they are: a
+    /// client that waits for `leakscope_attached_processes` must not act before events flow.
+    pub probes_ready: bool,
 }
 
 impl ProcessTasks {
@@ -84,6 +97,7 @@ impl ProcessTasks {
             completed_untracked: 0,
             spawned_untracked: 0,
             completions_missed: 0,
+            probes_ready: false,
         }
     }
 
@@ -240,8 +254,58 @@ pub struct StreamStats {
     pub events: u64,
     /// Events the kernel numbered but userspace never received (per-CPU sequence gaps).
     pub lost: u64,
-    /// Events for processes no longer (or not yet) registered, or of an unknown kind.
+    /// Events not counted: of an unknown kind, or for a process that was not registered
+    /// in time (see [`PendingEvents`]).
     pub ignored: u64,
+}
+
+/// Events from processes not registered yet, replayed when they are.
+///
+/// An `--exe` probe sits on the executable's file, so it reports a process from its exec
+/// on, while the daemon registers that process only at its next scan (and after the process
+/// has mapped its libraries). Holding those first events means the tasks a service spawns
+/// at startup (its long-lived workers) are counted. Bounded by events and by age.
+#[derive(Debug, Default)]
+struct PendingEvents {
+    by_pid: HashMap<u32, Vec<TaskEvent>>,
+    held: usize,
+}
+
+/// At most this many events are held for unregistered processes, all pids together.
+const PENDING_EVENTS_MAX: usize = 1 << 16;
+/// Events held longer than this (their process was never registered) are dropped.
+const PENDING_MAX_AGE_NS: u64 = 30_000_000_000;
+
+impl PendingEvents {
+    /// Holds `event`; false when the bound is reached and it was not held.
+    fn hold(&mut self, event: &TaskEvent) -> bool {
+        if self.held >= PENDING_EVENTS_MAX {
+            return false;
+        }
+        self.by_pid.entry(event.pid).or_default().push(*event);
+        self.held += 1;
+        true
+    }
+
+    fn take(&mut self, pid: u32) -> Vec<TaskEvent> {
+        let events = self.by_pid.remove(&pid).unwrap_or_default();
+        self.held -= events.len();
+        events
+    }
+
+    /// Drops the events of processes that are gone or whose first held event is too old;
+    /// returns how many were dropped.
+    fn expire(&mut self, now_ktime_ns: u64, is_alive: impl Fn(u32) -> bool) -> u64 {
+        let before = self.held;
+        self.by_pid.retain(|&pid, events| {
+            is_alive(pid)
+                && events
+                    .first()
+                    .is_some_and(|e| now_ktime_ns.saturating_sub(e.ktime_ns) < PENDING_MAX_AGE_NS)
+        });
+        self.held = self.by_pid.values().map(Vec::len).sum();
+        (before - self.held) as u64
+    }
 }
 
 /// All attached processes' task state, fed by the event stream.
@@ -249,6 +313,7 @@ pub struct StreamStats {
 pub struct TaskLedger {
     processes: HashMap<u32, ProcessTasks>,
     last_seq_by_cpu: HashMap<u32, u64>,
+    pending: PendingEvents,
     pub stream: StreamStats,
 }
 
@@ -257,8 +322,19 @@ impl TaskLedger {
         Self::default()
     }
 
-    pub fn add_process(&mut self, process: ProcessTasks) {
+    /// Registers a process and replays the events it sent before (see [`PendingEvents`]).
+    pub fn add_process(&mut self, mut process: ProcessTasks) {
+        for event in self.pending.take(process.pid) {
+            if let Some(kind) = TaskEventKind::from_u32(event.kind) {
+                process.apply(&event, kind);
+            }
+        }
         self.processes.insert(process.pid, process);
+    }
+
+    /// Drops events held for processes that exited or were never registered in time.
+    pub fn expire_pending(&mut self, now_ktime_ns: u64, is_alive: impl Fn(u32) -> bool) {
+        self.stream.ignored += self.pending.expire(now_ktime_ns, is_alive);
     }
 
     /// Forget a process (it exited or was detached): its sites leave the exports.
@@ -270,6 +346,33 @@ impl TaskLedger {
         self.processes.values()
     }
 
+    /// Marks `pid`'s probes as all in place (see [`ProcessTasks::probes_ready`]).
+    pub fn mark_probes_ready(&mut self, pid: u32) {
+        if let Some(process) = self.processes.get_mut(&pid) {
+            process.probes_ready = true;
+        }
+    }
+
+    /// Processes whose probes are all in place.
+    pub fn attached_processes(&self) -> usize {
+        self.processes.values().filter(|p| p.probes_ready).count()
+    }
+
+    /// The processes known to the ledger, by pid, and whether their probes are in place.
+    pub fn process_summaries(&self) -> Vec<ProcessSummary> {
+        let mut rows: Vec<ProcessSummary> = self
+            .processes
+            .values()
+            .map(|p| ProcessSummary {
+                pid: p.pid,
+                exe: p.exe.clone(),
+                attached: p.probes_ready,
+            })
+            .collect();
+        rows.sort_by_key(|r| r.pid);
+        rows
+    }
+
     pub fn apply(&mut self, event: &TaskEvent) {
         self.stream.events += 1;
         if let Some(last) = self.last_seq_by_cpu.insert(event.cpu, event.seq)
@@ -277,14 +380,18 @@ impl TaskLedger {
         {
             self.stream.lost += event.seq - last - 1;
         }
-        let (Some(kind), Some(process)) = (
-            TaskEventKind::from_u32(event.kind),
-            self.processes.get_mut(&event.pid),
-        ) else {
+        let Some(kind) = TaskEventKind::from_u32(event.kind) else {
             self.stream.ignored += 1;
             return;
         };
-        process.apply(event, kind);
+        match self.processes.get_mut(&event.pid) {
+            Some(process) => process.apply(event, kind),
+            None => {
+                if !self.pending.hold(event) {
+                    self.stream.ignored += 1;
+                }
+            }
+        }
     }
 
     pub fn process(&self, pid: u32) -> Option<&ProcessTasks> {
@@ -376,6 +483,18 @@ mod tests {
     }
 
     #[test]
+    fn a_process_counts_as_attached_only_once_its_probes_are_in() {
+        let mut ledger = ledger();
+        // Registered (events already find it) but its probes are still going in.
+        ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x1000, 1));
+        assert_eq!(ledger.attached_processes(), 0);
+        ledger.mark_probes_ready(7);
+        assert_eq!(ledger.attached_processes(), 1);
+        ledger.remove_process(7);
+        assert_eq!(ledger.attached_processes(), 0);
+    }
+
+    #[test]
     fn vtables_with_one_label_are_one_site() {
         let mut ledger = ledger();
         ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x2000, 1));
@@ -449,12 +568,33 @@ mod tests {
     }
 
     #[test]
-    fn events_of_unregistered_processes_are_ignored() {
-        let mut ledger = ledger();
+    fn events_before_registration_are_replayed_when_the_process_registers() {
+        let mut ledger = TaskLedger::new();
+        ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x1000, 1));
+        ledger.apply(&event(TaskEventKind::Spawn, 0xb0, BIAS + 0x1000, 2));
+        ledger.apply(&event(TaskEventKind::Complete, 0xb0, BIAS + 0x1000, 3));
+        assert!(ledger.snapshot(0).is_empty());
+        ledger.add_process(ProcessTasks::new(7, "app".into(), image(), BIAS));
+        let rows = ledger.snapshot(4_000_000_000);
+        let leak = row(&rows, "app::leak::{{closure}}");
+        assert_eq!((leak.spawned, leak.completed, leak.alive), (2, 1, 1));
+        assert_eq!(ledger.stream.ignored, 0);
+    }
+
+    #[test]
+    fn events_of_processes_never_registered_expire() {
+        let mut ledger = TaskLedger::new();
         let mut e = event(TaskEventKind::Spawn, 0xa0, BIAS + 0x1000, 1);
         e.pid = 99;
         ledger.apply(&e);
+        e.pid = 100;
+        ledger.apply(&e);
+        // pid 99 exited; pid 100 lives but is held for less than the age bound.
+        ledger.expire_pending(e.ktime_ns + 1, |pid| pid == 100);
         assert_eq!(ledger.stream.ignored, 1);
+        ledger.expire_pending(e.ktime_ns + PENDING_MAX_AGE_NS, |_| true);
+        assert_eq!(ledger.stream.ignored, 2);
+        ledger.add_process(ProcessTasks::new(100, "app".into(), image(), BIAS));
         assert!(ledger.snapshot(0).is_empty());
     }
 }

@@ -68,7 +68,7 @@ fn start_heap_daemon(pid: u32, mode: &str) -> (Proc, SocketAddr) {
         "--heap".into(),
         mode.into(),
     ]);
-    wait_attached(daemon);
+    wait_attached(daemon, pid);
     (proc, daemon)
 }
 

@@ -50,7 +50,7 @@ fn leaks_and_remedies(binary: &str, krate: &str, flavor: &str) {
     let (app, addr) = start_fixture(&fixture(binary), &["--flavor", flavor]);
     let pid = app.pid();
     let (_daemon, daemon) = start_daemon(&["--pid".into(), pid.to_string()]);
-    wait_attached(daemon);
+    wait_attached(daemon, pid);
     let site = |handler: &str| format!("{krate}::{handler}::{{{{closure}}}}::{{{{closure}}}}");
 
     const LEAKS: usize = 20;
@@ -132,7 +132,7 @@ fn exited_process_is_detached_and_forgotten() {
     let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
     let pid = app.pid();
     let (_daemon, daemon) = start_daemon(&["--pid".into(), pid.to_string()]);
-    wait_attached(daemon);
+    wait_attached(daemon, pid);
     get_ok(addr, "/leak/forever");
     expect_site(
         daemon,
@@ -180,7 +180,7 @@ fn spawns_are_counted_where_bind_inner_was_inlined() {
     stdout.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ready");
     let (_daemon, daemon) = start_daemon(&["--pid".into(), app.pid().to_string()]);
-    wait_attached(daemon);
+    wait_attached(daemon, app.pid());
     let mut command = |c: &str| {
         writeln!(stdin, "{c}").unwrap();
         line.clear();
@@ -211,7 +211,7 @@ fn stripped_binary_with_debuglink_is_counted_exactly() {
     );
     let pid = app.pid();
     let (_daemon, daemon) = start_daemon(&["--pid".into(), pid.to_string()]);
-    wait_attached(daemon);
+    wait_attached(daemon, pid);
     for _ in 0..7 {
         get_ok(addr, "/leak/forever");
         get_ok(addr, "/ok/bounded");

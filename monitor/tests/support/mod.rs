@@ -238,16 +238,24 @@ pub fn scrape(daemon: SocketAddr) -> Vec<Sample> {
 }
 
 /// Waits until the daemon at `daemon` reports exactly one attached process.
-pub fn wait_attached(daemon: SocketAddr) {
+pub fn wait_attached(daemon: SocketAddr, pid: u32) {
+    // Per pid, not a count: an `--exe` daemon may also attach to other tests' processes
+    // running the same fixture, and a process counts only once all its probes are in.
     eventually(
-        "leakscope_attached_processes == 1",
+        &format!("pid {pid} attached"),
         Duration::from_secs(30),
         || {
-            let v = scrape(daemon)
-                .iter()
-                .find(|s| s.name == "leakscope_attached_processes")
-                .map(|s| s.value);
-            (v == Some(1.0)).then_some(()).ok_or(format!("{v:?}"))
+            let (_, body) = http_get(daemon, "/api/v1/tasks").map_err(|e| e.to_string())?;
+            let tasks: serde_json::Value =
+                serde_json::from_str(&body).map_err(|e| e.to_string())?;
+            let attached = tasks["processes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["pid"] == pid && p["attached"] == true);
+            attached
+                .then_some(())
+                .ok_or(format!("processes: {}", tasks["processes"]))
         },
     );
 }
