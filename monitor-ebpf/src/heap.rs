@@ -57,7 +57,14 @@ struct Pending {
     /// trampoline instead, as was seen on threads other than tokio's workers.
     return_address: u64,
     entry_rsp: u64,
+    ktime_ns: u64,
 }
+
+/// An allocator entry this soon after another on the same thread, deeper on its stack, is a
+/// call nested inside it (musl's `calloc` calls `malloc`, `posix_memalign` calls
+/// `aligned_alloc`): the outer call is the one the program made. The bound keeps a stash
+/// whose return was never seen from shadowing later calls for longer.
+const NESTED_WITHIN_NS: u64 = 1_000_000;
 
 #[map]
 static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(1 << 14, 0);
@@ -104,6 +111,15 @@ fn stash(ctx: &ProbeContext, size: u64, old_addr: u64, out_ptr: u64) -> u32 {
     // SAFETY: `regs` is the probe's register context; the entry probes sit before anything
     // that moves rsp (see discovery::alloc), so `[rsp]` is the return address.
     let entry_rsp = unsafe { (*ctx.regs).rsp };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: copied out of the map.
+    if let Some(outer) = unsafe { PENDING.get(&pid_tgid) }.copied()
+        && outer.entry_rsp > entry_rsp
+        && now.wrapping_sub(outer.ktime_ns) < NESTED_WITHIN_NS
+    {
+        return 0;
+    }
     // SAFETY: checked read of the target's stack.
     let return_address = unsafe { bpf_probe_read_user(entry_rsp as *const u64) }.unwrap_or(0);
     let pending = Pending {
@@ -112,9 +128,10 @@ fn stash(ctx: &ProbeContext, size: u64, old_addr: u64, out_ptr: u64) -> u32 {
         out_ptr,
         return_address,
         entry_rsp,
+        ktime_ns: now,
     };
     if PENDING
-        .insert(&bpf_get_current_pid_tgid(), &pending, u64::from(BPF_ANY))
+        .insert(&pid_tgid, &pending, u64::from(BPF_ANY))
         .is_err()
     {
         bump(heap_counter::PENDING_FULL);
@@ -199,6 +216,11 @@ pub fn heap_alloc_return(ctx: RetProbeContext) -> u32 {
     let Some(pending) = (unsafe { PENDING.get(&pid_tgid) }).copied() else {
         return 0;
     };
+    // SAFETY: the probe's register context. A call nested in the stashed one returns
+    // deeper on the stack than the stashed call's entry: leave the stash to the outer call.
+    if unsafe { (*ctx.regs).rsp } <= pending.entry_rsp {
+        return 0;
+    }
     let _ = PENDING.remove(&pid_tgid);
     let Some(target) = target(pid) else {
         return 0;

@@ -153,7 +153,7 @@ fn callsites_match_under(binary: PathBuf, allocator: &str) {
     app.command("big 3");
     app.command("zeroed 2");
     app.command("aligned 5");
-    if allocator == "system" {
+    if allocator == "system" || allocator == "musl" {
         // Straight from libc's malloc, as C code allocates: seen through libc's hooks.
         app.command("cmalloc 6");
     }
@@ -229,6 +229,14 @@ fn callsites_are_exact_under_mimalloc() {
     callsites_match_under(
         workspace_root().join("target/fixtures-mimalloc/release/heap-app"),
         "mimalloc",
+    );
+}
+
+#[test]
+fn callsites_are_exact_in_a_static_musl_binary() {
+    callsites_match_under(
+        workspace_root().join("target/x86_64-unknown-linux-musl/release/heap-app"),
+        "musl",
     );
 }
 

@@ -100,6 +100,8 @@ fn cargo() -> Command {
 
 /// nightly + rust-src (for `-Z build-std=core` of the BPF target) and bpf-linker built
 /// against nightly's own libLLVM, so the two always agree on the LLVM version.
+const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
 fn setup() -> anyhow::Result<()> {
     output(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])).context(
         "the `nightly` toolchain is missing: install it with `rustup toolchain install nightly`",
@@ -119,6 +121,11 @@ fn setup() -> anyhow::Result<()> {
             "--toolchain",
             "nightly",
         ]))?;
+    }
+    // A static musl build of the heap fixture: the allocator is linked into the binary.
+    let targets = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if !targets.lines().any(|l| l.trim() == MUSL_TARGET) {
+        run(Command::new("rustup").args(["target", "add", MUSL_TARGET]))?;
     }
     // bpf-linker links against nightly's libLLVM, which is on the library path only under
     // `rustup run nightly` (as aya-build runs it).
@@ -211,6 +218,15 @@ fn fixtures() -> anyhow::Result<()> {
             .arg("--target-dir")
             .arg(root.join(format!("target/fixtures-{allocator}"))))?;
     }
+    // Statically linked against musl: no libc.so, its malloc lives in the executable.
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "heap-app",
+        "--target",
+        MUSL_TARGET,
+    ]))?;
     // A copy with line tables, as a user who sets `debug = "line-tables-only"` builds it, for
     // the file:line of spawn sites. Its own target dir: other flags, other artifacts.
     run(cargo()
