@@ -153,10 +153,9 @@ fn callsites_match_under(binary: PathBuf, allocator: &str) {
     app.command("big 3");
     app.command("zeroed 2");
     app.command("aligned 5");
-    if allocator == "system" || allocator == "musl" {
-        // Straight from libc's malloc, as C code allocates: seen through libc's hooks.
-        app.command("cmalloc 6");
-    }
+    // Straight from libc's malloc, as C code allocates: seen through libc's hooks, also
+    // where Rust's allocations go to jemalloc or mimalloc.
+    app.command("cmalloc 6");
     let held = app.command("cross 4");
     expect_held(daemon, pid, &held, task_or_thread);
 

@@ -193,7 +193,8 @@ impl HeapTracker {
 ///   it through `__rdl_*`, and C code calling `malloc` directly is seen too, including
 ///   the large blocks glibc serves with mmap. Without a mapped libc (a static binary),
 ///   the Rust shims (`__rust_alloc`, ...) are hooked instead.
-/// - jemalloc / mimalloc as `#[global_allocator]`: their own API (`_rjem_*`, `mi_*`). The
+/// - jemalloc / mimalloc as `#[global_allocator]`: their own API (`_rjem_*`, `mi_*`), and
+///   libc's malloc family for C code. The
 ///   Rust shims are not enough there: the crate that declares the global allocator gets the
 ///   shim inlined by (default, crate-local) ThinLTO and calls the allocator directly, which
 ///   was seen to bypass `__rust_alloc` for most of the program's own allocations.
@@ -208,16 +209,25 @@ pub fn heap_points(allocators: &AllocatorImage) -> Vec<HeapAttachPoint> {
         .functions
         .iter()
         .any(|f| f.family == AllocFamily::Libc && f.role == AllocRole::Malloc);
-    let family = match allocators.global {
-        GlobalAllocator::Jemalloc => AllocFamily::Jemalloc,
-        GlobalAllocator::Mimalloc => AllocFamily::Mimalloc,
+    let families: &[AllocFamily] = match allocators.global {
+        // The global allocator's own API for Rust's allocations, plus libc's for C code
+        // that calls `malloc` directly (the two are separate heaps; should one call the
+        // other, the nested call is not counted twice: see `monitor-ebpf/src/heap.rs`).
+        GlobalAllocator::Jemalloc if has_libc => &[AllocFamily::Jemalloc, AllocFamily::Libc],
+        GlobalAllocator::Jemalloc => &[AllocFamily::Jemalloc],
+        GlobalAllocator::Mimalloc if has_libc => &[AllocFamily::Mimalloc, AllocFamily::Libc],
+        GlobalAllocator::Mimalloc => &[AllocFamily::Mimalloc],
         // System, or not recognisable (a stripped binary hides its shims): libc's malloc
         // family sees whatever reaches libc.
-        _ if has_libc => AllocFamily::Libc,
-        _ => AllocFamily::RustShim,
+        _ if has_libc => &[AllocFamily::Libc],
+        _ => &[AllocFamily::RustShim],
     };
     let mut points: Vec<HeapAttachPoint> = Vec::new();
-    for function in allocators.functions.iter().filter(|f| f.family == family) {
+    for function in allocators
+        .functions
+        .iter()
+        .filter(|f| families.contains(&f.family))
+    {
         let programs: &[HeapProgram] = match function.role {
             AllocRole::Alloc
             | AllocRole::AllocZeroed
