@@ -156,6 +156,18 @@ fn daemon_on_a_process_that_is_not_tokio_says_so() {
 }
 
 #[test]
+fn daemon_on_an_executable_that_is_not_tokio_says_so_before_loading_anything() {
+    // Checked before any probe is loaded, so it needs no privileges to explain.
+    let out = leakscope(&["daemon", "--exe", "/bin/true", "--listen", "127.0.0.1:0"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("--exe /bin/true") && err.contains("does not look like a tokio binary"),
+        "{err}"
+    );
+}
+
+#[test]
 fn daemon_without_targets_fails_clearly() {
     let out = leakscope(&["daemon"]);
     assert!(!out.status.success());
