@@ -73,9 +73,21 @@ fn median(values: &mut [u64]) -> u64 {
 
 const ALLOCATIONS: u64 = 200_000;
 
-/// One run of heap-app's allocation loop (system allocator); with `monitored`, leakscope
-/// `--heap exact` is attached first. Returns elapsed nanoseconds.
-fn one_heap_run(mode: Option<&str>) -> anyhow::Result<u64> {
+/// How heap-app allocates in its benchmark loop: the command, and what the report says of it.
+const HEAP_WORKLOADS: [(&str, &str); 2] = [
+    (
+        "bench",
+        "64-byte Box::new (the allocator's caller is the callsite)",
+    ),
+    (
+        "bench-vec",
+        "64-byte Vec::reserve_exact (alloc::raw_vec frames before the callsite)",
+    ),
+];
+
+/// One run of heap-app's allocation loop `workload` (system allocator); with `mode`,
+/// leakscope `--heap MODE` is attached first. Returns elapsed nanoseconds.
+fn one_heap_run(workload: &str, mode: Option<&str>) -> anyhow::Result<u64> {
     let root = workspace_root();
     let mut child = Command::new(root.join("target/release/heap-app"))
         .stdin(Stdio::piped())
@@ -96,7 +108,7 @@ fn one_heap_run(mode: Option<&str>) -> anyhow::Result<u64> {
         )?),
         None => None,
     };
-    writeln!(stdin, "bench {ALLOCATIONS}")?;
+    writeln!(stdin, "{workload} {ALLOCATIONS}")?;
     line.clear();
     stdout.read_line(&mut line)?;
     line.split_whitespace()
@@ -106,38 +118,41 @@ fn one_heap_run(mode: Option<&str>) -> anyhow::Result<u64> {
 }
 
 fn heap_bench() -> anyhow::Result<()> {
-    let mut baseline = Vec::new();
-    let mut monitored = Vec::new();
-    let mut sampled = Vec::new();
-    for round in 1..=ROUNDS {
-        let b = one_heap_run(None)?;
-        let m = one_heap_run(Some("exact"))?;
-        let s = one_heap_run(Some("sampled"))?;
-        eprintln!(
-            "heap round {round}: baseline {:.0}, exact {:.0}, sampled {:.0} ns/alloc",
-            b as f64 / ALLOCATIONS as f64,
-            m as f64 / ALLOCATIONS as f64,
-            s as f64 / ALLOCATIONS as f64
+    for (workload, what) in HEAP_WORKLOADS {
+        let mut baseline = Vec::new();
+        let mut monitored = Vec::new();
+        let mut sampled = Vec::new();
+        for round in 1..=ROUNDS {
+            let b = one_heap_run(workload, None)?;
+            let m = one_heap_run(workload, Some("exact"))?;
+            let s = one_heap_run(workload, Some("sampled"))?;
+            eprintln!(
+                "{workload} round {round}: baseline {:.0}, exact {:.0}, sampled {:.0} ns/alloc",
+                b as f64 / ALLOCATIONS as f64,
+                m as f64 / ALLOCATIONS as f64,
+                s as f64 / ALLOCATIONS as f64
+            );
+            baseline.push(b);
+            monitored.push(m);
+            sampled.push(s);
+        }
+        let b = median(&mut baseline) as f64 / ALLOCATIONS as f64;
+        let m = median(&mut monitored) as f64 / ALLOCATIONS as f64;
+        let s = median(&mut sampled) as f64 / ALLOCATIONS as f64;
+        println!(
+            "\nallocate + free of {ALLOCATIONS} blocks, {what}, system allocator, median of \
+             {ROUNDS}:"
         );
-        baseline.push(b);
-        monitored.push(m);
-        sampled.push(s);
+        println!("  baseline   {b:8.0} ns/alloc");
+        println!("  --heap exact {m:6.0} ns/alloc   (ratio {:.1}x)", m / b);
+        println!("  --heap sampled {s:4.0} ns/alloc   (ratio {:.1}x)", s / b);
+        println!(
+            "  cost per allocation+free ≈ {:.2} µs exact, {:.2} µs sampled (3 probe hits: \
+             entry, return with stack walk, free)",
+            (m - b) / 1000.0,
+            (s - b) / 1000.0
+        );
     }
-    let b = median(&mut baseline) as f64 / ALLOCATIONS as f64;
-    let m = median(&mut monitored) as f64 / ALLOCATIONS as f64;
-    let s = median(&mut sampled) as f64 / ALLOCATIONS as f64;
-    println!(
-        "\nallocate + free of {ALLOCATIONS} 64-byte boxes (system allocator), median of {ROUNDS}:"
-    );
-    println!("  baseline   {b:8.0} ns/alloc");
-    println!("  --heap exact {m:6.0} ns/alloc   (ratio {:.1}x)", m / b);
-    println!("  --heap sampled {s:4.0} ns/alloc   (ratio {:.1}x)", s / b);
-    println!(
-        "  cost per allocation+free ≈ {:.2} µs exact, {:.2} µs sampled (3 probe hits: entry, \
-         return with stack unwinding, free)",
-        (m - b) / 1000.0,
-        (s - b) / 1000.0
-    );
     Ok(())
 }
 
