@@ -35,6 +35,13 @@ pub const RBP_UNCHANGED: u8 = 0;
 /// The caller's `rbp` was saved at `CFA + rbp_offset`.
 pub const RBP_SAVED: u8 = 1;
 
+/// Row flag: the row's pcs belong to a function that is an allocation's callsite (user code,
+/// not allocator or standard-library plumbing). [`unwind`] stops once it reaches such a
+/// frame, after emitting the return address into it: that frame is what the callsite rule
+/// (`monitor::heap::symbolize`) picks, so the frames above it are never needed, and the
+/// walk usually ends after one to three frames instead of [`MAX_FRAMES`].
+pub const ROW_CALLSITE: u8 = 1;
+
 /// Frames [`unwind`] emits at most.
 pub const MAX_FRAMES: usize = 16;
 
@@ -59,7 +66,9 @@ pub struct UnwindRow {
     pub cfa_reg: u8,
     /// [`RBP_UNCHANGED`] or [`RBP_SAVED`].
     pub rbp_rule: u8,
-    pub _pad: [u8; 6],
+    /// [`ROW_CALLSITE`] or 0.
+    pub flags: u8,
+    pub _pad: [u8; 5],
 }
 
 const _: () = assert!(core::mem::size_of::<UnwindRow>() == 24);
@@ -73,17 +82,19 @@ impl UnwindRow {
             rbp_offset: 0,
             cfa_reg: CFA_END,
             rbp_rule: RBP_UNCHANGED,
-            _pad: [0; 6],
+            flags: 0,
+            _pad: [0; 5],
         }
     }
 
-    /// Whether `self` and `other` unwind the same way (everything but `pc` equal), so that
-    /// `other` following `self` is redundant.
+    /// Whether `self` and `other` unwind the same way and carry the same flags (everything
+    /// but `pc` equal), so that `other` following `self` is redundant.
     pub const fn same_rule(&self, other: &Self) -> bool {
         self.cfa_reg == other.cfa_reg
             && self.cfa_offset == other.cfa_offset
             && self.rbp_rule == other.rbp_rule
             && self.rbp_offset == other.rbp_offset
+            && self.flags == other.flags
     }
 }
 
@@ -188,7 +199,10 @@ pub fn step(
 /// [`find_row`]. `read_u64` reads the target's memory (`bpf_probe_read_user` in BPF).
 ///
 /// The walk stops at the first frame without a usable row, so a return address into code
-/// the table does not cover (another shared object) is still emitted, as the last one.
+/// the table does not cover (another shared object) is still emitted, as the last one. It
+/// also stops at the first frame whose row is marked [`ROW_CALLSITE`], without unwinding it:
+/// the return address into that frame is the last one emitted (none, when the first frame
+/// is already one).
 #[inline(always)]
 pub fn unwind(
     regs: &Regs,
@@ -207,6 +221,9 @@ pub fn unwind(
         let Some(row) = find(lookup_pc(regs.pc, i == 0).wrapping_sub(bias)) else {
             break;
         };
+        if row.flags & ROW_CALLSITE != 0 {
+            break;
+        }
         if !step(&row, &mut regs, &mut read_u64) {
             break;
         }
@@ -237,7 +254,8 @@ mod tests {
             rbp_offset,
             cfa_reg,
             rbp_rule,
-            _pad: [0; 6],
+            flags: 0,
+            _pad: [0; 5],
         }
     }
 
@@ -433,6 +451,37 @@ mod tests {
             &mut out,
         );
         assert_eq!(&out[..n], &[bias + 0x2050, bias + 0x3010, 0x7fff_0000_1234]);
+        // With g marked as callsite code, the walk ends at the return address into g.
+        let mut marked = rows;
+        for r in &mut marked[2..5] {
+            r.flags = ROW_CALLSITE;
+        }
+        let find_marked = |pc| find_in(&marked, pc);
+        let mut out = [0; MAX_FRAMES];
+        let n = unwind(
+            &regs,
+            bias,
+            MAX_FRAMES,
+            find_marked,
+            reader(base, &words),
+            &mut out,
+        );
+        assert_eq!(&out[..n], &[bias + 0x2050]);
+        // With f itself marked, the first frame is the callsite: nothing to unwind.
+        marked[0].flags = ROW_CALLSITE;
+        marked[1].flags = ROW_CALLSITE;
+        let find_marked = |pc| find_in(&marked, pc);
+        assert_eq!(
+            unwind(
+                &regs,
+                bias,
+                MAX_FRAMES,
+                find_marked,
+                reader(base, &words),
+                &mut out
+            ),
+            0
+        );
         // max_frames bounds the walk.
         let mut out = [0; MAX_FRAMES];
         assert_eq!(

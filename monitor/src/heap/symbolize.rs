@@ -103,6 +103,27 @@ impl Symbolizer {
         }
     }
 
+    /// Link-time `[start, end)` ranges, sorted and disjoint, of the code [`Self::callsite`]
+    /// would pick as a callsite: functions whose name is not runtime plumbing, each range
+    /// covering exactly the addresses [`Self::name`] gives that function's name for. The
+    /// BPF stack walk stops in these (see `UnwindTable::mark_callsite_code`).
+    pub fn callsite_code(&self) -> Vec<(u64, u64)> {
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for (i, (start, end, name)) in self.functions.iter().enumerate() {
+            if is_runtime_frame(name) {
+                continue;
+            }
+            // `name` looks up the last function starting at or before an address.
+            let next_start = self.functions.get(i + 1).map_or(u64::MAX, |f| f.0);
+            let end = (*end).min(next_start);
+            match ranges.last_mut() {
+                Some(last) if last.1 == *start => last.1 = end,
+                _ => ranges.push((*start, end)),
+            }
+        }
+        ranges
+    }
+
     /// Name of the function containing link-time address `addr`.
     pub fn name(&self, addr: u64) -> Option<&str> {
         let index = self

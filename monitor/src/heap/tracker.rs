@@ -81,8 +81,15 @@ impl HeapTracker {
     ) -> anyhow::Result<&ExeHeapInfo> {
         if !self.exes.contains_key(&process.exe) {
             let exe = process.exe_link();
-            let table = unwind_table::build(&exe)
+            let mut table = unwind_table::build(&exe)
                 .with_context(|| format!("building the unwind table of {}", exe.display()))?;
+            // Line tables from the debug file discovery used, if it used one.
+            let symbolizer = Arc::new(
+                Symbolizer::load(&exe, image.debug_file.as_deref())
+                    .with_context(|| format!("reading symbols of {}", exe.display()))?,
+            );
+            // The walk in the kernel ends at the frame the callsite rule picks.
+            table.mark_callsite_code(&symbolizer.callsite_code());
             let rows = u32::try_from(table.rows.len()).unwrap_or(u32::MAX);
             if self.next_unwind_row.saturating_add(rows) > UNWIND_ROWS_MAX {
                 bail!(
@@ -92,11 +99,6 @@ impl HeapTracker {
                 );
             }
             probes.load_unwind_rows(self.next_unwind_row, &table.rows)?;
-            // Line tables from the debug file discovery used, if it used one.
-            let symbolizer = Arc::new(
-                Symbolizer::load(&exe, image.debug_file.as_deref())
-                    .with_context(|| format!("reading symbols of {}", exe.display()))?,
-            );
             self.exes.insert(
                 process.exe,
                 ExeHeapInfo {

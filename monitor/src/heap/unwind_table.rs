@@ -30,8 +30,8 @@ use gimli::{
     UnwindTableRow, X86_64,
 };
 use monitor_common::unwind::{
-    CFA_RBP, CFA_RSP, MAX_FRAMES, MAX_ROWS, RBP_SAVED, RBP_UNCHANGED, Regs, UnwindRow, find_row,
-    unwind,
+    CFA_END, CFA_RBP, CFA_RSP, MAX_FRAMES, MAX_ROWS, RBP_SAVED, RBP_UNCHANGED, ROW_CALLSITE, Regs,
+    UnwindRow, find_row, unwind,
 };
 use object::{Architecture, Object, ObjectSection, SectionKind};
 
@@ -119,6 +119,48 @@ impl UnwindTable {
         let len = self.len_u32();
         let find = |pc| find_row(len, |i| self.rows.get(i as usize).copied(), pc);
         unwind(regs, bias, MAX_FRAMES, find, read_u64, out)
+    }
+
+    /// Marks the rows of callsite code ([`ROW_CALLSITE`]): `callsite_code` holds sorted,
+    /// disjoint link-time `[start, end)` ranges of the functions an allocation's callsite
+    /// can be (see `Symbolizer::callsite_code`). Rows are split where a range begins or ends
+    /// inside them, so each row is wholly in or out; `CFA_END` rows stay unmarked, since
+    /// they stop the walk anyway. The table stays well formed (sorted, merged).
+    pub fn mark_callsite_code(&mut self, callsite_code: &[(u64, u64)]) {
+        let in_callsite_code = |pc: u64| {
+            let index = callsite_code.partition_point(|&(start, _)| start <= pc);
+            index
+                .checked_sub(1)
+                .and_then(|i| callsite_code.get(i))
+                .is_some_and(|&(_, end)| pc < end)
+        };
+        let first = self.text_range.0;
+        let mut points: Vec<u64> = self.rows.iter().map(|r| r.pc).collect();
+        points.extend(
+            callsite_code
+                .iter()
+                .flat_map(|&(start, end)| [start, end])
+                .filter(|&pc| pc >= first),
+        );
+        points.sort_unstable();
+        points.dedup();
+        let mut marked: Vec<UnwindRow> = Vec::with_capacity(points.len());
+        for pc in points {
+            let Some(&rule) = self.find(pc) else {
+                continue;
+            };
+            let flags = if rule.cfa_reg != CFA_END && in_callsite_code(pc) {
+                ROW_CALLSITE
+            } else {
+                0
+            };
+            let row = UnwindRow { pc, flags, ..rule };
+            if marked.last().is_some_and(|last| last.same_rule(&row)) {
+                continue;
+            }
+            marked.push(row);
+        }
+        self.rows = marked;
     }
 
     fn len_u32(&self) -> u32 {
@@ -331,7 +373,8 @@ fn convert(row: &UnwindTableRow<usize>, stats: &mut BuildStats) -> UnwindRow {
         rbp_offset,
         cfa_reg,
         rbp_rule,
-        _pad: [0; 6],
+        flags: 0,
+        _pad: [0; 5],
     }
 }
 

@@ -6,7 +6,9 @@ use std::hint::black_box;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use monitor_common::unwind::{CFA_END, CFA_RSP, MAX_FRAMES, RBP_UNCHANGED, Regs, UnwindRow, step};
+use monitor_common::unwind::{
+    CFA_END, CFA_RSP, MAX_FRAMES, RBP_UNCHANGED, ROW_CALLSITE, Regs, UnwindRow, step,
+};
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 
 use super::{BuildStats, UnwindTable, build_with_stats};
@@ -267,6 +269,78 @@ fn unwinds_own_stack() {
     assert_chain(&chain, "unwinds_own_stack");
 }
 
+/// With the rows of callsite code marked, as the daemon loads them, the walk ends at the
+/// first frame the callsite rule would pick instead of going on to libtest; every pc keeps
+/// its unwind rule.
+#[test]
+fn walk_stops_at_the_callsite_frame() {
+    use crate::heap::symbolize::Symbolizer;
+    let (table, _) = own_table();
+    let symbolizer = Symbolizer::load(Path::new("/proc/self/exe"), None).expect("own symbols");
+    let mut marked = table.clone();
+    marked.mark_callsite_code(&symbolizer.callsite_code());
+    assert_well_formed(&marked);
+    assert!(marked.rows.iter().any(|r| r.flags == ROW_CALLSITE));
+    assert!(
+        marked.rows.len() < table.rows.len() * 2,
+        "{}",
+        marked.rows.len()
+    );
+    // Every pc keeps its rule; only the flag says whether the callsite rule would pick it.
+    for row in &table.rows {
+        for pc in [row.pc, row.pc + 1] {
+            let (Some(before), Some(after)) = (table.find(pc), marked.find(pc)) else {
+                panic!("{pc:#x} lost its row");
+            };
+            assert!(
+                UnwindRow {
+                    pc: 0,
+                    flags: 0,
+                    ..*before
+                } == UnwindRow {
+                    pc: 0,
+                    flags: 0,
+                    ..*after
+                },
+                "{pc:#x}: {before:?} became {after:?}"
+            );
+            let picked = symbolizer
+                .name(pc)
+                .is_some_and(|name| !crate::heap::symbolize::is_runtime_frame(name));
+            assert_eq!(
+                after.flags == ROW_CALLSITE,
+                picked && after.cfa_reg != CFA_END,
+                "{pc:#x} {:?}",
+                symbolizer.name(pc)
+            );
+        }
+    }
+
+    let bias = own_bias();
+    let captured = outer(black_box(3));
+    let read = |a| captured.stack.read_u64(a);
+    let mut out = [0; MAX_FRAMES];
+    // The capture is in `inner`, itself callsite code: nothing to unwind.
+    assert_eq!(marked.unwind(&captured.regs, bias, read, &mut out), 0);
+    // With only `outer` counted as callsite code, `inner` and `middle` are walked through
+    // and the walk ends at the return address into `outer`.
+    let outer_name = format!("{}::outer", module_path!());
+    let &(outer_start, outer_size, _) = own_symbols()
+        .functions
+        .iter()
+        .find(|(_, _, name)| *name == outer_name)
+        .expect("outer's symbol");
+    let mut only_outer = table.clone();
+    only_outer.mark_callsite_code(&[(outer_start, outer_start + outer_size)]);
+    assert_well_formed(&only_outer);
+    let n = only_outer.unwind(&captured.regs, bias, read, &mut out);
+    let module = module_path!();
+    assert_eq!(
+        names(&out[..n], bias),
+        [format!("{module}::middle"), format!("{module}::outer")]
+    );
+}
+
 /// The uprobe case: at a function's entry the return address is at `rsp` (CFA = `rsp + 8`)
 /// and `rbp` is still the caller's. Rebuild exactly that state for `inner` from the live
 /// capture (its CFA and the caller's `rbp` come from one unwinding step) and walk again.
@@ -340,7 +414,11 @@ fn assert_well_formed(table: &UnwindTable) {
     assert_eq!(rows.first().unwrap().pc, table.text_range.0);
     let last = rows.last().unwrap();
     assert_eq!((last.pc, last.cfa_reg), (table.text_range.1, CFA_END));
-    assert!(rows.iter().all(|r| r._pad == [0; 6]));
+    assert!(rows.iter().all(|r| r._pad == [0; 5]));
+    assert!(
+        rows.iter()
+            .all(|r| r.flags & !ROW_CALLSITE == 0 && (r.cfa_reg != CFA_END || r.flags == 0))
+    );
     assert!(table.find(table.text_range.0 - 1).is_none());
     assert_eq!(table.find(u64::MAX), Some(last));
 }
@@ -386,7 +464,8 @@ fn find_on_empty_and_tiny_tables() {
                 rbp_offset: 0,
                 cfa_reg: CFA_RSP,
                 rbp_rule: RBP_UNCHANGED,
-                _pad: [0; 6],
+                flags: 0,
+                _pad: [0; 5],
             },
             UnwindRow::end(0x1010),
         ],
