@@ -6,6 +6,10 @@ pub const HEAP_FRAMES: usize = crate::unwind::MAX_FRAMES;
 /// Rows of unwind tables the kernel holds, for all watched executables together.
 pub const UNWIND_ROWS_MAX: u32 = 1 << 19;
 
+/// Entries of the unwind tables' bucket indexes the kernel holds, for all watched
+/// executables together: one per 4 KiB of code, so 1 GiB of code in all.
+pub const UNWIND_BUCKETS_MAX: u32 = 1 << 18;
+
 /// Indexes into the per-CPU `HEAP_COUNTERS` array.
 pub mod heap_counter {
     /// Events lost because the heap ring buffer was full (the block is then not tracked).
@@ -100,17 +104,24 @@ pub struct HeapTarget {
     pub task_slot_fs_offset: i64,
     /// Offset of `thread.fsbase` in the kernel's `task_struct`.
     pub fsbase_offset: u64,
+    /// Link-time start of the code the executable's unwind table covers.
+    pub text_start: u64,
     /// First row of the executable's unwind table in `UNWIND_ROWS`.
     pub unwind_first: u32,
     /// Rows of the executable's unwind table.
     pub unwind_rows: u32,
+    /// First entry of the table's bucket index in `UNWIND_BUCKETS` (row indexes there are
+    /// relative to `unwind_first`).
+    pub bucket_first: u32,
+    /// Buckets of the index (it has one entry more).
+    pub buckets: u32,
     /// Track 1 in `2^sample_shift` blocks, chosen by address (0: every block). Frees use
     /// the same choice, so a sampled block is always matched by its free.
     pub sample_shift: u32,
     pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<HeapTarget>() == 40);
+const _: () = assert!(core::mem::size_of::<HeapTarget>() == 56);
 
 /// Whether the block at `addr` is tracked under `2^shift` sampling: a multiplicative hash
 /// of the address (without its alignment bits), so the choice is the same at free time.

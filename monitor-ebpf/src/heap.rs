@@ -6,7 +6,7 @@
 //! seen allocated (made before attach) only bumps a per-process counter.
 //!
 //! The callsite comes from unwinding the user stack in the probe itself with the target's
-//! `.eh_frame` rules, compiled by userspace into `UNWIND_ROWS` (release binaries have no
+//! `.eh_frame` rules, compiled by userspace into `UNWIND_ROWS` and indexed by `UNWIND_BUCKETS` (release binaries have no
 //! frame pointers). The tokio task the thread is polling comes from tokio's thread-local
 //! current-task slot, at the offset discovery read from the target's code.
 
@@ -42,6 +42,12 @@ static HEAP_TARGETS: HashMap<u32, HeapTarget> = HashMap::with_max_entries(1024, 
 #[map]
 static UNWIND_ROWS: Array<UnwindRow> =
     Array::with_max_entries(monitor_common::heap::UNWIND_ROWS_MAX, 0);
+
+/// Bucket indexes of the unwind tables (see `unwind::find_row_bucketed`); each target owns a
+/// slice.
+#[map]
+static UNWIND_BUCKETS: Array<u32> =
+    Array::with_max_entries(monitor_common::heap::UNWIND_BUCKETS_MAX, 0);
 
 /// What an allocation's entry learned, until its return: by thread (pid_tgid).
 #[repr(C)]
@@ -357,13 +363,27 @@ fn record_alloc(
     };
     let first = target.unwind_first;
     let rows = target.unwind_rows;
+    let bucket_first = target.bucket_first;
     // SAFETY: the record is ours until submitted; `frames` is a plain array inside it.
     let frames = unsafe { &mut (*event).frames };
     let unwound = unwind::unwind(
         &start,
         target.load_bias,
         MAX_FRAMES,
-        |pc| unwind::find_row(rows, |i| UNWIND_ROWS.get(first + i).copied(), pc),
+        |pc| {
+            unwind::find_row_bucketed(
+                target.text_start,
+                target.buckets,
+                |b| UNWIND_BUCKETS.get(bucket_first + b).copied(),
+                |i| {
+                    if i >= rows {
+                        return None;
+                    }
+                    UNWIND_ROWS.get(first + i).copied()
+                },
+                pc,
+            )
+        },
         // SAFETY: reading the target's stack through the checked helper.
         |at| unsafe { bpf_probe_read_user(at as *const u64) }.ok(),
         frames,

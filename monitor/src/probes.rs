@@ -311,15 +311,25 @@ impl TaskProbes {
         first: u32,
         rows: &[monitor_common::unwind::UnwindRow],
     ) -> Result<(), ProbeError> {
-        let mut array: aya::maps::Array<_, monitor_common::unwind::UnwindRow> =
-            self.map_mut("UNWIND_ROWS")?;
-        for (i, row) in rows.iter().enumerate() {
+        self.fill_array("UNWIND_ROWS", first, rows)
+    }
+
+    /// Writes an unwind table's bucket index into `UNWIND_BUCKETS` from index `first` on.
+    pub fn load_unwind_buckets(&mut self, first: u32, buckets: &[u32]) -> Result<(), ProbeError> {
+        self.fill_array("UNWIND_BUCKETS", first, buckets)
+    }
+
+    fn fill_array<T: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        first: u32,
+        values: &[T],
+    ) -> Result<(), ProbeError> {
+        let mut array: aya::maps::Array<_, T> = self.map_mut(name)?;
+        for (i, value) in values.iter().enumerate() {
             array
-                .set(first + i as u32, row, 0)
-                .map_err(|source| ProbeError::Map {
-                    name: "UNWIND_ROWS",
-                    source,
-                })?;
+                .set(first + i as u32, value, 0)
+                .map_err(|source| ProbeError::Map { name, source })?;
         }
         Ok(())
     }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, bail};
-use monitor_common::heap::{HeapTarget, UNWIND_ROWS_MAX};
+use monitor_common::heap::{HeapTarget, UNWIND_BUCKETS_MAX, UNWIND_ROWS_MAX};
 
 use super::ledger::{HeapLedger, ProcessHeap};
 use super::symbolize::Symbolizer;
@@ -40,8 +40,11 @@ impl HeapMode {
 
 /// Per-executable state shared by all processes running it.
 struct ExeHeapInfo {
+    text_start: u64,
     unwind_first: u32,
     unwind_rows: u32,
+    bucket_first: u32,
+    buckets: u32,
     symbolizer: Arc<Symbolizer>,
 }
 
@@ -53,6 +56,7 @@ pub struct HeapTracker {
     fsbase_offset: u64,
     exes: HashMap<ExeIdentity, ExeHeapInfo>,
     next_unwind_row: u32,
+    next_bucket: u32,
 }
 
 impl HeapTracker {
@@ -70,6 +74,7 @@ impl HeapTracker {
             fsbase_offset,
             exes: HashMap::new(),
             next_unwind_row: 0,
+            next_bucket: 0,
         }
     }
 
@@ -90,24 +95,34 @@ impl HeapTracker {
             );
             // The walk in the kernel ends at the frame the callsite rule picks.
             table.mark_callsite_code(&symbolizer.callsite_code());
-            let rows = u32::try_from(table.rows.len()).unwrap_or(u32::MAX);
-            if self.next_unwind_row.saturating_add(rows) > UNWIND_ROWS_MAX {
+            let rows = u32::try_from(table.rows().len()).unwrap_or(u32::MAX);
+            let buckets = u32::try_from(table.buckets().len()).unwrap_or(u32::MAX);
+            if self.next_unwind_row.saturating_add(rows) > UNWIND_ROWS_MAX
+                || self.next_bucket.saturating_add(buckets) > UNWIND_BUCKETS_MAX
+            {
                 bail!(
-                    "no room for {rows} more unwind rows ({} of {UNWIND_ROWS_MAX} used): too \
-                     many distinct executables watched with heap tracking",
-                    self.next_unwind_row
+                    "no room for {rows} more unwind rows ({} of {UNWIND_ROWS_MAX} used) and \
+                     {buckets} index entries ({} of {UNWIND_BUCKETS_MAX} used): too many \
+                     distinct executables watched with heap tracking",
+                    self.next_unwind_row,
+                    self.next_bucket
                 );
             }
-            probes.load_unwind_rows(self.next_unwind_row, &table.rows)?;
+            probes.load_unwind_rows(self.next_unwind_row, table.rows())?;
+            probes.load_unwind_buckets(self.next_bucket, table.buckets())?;
             self.exes.insert(
                 process.exe,
                 ExeHeapInfo {
+                    text_start: table.text_range.0,
                     unwind_first: self.next_unwind_row,
                     unwind_rows: rows,
+                    bucket_first: self.next_bucket,
+                    buckets: buckets.saturating_sub(1),
                     symbolizer,
                 },
             );
             self.next_unwind_row += rows;
+            self.next_bucket += buckets;
         }
         Ok(&self.exes[&process.exe])
     }
@@ -147,8 +162,11 @@ impl HeapTracker {
                 .map(|s| s.fs_offset)
                 .unwrap_or(0),
             fsbase_offset,
+            text_start: exe.text_start,
             unwind_first: exe.unwind_first,
             unwind_rows: exe.unwind_rows,
+            bucket_first: exe.bucket_first,
+            buckets: exe.buckets,
             sample_shift,
             _pad: 0,
         };

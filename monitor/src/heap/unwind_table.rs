@@ -31,7 +31,7 @@ use gimli::{
 };
 use monitor_common::unwind::{
     CFA_END, CFA_RBP, CFA_RSP, MAX_FRAMES, MAX_ROWS, RBP_SAVED, RBP_UNCHANGED, ROW_CALLSITE, Regs,
-    UnwindRow, find_row, unwind,
+    UnwindRow, bucket_index, find_row_bucketed, unwind,
 };
 use object::{Architecture, Object, ObjectSection, SectionKind};
 
@@ -39,10 +39,13 @@ use object::{Architecture, Object, ObjectSection, SectionKind};
 /// its predecessor's rule. The last row is a `CFA_END` row at the end of the covered code.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UnwindTable {
-    pub rows: Vec<UnwindRow>,
+    rows: Vec<UnwindRow>,
     /// Link-time `[start, end)` of the code the table covers (lowest FDE start, highest FDE
     /// end); pcs outside it have no unwind information.
     pub text_range: (u64, u64),
+    /// The rows' bucket index (see [`monitor_common::unwind::find_row_bucketed`]), kept in
+    /// step with `rows`.
+    buckets: Vec<u32>,
 }
 
 /// What [`build_with_stats`] found, for logs and tuning.
@@ -99,9 +102,28 @@ pub enum UnwindTableError {
 }
 
 impl UnwindTable {
+    /// A table of `rows` (sorted by `pc`, as [`build`] makes them) covering `text_range`.
+    pub fn new(rows: Vec<UnwindRow>, text_range: (u64, u64)) -> Self {
+        let buckets = bucket_index(&rows, text_range.0, text_range.1).collect();
+        Self {
+            rows,
+            text_range,
+            buckets,
+        }
+    }
+
+    pub fn rows(&self) -> &[UnwindRow] {
+        &self.rows
+    }
+
+    /// The bucket index the kernel searches the rows with (buckets + 1 entries).
+    pub fn buckets(&self) -> &[u32] {
+        &self.buckets
+    }
+
     /// The row covering link-time `pc`, found the way the BPF walker finds it.
     pub fn find(&self, pc: u64) -> Option<&UnwindRow> {
-        let row = find_row(self.len_u32(), |i| self.rows.get(i as usize).copied(), pc)?;
+        let row = self.find_row(pc)?;
         // Row pcs are unique, so this locates the row `find_row` returned.
         let index = self.rows.binary_search_by_key(&row.pc, |r| r.pc).ok()?;
         self.rows.get(index)
@@ -116,9 +138,25 @@ impl UnwindTable {
         read_u64: impl FnMut(u64) -> Option<u64>,
         out: &mut [u64; MAX_FRAMES],
     ) -> usize {
-        let len = self.len_u32();
-        let find = |pc| find_row(len, |i| self.rows.get(i as usize).copied(), pc);
-        unwind(regs, bias, MAX_FRAMES, find, read_u64, out)
+        unwind(
+            regs,
+            bias,
+            MAX_FRAMES,
+            |pc| self.find_row(pc),
+            read_u64,
+            out,
+        )
+    }
+
+    fn find_row(&self, pc: u64) -> Option<UnwindRow> {
+        let buckets = u32::try_from(self.buckets.len().saturating_sub(1)).unwrap_or(0);
+        find_row_bucketed(
+            self.text_range.0,
+            buckets,
+            |b| self.buckets.get(b as usize).copied(),
+            |i| self.rows.get(i as usize).copied(),
+            pc,
+        )
     }
 
     /// Marks the rows of callsite code ([`ROW_CALLSITE`]): `callsite_code` holds sorted,
@@ -160,12 +198,7 @@ impl UnwindTable {
             }
             marked.push(row);
         }
-        self.rows = marked;
-    }
-
-    fn len_u32(&self) -> u32 {
-        // Larger tables are refused by `find_row` (u32::MAX > MAX_ROWS).
-        u32::try_from(self.rows.len()).unwrap_or(u32::MAX)
+        *self = Self::new(marked, self.text_range);
     }
 }
 
@@ -304,10 +337,7 @@ fn compile(
     if merged.is_empty() {
         text_range = (0, 0);
     }
-    Ok(UnwindTable {
-        rows: merged,
-        text_range,
-    })
+    Ok(UnwindTable::new(merged, text_range))
 }
 
 /// Appends the rows of one FDE's call frame program.

@@ -420,7 +420,16 @@ fn assert_well_formed(table: &UnwindTable) {
             .all(|r| r.flags & !ROW_CALLSITE == 0 && (r.cfa_reg != CFA_END || r.flags == 0))
     );
     assert!(table.find(table.text_range.0 - 1).is_none());
-    assert_eq!(table.find(u64::MAX), Some(last));
+    assert!(table.find(u64::MAX).is_none());
+    // The bucketed search finds every row at its own pc and just before the next one.
+    for pair in rows.windows(2) {
+        assert_eq!(table.find(pair[0].pc), Some(&pair[0]));
+        assert_eq!(table.find(pair[1].pc - 1), Some(&pair[0]));
+    }
+    assert_eq!(
+        table.buckets.len() as u64,
+        (table.text_range.1 - table.text_range.0).div_ceil(4096) + 1
+    );
 }
 
 #[test]
@@ -456,8 +465,8 @@ fn axum_fixture_table_is_compact() {
 fn find_on_empty_and_tiny_tables() {
     let empty = UnwindTable::default();
     assert_eq!(empty.find(0x1000), None);
-    let table = UnwindTable {
-        rows: vec![
+    let table = UnwindTable::new(
+        vec![
             UnwindRow {
                 pc: 0x1000,
                 cfa_offset: 8,
@@ -469,8 +478,8 @@ fn find_on_empty_and_tiny_tables() {
             },
             UnwindRow::end(0x1010),
         ],
-        text_range: (0x1000, 0x1010),
-    };
+        (0x1000, 0x1010),
+    );
     assert_eq!(table.find(0xfff), None);
     assert_eq!(table.find(0x1000), Some(&table.rows[0]));
     assert_eq!(table.find(0x100f), Some(&table.rows[0]));
