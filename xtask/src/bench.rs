@@ -4,7 +4,13 @@
 //! each task fires two hooks (spawn, complete). Rounds alternate baseline and monitored runs
 //! so drift on the machine hits both alike; the report is the ratio of medians and the
 //! per-hook cost derived from it, plus a check that every hook actually fired.
+//!
+//! The heap benchmark does the same for allocate+free loops, then one more monitored run per
+//! workload with the kernel's BPF run-time statistics on, which splits the cost into each
+//! hook's own BPF time (the rest of a hit is the trap). That run is kept out of the ratios:
+//! the statistics add their own clock reads to every program run.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 
@@ -85,9 +91,38 @@ const HEAP_WORKLOADS: [(&str, &str); 2] = [
     ),
 ];
 
+/// Per heap program name: hits and BPF nanoseconds.
+type HookTimes = BTreeMap<String, (u64, u64)>;
+
+/// Runs and run time of each loaded BPF program whose name starts with `heap_`, by id.
+/// Counted only while the statistics are enabled (see [`heap_hook_times`]).
+fn heap_program_stats() -> anyhow::Result<BTreeMap<u32, (String, u64, u64)>> {
+    let mut stats = BTreeMap::new();
+    for program in aya::programs::loaded_programs() {
+        let program = program.context("listing loaded BPF programs")?;
+        let name = program.name_as_str().unwrap_or_default();
+        if name.starts_with("heap_") {
+            stats.insert(
+                program.id(),
+                (
+                    name.to_string(),
+                    program.run_count(),
+                    program.run_time().as_nanos() as u64,
+                ),
+            );
+        }
+    }
+    Ok(stats)
+}
+
 /// One run of heap-app's allocation loop `workload` (system allocator); with `mode`,
-/// leakscope `--heap MODE` is attached first. Returns elapsed nanoseconds.
-fn one_heap_run(workload: &str, mode: Option<&str>) -> anyhow::Result<u64> {
+/// leakscope `--heap MODE` is attached first. Returns elapsed nanoseconds and, when
+/// `profile`, each heap program's (runs, BPF nanoseconds) during the loop, by name.
+fn one_heap_run(
+    workload: &str,
+    mode: Option<&str>,
+    profile: bool,
+) -> anyhow::Result<(u64, HookTimes)> {
     let root = workspace_root();
     let mut child = Command::new(root.join("target/release/heap-app"))
         .stdin(Stdio::piped())
@@ -108,13 +143,45 @@ fn one_heap_run(workload: &str, mode: Option<&str>) -> anyhow::Result<u64> {
         )?),
         None => None,
     };
+    let before = if profile {
+        heap_program_stats()?
+    } else {
+        BTreeMap::new()
+    };
     writeln!(stdin, "{workload} {ALLOCATIONS}")?;
     line.clear();
     stdout.read_line(&mut line)?;
-    line.split_whitespace()
+    let elapsed = line
+        .split_whitespace()
         .find_map(|f| f.strip_prefix("bench_ns="))
         .and_then(|v| v.parse().ok())
-        .with_context(|| format!("heap-app said {line:?}"))
+        .with_context(|| format!("heap-app said {line:?}"))?;
+    let mut hooks = HookTimes::new();
+    if profile {
+        for (id, (name, runs, ns)) in heap_program_stats()? {
+            let (runs_before, ns_before) = before.get(&id).map_or((0, 0), |b| (b.1, b.2));
+            let entry = hooks.entry(name).or_default();
+            entry.0 += runs - runs_before;
+            entry.1 += ns - ns_before;
+        }
+    }
+    Ok((elapsed, hooks))
+}
+
+/// Each heap hook's own BPF time per hit in one `--heap exact` run of `workload`, with the
+/// kernel's run-time statistics enabled for that run only.
+fn heap_hook_times(workload: &str) -> anyhow::Result<()> {
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("enabling BPF run-time statistics")?;
+    let (_, hooks) = one_heap_run(workload, Some("exact"), true)?;
+    println!("  BPF time per hook hit (--heap exact, one run with kernel statistics on):");
+    for (name, (runs, ns)) in hooks.iter().filter(|(_, (runs, _))| *runs >= ALLOCATIONS) {
+        println!(
+            "    {name:<16} {:6.0} ns  ({runs} hits)",
+            *ns as f64 / *runs as f64
+        );
+    }
+    Ok(())
 }
 
 fn heap_bench() -> anyhow::Result<()> {
@@ -123,9 +190,9 @@ fn heap_bench() -> anyhow::Result<()> {
         let mut monitored = Vec::new();
         let mut sampled = Vec::new();
         for round in 1..=ROUNDS {
-            let b = one_heap_run(workload, None)?;
-            let m = one_heap_run(workload, Some("exact"))?;
-            let s = one_heap_run(workload, Some("sampled"))?;
+            let (b, _) = one_heap_run(workload, None, false)?;
+            let (m, _) = one_heap_run(workload, Some("exact"), false)?;
+            let (s, _) = one_heap_run(workload, Some("sampled"), false)?;
             eprintln!(
                 "{workload} round {round}: baseline {:.0}, exact {:.0}, sampled {:.0} ns/alloc",
                 b as f64 / ALLOCATIONS as f64,
@@ -152,6 +219,7 @@ fn heap_bench() -> anyhow::Result<()> {
             (m - b) / 1000.0,
             (s - b) / 1000.0
         );
+        heap_hook_times(workload)?;
     }
     Ok(())
 }
