@@ -135,9 +135,9 @@ pub fn find_row(len: u32, row_at: impl Fn(u32) -> Option<UnwindRow>, pc: u64) ->
 pub const BUCKET_SHIFT: u32 = 12;
 
 /// [`find_row`] narrowed by a bucket index, which is what the BPF walker uses: a search over
-/// the whole table touches a page of it per halving, and each of those was a TLB miss in the
-/// probe (the trap flushes them), about 1.2 µs a frame measured; a bucket's rows sit
-/// together.
+/// the whole table touches a page of it per halving, which cost about 1.2 µs a frame in the
+/// probe (measured; TLB and cache misses after the trap, we believe), while a bucket's rows
+/// sit together.
 ///
 /// `bucket_at(b)`, for `b` in `0..=buckets`, is the index of the row covering link-time pc
 /// `text_start + (b << BUCKET_SHIFT)` (see [`bucket_index`]), so a pc in bucket `b` is
