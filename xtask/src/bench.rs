@@ -20,7 +20,6 @@ use crate::util::{KillOnDrop, get, is_root, start_leakscope, start_leakscope_wit
 use crate::{cargo, workspace_root};
 
 const TASKS: u64 = 200_000;
-const ROUNDS: usize = 5;
 
 /// One run of spawn-bench; with `monitored`, leakscope is attached before it starts.
 /// Returns elapsed nanoseconds and, when monitored, the events leakscope received.
@@ -115,14 +114,56 @@ fn heap_program_stats() -> anyhow::Result<BTreeMap<u32, (String, u64, u64)>> {
     Ok(stats)
 }
 
+/// What the profiled run measures besides elapsed time.
+#[derive(Default)]
+struct Profile {
+    hooks: HookTimes,
+    /// CPU time the daemon spent while the loop ran and until it had read every event.
+    daemon_cpu_ns: u64,
+    /// Heap events the daemon read in that time.
+    heap_events: u64,
+}
+
+/// User + system CPU time of process `pid` so far, from `/proc/PID/stat`.
+fn process_cpu_ns(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces) start with the state, field 3;
+    // utime and stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("malformed /proc/PID/stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| -> anyhow::Result<u64> {
+        fields
+            .get(i)
+            .context("short /proc/PID/stat")?
+            .parse::<u64>()
+            .context("/proc/PID/stat field")
+    };
+    Ok((ticks(11)? + ticks(12)?) * 10_000_000)
+}
+
+fn heap_events(listen: std::net::SocketAddr) -> u64 {
+    get(listen, "/metrics")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("leakscope_heap_events_total "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// One run of heap-app's allocation loop `workload` (system allocator); with `mode`,
 /// leakscope `--heap MODE` is attached first. Returns elapsed nanoseconds and, when
-/// `profile`, each heap program's (runs, BPF nanoseconds) during the loop, by name.
+/// `profile`, what [`Profile`] holds.
 fn one_heap_run(
     workload: &str,
     mode: Option<&str>,
     profile: bool,
-) -> anyhow::Result<(u64, HookTimes)> {
+) -> anyhow::Result<(u64, Profile)> {
     let root = workspace_root();
     let mut child = Command::new(root.join("target/release/heap-app"))
         .stdin(Stdio::piped())
@@ -135,7 +176,7 @@ fn one_heap_run(
     let _app = KillOnDrop(child);
     let mut line = String::new();
     stdout.read_line(&mut line)?;
-    let _daemon = match mode {
+    let daemon = match mode {
         Some(mode) => Some(start_leakscope_with(
             &root.join("target/release/leakscope"),
             pid,
@@ -143,10 +184,17 @@ fn one_heap_run(
         )?),
         None => None,
     };
-    let before = if profile {
-        heap_program_stats()?
-    } else {
-        BTreeMap::new()
+    let profiled = match &daemon {
+        Some((process, listen)) if profile => Some((process.0.id(), *listen)),
+        _ => None,
+    };
+    let before = match profiled {
+        Some((daemon_pid, listen)) => Some((
+            heap_program_stats()?,
+            process_cpu_ns(daemon_pid)?,
+            heap_events(listen),
+        )),
+        None => None,
     };
     writeln!(stdin, "{workload} {ALLOCATIONS}")?;
     line.clear();
@@ -156,40 +204,63 @@ fn one_heap_run(
         .find_map(|f| f.strip_prefix("bench_ns="))
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("heap-app said {line:?}"))?;
-    let mut hooks = HookTimes::new();
-    if profile {
+    let mut result = Profile::default();
+    if let (Some((daemon_pid, listen)), Some((programs, cpu, events))) = (profiled, before) {
         for (id, (name, runs, ns)) in heap_program_stats()? {
-            let (runs_before, ns_before) = before.get(&id).map_or((0, 0), |b| (b.1, b.2));
-            let entry = hooks.entry(name).or_default();
+            let (runs_before, ns_before) = programs.get(&id).map_or((0, 0), |b| (b.1, b.2));
+            let entry = result.hooks.entry(name).or_default();
             entry.0 += runs - runs_before;
             entry.1 += ns - ns_before;
         }
+        // An allocation and a free each: wait until the daemon has read them all.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while heap_events(listen) < events + 2 * ALLOCATIONS {
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "the daemon did not read {} heap events within 60 s",
+                    2 * ALLOCATIONS
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        result.daemon_cpu_ns = process_cpu_ns(daemon_pid)? - cpu;
+        result.heap_events = heap_events(listen) - events;
     }
-    Ok((elapsed, hooks))
+    Ok((elapsed, result))
 }
 
 /// Each heap hook's own BPF time per hit in one `--heap exact` run of `workload`, with the
-/// kernel's run-time statistics enabled for that run only.
+/// kernel's run-time statistics enabled for that run only, and the daemon's CPU per event.
 fn heap_hook_times(workload: &str) -> anyhow::Result<()> {
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("enabling BPF run-time statistics")?;
-    let (_, hooks) = one_heap_run(workload, Some("exact"), true)?;
+    let (_, profile) = one_heap_run(workload, Some("exact"), true)?;
     println!("  BPF time per hook hit (--heap exact, one run with kernel statistics on):");
-    for (name, (runs, ns)) in hooks.iter().filter(|(_, (runs, _))| *runs >= ALLOCATIONS) {
+    for (name, (runs, ns)) in profile
+        .hooks
+        .iter()
+        .filter(|(_, (runs, _))| *runs >= ALLOCATIONS)
+    {
         println!(
             "    {name:<16} {:6.0} ns  ({runs} hits)",
             *ns as f64 / *runs as f64
         );
     }
+    println!(
+        "  daemon CPU: {:.0} ns per heap event ({} events, {:.0} ms; 10 ms clock ticks)",
+        profile.daemon_cpu_ns as f64 / profile.heap_events.max(1) as f64,
+        profile.heap_events,
+        profile.daemon_cpu_ns as f64 / 1e6
+    );
     Ok(())
 }
 
-fn heap_bench() -> anyhow::Result<()> {
+fn heap_bench(rounds: usize) -> anyhow::Result<()> {
     for (workload, what) in HEAP_WORKLOADS {
         let mut baseline = Vec::new();
         let mut monitored = Vec::new();
         let mut sampled = Vec::new();
-        for round in 1..=ROUNDS {
+        for round in 1..=rounds {
             let (b, _) = one_heap_run(workload, None, false)?;
             let (m, _) = one_heap_run(workload, Some("exact"), false)?;
             let (s, _) = one_heap_run(workload, Some("sampled"), false)?;
@@ -208,7 +279,7 @@ fn heap_bench() -> anyhow::Result<()> {
         let s = median(&mut sampled) as f64 / ALLOCATIONS as f64;
         println!(
             "\nallocate + free of {ALLOCATIONS} blocks, {what}, system allocator, median of \
-             {ROUNDS}:"
+             {rounds}:"
         );
         println!("  baseline   {b:8.0} ns/alloc");
         println!("  --heap exact {m:6.0} ns/alloc   (ratio {:.1}x)", m / b);
@@ -224,7 +295,7 @@ fn heap_bench() -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn bench() -> anyhow::Result<()> {
+pub fn bench(rounds: usize) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmark loads eBPF programs: run it as root");
     }
@@ -234,7 +305,7 @@ pub fn bench() -> anyhow::Result<()> {
     let mut baseline = Vec::new();
     let mut monitored = Vec::new();
     let mut events = Vec::new();
-    for round in 1..=ROUNDS {
+    for round in 1..=rounds {
         let (b, _) = one_run(false)?;
         let (m, e) = one_run(true)?;
         eprintln!(
@@ -249,7 +320,7 @@ pub fn bench() -> anyhow::Result<()> {
     let b = median(&mut baseline) as f64 / TASKS as f64;
     let m = median(&mut monitored) as f64 / TASKS as f64;
     let min_events = events.iter().copied().min().unwrap_or(0);
-    println!("\nspawn+await of {TASKS} trivial tasks, median of {ROUNDS} alternating rounds:");
+    println!("\nspawn+await of {TASKS} trivial tasks, median of {rounds} alternating rounds:");
     println!("  baseline   {b:8.0} ns/task");
     println!("  monitored  {m:8.0} ns/task   (ratio {:.2}x)", m / b);
     println!(
@@ -263,5 +334,5 @@ pub fn bench() -> anyhow::Result<()> {
     if min_events < 2 * TASKS {
         bail!("hooks missed events: {min_events} < {}", 2 * TASKS);
     }
-    heap_bench()
+    heap_bench(rounds)
 }

@@ -32,8 +32,13 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         cargo_test_args: Vec<String>,
     },
-    /// Overhead of the hooks: spawn microbenchmark, baseline vs monitored, side by side.
-    Bench,
+    /// Overhead of the hooks: task and heap microbenchmarks, baseline vs monitored, side by
+    /// side.
+    Bench {
+        /// Alternating rounds per comparison; the report gives medians.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Run a leaky fixture under load with leakscope attached and show the suspects.
     Demo {
         /// How long to drive load and refresh the table, in seconds.
@@ -55,10 +60,10 @@ fn main() -> anyhow::Result<()> {
             fixtures()?;
             demo::demo(seconds)
         }
-        Task::Bench => {
+        Task::Bench { rounds } => {
             setup()?;
             fixtures()?;
-            bench::bench()
+            bench::bench(rounds.max(1))
         }
     }
 }
