@@ -545,70 +545,40 @@ mod tests {
             rsp: base,
             rbp: base + 0x30,
         };
-        let find = |pc| find_in(&rows, pc);
-        let mut out = [0; MAX_FRAMES];
-        let n = unwind(
-            &regs,
-            bias,
-            MAX_FRAMES,
-            find,
-            reader(base, &words),
-            &mut out,
-        );
+        // The return addresses a walk from `regs` over `table` emits, at most `max`.
+        let walk = |table: &[UnwindRow], regs: &Regs, max: usize| {
+            let mut out = [0; MAX_FRAMES];
+            let n = unwind(
+                regs,
+                bias,
+                max,
+                |pc| find_in(table, pc),
+                reader(base, &words),
+                &mut out,
+            );
+            (out, n)
+        };
+        let (out, n) = walk(&rows, &regs, MAX_FRAMES);
         assert_eq!(&out[..n], &[bias + 0x2050, bias + 0x3010, 0x7fff_0000_1234]);
         // With g marked as callsite code, the walk ends at the return address into g.
         let mut marked = rows;
         for r in &mut marked[2..5] {
             r.flags = ROW_CALLSITE;
         }
-        let find_marked = |pc| find_in(&marked, pc);
-        let mut out = [0; MAX_FRAMES];
-        let n = unwind(
-            &regs,
-            bias,
-            MAX_FRAMES,
-            find_marked,
-            reader(base, &words),
-            &mut out,
-        );
+        let (out, n) = walk(&marked, &regs, MAX_FRAMES);
         assert_eq!(&out[..n], &[bias + 0x2050]);
         // With f itself marked, the first frame is the callsite: nothing to unwind.
         marked[0].flags = ROW_CALLSITE;
         marked[1].flags = ROW_CALLSITE;
-        let find_marked = |pc| find_in(&marked, pc);
-        assert_eq!(
-            unwind(
-                &regs,
-                bias,
-                MAX_FRAMES,
-                find_marked,
-                reader(base, &words),
-                &mut out
-            ),
-            0
-        );
+        assert_eq!(walk(&marked, &regs, MAX_FRAMES).1, 0);
         // max_frames bounds the walk.
-        let mut out = [0; MAX_FRAMES];
-        assert_eq!(
-            unwind(&regs, bias, 2, find, reader(base, &words), &mut out),
-            2
-        );
+        assert_eq!(walk(&rows, &regs, 2).1, 2);
         // First frame at 0x4000 (the end row) gives nothing.
-        let regs = Regs {
+        let at_end = Regs {
             pc: bias + 0x4000,
             ..regs
         };
-        assert_eq!(
-            unwind(
-                &regs,
-                bias,
-                MAX_FRAMES,
-                find,
-                reader(base, &words),
-                &mut out
-            ),
-            0
-        );
+        assert_eq!(walk(&rows, &at_end, MAX_FRAMES).1, 0);
     }
 
     #[test]
