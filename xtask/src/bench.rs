@@ -212,16 +212,20 @@ fn one_heap_run(
             entry.0 += runs - runs_before;
             entry.1 += ns - ns_before;
         }
-        // An allocation and a free each: wait until the daemon has read them all.
+        // At least an allocation and a free per round: wait until the daemon has read them
+        // all and its count stands still.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while heap_events(listen) < events + 2 * ALLOCATIONS {
-            if std::time::Instant::now() > deadline {
-                bail!(
-                    "the daemon did not read {} heap events within 60 s",
-                    2 * ALLOCATIONS
-                );
+        let mut last = heap_events(listen);
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let now = heap_events(listen);
+            if now == last && now >= events + 2 * ALLOCATIONS {
+                break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            if std::time::Instant::now() > deadline {
+                bail!("the daemon did not read all heap events within 60 s");
+            }
+            last = now;
         }
         result.daemon_cpu_ns = process_cpu_ns(daemon_pid)? - cpu;
         result.heap_events = heap_events(listen) - events;
@@ -292,7 +296,11 @@ fn heap_bench(rounds: usize) -> anyhow::Result<()> {
         );
         heap_hook_times(workload)?;
     }
-    Ok(())
+    println!(
+        "\n{ALLOCATIONS} rounds of calloc, malloc + realloc and posix_memalign, each freed \
+         (every libc hook):"
+    );
+    heap_hook_times("bench-mix")
 }
 
 pub fn bench(rounds: usize) -> anyhow::Result<()> {
