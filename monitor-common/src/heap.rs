@@ -132,3 +132,64 @@ pub const fn sampled(addr: u64, shift: u32) -> bool {
     }
     ((addr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - shift)) == 0
 }
+
+/// Where a heap entry program reads the probed function's arguments. An entry probe may sit a
+/// few instructions into the function (on one the kernel emulates, see
+/// `monitor::discovery::alloc`), after the function copied an argument to another register
+/// and reused its own: the attach cookie then says where each argument is. Bits `4n..4n+4`
+/// of the cookie hold the location of the `n`-th System V argument (rdi, rsi, rdx, rcx, r8,
+/// r9): [`arg_location::OWN`] for its own register, else a register code below.
+pub mod arg_location {
+    /// The argument is still in its own register (a cookie of 0 moves nothing).
+    pub const OWN: u8 = 0;
+    pub const RDI: u8 = 1;
+    pub const RSI: u8 = 2;
+    pub const RDX: u8 = 3;
+    pub const RCX: u8 = 4;
+    pub const R8: u8 = 5;
+    pub const R9: u8 = 6;
+    pub const RAX: u8 = 7;
+    pub const RBX: u8 = 8;
+    pub const R10: u8 = 9;
+    pub const R11: u8 = 10;
+    pub const R12: u8 = 11;
+    pub const R13: u8 = 12;
+    pub const R14: u8 = 13;
+    pub const R15: u8 = 14;
+
+    /// Register names by code, for logs and `inspect`.
+    pub const NAMES: [&str; 15] = [
+        "own", "rdi", "rsi", "rdx", "rcx", "r8", "r9", "rax", "rbx", "r10", "r11", "r12", "r13",
+        "r14", "r15",
+    ];
+
+    /// The location code of argument `position` in `cookie`.
+    #[inline(always)]
+    pub const fn of(cookie: u64, position: usize) -> u8 {
+        ((cookie >> (4 * (position & 0xf))) & 0xf) as u8
+    }
+
+    /// `cookie` with argument `position` found in register `code`.
+    pub const fn with(cookie: u64, position: usize, code: u8) -> u64 {
+        let shift = 4 * position;
+        (cookie & !(0xf << shift)) | (((code & 0xf) as u64) << shift)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::arg_location;
+
+    #[test]
+    fn argument_locations_round_trip() {
+        let cookie = arg_location::with(0, 0, arg_location::RSI);
+        let cookie = arg_location::with(cookie, 2, arg_location::R15);
+        assert_eq!(arg_location::of(cookie, 0), arg_location::RSI);
+        assert_eq!(arg_location::of(cookie, 1), arg_location::OWN);
+        assert_eq!(arg_location::of(cookie, 2), arg_location::R15);
+        assert_eq!(arg_location::of(0, 5), arg_location::OWN);
+        let cleared = arg_location::with(cookie, 0, arg_location::OWN);
+        assert_eq!(arg_location::of(cleared, 0), arg_location::OWN);
+        assert_eq!(arg_location::of(cleared, 2), arg_location::R15);
+    }
+}

@@ -10,17 +10,18 @@
 //! frame pointers). The tokio task the thread is polling comes from tokio's thread-local
 //! current-task slot, at the offset discovery read from the target's code.
 
+use aya_ebpf::EbpfContext;
 use aya_ebpf::bindings::BPF_ANY;
 use aya_ebpf::helpers::{
-    bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-    bpf_probe_read_kernel, bpf_probe_read_user,
+    bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_current_task,
+    bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
 };
 use aya_ebpf::macros::{map, uprobe, uretprobe};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{ProbeContext, RetProbeContext};
 use monitor_common::heap::{
-    BlockInfo, BlockKey, HeapEvent, HeapEventKind, HeapTarget, OUTSTANDING_MAX, heap_counter,
-    sampled,
+    BlockInfo, BlockKey, HeapEvent, HeapEventKind, HeapTarget, OUTSTANDING_MAX, arg_location,
+    heap_counter, sampled,
 };
 use monitor_common::unwind::{self, MAX_FRAMES, Regs, UnwindRow};
 use monitor_common::{RB_AVAIL_DATA, RB_FORCE_WAKEUP, RB_NO_WAKEUP, RINGBUF_WAKEUP_BYTES};
@@ -109,6 +110,38 @@ fn target(pid: u32) -> Option<HeapTarget> {
     unsafe { HEAP_TARGETS.get(&pid) }.copied()
 }
 
+/// Argument `position` of the probed function, from the register the attach cookie names
+/// (see `arg_location`): an entry probe past the function's first instructions may find it
+/// moved.
+#[inline(always)]
+fn arg(ctx: &ProbeContext, cookie: u64, position: usize) -> u64 {
+    // SAFETY: `regs` is the probe's register context for the program's duration.
+    let regs = unsafe { &*ctx.regs };
+    match arg_location::of(cookie, position) {
+        arg_location::OWN => ctx.arg::<u64>(position).unwrap_or(0),
+        arg_location::RDI => regs.rdi,
+        arg_location::RSI => regs.rsi,
+        arg_location::RDX => regs.rdx,
+        arg_location::RCX => regs.rcx,
+        arg_location::R8 => regs.r8,
+        arg_location::R9 => regs.r9,
+        arg_location::RAX => regs.rax,
+        arg_location::RBX => regs.rbx,
+        arg_location::R10 => regs.r10,
+        arg_location::R11 => regs.r11,
+        arg_location::R12 => regs.r12,
+        arg_location::R13 => regs.r13,
+        arg_location::R14 => regs.r14,
+        arg_location::R15 => regs.r15,
+        _ => 0,
+    }
+}
+
+fn cookie(ctx: &ProbeContext) -> u64 {
+    // SAFETY: the helper only reads the cookie of the link that fired.
+    unsafe { bpf_get_attach_cookie(ctx.as_ptr()) }
+}
+
 #[inline(always)]
 fn stash(ctx: &ProbeContext, size: u64, old_addr: u64, out_ptr: u64) -> u32 {
     if target(pid()).is_none() {
@@ -148,14 +181,16 @@ fn stash(ctx: &ProbeContext, size: u64, old_addr: u64, out_ptr: u64) -> u32 {
 /// `__rust_alloc(size, align)`, `__rust_alloc_zeroed`, `malloc(size)`, `valloc`, `pvalloc`.
 #[uprobe]
 pub fn heap_alloc_entry(ctx: ProbeContext) -> u32 {
-    stash(&ctx, ctx.arg::<u64>(0).unwrap_or(0), 0, 0)
+    let cookie = cookie(&ctx);
+    stash(&ctx, arg(&ctx, cookie, 0), 0, 0)
 }
 
 /// `calloc(n, size)`.
 #[uprobe]
 pub fn heap_calloc_entry(ctx: ProbeContext) -> u32 {
-    let n = ctx.arg::<u64>(0).unwrap_or(0);
-    let size = ctx.arg::<u64>(1).unwrap_or(0);
+    let cookie = cookie(&ctx);
+    let n = arg(&ctx, cookie, 0);
+    let size = arg(&ctx, cookie, 1);
     // An overflowing product makes calloc fail, and a failed allocation is not recorded.
     stash(&ctx, n.wrapping_mul(size), 0, 0)
 }
@@ -163,47 +198,36 @@ pub fn heap_calloc_entry(ctx: ProbeContext) -> u32 {
 /// `aligned_alloc(align, size)`, `memalign(align, size)`.
 #[uprobe]
 pub fn heap_aligned_entry(ctx: ProbeContext) -> u32 {
-    stash(&ctx, ctx.arg::<u64>(1).unwrap_or(0), 0, 0)
+    let cookie = cookie(&ctx);
+    stash(&ctx, arg(&ctx, cookie, 1), 0, 0)
 }
 
 /// `posix_memalign(&out, align, size)`.
 #[uprobe]
 pub fn heap_posix_memalign_entry(ctx: ProbeContext) -> u32 {
-    stash(
-        &ctx,
-        ctx.arg::<u64>(2).unwrap_or(0),
-        0,
-        ctx.arg::<u64>(0).unwrap_or(0),
-    )
+    let cookie = cookie(&ctx);
+    stash(&ctx, arg(&ctx, cookie, 2), 0, arg(&ctx, cookie, 0))
 }
 
 /// `realloc(ptr, size)`.
 #[uprobe]
 pub fn heap_realloc_entry(ctx: ProbeContext) -> u32 {
-    stash(
-        &ctx,
-        ctx.arg::<u64>(1).unwrap_or(0),
-        ctx.arg::<u64>(0).unwrap_or(0),
-        0,
-    )
+    let cookie = cookie(&ctx);
+    stash(&ctx, arg(&ctx, cookie, 1), arg(&ctx, cookie, 0), 0)
 }
 
 /// `__rust_realloc(ptr, old_size, align, new_size)`.
 #[uprobe]
 pub fn heap_rust_realloc_entry(ctx: ProbeContext) -> u32 {
-    stash(
-        &ctx,
-        ctx.arg::<u64>(3).unwrap_or(0),
-        ctx.arg::<u64>(0).unwrap_or(0),
-        0,
-    )
+    let cookie = cookie(&ctx);
+    stash(&ctx, arg(&ctx, cookie, 3), arg(&ctx, cookie, 0), 0)
 }
 
 /// `free(ptr)`, `__rust_dealloc(ptr, size, align)`, `_rjem_sdallocx(ptr, ...)`, `mi_free`.
 #[uprobe]
 pub fn heap_free_entry(ctx: ProbeContext) -> u32 {
     let pid = pid();
-    let addr = ctx.arg::<u64>(0).unwrap_or(0);
+    let addr = arg(&ctx, cookie(&ctx), 0);
     if let Some(target) = target(pid)
         && sampled(addr, target.sample_shift)
     {

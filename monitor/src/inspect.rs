@@ -107,14 +107,20 @@ pub fn render_allocator(allocators: &AllocatorImage, points: &[HeapAttachPoint])
             .iter()
             .find(|f| f.entry_probe.file_offset == point.file_offset && f.file == point.target)
             .map(|f| {
+                let moved: String = f
+                    .entry_probe
+                    .moved_args
+                    .iter()
+                    .map(|m| format!(", {} in {}", m.arg, m.register))
+                    .collect();
                 format!(
-                    "+{:#x} {}{}",
+                    "+{:#x} {} ({}{moved})",
                     f.entry_probe.offset,
                     f.entry_probe.insn,
                     if f.entry_probe.emulated {
-                        " (emulated)"
+                        "emulated"
                     } else {
-                        " (single-stepped)"
+                        "single-stepped"
                     }
                 )
             })

@@ -283,6 +283,9 @@ pub struct HeapAttachPoint {
     pub target: std::path::PathBuf,
     pub file_offset: u64,
     pub symbol: String,
+    /// For entry programs: where the function's arguments are at the probed instruction
+    /// (`monitor_common::heap::arg_location`); 0 when all are in their own registers.
+    pub arg_cookie: u64,
 }
 
 impl TaskProbes {
@@ -386,7 +389,7 @@ impl TaskProbes {
                 program: point.program.name(),
                 target: &point.target,
                 file_offset: point.file_offset,
-                cookie: None,
+                cookie: (point.arg_cookie != 0).then_some(point.arg_cookie),
                 symbol: &point.symbol,
             })
             .collect();

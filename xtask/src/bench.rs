@@ -78,17 +78,57 @@ fn median(values: &mut [u64]) -> u64 {
 
 const ALLOCATIONS: u64 = 200_000;
 
-/// How heap-app allocates in its benchmark loop: the command, and what the report says of it.
-const HEAP_WORKLOADS: [(&str, &str); 2] = [
-    (
-        "bench",
-        "64-byte Box::new (the allocator's caller is the callsite)",
-    ),
-    (
-        "bench-vec",
-        "64-byte Vec::reserve_exact (alloc::raw_vec frames before the callsite)",
-    ),
+/// A heap-app build and one of its benchmark loops.
+#[derive(Clone, Copy)]
+struct HeapWorkload {
+    /// The fixture binary, relative to the workspace root.
+    binary: &'static str,
+    /// Its global allocator, for the report.
+    allocator: &'static str,
+    /// The heap-app command that runs the loop.
+    command: &'static str,
+    /// What the loop allocates, for the report.
+    what: &'static str,
+}
+
+const SYSTEM_HEAP_APP: &str = "target/release/heap-app";
+
+/// Compared baseline vs monitored: each allocator, and one loop that passes through
+/// `alloc::raw_vec` (more frames to walk).
+const HEAP_WORKLOADS: [HeapWorkload; 4] = [
+    HeapWorkload {
+        binary: SYSTEM_HEAP_APP,
+        allocator: "system allocator",
+        command: "bench",
+        what: "64-byte Box::new (the allocator's caller is the callsite)",
+    },
+    HeapWorkload {
+        binary: SYSTEM_HEAP_APP,
+        allocator: "system allocator",
+        command: "bench-vec",
+        what: "64-byte Vec::reserve_exact (alloc::raw_vec frames before the callsite)",
+    },
+    HeapWorkload {
+        binary: "target/fixtures-jemalloc/release/heap-app",
+        allocator: "jemalloc",
+        command: "bench",
+        what: "64-byte Box::new",
+    },
+    HeapWorkload {
+        binary: "target/fixtures-mimalloc/release/heap-app",
+        allocator: "mimalloc",
+        command: "bench",
+        what: "64-byte Box::new",
+    },
 ];
+
+/// Profiled only: every libc hook fires.
+const MIXED_WORKLOAD: HeapWorkload = HeapWorkload {
+    binary: SYSTEM_HEAP_APP,
+    allocator: "system allocator",
+    command: "bench-mix",
+    what: "calloc, malloc + realloc and posix_memalign, each freed (every libc hook)",
+};
 
 /// Per heap program name: hits and BPF nanoseconds.
 type HookTimes = BTreeMap<String, (u64, u64)>;
@@ -160,12 +200,12 @@ fn heap_events(listen: std::net::SocketAddr) -> u64 {
 /// leakscope `--heap MODE` is attached first. Returns elapsed nanoseconds and, when
 /// `profile`, what [`Profile`] holds.
 fn one_heap_run(
-    workload: &str,
+    workload: HeapWorkload,
     mode: Option<&str>,
     profile: bool,
 ) -> anyhow::Result<(u64, Profile)> {
     let root = workspace_root();
-    let mut child = Command::new(root.join("target/release/heap-app"))
+    let mut child = Command::new(root.join(workload.binary))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -196,7 +236,7 @@ fn one_heap_run(
         )),
         None => None,
     };
-    writeln!(stdin, "{workload} {ALLOCATIONS}")?;
+    writeln!(stdin, "{} {ALLOCATIONS}", workload.command)?;
     line.clear();
     stdout.read_line(&mut line)?;
     let elapsed = line
@@ -235,7 +275,7 @@ fn one_heap_run(
 
 /// Each heap hook's own BPF time per hit in one `--heap exact` run of `workload`, with the
 /// kernel's run-time statistics enabled for that run only, and the daemon's CPU per event.
-fn heap_hook_times(workload: &str) -> anyhow::Result<()> {
+fn heap_hook_times(workload: HeapWorkload) -> anyhow::Result<()> {
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("enabling BPF run-time statistics")?;
     let (_, profile) = one_heap_run(workload, Some("exact"), true)?;
@@ -260,7 +300,7 @@ fn heap_hook_times(workload: &str) -> anyhow::Result<()> {
 }
 
 fn heap_bench(rounds: usize) -> anyhow::Result<()> {
-    for (workload, what) in HEAP_WORKLOADS {
+    for workload in HEAP_WORKLOADS {
         let mut baseline = Vec::new();
         let mut monitored = Vec::new();
         let mut sampled = Vec::new();
@@ -269,7 +309,9 @@ fn heap_bench(rounds: usize) -> anyhow::Result<()> {
             let (m, _) = one_heap_run(workload, Some("exact"), false)?;
             let (s, _) = one_heap_run(workload, Some("sampled"), false)?;
             eprintln!(
-                "{workload} round {round}: baseline {:.0}, exact {:.0}, sampled {:.0} ns/alloc",
+                "{} {} round {round}: baseline {:.0}, exact {:.0}, sampled {:.0} ns/alloc",
+                workload.allocator,
+                workload.command,
                 b as f64 / ALLOCATIONS as f64,
                 m as f64 / ALLOCATIONS as f64,
                 s as f64 / ALLOCATIONS as f64
@@ -282,8 +324,8 @@ fn heap_bench(rounds: usize) -> anyhow::Result<()> {
         let m = median(&mut monitored) as f64 / ALLOCATIONS as f64;
         let s = median(&mut sampled) as f64 / ALLOCATIONS as f64;
         println!(
-            "\nallocate + free of {ALLOCATIONS} blocks, {what}, system allocator, median of \
-             {rounds}:"
+            "\nallocate + free of {ALLOCATIONS} blocks, {}, {}, median of {rounds}:",
+            workload.what, workload.allocator
         );
         println!("  baseline   {b:8.0} ns/alloc");
         println!("  --heap exact {m:6.0} ns/alloc   (ratio {:.1}x)", m / b);
@@ -297,10 +339,10 @@ fn heap_bench(rounds: usize) -> anyhow::Result<()> {
         heap_hook_times(workload)?;
     }
     println!(
-        "\n{ALLOCATIONS} rounds of calloc, malloc + realloc and posix_memalign, each freed \
-         (every libc hook):"
+        "\n{ALLOCATIONS} rounds of {}, {}:",
+        MIXED_WORKLOAD.what, MIXED_WORKLOAD.allocator
     );
-    heap_hook_times("bench-mix")
+    heap_hook_times(MIXED_WORKLOAD)
 }
 
 pub fn bench(rounds: usize) -> anyhow::Result<()> {

@@ -51,6 +51,7 @@ use serde::Serialize;
 use super::disasm::decode_range;
 use super::elf::Image;
 use super::{ArgReg, DiscoveryError};
+use monitor_common::heap::arg_location;
 
 /// The allocator behind Rust's `#[global_allocator]`, as the shims' code shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -414,10 +415,61 @@ pub struct ProbeSite {
     pub treatment: Treatment,
     /// The instruction at the site, e.g. `je 0x98fb8`.
     pub insn: String,
-    /// Entry sites: the argument registers of [`AllocFn::args`] that still hold their entry
-    /// values here (the instructions skipped before the site write none of them). Always
+    /// Entry sites: the arguments of [`AllocFn::args`] whose entry values are still
+    /// readable here, in their own register or, see `moved_args`, in another one. Always
     /// the full set at offset 0; empty for return sites.
     pub intact_args: Vec<ArgReg>,
+    /// Entry sites: arguments the skipped instructions copied to another register before
+    /// reusing their own (mimalloc's `mi_free` keeps the pointer in rsi), and where they are.
+    pub moved_args: Vec<MovedArg>,
+}
+
+/// An argument found in another register at an entry site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MovedArg {
+    pub arg: ArgReg,
+    /// Where it is, e.g. `rsi`.
+    pub register: &'static str,
+    /// The location code the BPF program reads ([`arg_location`]).
+    #[serde(skip)]
+    pub code: u8,
+}
+
+impl ProbeSite {
+    /// The attach cookie that tells the entry program where each argument is: 0 when none
+    /// moved.
+    pub fn arg_cookie(&self) -> u64 {
+        self.moved_args.iter().fold(0, |cookie, moved| {
+            arg_location::with(cookie, moved.arg.position(), moved.code)
+        })
+    }
+}
+
+/// The location code of a 64-bit general-purpose register, `None` for `rsp` and `rbp` (the
+/// entry site never skips a write to them) and anything else.
+fn location_code(register: Register) -> Option<u8> {
+    Some(match register {
+        Register::RDI => arg_location::RDI,
+        Register::RSI => arg_location::RSI,
+        Register::RDX => arg_location::RDX,
+        Register::RCX => arg_location::RCX,
+        Register::R8 => arg_location::R8,
+        Register::R9 => arg_location::R9,
+        Register::RAX => arg_location::RAX,
+        Register::RBX => arg_location::RBX,
+        Register::R10 => arg_location::R10,
+        Register::R11 => arg_location::R11,
+        Register::R12 => arg_location::R12,
+        Register::R13 => arg_location::R13,
+        Register::R14 => arg_location::R14,
+        Register::R15 => arg_location::R15,
+        _ => return None,
+    })
+}
+
+/// The location code of an argument's own register.
+fn own_code(arg: ArgReg) -> u8 {
+    arg_location::RDI + arg.position() as u8
 }
 
 /// How control leaves a function other than by `ret`.
@@ -1043,8 +1095,17 @@ impl<'a> Ctx<'a> {
             }
         };
 
+        // Which argument's entry value each register holds (by location code), followed
+        // through the skipped instructions: a write loses a value, a 64-bit register copy
+        // (`mov r64, r64`) duplicates it. The site may move on while every essential
+        // argument is still held somewhere.
+        let mut held: [Option<ArgReg>; arg_location::NAMES.len()] = [None; 15];
+        for &arg in args {
+            held[own_code(arg) as usize] = Some(arg);
+        }
+        let entry_held = held;
+        let holds = |held: &[Option<ArgReg>; 15], arg: ArgReg| held.contains(&Some(arg));
         let mut info = InstructionInfoFactory::new();
-        let mut clobbered: Vec<ArgReg> = Vec::new();
         let mut chosen = None;
         for (i, ins) in instrs.iter().enumerate().take(MAX_SKIP + 1) {
             if i > 0 && targeted(start + 1, ins.ip()) {
@@ -1054,23 +1115,39 @@ impl<'a> Ctx<'a> {
                 chosen = Some(i);
                 break;
             }
-            match skip_writes(ins, &mut info) {
-                Some(written) if !written.iter().any(|r| essential.contains(r)) => {
-                    clobbered.extend(written);
-                }
-                _ => break,
+            let Some(written) = skip_writes(ins, &mut info) else {
+                break;
+            };
+            let mut next = held;
+            for code in written {
+                next[code as usize] = None;
             }
+            if let Some((to, from)) = register_copy(ins) {
+                next[to as usize] = held[from as usize];
+            }
+            if !essential.iter().all(|&arg| holds(&next, arg)) {
+                break;
+            }
+            held = next;
         }
-        let (index, intact) = match chosen {
-            Some(i) => (
-                i,
-                args.iter()
-                    .copied()
-                    .filter(|r| !clobbered.contains(r))
-                    .collect(),
-            ),
-            None => (0, args.to_vec()),
+        let (index, held) = match chosen {
+            Some(i) => (i, held),
+            None => (0, entry_held),
         };
+        let intact = args.iter().copied().filter(|&a| holds(&held, a)).collect();
+        let moved = args
+            .iter()
+            .copied()
+            .filter(|&arg| held[own_code(arg) as usize] != Some(arg))
+            .filter_map(|arg| {
+                let code = held.iter().position(|h| *h == Some(arg))? as u8;
+                Some(MovedArg {
+                    arg,
+                    register: arg_location::NAMES[code as usize],
+                    code,
+                })
+            })
+            .collect();
         let shown = (index + 1).max(4).min(instrs.len());
         let prologue = instrs[..shown]
             .iter()
@@ -1089,7 +1166,9 @@ impl<'a> Ctx<'a> {
                 )
             })
             .collect();
-        (self.site(start, &instrs[index], intact), prologue)
+        let mut site = self.site(start, &instrs[index], intact);
+        site.moved_args = moved;
+        (site, prologue)
     }
 
     fn treatment(&self, ins: &Instruction) -> Treatment {
@@ -1108,6 +1187,7 @@ impl<'a> Ctx<'a> {
             treatment,
             insn: format_insn(ins),
             intact_args,
+            moved_args: Vec::new(),
         }
     }
 
@@ -1377,7 +1457,10 @@ fn near_target(ins: &Instruction) -> Option<u64> {
 /// If `ins` may run before a moved entry probe, the argument registers it writes; `None` when
 /// it must not: it transfers control (branch, call, return, trap), writes `rsp` or `rbp`, or
 /// could not be decoded.
-fn skip_writes(ins: &Instruction, info: &mut InstructionInfoFactory) -> Option<Vec<ArgReg>> {
+/// The registers (location codes) `ins` writes, for an instruction the entry site may be
+/// moved past; `None` when it may not: not straight-line code, or it writes `rsp`/`rbp`
+/// (the return probe and the stack walk need them as at entry).
+fn skip_writes(ins: &Instruction, info: &mut InstructionInfoFactory) -> Option<Vec<u8>> {
     if ins.flow_control() != FlowControl::Next || ins.code() == iced_x86::Code::INVALID {
         return None;
     }
@@ -1389,19 +1472,30 @@ fn skip_writes(ins: &Instruction, info: &mut InstructionInfoFactory) -> Option<V
         ) {
             continue;
         }
-        let full = used.register().full_register();
-        match full {
+        match used.register().full_register() {
             Register::RSP | Register::RBP => return None,
-            Register::RDI => written.push(ArgReg::Rdi),
-            Register::RSI => written.push(ArgReg::Rsi),
-            Register::RDX => written.push(ArgReg::Rdx),
-            Register::RCX => written.push(ArgReg::Rcx),
-            Register::R8 => written.push(ArgReg::R8),
-            Register::R9 => written.push(ArgReg::R9),
-            _ => {}
+            full => written.extend(location_code(full)),
         }
     }
     Some(written)
+}
+
+/// `(to, from)` location codes when `ins` copies one 64-bit register to another (`mov r64,
+/// r64`); a 32-bit move zero-extends and is a plain write.
+fn register_copy(ins: &Instruction) -> Option<(u8, u8)> {
+    if ins.mnemonic() != Mnemonic::Mov
+        || ins.op_count() != 2
+        || ins.op0_kind() != OpKind::Register
+        || ins.op1_kind() != OpKind::Register
+        || !ins.op0_register().is_gpr64()
+        || !ins.op1_register().is_gpr64()
+    {
+        return None;
+    }
+    Some((
+        location_code(ins.op0_register())?,
+        location_code(ins.op1_register())?,
+    ))
 }
 
 /// `good_insns_64` of Linux 6.18 `arch/x86/kernel/uprobes.c`: one row per high nibble of the
@@ -1779,6 +1873,43 @@ mod tests {
     }
 
     #[test]
+    fn site_follows_an_argument_copied_to_another_register() {
+        // mimalloc's mi_free: mov rax,[rip]; mov rdx,rdi; mov rsi,rdi; shr rdx,0x1d;
+        // mov rdi,[rax+rdx*8]; test rdi,rdi; je +0; ret. The pointer survives in rsi only.
+        let code = [
+            0x48, 0x8b, 0x05, 0, 0, 0, 0, 0x48, 0x89, 0xfa, 0x48, 0x89, 0xfe, 0x48, 0xc1, 0xea,
+            0x1d, 0x48, 0x8b, 0x3c, 0xd0, 0x48, 0x85, 0xff, 0x74, 0x00, 0xc3,
+        ];
+        let f = describe_code(&code, AllocRole::Free);
+        assert_eq!(f.entry_probe.offset, 24, "{:?}", f.prologue);
+        assert!(f.entry_probe.emulated);
+        assert_eq!(f.entry_probe.intact_args, vec![ArgReg::Rdi]);
+        let moved = &f.entry_probe.moved_args;
+        assert_eq!(moved.len(), 1, "{moved:?}");
+        assert_eq!((moved[0].arg, moved[0].register), (ArgReg::Rdi, "rsi"));
+        assert_eq!(
+            arg_location::of(f.entry_probe.arg_cookie(), 0),
+            arg_location::RSI
+        );
+        // A 32-bit copy zero-extends: not the argument any more, so the site stays at 0.
+        // mov esi,edi; mov rdi,rax; je +0; ret
+        let code = [0x89, 0xfe, 0x48, 0x89, 0xc7, 0x74, 0x00, 0xc3];
+        let f = describe_code(&code, AllocRole::Free);
+        assert_eq!(f.entry_probe.offset, 0, "{:?}", f.prologue);
+        assert_eq!(f.entry_probe.arg_cookie(), 0);
+        // Swapped through a third register, both arguments stay readable.
+        // mov rax,rdi; mov rdi,rsi; mov rsi,rax; je +0; ret (aligned_alloc: align, size)
+        let code = [
+            0x48, 0x89, 0xf8, 0x48, 0x89, 0xf7, 0x48, 0x89, 0xc6, 0x74, 0x00, 0xc3,
+        ];
+        let f = describe_code(&code, AllocRole::AlignedAlloc);
+        assert_eq!(f.entry_probe.offset, 9, "{:?}", f.prologue);
+        let cookie = f.entry_probe.arg_cookie();
+        assert_eq!(arg_location::of(cookie, 0), arg_location::RSI);
+        assert_eq!(arg_location::of(cookie, 1), arg_location::RDI);
+    }
+
+    #[test]
     fn site_stays_at_entry_across_stack_writes_and_branch_targets() {
         // sub rsp,8; je +0; ret — rsp changes before the jcc.
         let code = [0x48, 0x83, 0xec, 0x08, 0x74, 0x00, 0xc3];
@@ -2024,6 +2155,21 @@ mod tests {
         for sym in ["mi_malloc_aligned", "mi_free"] {
             let f = a.by_symbol(sym).unwrap_or_else(|| panic!("{sym} missing"));
             assert_eq!(f.family, AllocFamily::Mimalloc);
+            // Both begin with instructions the kernel single-steps and reuse their argument
+            // registers before the first emulated one: the probe follows the moved argument.
+            assert!(f.entry_probe.emulated, "{sym}: {:?}", f.prologue);
+            let essential = f.args.essential(f.role);
+            assert!(
+                essential
+                    .iter()
+                    .all(|r| f.entry_probe.intact_args.contains(r)),
+                "{sym}: {:?}",
+                f.entry_probe
+            );
+        }
+        // Every probe of the mimalloc build is on an emulated instruction.
+        for f in a.of_family(AllocFamily::Mimalloc) {
+            assert!(f.entry_probe.emulated, "{}: {:?}", f.symbol, f.prologue);
         }
         let alloc = a
             .shim(AllocRole::Alloc)

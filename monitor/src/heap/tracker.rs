@@ -291,6 +291,8 @@ pub fn heap_points(allocators: &AllocatorImage) -> Vec<HeapAttachPoint> {
                 target: function.file.clone(),
                 file_offset: function.entry_probe.file_offset,
                 symbol: function.symbol.clone(),
+                // Only entry programs read arguments; a return program's cookie is unused.
+                arg_cookie: function.entry_probe.arg_cookie(),
             });
         }
     }
