@@ -132,6 +132,25 @@ pub fn render_allocator(allocators: &AllocatorImage, points: &[HeapAttachPoint])
             point.symbol
         );
     }
+    let single_stepped: Vec<&str> = allocators
+        .functions
+        .iter()
+        .filter(|f| !f.entry_probe.emulated)
+        .filter(|f| {
+            points
+                .iter()
+                .any(|p| p.file_offset == f.entry_probe.file_offset && p.target == f.file)
+        })
+        .map(|f| f.symbol.as_str())
+        .collect();
+    if !single_stepped.is_empty() {
+        let _ = writeln!(
+            out,
+            "warning: the kernel single-steps the probed instruction of {}: about 10 µs per \
+             call instead of under 1 µs",
+            single_stepped.join(", ")
+        );
+    }
     for warning in &allocators.warnings {
         let _ = writeln!(out, "warning: {warning}");
     }

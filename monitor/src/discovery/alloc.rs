@@ -1910,6 +1910,33 @@ mod tests {
     }
 
     #[test]
+    fn inspect_warns_about_single_stepped_probes() {
+        // mov rdi,rax; je +0; ret — free must stay on the single-stepped mov.
+        let stuck = describe_code(&[0x48, 0x89, 0xc7, 0x74, 0x00, 0xc3], AllocRole::Free);
+        // test rdi,rdi; je +0; ret — malloc moves to the je.
+        let fine = describe_code(&[0x48, 0x85, 0xff, 0x74, 0x00, 0xc3], AllocRole::Malloc);
+        let render = |functions: Vec<AllocFn>| {
+            let image = AllocatorImage {
+                exe: PathBuf::from("/synthetic"),
+                global: GlobalAllocator::System,
+                evidence: Vec::new(),
+                libc: None,
+                functions,
+                warnings: Vec::new(),
+            };
+            let points = crate::heap::tracker::heap_points(&image);
+            assert!(!points.is_empty());
+            crate::inspect::render_allocator(&image, &points)
+        };
+        let shown = render(vec![fine.clone(), stuck]);
+        assert!(
+            shown.contains("warning: the kernel single-steps the probed instruction of f:"),
+            "{shown}"
+        );
+        assert!(!render(vec![fine]).contains("single-steps"));
+    }
+
+    #[test]
     fn site_stays_at_entry_across_stack_writes_and_branch_targets() {
         // sub rsp,8; je +0; ret — rsp changes before the jcc.
         let code = [0x48, 0x83, 0xec, 0x08, 0x74, 0x00, 0xc3];
