@@ -20,7 +20,7 @@ use crate::discovery::{self, TargetImage};
 use crate::heap::ledger::HeapLedger;
 use crate::heap::tracker::{HeapMode, HeapTracker};
 use crate::metrics::{self, Sources};
-use crate::probes::{AttachedLink, TaskProbes};
+use crate::probes::{AttachedLink, HeapMaps, TaskProbes};
 use crate::procfs::{self, ExeIdentity, ProcessInfo};
 use crate::tasks::{ProcessSummary, ProcessTasks, SiteSnapshot, StreamStats, TaskLedger};
 
@@ -33,6 +33,8 @@ pub struct DaemonConfig {
     /// How often exited processes are reaped and `--exe` targets rescanned.
     pub rescan: Duration,
     pub heap: HeapMode,
+    /// Outstanding blocks the kernel tracks at once, across processes (heap mode only).
+    pub heap_max_blocks: u32,
 }
 
 struct AttachedProcess {
@@ -312,7 +314,12 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         }
     }
 
-    let mut probes = TaskProbes::load()?;
+    let mut probes = TaskProbes::load(match config.heap {
+        HeapMode::Off => HeapMaps::Off,
+        HeapMode::Exact | HeapMode::Sampled => HeapMaps::Tracking {
+            max_blocks: config.heap_max_blocks,
+        },
+    })?;
     let ring = probes.take_events()?;
     let kernel = Arc::new(probes.take_counters()?);
     let ledger = Arc::new(Mutex::new(TaskLedger::new()));

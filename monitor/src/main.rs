@@ -38,10 +38,16 @@ enum Command {
         #[arg(long, default_value_t = 1.0)]
         rescan_seconds: f64,
         /// Heap tracking: `off` (task tracking only), `exact` (every allocation of the
-        /// watched processes, ~5 µs per allocate+free) or `sampled` (1 in 16 blocks,
-        /// figures scaled; ~2.5 µs). See README for why the default is off.
+        /// watched processes, ~2.6 µs per allocate+free) or `sampled` (1 in 16 blocks,
+        /// figures scaled; ~1.8 µs). See README for why the default is off.
         #[arg(long, value_enum, default_value = "off")]
         heap: leakscope::heap::tracker::HeapMode,
+        /// Heap blocks the kernel tracks at once, across all watched processes; about 104
+        /// bytes of kernel memory each, allocated at start. Blocks beyond are counted in
+        /// leakscope_heap_untracked_allocations_total{reason="outstanding_full"}.
+        #[arg(long, default_value_t = monitor_common::heap::OUTSTANDING_MAX,
+              value_parser = clap::value_parser!(u32).range(1024..=(1 << 24)))]
+        heap_max_blocks: u32,
     },
     /// Show the spawn sites and hook points leakscope finds in a binary (no root needed).
     Inspect {
@@ -79,6 +85,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             rescan_seconds,
             heap,
+            heap_max_blocks,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -91,6 +98,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 listen,
                 rescan: Duration::from_secs_f64(rescan_seconds.max(0.05)),
                 heap,
+                heap_max_blocks,
             }))
         }
         Command::Inspect { binary, pid, json } => {

@@ -11,7 +11,7 @@ use std::path::Path;
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope};
 use aya::programs::{ProgramError, UProbe};
-use aya::{Ebpf, EbpfError};
+use aya::{Ebpf, EbpfError, EbpfLoader};
 use monitor_common::{HookCookie, TASK_HOOK_PROGRAMS, TaskEventKind, counter};
 use thiserror::Error;
 
@@ -70,11 +70,47 @@ pub struct TaskProbes {
     ebpf: Ebpf,
 }
 
+/// How large the heap-mode maps are created: kernel memory is allocated when the maps are,
+/// whether or not a heap program ever runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeapMaps {
+    /// No heap tracking: every heap map at its smallest (about 60 MiB of kernel memory
+    /// saved, measured with bpftool).
+    Off,
+    /// Tracking, with room for this many outstanding blocks in the kernel (about 104 bytes
+    /// each, preallocated).
+    Tracking { max_blocks: u32 },
+}
+
+/// Heap maps and their smallest sizes (the ring buffer's is one page).
+const HEAP_MAPS_MINIMUM: [(&str, u32); 7] = [
+    ("OUTSTANDING", 1),
+    ("PENDING", 1),
+    ("HEAP_TARGETS", 1),
+    ("UNTRACKED_FREES", 1),
+    ("UNWIND_ROWS", 1),
+    ("UNWIND_BUCKETS", 1),
+    ("HEAP_EVENTS", 4096),
+];
+
 impl TaskProbes {
-    pub fn load() -> Result<Self, ProbeError> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|source| ProbeError::Load {
-            source: Box::new(source),
-        })?;
+    pub fn load(heap: HeapMaps) -> Result<Self, ProbeError> {
+        let mut loader = EbpfLoader::new();
+        match heap {
+            HeapMaps::Off => {
+                for (name, entries) in HEAP_MAPS_MINIMUM {
+                    loader.map_max_entries(name, entries);
+                }
+            }
+            HeapMaps::Tracking { max_blocks } => {
+                loader.map_max_entries("OUTSTANDING", max_blocks);
+            }
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|source| ProbeError::Load {
+                source: Box::new(source),
+            })?;
         for name in TASK_HOOK_PROGRAMS {
             let program: &mut UProbe = ebpf
                 .program_mut(name)

@@ -62,14 +62,41 @@ impl HeapApp {
 
 /// Starts `leakscope daemon --pid PID --heap MODE` and waits until it has attached.
 fn start_heap_daemon(pid: u32, mode: &str) -> (Proc, SocketAddr) {
-    let (proc, daemon) = start_daemon(&[
+    start_heap_daemon_with(pid, mode, &[])
+}
+
+/// [`start_heap_daemon`] with extra daemon arguments.
+fn start_heap_daemon_with(pid: u32, mode: &str, extra: &[&str]) -> (Proc, SocketAddr) {
+    let mut args = vec![
         "--pid".into(),
         pid.to_string(),
         "--heap".into(),
         mode.into(),
-    ]);
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let (proc, daemon) = start_daemon(&args);
     wait_attached(daemon, pid);
     (proc, daemon)
+}
+
+/// Kernel memory held by the BPF maps process `pid` has open, from the `memlock:` line the
+/// kernel shows in each map fd's fdinfo.
+fn bpf_map_memlock(pid: u32) -> u64 {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("the daemon's fds");
+    fds.filter_map(|fd| {
+        let fd = fd.ok()?;
+        let target = std::fs::read_link(fd.path()).ok()?;
+        if target.to_str()? != "anon_inode:bpf-map" {
+            return None;
+        }
+        let info =
+            std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_str()?))
+                .ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    })
+    .sum()
 }
 
 /// Live bytes per (site, task_site) from `/metrics`, for one pid.
@@ -453,5 +480,71 @@ fn heap_callsites_of_a_dwarf_build_carry_their_source_line() {
                         .collect::<Vec<_>>()
                 ))
         },
+    );
+}
+
+/// `--heap-max-blocks` bounds the kernel's outstanding-block map: beyond it, allocations are
+/// counted as untracked (not lost silently), and the map's kernel memory shrinks with it.
+#[test]
+fn heap_max_blocks_bounds_tracking_and_counts_the_overflow() {
+    if !ebpf_available("heap_max_blocks_bounds_tracking_and_counts_the_overflow") {
+        return;
+    }
+    let mut app = HeapApp::start(workspace_root().join("target/release/heap-app"));
+    let pid = app.proc.pid();
+    let (bounded, daemon) = start_heap_daemon_with(pid, "exact", &["--heap-max-blocks", "1024"]);
+    let held = app.command("aligned 2048")["heap_app::aligned_blocks"];
+    assert_eq!(held, 2048.0 * 4096.0);
+    let (tracked, dropped) = eventually("2048 blocks tracked or counted", DEADLINE, || {
+        let samples = scrape(daemon);
+        let tracked = samples
+            .iter()
+            .filter(|s| {
+                s.name == "leakscope_heap_live_allocations"
+                    && s.labels.get("pid") == Some(&pid.to_string())
+                    && s.labels.get("site").map(String::as_str) == Some("heap_app::aligned_blocks")
+            })
+            .map(|s| s.value)
+            .sum::<f64>();
+        let dropped = samples
+            .iter()
+            .find(|s| {
+                s.name == "leakscope_heap_untracked_allocations_total"
+                    && s.labels.get("reason").map(String::as_str) == Some("outstanding_full")
+            })
+            .map_or(0.0, |s| s.value);
+        (tracked + dropped >= 2048.0)
+            .then_some((tracked, dropped))
+            .ok_or(format!("tracked {tracked}, counted as dropped {dropped}"))
+    });
+    assert!(
+        tracked <= 1024.0,
+        "tracked {tracked} blocks in a 1024-block map"
+    );
+    assert!(dropped >= 1024.0, "only {dropped} counted as dropped");
+
+    // The default map is 256 times larger; the bounded one saves its kernel memory.
+    let (default_daemon, _) = start_heap_daemon(pid, "exact");
+    let saved =
+        bpf_map_memlock(default_daemon.pid()) as f64 - bpf_map_memlock(bounded.pid()) as f64;
+    assert!(saved > 20e6, "a 1024-block map saved only {saved} bytes");
+}
+
+/// Without heap tracking, the heap maps are created at their smallest: a task-only daemon
+/// does not pin the tens of MiB heap tracking needs.
+#[test]
+fn heap_off_keeps_the_heap_maps_small() {
+    if !ebpf_available("heap_off_keeps_the_heap_maps_small") {
+        return;
+    }
+    let app = HeapApp::start(workspace_root().join("target/release/heap-app"));
+    let pid = app.proc.pid();
+    let (off, _) = start_heap_daemon(pid, "off");
+    let (exact, _) = start_heap_daemon(pid, "exact");
+    let (off, exact) = (bpf_map_memlock(off.pid()), bpf_map_memlock(exact.pid()));
+    assert!(off > 0, "no BPF maps found for the heap-off daemon");
+    assert!(
+        exact > off + 50_000_000,
+        "heap off holds {off} bytes of maps, exact {exact}"
     );
 }
