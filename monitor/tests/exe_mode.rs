@@ -41,3 +41,29 @@ fn exe_mode_follows_processes_started_later() {
     );
     assert_eq!(got, (1.0, 1.0), "the worker spawned at startup");
 }
+
+/// Heap tracking follows `--exe` processes too: the seed's third pattern in a process
+/// started after the daemon.
+#[test]
+fn exe_mode_tracks_the_heap_of_processes_started_later() {
+    if !ebpf_available("exe_mode_tracks_the_heap_of_processes_started_later") {
+        return;
+    }
+    let binary = fixture("axum-app");
+    let (_daemon, daemon) = start_daemon(&[
+        "--exe".into(),
+        binary.display().to_string(),
+        "--heap".into(),
+        "exact".into(),
+    ]);
+    let (app, addr) = start_fixture(&binary, &[]);
+    let pid = app.pid();
+    wait_attached(daemon, pid);
+    // The remedy keeps its last few buffers: enough requests that they are under 10 %.
+    const REQUESTS: usize = 60;
+    for _ in 0..REQUESTS {
+        get_ok(addr, "/state/leak");
+        get_ok(addr, "/state/ok");
+    }
+    expect_state_leak_found(daemon, pid, REQUESTS);
+}

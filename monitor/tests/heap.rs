@@ -99,22 +99,6 @@ fn bpf_map_memlock(pid: u32) -> u64 {
     .sum()
 }
 
-/// Live bytes per (site, task_site) from `/metrics`, for one pid.
-fn live_bytes(daemon: SocketAddr, pid: u32) -> BTreeMap<(String, String), f64> {
-    scrape(daemon)
-        .into_iter()
-        .filter(|s| {
-            s.name == "leakscope_heap_live_bytes" && s.labels.get("pid") == Some(&pid.to_string())
-        })
-        .map(|s| {
-            (
-                (s.labels["site"].clone(), s.labels["task_site"].clone()),
-                s.value,
-            )
-        })
-        .collect()
-}
-
 fn site_bytes(live: &BTreeMap<(String, String), f64>, site: &str) -> f64 {
     live.iter()
         .filter(|((s, _), _)| s == site)
@@ -292,27 +276,7 @@ fn seed_pattern_three(binary: &str) {
         get_ok(addr, "/state/leak");
         get_ok(addr, "/state/ok");
     }
-    let pushed = (REQUESTS * 256 * 1024) as f64;
-    let leak = "axum_app::state_leak::{{closure}}::{{closure}}";
-    let remedy = "axum_app::state_ok::{{closure}}::{{closure}}";
-    eventually("the leaking handler holds what it pushed", DEADLINE, || {
-        let live = live_bytes(daemon, pid);
-        let leaked: f64 = live
-            .iter()
-            .filter(|((site, task), _)| site == leak || task == leak)
-            .map(|(_, v)| v)
-            .sum();
-        let remedied: f64 = live
-            .iter()
-            .filter(|((site, task), _)| site == remedy || task == remedy)
-            .map(|(_, v)| v)
-            .sum();
-        (leaked >= 0.9 * pushed && remedied < 0.1 * pushed)
-            .then_some(())
-            .ok_or(format!(
-                "leak {leaked} of {pushed} pushed, remedy {remedied}: {live:?}"
-            ))
-    });
+    expect_state_leak_found(daemon, pid, REQUESTS);
 }
 
 /// `Anonymous:` kB of the executable mappings of `path_part` in `/proc/PID/smaps`: a uprobe

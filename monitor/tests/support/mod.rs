@@ -278,6 +278,50 @@ pub fn eventually<T>(
     }
 }
 
+/// Live bytes per (site, task_site) from `/metrics`, for one pid.
+pub fn live_bytes(daemon: SocketAddr, pid: u32) -> BTreeMap<(String, String), f64> {
+    scrape(daemon)
+        .into_iter()
+        .filter(|s| {
+            s.name == "leakscope_heap_live_bytes" && s.labels.get("pid") == Some(&pid.to_string())
+        })
+        .map(|s| {
+            (
+                (s.labels["site"].clone(), s.labels["task_site"].clone()),
+                s.value,
+            )
+        })
+        .collect()
+}
+
+/// The seed's third pattern in the axum fixture after `requests` calls each of `/state/leak`
+/// and `/state/ok` (256 KiB pushed per call): the leaking handler's series (as site or task
+/// site) hold at least 90 % of what it pushed, the remedy's under 10 %.
+pub fn expect_state_leak_found(daemon: SocketAddr, pid: u32, requests: usize) {
+    let pushed = (requests * 256 * 1024) as f64;
+    let leak = "axum_app::state_leak::{{closure}}::{{closure}}";
+    let remedy = "axum_app::state_ok::{{closure}}::{{closure}}";
+    eventually(
+        "the leaking handler holds what it pushed",
+        Duration::from_secs(30),
+        || {
+            let live = live_bytes(daemon, pid);
+            let held_by = |handler: &str| -> f64 {
+                live.iter()
+                    .filter(|((site, task), _)| site == handler || task == handler)
+                    .map(|(_, v)| v)
+                    .sum()
+            };
+            let (leaked, remedied) = (held_by(leak), held_by(remedy));
+            (leaked >= 0.9 * pushed && remedied < 0.1 * pushed)
+                .then_some(())
+                .ok_or(format!(
+                    "leak {leaked} of {pushed} pushed, remedy {remedied}: {live:?}"
+                ))
+        },
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
