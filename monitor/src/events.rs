@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use aya::maps::{MapData, RingBuf};
-use monitor_common::TaskEvent;
+use monitor_common::{TaskEvent, TaskEventKind};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -87,8 +87,9 @@ pub async fn drain_tasks_and_heap(
         }
         let mut tasks = tasks.lock().unwrap_or_else(|e| e.into_inner());
         let task_ring = task_fd.get_mut();
-        drain_task_records(task_ring, &mut tasks);
+        let spawned = drain_task_records(task_ring, &mut tasks);
         let mut heap = heap.lock().unwrap_or_else(|e| e.into_inner());
+        claim_task_cells(&mut heap, &tasks, spawned);
         let heap_ring = heap_fd.get_mut();
         while let Some(record) = heap_ring.next() {
             let Some(event) = decode_heap(&record) else {
@@ -99,20 +100,44 @@ pub async fn drain_tasks_and_heap(
             // The task's spawn event may have landed after the task ring was drained
             // above (the allocation came later still): drain it again before giving up.
             if event.task_id != 0 && tasks.task_site(event.pid, event.task_id).is_none() {
-                drain_task_records(task_ring, &mut tasks);
+                // Spawns drained here are applied before the allocation that follows them.
+                let spawned = drain_task_records(task_ring, &mut tasks);
+                claim_task_cells(&mut heap, &tasks, spawned);
             }
             heap.apply(&event, &*tasks);
         }
     }
 }
 
-fn drain_task_records(ring: &mut RingBuf<MapData>, tasks: &mut TaskLedger) {
+/// A task's cell is allocated just before its spawn event is written: when the allocation
+/// was read in an earlier batch than the spawn, its block is relabelled as the task's cell
+/// here (see `ProcessHeap::claim_task_cell`).
+fn claim_task_cells(heap: &mut HeapLedger, tasks: &TaskLedger, spawned: Vec<(u32, u64)>) {
+    for (pid, header) in spawned {
+        if let Some(site) = tasks.process(pid).and_then(|p| p.site_of_live_task(header)) {
+            heap.claim_task_cell(pid, header, site);
+        }
+    }
+}
+
+/// Applies every waiting task event; returns `(pid, header)` of the spawns among them.
+fn drain_task_records(ring: &mut RingBuf<MapData>, tasks: &mut TaskLedger) -> Vec<(u32, u64)> {
+    let mut spawned = Vec::new();
     while let Some(record) = ring.next() {
         match decode(&record) {
-            Some(event) => tasks.apply(&event),
+            Some(event) => {
+                tasks.apply(&event);
+                if matches!(
+                    TaskEventKind::from_u32(event.kind),
+                    Some(TaskEventKind::Spawn | TaskEventKind::FirstPoll)
+                ) {
+                    spawned.push((event.pid, event.header));
+                }
+            }
             None => tasks.stream.ignored += 1,
         }
     }
+    spawned
 }
 
 #[cfg(test)]

@@ -101,6 +101,13 @@ impl ProcessTasks {
         }
     }
 
+    /// Spawn-site label of the live task whose header is at runtime address `header`.
+    pub fn site_of_live_task(&self, header: u64) -> Option<&str> {
+        self.live
+            .get(&header)
+            .map(|task| self.sites[task.site].label.as_str())
+    }
+
     /// Spawn-site label of the task with tokio id `task_id` (live or recently completed).
     pub fn site_of_task(&self, task_id: u64) -> Option<&str> {
         self.site_by_task_id
@@ -412,6 +419,12 @@ impl TaskLedger {
 impl crate::heap::ledger::TaskSites for TaskLedger {
     fn task_site(&self, pid: u32, task_id: u64) -> Option<String> {
         self.process(pid)?.site_of_task(task_id).map(str::to_string)
+    }
+
+    fn task_cell_site(&self, pid: u32, addr: u64) -> Option<String> {
+        self.process(pid)?
+            .site_of_live_task(addr)
+            .map(str::to_string)
     }
 }
 

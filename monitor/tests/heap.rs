@@ -512,3 +512,42 @@ fn heap_off_keeps_the_heap_maps_small() {
         "heap off holds {off} bytes of maps, exact {exact}"
     );
 }
+
+/// A leaked task's own allocation (its cell: the future's state) is named after the task,
+/// not after tokio's `Cell::new`: one live cell per leaked task, none for tasks that ended.
+#[test]
+fn leaked_tasks_cells_are_named_by_their_spawn_site() {
+    if !ebpf_available("leaked_tasks_cells_are_named_by_their_spawn_site") {
+        return;
+    }
+    let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
+    let pid = app.pid();
+    let (_daemon, daemon) = start_heap_daemon(pid, "exact");
+    const REQUESTS: usize = 15;
+    for _ in 0..REQUESTS {
+        get_ok(addr, "/leak/forever");
+        get_ok(addr, "/ok/awaited");
+    }
+    let cells = |handler: &str| {
+        let site = format!("task cell: axum_app::{handler}::{{{{closure}}}}::{{{{closure}}}}");
+        scrape(daemon)
+            .iter()
+            .filter(|s| {
+                s.name == "leakscope_heap_live_allocations"
+                    && s.labels.get("pid") == Some(&pid.to_string())
+                    && s.labels.get("site") == Some(&site)
+            })
+            .map(|s| s.value)
+            .sum::<f64>()
+    };
+    eventually(
+        "one live cell per leaked task, none for the awaited ones",
+        DEADLINE,
+        || {
+            let got = (cells("leak_forever"), cells("ok_awaited"));
+            (got == (REQUESTS as f64, 0.0))
+                .then_some(())
+                .ok_or(format!("(leak_forever, ok_awaited) cells {got:?}"))
+        },
+    );
+}

@@ -55,9 +55,18 @@ pub struct HeapTotals {
     pub blocks_dropped: u64,
 }
 
-/// Resolves a task id (as the allocation probe read it) to its spawn-site label.
+/// Prefix of the `site` of a tokio task's own allocation (its cell: header, scheduler and
+/// the future's state), followed by the task's spawn site.
+pub const TASK_CELL: &str = "task cell: ";
+
+/// What the heap ledger asks of the task ledger.
 pub trait TaskSites {
+    /// The spawn-site label of the task with tokio id `task_id` (as the allocation probe
+    /// read it from the polling thread).
     fn task_site(&self, pid: u32, task_id: u64) -> Option<String>;
+    /// The spawn-site label of the live task whose header is at `addr`: a block starting
+    /// there is that task's cell.
+    fn task_cell_site(&self, pid: u32, addr: u64) -> Option<String>;
 }
 
 /// (callsite label, callsite location, task site).
@@ -122,6 +131,31 @@ impl ProcessHeap {
         self.groups.len() - 1
     }
 
+    /// Counts the block at `header`, if one is live and not yet labelled so, as the cell of
+    /// the task spawned at `spawn_site` (keeping the task site it was allocated from).
+    pub fn claim_task_cell(&mut self, header: u64, spawn_site: &str) {
+        let Some(&(old_group, size)) = self.blocks.get(&header) else {
+            return;
+        };
+        let old = &self.groups[old_group];
+        if old.site.starts_with(TASK_CELL) {
+            return;
+        }
+        let key = (
+            format!("{TASK_CELL}{spawn_site}"),
+            None,
+            old.task_site.clone(),
+        );
+        let group = self.group(key);
+        let old = &mut self.groups[old_group];
+        old.live_bytes = old.live_bytes.saturating_sub(size);
+        old.live_allocations = old.live_allocations.saturating_sub(1);
+        let new = &mut self.groups[group];
+        new.live_bytes += size;
+        new.live_allocations += 1;
+        self.blocks.insert(header, (group, size));
+    }
+
     pub fn apply(&mut self, event: &HeapEvent, tasks: &dyn TaskSites) {
         match HeapEventKind::from_u32(event.kind) {
             Some(HeapEventKind::Alloc) => {
@@ -149,7 +183,13 @@ impl ProcessHeap {
                         UNKNOWN_TASK.to_string()
                     }),
                 };
-                let group = self.group((callsite.label, callsite.location, task_site));
+                // A task's cell is allocated just before its spawn event; when that event
+                // comes later, `claim_task_cell` relabels the block.
+                let (label, location) = match tasks.task_cell_site(self.pid, event.addr) {
+                    Some(spawned) => (format!("{TASK_CELL}{spawned}"), None),
+                    None => (callsite.label, callsite.location),
+                };
+                let group = self.group((label, location, task_site));
                 if let Some((old_group, old_size)) =
                     self.blocks.insert(event.addr, (group, event.size))
                 {
@@ -235,6 +275,13 @@ impl HeapLedger {
         }
     }
 
+    /// See [`ProcessHeap::claim_task_cell`].
+    pub fn claim_task_cell(&mut self, pid: u32, header: u64, spawn_site: &str) {
+        if let Some(process) = self.processes.get_mut(&pid) {
+            process.claim_task_cell(header, spawn_site);
+        }
+    }
+
     pub fn snapshot(&self) -> Vec<HeapGroupSnapshot> {
         let mut rows: Vec<HeapGroupSnapshot> = self
             .processes
@@ -254,6 +301,9 @@ mod tests {
     impl TaskSites for NoTasks {
         fn task_site(&self, _: u32, id: u64) -> Option<String> {
             (id == 7).then(|| "app::handler::{{closure}}".to_string())
+        }
+        fn task_cell_site(&self, _: u32, addr: u64) -> Option<String> {
+            (addr == 0xce11).then(|| "app::worker::{{closure}}".to_string())
         }
     }
 
@@ -325,6 +375,38 @@ mod tests {
         let mut heap = ProcessHeap::new(1, "app".into(), 0, Arc::new(Symbolizer::default()), 1);
         heap.apply(&alloc, &NoTasks);
         assert_eq!(heap.snapshot()[0].location, None);
+    }
+
+    #[test]
+    fn a_task_cell_is_named_by_the_task_it_holds() {
+        let mut heap = ProcessHeap::new(1, "app".into(), 0, Arc::new(Symbolizer::default()), 1);
+        // The spawn was seen before the allocation was read: labelled at once.
+        heap.apply(&event(HeapEventKind::Alloc, 0xce11, 256, 7), &NoTasks);
+        let rows = heap.snapshot();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].site, "task cell: app::worker::{{closure}}");
+        assert_eq!(rows[0].task_site, "app::handler::{{closure}}");
+        // The allocation was read first: the spawn relabels it, keeping its task site,
+        // once only, and its free leaves the cell's group.
+        heap.apply(&event(HeapEventKind::Alloc, 0x40, 128, 7), &NoTasks);
+        heap.claim_task_cell(0x40, "app::late::{{closure}}");
+        heap.claim_task_cell(0x40, "app::other::{{closure}}");
+        heap.claim_task_cell(0x999, "app::nothing::{{closure}}");
+        let late = |heap: &ProcessHeap| {
+            heap.snapshot()
+                .into_iter()
+                .filter(|r| r.site == "task cell: app::late::{{closure}}")
+                .map(|r| (r.live_bytes, r.live_allocations, r.task_site))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            late(&heap),
+            vec![(128, 1, "app::handler::{{closure}}".to_string())]
+        );
+        assert_eq!(heap.snapshot().len(), 2, "{:?}", heap.snapshot());
+        heap.apply(&event(HeapEventKind::Free, 0x40, 128, 0), &NoTasks);
+        assert!(late(&heap).is_empty());
+        assert_eq!(heap.totals.freed_bytes, 128);
     }
 
     #[test]
