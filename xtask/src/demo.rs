@@ -94,19 +94,27 @@ fn print_heap(listen: SocketAddr) -> anyhow::Result<()> {
     println!(
         "\nHeap (--heap exact): live bytes by allocation callsite and allocating task. The \
          un-awaited task of /state/leak keeps 256 KiB per request; its remedy /state/ok stays \
-         bounded.\n"
-    );
-    println!(
-        "{:>12} {:>7}  {:<52} task",
-        "live bytes", "blocks", "callsite"
+         bounded. The leaked tasks' own memory shows as their task cells.\n"
     );
     let groups = json["groups"].as_array().cloned().unwrap_or_default();
-    for group in groups.iter().take(6) {
+    let shown = &groups[..groups.len().min(8)];
+    let site = |group: &serde_json::Value| group["site"].as_str().unwrap_or("?").to_string();
+    let width = shown
+        .iter()
+        .map(|g| site(g).len())
+        .max()
+        .unwrap_or(0)
+        .max(8);
+    println!(
+        "{:>12} {:>7}  {:<width$}  task",
+        "live bytes", "blocks", "callsite"
+    );
+    for group in shown {
         println!(
-            "{:>12} {:>7}  {:<52} {}",
+            "{:>12} {:>7}  {:<width$}  {}",
             group["live_bytes"].as_u64().unwrap_or(0),
             group["live_allocations"].as_u64().unwrap_or(0),
-            group["site"].as_str().unwrap_or("?"),
+            site(group),
             group["task_site"].as_str().unwrap_or("?"),
         );
     }
