@@ -461,15 +461,12 @@ fn heap_max_blocks_bounds_tracking_and_counts_the_overflow() {
     assert_eq!(held, 2048.0 * 4096.0);
     let (tracked, dropped) = eventually("2048 blocks tracked or counted", DEADLINE, || {
         let samples = scrape(daemon);
-        let tracked = samples
-            .iter()
-            .filter(|s| {
-                s.name == "leakscope_heap_live_allocations"
-                    && s.labels.get("pid") == Some(&pid.to_string())
-                    && s.labels.get("site").map(String::as_str) == Some("heap_app::aligned_blocks")
-            })
-            .map(|s| s.value)
-            .sum::<f64>();
+        let tracked = site_value(
+            &samples,
+            "leakscope_heap_live_allocations",
+            pid,
+            "heap_app::aligned_blocks",
+        );
         let dropped = samples
             .iter()
             .find(|s| {
@@ -530,15 +527,12 @@ fn leaked_tasks_cells_are_named_by_their_spawn_site() {
     }
     let cells = |handler: &str| {
         let site = format!("task cell: axum_app::{handler}::{{{{closure}}}}::{{{{closure}}}}");
-        scrape(daemon)
-            .iter()
-            .filter(|s| {
-                s.name == "leakscope_heap_live_allocations"
-                    && s.labels.get("pid") == Some(&pid.to_string())
-                    && s.labels.get("site") == Some(&site)
-            })
-            .map(|s| s.value)
-            .sum::<f64>()
+        site_value(
+            &scrape(daemon),
+            "leakscope_heap_live_allocations",
+            pid,
+            &site,
+        )
     };
     eventually(
         "one live cell per leaked task, none for the awaited ones",
