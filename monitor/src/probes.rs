@@ -74,7 +74,7 @@ pub struct TaskProbes {
 /// whether or not a heap program ever runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeapMaps {
-    /// No heap tracking: every heap map at its smallest (about 60 MiB of kernel memory
+    /// No heap tracking: every heap map at its smallest (about 60 MB of kernel memory
     /// saved, measured with bpftool).
     Off,
     /// Tracking, with room for this many outstanding blocks in the kernel (about 104 bytes
