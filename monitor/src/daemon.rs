@@ -20,7 +20,7 @@ use crate::discovery::{self, TargetImage};
 use crate::heap::ledger::HeapLedger;
 use crate::heap::tracker::{HeapMode, HeapTracker};
 use crate::metrics::{self, Sources};
-use crate::probes::{AttachedLink, HeapMaps, TaskProbes};
+use crate::probes::{AttachedLink, HeapMaps, ProbeStats, TaskProbes};
 use crate::procfs::{self, ExeIdentity, ProcessInfo};
 use crate::tasks::{ProcessSummary, ProcessTasks, SiteSnapshot, StreamStats, TaskLedger};
 
@@ -35,6 +35,8 @@ pub struct DaemonConfig {
     pub heap: HeapMode,
     /// Outstanding blocks the kernel tracks at once, across processes (heap mode only).
     pub heap_max_blocks: u32,
+    /// Export the kernel's run statistics of leakscope's own programs.
+    pub probe_stats: bool,
 }
 
 struct AttachedProcess {
@@ -342,6 +344,11 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         }
     };
     let heap_ledger = heap.as_ref().map(|h| h.ledger.clone());
+    let probe_stats = if config.probe_stats {
+        Some(Arc::new(ProbeStats::enable(&probes)?))
+    } else {
+        None
+    };
     let mut registry = ProcessRegistry {
         probes,
         images,
@@ -362,6 +369,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         ledger,
         kernel: Some(kernel),
         heap: heap_ledger,
+        probe_stats,
     };
     let app = Router::new()
         .route("/metrics", get(metrics_handler))

@@ -48,6 +48,12 @@ enum Command {
         #[arg(long, default_value_t = monitor_common::heap::OUTSTANDING_MAX,
               value_parser = clap::value_parser!(u32).range(1024..=(1 << 24)))]
         heap_max_blocks: u32,
+        /// Export leakscope_probe_runs_total and leakscope_probe_run_seconds_total: how often
+        /// each of leakscope's BPF programs ran in the watched processes and for how long.
+        /// Turns on the kernel's BPF statistics while the daemon runs, which adds two clock
+        /// reads to every BPF program run on the host.
+        #[arg(long)]
+        probe_stats: bool,
     },
     /// Show the spawn sites and hook points leakscope finds in a binary (no root needed).
     Inspect {
@@ -86,6 +92,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rescan_seconds,
             heap,
             heap_max_blocks,
+            probe_stats,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -99,6 +106,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 rescan: Duration::from_secs_f64(rescan_seconds.max(0.05)),
                 heap,
                 heap_max_blocks,
+                probe_stats,
             }))
         }
         Command::Inspect { binary, pid, json } => {

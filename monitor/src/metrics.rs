@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::heap::ledger::HeapLedger;
-use crate::probes::KernelCounters;
+use crate::probes::{KernelCounters, ProbeStats};
 use crate::procfs::monotonic_ns;
 use crate::tasks::TaskLedger;
 
@@ -25,6 +25,8 @@ pub struct Sources {
     pub kernel: Option<Arc<KernelCounters>>,
     /// Present when heap tracking is on.
     pub heap: Option<Arc<Mutex<HeapLedger>>>,
+    /// Present with `--probe-stats`.
+    pub probe_stats: Option<Arc<ProbeStats>>,
 }
 
 impl std::fmt::Debug for Sources {
@@ -175,6 +177,27 @@ impl Collector for TaskCollector {
         if let Some(heap) = &self.0.heap {
             encode_heap(&mut encoder, heap, self.0.kernel.as_deref())?;
         }
+        if let Some(stats) = &self.0.probe_stats {
+            let runs = stats.read();
+            let program = |r: &crate::probes::ProgramRuns| vec![("program", r.program.clone())];
+            family(
+                &mut encoder,
+                "leakscope_probe_runs",
+                "Runs of each of leakscope's BPF programs (one per probe hit), counted by the \
+                 kernel while --probe-stats is on.",
+                MetricType::Counter,
+                runs.iter().map(|r| (program(r), ConstCounter::new(r.runs))),
+            )?;
+            family(
+                &mut encoder,
+                "leakscope_probe_run_seconds",
+                "Time each of leakscope's BPF programs ran, in the probed threads (the traps \
+                 around them not included).",
+                MetricType::Counter,
+                runs.iter()
+                    .map(|r| (program(r), ConstCounter::new(r.seconds))),
+            )?;
+        }
         Ok(())
     }
 }
@@ -297,6 +320,7 @@ mod tests {
             ledger: Arc::new(Mutex::new(TaskLedger::new())),
             kernel: None,
             heap: None,
+            probe_stats: None,
         };
         let text = render(&sources);
         for family in [

@@ -31,6 +31,8 @@ pub enum ProbeError {
     Program(Box<ProgramError>),
     #[error("the eBPF object lacks {0}: the build is broken, rebuild leakscope")]
     Missing(&'static str),
+    #[error("turning on the kernel's BPF run-time statistics: {0}")]
+    Stats(aya::sys::SyscallError),
     #[error("the eBPF map {name}: {source}")]
     Map {
         name: &'static str,
@@ -430,6 +432,59 @@ impl TaskProbes {
             })
             .collect();
         self.attach_all(&requests, scope)
+    }
+}
+
+/// Kernel run statistics of leakscope's own BPF programs (`--probe-stats`): how often each
+/// ran and for how long, in the probed threads. The kernel counts only while statistics are
+/// on, which this holds them for; that adds two clock reads to every BPF program run on the
+/// host, so it is opt-in.
+pub struct ProbeStats {
+    /// (program name, kernel program id).
+    programs: Vec<(String, u32)>,
+    _enabled: std::os::fd::OwnedFd,
+}
+
+/// One program's statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgramRuns {
+    pub program: String,
+    pub runs: u64,
+    pub seconds: f64,
+}
+
+impl ProbeStats {
+    /// Turns statistics on for the programs `probes` has loaded so far.
+    pub fn enable(probes: &TaskProbes) -> Result<Self, ProbeError> {
+        let enabled =
+            aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(ProbeError::Stats)?;
+        let programs = probes
+            .ebpf
+            .programs()
+            .filter_map(|(name, program)| Some((name.to_string(), program.info().ok()?.id())))
+            .collect();
+        Ok(Self {
+            programs,
+            _enabled: enabled,
+        })
+    }
+
+    /// Each program's runs and run time so far (programs the kernel no longer lists are
+    /// left out).
+    pub fn read(&self) -> Vec<ProgramRuns> {
+        let mut runs: Vec<ProgramRuns> = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter_map(|info| {
+                let (name, _) = self.programs.iter().find(|(_, id)| *id == info.id())?;
+                Some(ProgramRuns {
+                    program: name.clone(),
+                    runs: info.run_count(),
+                    seconds: info.run_time().as_secs_f64(),
+                })
+            })
+            .collect();
+        runs.sort_by(|a, b| a.program.cmp(&b.program));
+        runs
     }
 }
 

@@ -545,3 +545,50 @@ fn leaked_tasks_cells_are_named_by_their_spawn_site() {
         },
     );
 }
+
+/// `--probe-stats` exports how often each of leakscope's BPF programs ran and for how long:
+/// a loop of N allocate+free pairs shows at least N more runs of the allocation entry, the
+/// return and the free programs, and time spent in them.
+#[test]
+fn probe_stats_count_every_hook_run() {
+    if !ebpf_available("probe_stats_count_every_hook_run") {
+        return;
+    }
+    let mut app = HeapApp::start(workspace_root().join("target/release/heap-app"));
+    let pid = app.proc.pid();
+    let (_daemon, daemon) = start_heap_daemon_with(pid, "exact", &["--probe-stats"]);
+    const PROGRAMS: [&str; 3] = ["heap_alloc_entry", "heap_alloc_return", "heap_free_entry"];
+    let read = |family: &str| -> Vec<f64> {
+        let samples = scrape(daemon);
+        PROGRAMS
+            .iter()
+            .map(|program| {
+                samples
+                    .iter()
+                    .filter(|s| {
+                        s.name == family
+                            && s.labels.get("program").map(String::as_str) == Some(*program)
+                    })
+                    .map(|s| s.value)
+                    .sum()
+            })
+            .collect()
+    };
+    let before = read("leakscope_probe_runs_total");
+    const PAIRS: f64 = 1000.0;
+    app.command(&format!("bench {PAIRS}"));
+    eventually("every hook's runs counted", DEADLINE, || {
+        let after = read("leakscope_probe_runs_total");
+        let grown: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        grown
+            .iter()
+            .all(|&g| g >= PAIRS)
+            .then_some(())
+            .ok_or(format!("runs grew by {grown:?} for {PROGRAMS:?}"))
+    });
+    let seconds = read("leakscope_probe_run_seconds_total");
+    assert!(
+        seconds.iter().all(|&s| s > 0.0),
+        "{seconds:?} for {PROGRAMS:?}"
+    );
+}
