@@ -6,9 +6,9 @@
 //! per-hook cost derived from it, plus a check that every hook actually fired.
 //!
 //! The heap benchmark does the same for allocate+free loops, then one more monitored run per
-//! workload with the kernel's BPF run-time statistics on, which splits the cost into each
-//! hook's own BPF time (the rest of a hit is the trap). That run is kept out of the ratios:
-//! the statistics add their own clock reads to every program run.
+//! workload with `leakscope daemon --probe-stats` (the kernel's BPF run-time statistics),
+//! which splits the cost into each hook's own BPF time (the rest of a hit is the trap). That
+//! run is kept out of the ratios: the statistics add their own clock reads to every run.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -133,22 +133,28 @@ const MIXED_WORKLOAD: HeapWorkload = HeapWorkload {
 /// Per heap program name: hits and BPF nanoseconds.
 type HookTimes = BTreeMap<String, (u64, u64)>;
 
-/// Runs and run time of each loaded BPF program whose name starts with `heap_`, by id.
-/// Counted only while the statistics are enabled (see [`heap_hook_times`]).
-fn heap_program_stats() -> anyhow::Result<BTreeMap<u32, (String, u64, u64)>> {
-    let mut stats = BTreeMap::new();
-    for program in aya::programs::loaded_programs() {
-        let program = program.context("listing loaded BPF programs")?;
-        let name = program.name_as_str().unwrap_or_default();
-        if name.starts_with("heap_") {
-            stats.insert(
-                program.id(),
-                (
-                    name.to_string(),
-                    program.run_count(),
-                    program.run_time().as_nanos() as u64,
-                ),
-            );
+/// Runs and run time of each heap program, as the daemon exports them with
+/// `--probe-stats` (the kernel's own statistics).
+fn heap_program_stats(listen: std::net::SocketAddr) -> anyhow::Result<HookTimes> {
+    let metrics = get(listen, "/metrics")?;
+    let mut stats = HookTimes::new();
+    for line in metrics.lines() {
+        let (family, rest) = match line.split_once("{program=\"") {
+            Some(split) => split,
+            None => continue,
+        };
+        let Some((program, value)) = rest.split_once("\"} ") else {
+            continue;
+        };
+        if !program.starts_with("heap_") {
+            continue;
+        }
+        let value: f64 = value.trim().parse().unwrap_or(0.0);
+        let entry = stats.entry(program.to_string()).or_default();
+        match family {
+            "leakscope_probe_runs_total" => entry.0 = value as u64,
+            "leakscope_probe_run_seconds_total" => entry.1 = (value * 1e9) as u64,
+            _ => {}
         }
     }
     Ok(stats)
@@ -217,11 +223,17 @@ fn one_heap_run(
     let mut line = String::new();
     stdout.read_line(&mut line)?;
     let daemon = match mode {
-        Some(mode) => Some(start_leakscope_with(
-            &root.join("target/release/leakscope"),
-            pid,
-            &["--heap", mode],
-        )?),
+        Some(mode) => {
+            let mut args = vec!["--heap", mode];
+            if profile {
+                args.push("--probe-stats");
+            }
+            Some(start_leakscope_with(
+                &root.join("target/release/leakscope"),
+                pid,
+                &args,
+            )?)
+        }
         None => None,
     };
     let profiled = match &daemon {
@@ -230,7 +242,7 @@ fn one_heap_run(
     };
     let before = match profiled {
         Some((daemon_pid, listen)) => Some((
-            heap_program_stats()?,
+            heap_program_stats(listen)?,
             process_cpu_ns(daemon_pid)?,
             heap_events(listen),
         )),
@@ -246,11 +258,11 @@ fn one_heap_run(
         .with_context(|| format!("heap-app said {line:?}"))?;
     let mut result = Profile::default();
     if let (Some((daemon_pid, listen)), Some((programs, cpu, events))) = (profiled, before) {
-        for (id, (name, runs, ns)) in heap_program_stats()? {
-            let (runs_before, ns_before) = programs.get(&id).map_or((0, 0), |b| (b.1, b.2));
-            let entry = result.hooks.entry(name).or_default();
-            entry.0 += runs - runs_before;
-            entry.1 += ns - ns_before;
+        for (name, (runs, ns)) in heap_program_stats(listen)? {
+            let (runs_before, ns_before) = programs.get(&name).copied().unwrap_or_default();
+            result
+                .hooks
+                .insert(name, (runs - runs_before, ns.saturating_sub(ns_before)));
         }
         // At least an allocation and a free per round: wait until the daemon has read them
         // all and its count stands still.
@@ -273,20 +285,18 @@ fn one_heap_run(
     Ok((elapsed, result))
 }
 
-/// Each heap hook's own BPF time per hit in one `--heap exact` run of `workload`, with the
-/// kernel's run-time statistics enabled for that run only, and the daemon's CPU per event.
+/// Each heap hook's own BPF time per hit in one `--heap exact --probe-stats` run of
+/// `workload`, and the daemon's CPU per event.
 fn heap_hook_times(workload: HeapWorkload) -> anyhow::Result<()> {
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .context("enabling BPF run-time statistics")?;
     let (_, profile) = one_heap_run(workload, Some("exact"), true)?;
-    println!("  BPF time per hook hit (--heap exact, one run with kernel statistics on):");
+    println!("  BPF time per hook hit (one more --heap exact run, with --probe-stats):");
     for (name, (runs, ns)) in profile
         .hooks
         .iter()
         .filter(|(_, (runs, _))| *runs >= ALLOCATIONS)
     {
         println!(
-            "    {name:<16} {:6.0} ns  ({runs} hits)",
+            "    {name:<26} {:6.0} ns  ({runs} hits)",
             *ns as f64 / *runs as f64
         );
     }
