@@ -49,7 +49,7 @@ const DRAIN_PERIOD: std::time::Duration = std::time::Duration::from_millis(20);
 pub async fn drain(ring: RingBuf<MapData>, ledger: Arc<Mutex<TaskLedger>>) -> std::io::Result<()> {
     drain_records(ring, |ring| {
         let mut ledger = ledger.lock().unwrap_or_else(|e| e.into_inner());
-        drain_task_records(ring, &mut ledger);
+        drain_task_records(ring, &mut ledger, |_, _| {});
     })
     .await
 }
@@ -87,9 +87,8 @@ pub async fn drain_tasks_and_heap(
         }
         let mut tasks = tasks.lock().unwrap_or_else(|e| e.into_inner());
         let task_ring = task_fd.get_mut();
-        let spawned = drain_task_records(task_ring, &mut tasks);
         let mut heap = heap.lock().unwrap_or_else(|e| e.into_inner());
-        claim_task_cells(&mut heap, &tasks, spawned);
+        drain_task_records_for_heap(task_ring, &mut tasks, &mut heap);
         let heap_ring = heap_fd.get_mut();
         while let Some(record) = heap_ring.next() {
             let Some(event) = decode_heap(&record) else {
@@ -101,18 +100,24 @@ pub async fn drain_tasks_and_heap(
             // above (the allocation came later still): drain it again before giving up.
             if event.task_id != 0 && tasks.task_site(event.pid, event.task_id).is_none() {
                 // Spawns drained here are applied before the allocation that follows them.
-                let spawned = drain_task_records(task_ring, &mut tasks);
-                claim_task_cells(&mut heap, &tasks, spawned);
+                drain_task_records_for_heap(task_ring, &mut tasks, &mut heap);
             }
             heap.apply(&event, &*tasks);
         }
     }
 }
 
-/// A task's cell is allocated just before its spawn event is written: when the allocation
-/// was read in an earlier batch than the spawn, its block is relabelled as the task's cell
-/// here (see `ProcessHeap::claim_task_cell`).
-fn claim_task_cells(heap: &mut HeapLedger, tasks: &TaskLedger, spawned: Vec<(u32, u64)>) {
+/// [`drain_task_records`], then the cells of the tasks just spawned: a task's cell is
+/// allocated just before its spawn event is written, so when the allocation was read in an
+/// earlier batch, its block is relabelled as the task's cell here (see
+/// `ProcessHeap::claim_task_cell`).
+fn drain_task_records_for_heap(
+    ring: &mut RingBuf<MapData>,
+    tasks: &mut TaskLedger,
+    heap: &mut HeapLedger,
+) {
+    let mut spawned = Vec::new();
+    drain_task_records(ring, tasks, |pid, header| spawned.push((pid, header)));
     for (pid, header) in spawned {
         if let Some(site) = tasks.process(pid).and_then(|p| p.site_of_live_task(header)) {
             heap.claim_task_cell(pid, header, site);
@@ -120,9 +125,12 @@ fn claim_task_cells(heap: &mut HeapLedger, tasks: &TaskLedger, spawned: Vec<(u32
     }
 }
 
-/// Applies every waiting task event; returns `(pid, header)` of the spawns among them.
-fn drain_task_records(ring: &mut RingBuf<MapData>, tasks: &mut TaskLedger) -> Vec<(u32, u64)> {
-    let mut spawned = Vec::new();
+/// Applies every waiting task event, calling `on_spawn(pid, header)` after each spawn.
+fn drain_task_records(
+    ring: &mut RingBuf<MapData>,
+    tasks: &mut TaskLedger,
+    mut on_spawn: impl FnMut(u32, u64),
+) {
     while let Some(record) = ring.next() {
         match decode(&record) {
             Some(event) => {
@@ -131,13 +139,12 @@ fn drain_task_records(ring: &mut RingBuf<MapData>, tasks: &mut TaskLedger) -> Ve
                     TaskEventKind::from_u32(event.kind),
                     Some(TaskEventKind::Spawn | TaskEventKind::FirstPoll)
                 ) {
-                    spawned.push((event.pid, event.header));
+                    on_spawn(event.pid, event.header);
                 }
             }
             None => tasks.stream.ignored += 1,
         }
     }
-    spawned
 }
 
 #[cfg(test)]
