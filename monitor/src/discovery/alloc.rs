@@ -467,10 +467,16 @@ fn location_code(register: Register) -> Option<u8> {
     })
 }
 
-/// The location code of an argument's own register.
+/// The location code of an argument's own register (the codes of rdi..r9 follow argument
+/// order).
 fn own_code(arg: ArgReg) -> u8 {
     arg_location::RDI + arg.position() as u8
 }
+
+const _: () = assert!(arg_location::R9 == arg_location::RDI + 5);
+
+/// Which argument's entry value each register holds, by location code.
+type Holders = [Option<ArgReg>; arg_location::NAMES.len()];
 
 /// How control leaves a function other than by `ret`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -1099,12 +1105,12 @@ impl<'a> Ctx<'a> {
         // through the skipped instructions: a write loses a value, a 64-bit register copy
         // (`mov r64, r64`) duplicates it. The site may move on while every essential
         // argument is still held somewhere.
-        let mut held: [Option<ArgReg>; arg_location::NAMES.len()] = [None; 15];
+        let mut held: Holders = [None; arg_location::NAMES.len()];
         for &arg in args {
             held[own_code(arg) as usize] = Some(arg);
         }
         let entry_held = held;
-        let holds = |held: &[Option<ArgReg>; 15], arg: ArgReg| held.contains(&Some(arg));
+        let holds = |held: &Holders, arg: ArgReg| held.contains(&Some(arg));
         let mut info = InstructionInfoFactory::new();
         let mut chosen = None;
         for (i, ins) in instrs.iter().enumerate().take(MAX_SKIP + 1) {
