@@ -169,14 +169,18 @@ pub fn bucket_index(
     text_start: u64,
     text_end: u64,
 ) -> impl Iterator<Item = u32> + '_ {
-    let span = text_end.saturating_sub(text_start);
-    let buckets = span.div_ceil(1 << BUCKET_SHIFT);
-    (0..=buckets).map(move |b| {
+    (0..=bucket_count(text_start, text_end)).map(move |b| {
         let pc = text_start.saturating_add(b << BUCKET_SHIFT);
         // The last row at or before `pc`; rows[0] starts the text, so there is one.
         let covering = rows.partition_point(|r| r.pc <= pc).saturating_sub(1);
         covering as u32
     })
+}
+
+/// Buckets of the index of code `[text_start, text_end)`: enough that `text_end` itself, the
+/// end row's pc, is in one.
+pub const fn bucket_count(text_start: u64, text_end: u64) -> u64 {
+    (text_end.saturating_sub(text_start) >> BUCKET_SHIFT) + 1
 }
 
 /// [`find_row`] over rows `first..end` only: the last of them whose `pc` is `<= pc`.
@@ -409,7 +413,7 @@ mod tests {
             }
             index
         };
-        let buckets = (text_end - text_start).div_ceil(1 << BUCKET_SHIFT) as u32;
+        let buckets = bucket_count(text_start, text_end) as u32;
         assert_eq!(index[buckets as usize + 1], u32::MAX, "buckets + 1 entries");
         let row_at = |i: u32| rows.get(i as usize).copied();
         let bucket_at = |b: u32| index.get(b as usize).copied();
@@ -420,7 +424,7 @@ mod tests {
                 Some(found) => assert_eq!(Some(found), full, "pc {pc:#x}"),
                 // Outside the indexed code: the full search finds nothing or the end row.
                 None => assert!(
-                    pc < text_start || (pc >= text_end && full == Some(rows[40])),
+                    pc < text_start || (pc > text_end && full == Some(rows[40])),
                     "pc {pc:#x}: {full:?}"
                 ),
             }

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use monitor_common::unwind::{
-    CFA_END, CFA_RSP, MAX_FRAMES, RBP_UNCHANGED, ROW_CALLSITE, Regs, UnwindRow, step,
+    CFA_END, CFA_RSP, MAX_FRAMES, RBP_UNCHANGED, ROW_CALLSITE, Regs, UnwindRow, bucket_count, step,
 };
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 
@@ -428,8 +428,10 @@ fn assert_well_formed(table: &UnwindTable) {
     }
     assert_eq!(
         table.buckets.len() as u64,
-        (table.text_range.1 - table.text_range.0).div_ceil(4096) + 1
+        bucket_count(table.text_range.0, table.text_range.1) + 1
     );
+    // The end row is found at its own pc, like every other row.
+    assert_eq!(table.find(table.text_range.1), Some(last));
 }
 
 #[test]
@@ -484,6 +486,12 @@ fn find_on_empty_and_tiny_tables() {
     assert_eq!(table.find(0x1000), Some(&table.rows[0]));
     assert_eq!(table.find(0x100f), Some(&table.rows[0]));
     assert_eq!(table.find(0x1010), Some(&table.rows[1]));
+    // Code exactly one bucket long: its end row is still indexed.
+    let mut rows = table.rows.clone();
+    rows[1] = UnwindRow::end(0x2000);
+    let bucket_long = UnwindTable::new(rows, (0x1000, 0x2000));
+    assert_eq!(bucket_long.find(0x1fff), Some(&bucket_long.rows[0]));
+    assert_eq!(bucket_long.find(0x2000), Some(&bucket_long.rows[1]));
 }
 
 #[test]
