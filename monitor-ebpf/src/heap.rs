@@ -6,9 +6,10 @@
 //! seen allocated (made before attach) only bumps a per-process counter.
 //!
 //! The callsite comes from unwinding the user stack in the probe itself with the target's
-//! `.eh_frame` rules, compiled by userspace into `UNWIND_ROWS` and indexed by `UNWIND_BUCKETS` (release binaries have no
-//! frame pointers). The tokio task the thread is polling comes from tokio's thread-local
-//! current-task slot, at the offset discovery read from the target's code.
+//! `.eh_frame` rules, compiled by userspace into `UNWIND_ROWS` and indexed by
+//! `UNWIND_BUCKETS` (release binaries have no frame pointers); the walk ends at the first
+//! frame in callsite code. The tokio task the thread is polling comes from tokio's
+//! thread-local current-task slot, at the offset discovery read from the target's code.
 
 use aya_ebpf::EbpfContext;
 use aya_ebpf::bindings::BPF_ANY;
