@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use leakscope::{daemon, inspect};
+use leakscope::daemon;
+use leakscope::export::inspect;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -41,7 +42,7 @@ enum Command {
         /// watched processes, ~2.6 µs per allocate+free) or `sampled` (1 in 16 blocks,
         /// figures scaled; ~1.8 µs). See README for why the default is off.
         #[arg(long, value_enum, default_value = "off")]
-        heap: leakscope::heap::tracker::HeapMode,
+        heap: leakscope::daemon::heap::HeapMode,
         /// Heap blocks the kernel tracks at once, across all watched processes; about 104
         /// bytes of kernel memory each, allocated at start. Blocks beyond are counted in
         /// leakscope_heap_untracked_allocations_total{reason="outstanding_full"}.
@@ -121,7 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .collect(),
                 ),
                 (None, Some(pid)) => (
-                    leakscope::procfs::process_info(pid)?.exe_link(),
+                    leakscope::targets::procfs::process_info(pid)?.exe_link(),
                     leakscope::discovery::alloc::mapped_libraries(pid),
                 ),
                 (None, None) => unreachable!("clap requires one of them"),
@@ -129,7 +130,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let image = leakscope::discovery::analyze(&path)?;
             let allocators = leakscope::discovery::alloc::find_allocators(&path, &libraries)
                 .context("finding the allocator")?;
-            let heap_points = leakscope::heap::tracker::heap_points(&allocators);
+            let heap_points = leakscope::daemon::heap::heap_points(&allocators);
             let out = if json {
                 let mut value = serde_json::to_value(&image)?;
                 value["allocator"] = serde_json::json!({

@@ -1930,9 +1930,9 @@ mod tests {
                 functions,
                 warnings: Vec::new(),
             };
-            let points = crate::heap::tracker::heap_points(&image);
+            let points = crate::daemon::heap::heap_points(&image);
             assert!(!points.is_empty());
-            crate::inspect::render_allocator(&image, &points)
+            crate::export::inspect::render_allocator(&image, &points)
         };
         let shown = render(vec![fine.clone(), stuck]);
         assert!(

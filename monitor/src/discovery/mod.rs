@@ -29,7 +29,9 @@ mod elf;
 mod hooks;
 mod naming;
 mod resolve;
+pub mod symbolize;
 pub mod task_context;
+pub mod unwind_table;
 mod vtables;
 
 use std::fmt;

@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context as _, bail};
 use monitor_common::heap::{HeapTarget, UNWIND_BUCKETS_MAX, UNWIND_ROWS_MAX};
 
-use super::ledger::{HeapLedger, ProcessHeap};
-use super::symbolize::Symbolizer;
-use super::unwind_table;
+use crate::bpf::probes::{AttachedLink, HeapAttachPoint, TaskProbes};
 use crate::discovery::TargetImage;
 use crate::discovery::alloc::{self, AllocatorImage};
-use crate::probes::{AttachedLink, HeapAttachPoint, TaskProbes};
-use crate::procfs::{ExeIdentity, ProcessInfo};
+use crate::discovery::symbolize::Symbolizer;
+use crate::discovery::unwind_table;
+use crate::state::heap::{HeapLedger, ProcessHeap};
+use crate::targets::procfs::{ExeIdentity, ProcessInfo};
 
 /// How allocations are tracked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -61,7 +61,7 @@ pub struct HeapTracker {
 
 impl HeapTracker {
     pub fn new(ledger: Arc<Mutex<HeapLedger>>, mode: HeapMode) -> Self {
-        let fsbase_offset = match crate::kernel_btf::task_struct_fsbase_offset() {
+        let fsbase_offset = match crate::bpf::kernel_btf::task_struct_fsbase_offset() {
             Ok(offset) => offset,
             Err(err) => {
                 log::warn!("{err}: allocations will not be attributed to tokio tasks");
@@ -223,8 +223,8 @@ impl HeapTracker {
 /// returns use a uretprobe at the same site, since a uprobe on a `ret` is single-stepped
 /// (about 10x dearer, measured).
 pub fn heap_points(allocators: &AllocatorImage) -> Vec<HeapAttachPoint> {
+    use crate::bpf::probes::HeapProgram;
     use crate::discovery::alloc::{AllocFamily, AllocRole, GlobalAllocator};
-    use crate::probes::HeapProgram;
     let has_libc = allocators
         .functions
         .iter()

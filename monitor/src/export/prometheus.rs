@@ -13,10 +13,10 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::heap::ledger::HeapLedger;
-use crate::probes::{KernelCounters, ProbeStats};
-use crate::procfs::monotonic_ns;
-use crate::tasks::TaskLedger;
+use crate::bpf::probes::{KernelCounters, ProbeStats};
+use crate::state::heap::HeapLedger;
+use crate::state::tasks::TaskLedger;
+use crate::targets::procfs::monotonic_ns;
 
 /// What the exporter reads on each scrape.
 #[derive(Clone)]
@@ -63,7 +63,7 @@ impl Collector for TaskCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let ledger = self.0.ledger.lock().unwrap_or_else(|e| e.into_inner());
         let rows = ledger.snapshot(monotonic_ns());
-        let labels = |r: &crate::tasks::SiteSnapshot| -> Labels {
+        let labels = |r: &crate::state::tasks::SiteSnapshot| -> Labels {
             let mut l = vec![
                 ("pid", r.pid.to_string()),
                 ("exe", r.exe.clone()),
@@ -179,7 +179,8 @@ impl Collector for TaskCollector {
         }
         if let Some(stats) = &self.0.probe_stats {
             let runs = stats.read();
-            let program = |r: &crate::probes::ProgramRuns| vec![("program", r.program.clone())];
+            let program =
+                |r: &crate::bpf::probes::ProgramRuns| vec![("program", r.program.clone())];
             family(
                 &mut encoder,
                 "leakscope_probe_runs",
@@ -209,7 +210,7 @@ fn encode_heap(
 ) -> std::fmt::Result {
     let heap = heap.lock().unwrap_or_else(|e| e.into_inner());
     let rows = heap.snapshot();
-    let labels = |r: &crate::heap::ledger::HeapGroupSnapshot| -> Labels {
+    let labels = |r: &crate::state::heap::HeapGroupSnapshot| -> Labels {
         let mut l = vec![
             ("pid", r.pid.to_string()),
             ("exe", r.exe.clone()),
@@ -240,7 +241,7 @@ fn encode_heap(
             .map(|r| (labels(r), ConstGauge::new(r.live_allocations as i64))),
     )?;
     let per_process =
-        |value: &dyn Fn(&crate::heap::ledger::ProcessHeap) -> u64| -> Vec<(Labels, ConstCounter)> {
+        |value: &dyn Fn(&crate::state::heap::ProcessHeap) -> u64| -> Vec<(Labels, ConstCounter)> {
             heap.processes()
                 .map(|p| {
                     (

@@ -1,6 +1,9 @@
 //! The long-running job: attach to target processes, keep their task ledger current, serve
 //! `/metrics`, `/healthz` and the JSON API, follow processes as they start and exit.
 
+pub mod drain;
+pub mod heap;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,13 +19,13 @@ use axum::routing::get;
 use log::{info, warn};
 use serde::Serialize;
 
+use crate::bpf::probes::{AttachedLink, HeapMaps, ProbeStats, TaskProbes};
+use crate::daemon::heap::{HeapMode, HeapTracker};
 use crate::discovery::{self, TargetImage};
-use crate::heap::ledger::HeapLedger;
-use crate::heap::tracker::{HeapMode, HeapTracker};
-use crate::metrics::{self, Sources};
-use crate::probes::{AttachedLink, HeapMaps, ProbeStats, TaskProbes};
-use crate::procfs::{self, ExeIdentity, ProcessInfo};
-use crate::tasks::{ProcessSummary, ProcessTasks, SiteSnapshot, StreamStats, TaskLedger};
+use crate::export::prometheus::{self, Sources};
+use crate::state::heap::HeapLedger;
+use crate::state::tasks::{ProcessSummary, ProcessTasks, SiteSnapshot, StreamStats, TaskLedger};
+use crate::targets::procfs::{self, ExeIdentity, ProcessInfo};
 
 /// What the user asked the daemon to watch.
 #[derive(Debug, Clone)]
@@ -259,7 +262,7 @@ async fn metrics_handler(State(sources): State<Sources>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        metrics::render(&sources),
+        prometheus::render(&sources),
     )
 }
 
@@ -328,13 +331,13 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let (heap, mut drain) = match config.heap {
         HeapMode::Off => (
             None,
-            tokio::spawn(crate::events::drain(ring, ledger.clone())),
+            tokio::spawn(crate::daemon::drain::drain(ring, ledger.clone())),
         ),
         HeapMode::Exact | HeapMode::Sampled => {
             probes.enable_heap()?;
             let heap_ring = probes.take_heap_events()?;
             let heap_ledger = Arc::new(Mutex::new(HeapLedger::default()));
-            let drain = tokio::spawn(crate::events::drain_tasks_and_heap(
+            let drain = tokio::spawn(crate::daemon::drain::drain_tasks_and_heap(
                 ring,
                 heap_ring,
                 ledger.clone(),

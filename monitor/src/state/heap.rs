@@ -11,7 +11,7 @@ use std::sync::Arc;
 use monitor_common::heap::{HeapEvent, HeapEventKind};
 use serde::Serialize;
 
-use super::symbolize::{CallsiteCache, Symbolizer};
+use crate::discovery::symbolize::{CallsiteCache, Symbolizer};
 
 /// Blocks tracked per process (the kernel map is bounded too).
 pub const MAX_BLOCKS_PER_PROCESS: usize = 1 << 22;
@@ -246,7 +246,7 @@ impl ProcessHeap {
 pub struct HeapLedger {
     processes: HashMap<u32, ProcessHeap>,
     last_seq_by_cpu: HashMap<u32, u64>,
-    pub stream: crate::tasks::StreamStats,
+    pub stream: crate::state::tasks::StreamStats,
 }
 
 impl HeapLedger {
@@ -353,7 +353,7 @@ mod tests {
 
     #[test]
     fn groups_carry_the_callsite_location() {
-        use crate::heap::symbolize::tests::{allocating_marker, own_function};
+        use crate::discovery::symbolize::tests::{allocating_marker, own_function};
         let symbolizer =
             Symbolizer::load(std::path::Path::new("/proc/self/exe"), None).expect("own symbols");
         let marker = own_function(&symbolizer, "symbolize::tests::allocating_marker");
@@ -367,7 +367,7 @@ mod tests {
         assert_eq!(
             rows[0].location,
             Some(format!(
-                "monitor/src/heap/symbolize.rs:{}",
+                "monitor/src/discovery/symbolize.rs:{}",
                 allocating_marker().1
             ))
         );

@@ -274,7 +274,7 @@ fn unwinds_own_stack() {
 /// its unwind rule.
 #[test]
 fn walk_stops_at_the_callsite_frame() {
-    use crate::heap::symbolize::Symbolizer;
+    use crate::discovery::symbolize::Symbolizer;
     let (table, _) = own_table();
     let symbolizer = Symbolizer::load(Path::new("/proc/self/exe"), None).expect("own symbols");
     let mut marked = table.clone();
@@ -306,7 +306,7 @@ fn walk_stops_at_the_callsite_frame() {
             );
             let picked = symbolizer
                 .name(pc)
-                .is_some_and(|name| !crate::heap::symbolize::is_runtime_frame(name));
+                .is_some_and(|name| !crate::discovery::symbolize::is_runtime_frame(name));
             assert_eq!(
                 after.flags == ROW_CALLSITE,
                 picked && after.cfa_reg != CFA_END,

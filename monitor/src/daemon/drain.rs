@@ -7,8 +7,8 @@ use monitor_common::{TaskEvent, TaskEventKind};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::heap::ledger::{HeapLedger, TaskSites};
-use crate::tasks::TaskLedger;
+use crate::state::heap::{HeapLedger, TaskSites};
+use crate::state::tasks::TaskLedger;
 use monitor_common::heap::HeapEvent;
 
 /// Decodes one ring-buffer record; `None` for a record of the wrong size.

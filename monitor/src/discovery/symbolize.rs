@@ -274,7 +274,7 @@ pub(crate) mod tests {
         );
         assert_eq!(
             callsite.location,
-            Some(format!("monitor/src/heap/symbolize.rs:{line}"))
+            Some(format!("monitor/src/discovery/symbolize.rs:{line}"))
         );
         // Cached per stack.
         let mut cache = CallsiteCache::default();

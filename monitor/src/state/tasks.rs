@@ -416,7 +416,7 @@ impl TaskLedger {
     }
 }
 
-impl crate::heap::ledger::TaskSites for TaskLedger {
+impl crate::state::heap::TaskSites for TaskLedger {
     fn task_site(&self, pid: u32, task_id: u64) -> Option<String> {
         self.process(pid)?.site_of_task(task_id).map(str::to_string)
     }
@@ -569,7 +569,7 @@ mod tests {
 
     #[test]
     fn task_ids_resolve_to_sites_after_completion() {
-        use crate::heap::ledger::TaskSites;
+        use crate::state::heap::TaskSites;
         let mut ledger = ledger();
         ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x1000, 1));
         ledger.apply(&event(TaskEventKind::Complete, 0xa0, BIAS + 0x1000, 2));

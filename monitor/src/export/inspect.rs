@@ -2,9 +2,9 @@
 
 use std::fmt::Write as _;
 
+use crate::bpf::probes::HeapAttachPoint;
 use crate::discovery::alloc::AllocatorImage;
 use crate::discovery::{HookKind, NamingMethod, TargetImage};
-use crate::probes::HeapAttachPoint;
 
 pub fn render_table(image: &TargetImage) -> String {
     let mut out = String::new();

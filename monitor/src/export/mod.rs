@@ -1,0 +1,4 @@
+//! How the state is shown: Prometheus text, the JSON API's types, text tables.
+
+pub mod inspect;
+pub mod prometheus;

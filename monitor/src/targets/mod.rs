@@ -1,0 +1,3 @@
+//! Which processes leakscope watches, and what `/proc` says about each.
+
+pub mod procfs;
