@@ -3,3 +3,4 @@
 
 pub mod kernel_btf;
 pub mod probes;
+pub mod ring;

@@ -24,7 +24,8 @@ use crate::daemon::heap::{HeapMode, HeapTracker};
 use crate::discovery::{self, TargetImage};
 use crate::export::prometheus::{self, Sources};
 use crate::state::heap::HeapLedger;
-use crate::state::tasks::{ProcessSummary, ProcessTasks, SiteSnapshot, StreamStats, TaskLedger};
+use crate::state::stream::StreamStats;
+use crate::state::tasks::{ProcessSummary, ProcessTasks, SiteSnapshot, TaskLedger};
 use crate::targets::procfs::{self, ExeIdentity, ProcessInfo};
 
 /// What the user asked the daemon to watch.
@@ -274,7 +275,7 @@ async fn heap_handler(State(sources): State<Sources>) -> axum::Json<serde_json::
     axum::Json(serde_json::json!({
         "enabled": true,
         "groups": heap.snapshot(),
-        "stream": heap.stream,
+        "stream": heap.stream.stats,
     }))
 }
 
@@ -282,7 +283,7 @@ async fn tasks_handler(State(sources): State<Sources>) -> axum::Json<TasksRespon
     let ledger = sources.ledger.lock().unwrap_or_else(|e| e.into_inner());
     axum::Json(TasksResponse {
         sites: ledger.snapshot(procfs::monotonic_ns()),
-        stream: ledger.stream,
+        stream: ledger.stream.stats,
         attached_processes: ledger.attached_processes(),
         processes: ledger.process_summaries(),
     })
@@ -328,25 +329,21 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let ring = probes.take_events()?;
     let kernel = Arc::new(probes.take_counters()?);
     let ledger = Arc::new(Mutex::new(TaskLedger::new()));
-    let (heap, mut drain) = match config.heap {
-        HeapMode::Off => (
-            None,
-            tokio::spawn(crate::daemon::drain::drain(ring, ledger.clone())),
-        ),
+    let heap = match config.heap {
+        HeapMode::Off => None,
         HeapMode::Exact | HeapMode::Sampled => {
             probes.enable_heap()?;
-            let heap_ring = probes.take_heap_events()?;
-            let heap_ledger = Arc::new(Mutex::new(HeapLedger::default()));
-            let drain = tokio::spawn(crate::daemon::drain::drain_tasks_and_heap(
-                ring,
-                heap_ring,
-                ledger.clone(),
-                heap_ledger.clone(),
-            ));
-            (Some(HeapTracker::new(heap_ledger, config.heap)), drain)
+            Some(drain::HeapStream {
+                ring: probes.take_heap_events()?,
+                ledger: Arc::new(Mutex::new(HeapLedger::default())),
+            })
         }
     };
-    let heap_ledger = heap.as_ref().map(|h| h.ledger.clone());
+    let heap_tracker = heap
+        .as_ref()
+        .map(|h| HeapTracker::new(h.ledger.clone(), config.heap));
+    let mut drain = tokio::spawn(drain::drain(ring, ledger.clone(), heap));
+    let heap_ledger = heap_tracker.as_ref().map(|h| h.ledger.clone());
     let probe_stats = if config.probe_stats {
         Some(Arc::new(ProbeStats::enable(&probes)?))
     } else {
@@ -357,7 +354,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         images,
         attached: HashMap::new(),
         ledger: ledger.clone(),
-        heap,
+        heap: heap_tracker,
         exe_links: HashMap::new(),
     };
     for (path, &exe) in config.exes.iter().zip(&exes) {

@@ -120,7 +120,7 @@ impl Collector for TaskCollector {
             }),
         )?;
 
-        let stream = ledger.stream;
+        let stream = ledger.stream.stats;
         let attached = ledger.attached_processes() as i64;
         drop(ledger);
         family(
@@ -277,14 +277,14 @@ fn encode_heap(
         "leakscope_heap_events",
         "Heap events received from the kernel.",
         MetricType::Counter,
-        scalar(heap.stream.events),
+        scalar(heap.stream.stats.events),
     )?;
     family(
         encoder,
         "leakscope_heap_events_lost",
         "Heap events numbered by the kernel but never received.",
         MetricType::Counter,
-        scalar(heap.stream.lost),
+        scalar(heap.stream.stats.lost),
     )?;
     family(
         encoder,

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use monitor_common::heap::{HeapEvent, HeapEventKind};
 use serde::Serialize;
 
+use super::intern::BoundedLabels;
+use super::stream::EventStream;
 use crate::discovery::symbolize::{CallsiteCache, Symbolizer};
 
 /// Blocks tracked per process (the kernel map is bounded too).
@@ -35,11 +37,9 @@ pub struct HeapGroupSnapshot {
     pub live_allocations: u64,
 }
 
-#[derive(Debug)]
+/// A group's live figures; its name is the [`GroupKey`] at the same index.
+#[derive(Debug, Default)]
 struct HeapGroup {
-    site: String,
-    location: Option<String>,
-    task_site: String,
     live_bytes: u64,
     live_allocations: u64,
 }
@@ -79,8 +79,8 @@ pub struct ProcessHeap {
     load_bias: u64,
     symbolizer: Arc<Symbolizer>,
     callsites: CallsiteCache,
+    keys: BoundedLabels<GroupKey>,
     groups: Vec<HeapGroup>,
-    group_index: HashMap<GroupKey, usize>,
     blocks: HashMap<u64, (usize, u64)>,
     pub totals: HeapTotals,
     /// Blocks stand for this many (sampling); figures are scaled by it on export.
@@ -101,8 +101,11 @@ impl ProcessHeap {
             load_bias,
             symbolizer,
             callsites: CallsiteCache::default(),
+            keys: BoundedLabels::new(
+                MAX_GROUPS_PER_PROCESS,
+                (OVERFLOW_GROUP.to_string(), None, OVERFLOW_GROUP.to_string()),
+            ),
             groups: Vec::new(),
-            group_index: HashMap::new(),
             blocks: HashMap::new(),
             totals: HeapTotals::default(),
             scale: scale.max(1),
@@ -110,25 +113,11 @@ impl ProcessHeap {
     }
 
     fn group(&mut self, key: GroupKey) -> usize {
-        let key = if self.groups.len() >= MAX_GROUPS_PER_PROCESS
-            && !self.group_index.contains_key(&key)
-        {
-            (OVERFLOW_GROUP.to_string(), None, OVERFLOW_GROUP.to_string())
-        } else {
-            key
-        };
-        if let Some(&index) = self.group_index.get(&key) {
-            return index;
+        let index = self.keys.intern(key);
+        if index == self.groups.len() {
+            self.groups.push(HeapGroup::default());
         }
-        self.groups.push(HeapGroup {
-            site: key.0.clone(),
-            location: key.1.clone(),
-            task_site: key.2.clone(),
-            live_bytes: 0,
-            live_allocations: 0,
-        });
-        self.group_index.insert(key, self.groups.len() - 1);
-        self.groups.len() - 1
+        index
     }
 
     /// Counts the block at `header`, if one is live and not yet labelled so, as the cell of
@@ -137,14 +126,14 @@ impl ProcessHeap {
         let Some(&(old_group, size)) = self.blocks.get(&header) else {
             return;
         };
-        let old = &self.groups[old_group];
-        if old.site.starts_with(TASK_CELL) {
+        let (old_site, _, old_task_site) = self.keys.get(old_group);
+        if old_site.starts_with(TASK_CELL) {
             return;
         }
         let key = (
             format!("{TASK_CELL}{spawn_site}"),
             None,
-            old.task_site.clone(),
+            old_task_site.clone(),
         );
         let group = self.group(key);
         let old = &mut self.groups[old_group];
@@ -218,15 +207,19 @@ impl ProcessHeap {
     pub fn snapshot(&self) -> Vec<HeapGroupSnapshot> {
         self.groups
             .iter()
-            .filter(|g| g.live_allocations > 0 || g.live_bytes > 0)
-            .map(|g| HeapGroupSnapshot {
-                pid: self.pid,
-                exe: self.exe.clone(),
-                site: g.site.clone(),
-                location: g.location.clone(),
-                task_site: g.task_site.clone(),
-                live_bytes: g.live_bytes * self.scale,
-                live_allocations: g.live_allocations * self.scale,
+            .enumerate()
+            .filter(|(_, g)| g.live_allocations > 0 || g.live_bytes > 0)
+            .map(|(index, g)| {
+                let (site, location, task_site) = self.keys.get(index).clone();
+                HeapGroupSnapshot {
+                    pid: self.pid,
+                    exe: self.exe.clone(),
+                    site,
+                    location,
+                    task_site,
+                    live_bytes: g.live_bytes * self.scale,
+                    live_allocations: g.live_allocations * self.scale,
+                }
             })
             .collect()
     }
@@ -245,8 +238,7 @@ impl ProcessHeap {
 #[derive(Debug, Default)]
 pub struct HeapLedger {
     processes: HashMap<u32, ProcessHeap>,
-    last_seq_by_cpu: HashMap<u32, u64>,
-    pub stream: crate::state::tasks::StreamStats,
+    pub stream: EventStream,
 }
 
 impl HeapLedger {
@@ -263,15 +255,10 @@ impl HeapLedger {
     }
 
     pub fn apply(&mut self, event: &HeapEvent, tasks: &dyn TaskSites) {
-        self.stream.events += 1;
-        if let Some(last) = self.last_seq_by_cpu.insert(event.cpu, event.seq)
-            && event.seq > last + 1
-        {
-            self.stream.lost += event.seq - last - 1;
-        }
+        self.stream.receive(event.cpu, event.seq);
         match self.processes.get_mut(&event.pid) {
             Some(process) => process.apply(event, tasks),
-            None => self.stream.ignored += 1,
+            None => self.stream.ignore(1),
         }
     }
 

@@ -13,6 +13,9 @@ use std::sync::Arc;
 use monitor_common::{TaskEvent, TaskEventKind};
 use serde::Serialize;
 
+use super::intern::BoundedLabels;
+use super::pending::PendingEvents;
+use super::stream::EventStream;
 use crate::discovery::TargetImage;
 
 /// Live tasks tracked per process before new spawns are only counted, not tracked.
@@ -25,18 +28,20 @@ pub const RETAINED_COMPLETED_IDS: usize = 1 << 16;
 /// Label of the site that absorbs spawn sites beyond [`MAX_SITES_PER_PROCESS`].
 pub const OVERFLOW_SITE: &str = "other (site limit reached)";
 
-/// One spawn site of one process: where tasks of one future type come from.
+/// One spawn site of one process: where tasks of one future type come from. Its name is
+/// the [`SiteLabel`] at the same index.
 #[derive(Debug)]
 pub struct SpawnSite {
-    /// Demangled future type, e.g. `myapp::handler::{{closure}}::{{closure}}`.
-    pub label: String,
-    /// `file:line` of the async block when the binary has DWARF line info.
-    pub location: Option<String>,
     pub spawned: u64,
     pub completed: u64,
     /// Live tasks ordered by spawn time, so the oldest is the first entry.
     live: BTreeSet<(u64, u64)>,
 }
+
+/// A spawn site's name: the demangled future type (e.g.
+/// `myapp::handler::{{closure}}::{{closure}}`) and, when the binary has DWARF line info, the
+/// `file:line` of the async block.
+pub type SiteLabel = (String, Option<String>);
 
 #[derive(Debug, Clone, Copy)]
 struct LiveTask {
@@ -45,7 +50,6 @@ struct LiveTask {
     task_id: Option<u64>,
 }
 
-/// What one attached process is running: its tasks by spawn site.
 /// One watched process as the JSON API lists it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProcessSummary {
@@ -55,6 +59,7 @@ pub struct ProcessSummary {
     pub attached: bool,
 }
 
+/// What one attached process is running: its tasks by spawn site.
 #[derive(Debug)]
 pub struct ProcessTasks {
     pub pid: u32,
@@ -63,6 +68,7 @@ pub struct ProcessTasks {
     image: Arc<TargetImage>,
     /// Runtime address minus link-time address of the executable's mapping.
     load_bias: u64,
+    labels: BoundedLabels<SiteLabel>,
     sites: Vec<SpawnSite>,
     site_by_vtable: HashMap<u64, usize>,
     live: HashMap<u64, LiveTask>,
@@ -89,6 +95,7 @@ impl ProcessTasks {
             exe,
             image,
             load_bias,
+            labels: BoundedLabels::new(MAX_SITES_PER_PROCESS, (OVERFLOW_SITE.to_string(), None)),
             sites: Vec::new(),
             site_by_vtable: HashMap::new(),
             live: HashMap::new(),
@@ -105,18 +112,14 @@ impl ProcessTasks {
     pub fn site_of_live_task(&self, header: u64) -> Option<&str> {
         self.live
             .get(&header)
-            .map(|task| self.sites[task.site].label.as_str())
+            .map(|task| self.labels.get(task.site).0.as_str())
     }
 
     /// Spawn-site label of the task with tokio id `task_id` (live or recently completed).
     pub fn site_of_task(&self, task_id: u64) -> Option<&str> {
         self.site_by_task_id
             .get(&task_id)
-            .map(|&i| self.sites[i].label.as_str())
-    }
-
-    pub fn sites(&self) -> &[SpawnSite] {
-        &self.sites
+            .map(|&i| self.labels.get(i).0.as_str())
     }
 
     pub fn image(&self) -> &TargetImage {
@@ -128,34 +131,20 @@ impl ProcessTasks {
             return index;
         }
         let link_address = vtable.wrapping_sub(self.load_bias);
-        let (label, location) = match self.image.vtable_at(link_address) {
+        let label = match self.image.vtable_at(link_address) {
             Some(known) => (known.site.clone(), known.location.clone()),
             None => (format!("vtable@{link_address:#x}"), None),
         };
-        let label = if self.sites.len() >= MAX_SITES_PER_PROCESS {
-            OVERFLOW_SITE.to_string()
-        } else {
-            label
-        };
         // Distinct vtables may carry the same label (one per scheduler flavour, or identical
         // code folded by the linker): they are one site to the user.
-        let index = match self
-            .sites
-            .iter()
-            .position(|s| s.label == label && s.location == location)
-        {
-            Some(index) => index,
-            None => {
-                self.sites.push(SpawnSite {
-                    label,
-                    location,
-                    spawned: 0,
-                    completed: 0,
-                    live: BTreeSet::new(),
-                });
-                self.sites.len() - 1
-            }
-        };
+        let index = self.labels.intern(label);
+        if index == self.sites.len() {
+            self.sites.push(SpawnSite {
+                spawned: 0,
+                completed: 0,
+                live: BTreeSet::new(),
+            });
+        }
         self.site_by_vtable.insert(vtable, index);
         index
     }
@@ -224,11 +213,12 @@ impl ProcessTasks {
     pub fn snapshot(&self, now_ktime_ns: u64) -> Vec<SiteSnapshot> {
         self.sites
             .iter()
-            .map(|site| SiteSnapshot {
+            .enumerate()
+            .map(|(index, site)| SiteSnapshot {
                 pid: self.pid,
                 exe: self.exe.clone(),
-                site: site.label.clone(),
-                location: site.location.clone(),
+                site: self.labels.get(index).0.clone(),
+                location: self.labels.get(index).1.clone(),
                 spawned: site.spawned,
                 completed: site.completed,
                 alive: site.live.len() as u64,
@@ -255,73 +245,12 @@ pub struct SiteSnapshot {
     pub oldest_alive_seconds: f64,
 }
 
-/// Event-stream health: how many events arrived and how many were lost on the way.
-#[derive(Debug, Default, Clone, Copy, Serialize)]
-pub struct StreamStats {
-    pub events: u64,
-    /// Events the kernel numbered but userspace never received (per-CPU sequence gaps).
-    pub lost: u64,
-    /// Events not counted: of an unknown kind, or for a process that was not registered
-    /// in time (see [`PendingEvents`]).
-    pub ignored: u64,
-}
-
-/// Events from processes not registered yet, replayed when they are.
-///
-/// An `--exe` probe sits on the executable's file, so it reports a process from its exec
-/// on, while the daemon registers that process only at its next scan (and after the process
-/// has mapped its libraries). Holding those first events means the tasks a service spawns
-/// at startup (its long-lived workers) are counted. Bounded by events and by age.
-#[derive(Debug, Default)]
-struct PendingEvents {
-    by_pid: HashMap<u32, Vec<TaskEvent>>,
-    held: usize,
-}
-
-/// At most this many events are held for unregistered processes, all pids together.
-const PENDING_EVENTS_MAX: usize = 1 << 16;
-/// Events held longer than this (their process was never registered) are dropped.
-const PENDING_MAX_AGE_NS: u64 = 30_000_000_000;
-
-impl PendingEvents {
-    /// Holds `event`; false when the bound is reached and it was not held.
-    fn hold(&mut self, event: &TaskEvent) -> bool {
-        if self.held >= PENDING_EVENTS_MAX {
-            return false;
-        }
-        self.by_pid.entry(event.pid).or_default().push(*event);
-        self.held += 1;
-        true
-    }
-
-    fn take(&mut self, pid: u32) -> Vec<TaskEvent> {
-        let events = self.by_pid.remove(&pid).unwrap_or_default();
-        self.held -= events.len();
-        events
-    }
-
-    /// Drops the events of processes that are gone or whose first held event is too old;
-    /// returns how many were dropped.
-    fn expire(&mut self, now_ktime_ns: u64, is_alive: impl Fn(u32) -> bool) -> u64 {
-        let before = self.held;
-        self.by_pid.retain(|&pid, events| {
-            is_alive(pid)
-                && events
-                    .first()
-                    .is_some_and(|e| now_ktime_ns.saturating_sub(e.ktime_ns) < PENDING_MAX_AGE_NS)
-        });
-        self.held = self.by_pid.values().map(Vec::len).sum();
-        (before - self.held) as u64
-    }
-}
-
 /// All attached processes' task state, fed by the event stream.
 #[derive(Debug, Default)]
 pub struct TaskLedger {
     processes: HashMap<u32, ProcessTasks>,
-    last_seq_by_cpu: HashMap<u32, u64>,
     pending: PendingEvents,
-    pub stream: StreamStats,
+    pub stream: EventStream,
 }
 
 impl TaskLedger {
@@ -341,7 +270,8 @@ impl TaskLedger {
 
     /// Drops events held for processes that exited or were never registered in time.
     pub fn expire_pending(&mut self, now_ktime_ns: u64, is_alive: impl Fn(u32) -> bool) {
-        self.stream.ignored += self.pending.expire(now_ktime_ns, is_alive);
+        self.stream
+            .ignore(self.pending.expire(now_ktime_ns, is_alive));
     }
 
     /// Forget a process (it exited or was detached): its sites leave the exports.
@@ -381,21 +311,16 @@ impl TaskLedger {
     }
 
     pub fn apply(&mut self, event: &TaskEvent) {
-        self.stream.events += 1;
-        if let Some(last) = self.last_seq_by_cpu.insert(event.cpu, event.seq)
-            && event.seq > last + 1
-        {
-            self.stream.lost += event.seq - last - 1;
-        }
+        self.stream.receive(event.cpu, event.seq);
         let Some(kind) = TaskEventKind::from_u32(event.kind) else {
-            self.stream.ignored += 1;
+            self.stream.ignore(1);
             return;
         };
         match self.processes.get_mut(&event.pid) {
             Some(process) => process.apply(event, kind),
             None => {
                 if !self.pending.hold(event) {
-                    self.stream.ignored += 1;
+                    self.stream.ignore(1);
                 }
             }
         }
@@ -413,18 +338,6 @@ impl TaskLedger {
             .collect();
         rows.sort_by(|a, b| (a.pid, &a.site).cmp(&(b.pid, &b.site)));
         rows
-    }
-}
-
-impl crate::state::heap::TaskSites for TaskLedger {
-    fn task_site(&self, pid: u32, task_id: u64) -> Option<String> {
-        self.process(pid)?.site_of_task(task_id).map(str::to_string)
-    }
-
-    fn task_cell_site(&self, pid: u32, addr: u64) -> Option<String> {
-        self.process(pid)?
-            .site_of_live_task(addr)
-            .map(str::to_string)
     }
 }
 
@@ -539,8 +452,8 @@ mod tests {
         let mut ledger = ledger();
         ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x1000, 1));
         ledger.apply(&event(TaskEventKind::Spawn, 0xb0, BIAS + 0x1000, 5));
-        assert_eq!(ledger.stream.lost, 3);
-        assert_eq!(ledger.stream.events, 2);
+        assert_eq!(ledger.stream.stats.lost, 3);
+        assert_eq!(ledger.stream.stats.events, 2);
     }
 
     #[test]
@@ -569,15 +482,13 @@ mod tests {
 
     #[test]
     fn task_ids_resolve_to_sites_after_completion() {
-        use crate::state::heap::TaskSites;
         let mut ledger = ledger();
         ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x1000, 1));
         ledger.apply(&event(TaskEventKind::Complete, 0xa0, BIAS + 0x1000, 2));
-        assert_eq!(
-            ledger.task_site(7, 0xa0).as_deref(),
-            Some("app::leak::{{closure}}")
-        );
-        assert_eq!(ledger.task_site(7, 0xb0), None);
+        let process = ledger.process(7).unwrap();
+        assert_eq!(process.site_of_task(0xa0), Some("app::leak::{{closure}}"));
+        assert_eq!(process.site_of_task(0xb0), None);
+        assert_eq!(process.site_of_live_task(0xa0), None);
     }
 
     #[test]
@@ -591,7 +502,7 @@ mod tests {
         let rows = ledger.snapshot(4_000_000_000);
         let leak = row(&rows, "app::leak::{{closure}}");
         assert_eq!((leak.spawned, leak.completed, leak.alive), (2, 1, 1));
-        assert_eq!(ledger.stream.ignored, 0);
+        assert_eq!(ledger.stream.stats.ignored, 0);
     }
 
     #[test]
@@ -604,9 +515,12 @@ mod tests {
         ledger.apply(&e);
         // pid 99 exited; pid 100 lives but is held for less than the age bound.
         ledger.expire_pending(e.ktime_ns + 1, |pid| pid == 100);
-        assert_eq!(ledger.stream.ignored, 1);
-        ledger.expire_pending(e.ktime_ns + PENDING_MAX_AGE_NS, |_| true);
-        assert_eq!(ledger.stream.ignored, 2);
+        assert_eq!(ledger.stream.stats.ignored, 1);
+        ledger.expire_pending(
+            e.ktime_ns + crate::state::pending::PENDING_MAX_AGE_NS,
+            |_| true,
+        );
+        assert_eq!(ledger.stream.stats.ignored, 2);
         ledger.add_process(ProcessTasks::new(100, "app".into(), image(), BIAS));
         assert!(ledger.snapshot(0).is_empty());
     }

@@ -1,0 +1,150 @@
+//! Which tokio task a heap block belongs to: the one place where task state and heap state
+//! meet, so that `tasks` and `heap` never import each other.
+//!
+//! Two ties, both by the task ledger's answers:
+//! - an allocation made while a task was polled carries that task's id, which names the
+//!   task's spawn site (`task_site`);
+//! - a block that starts at a live task's header is that task's own cell (header, scheduler
+//!   and the future's state), labelled `task cell: <spawn site>` so a leaked task's memory
+//!   is named after it. The cell is allocated just before its spawn event is written, so
+//!   whichever of the two is read first, the other completes the label.
+
+use super::heap::{HeapLedger, TaskSites};
+use super::tasks::TaskLedger;
+
+impl TaskSites for TaskLedger {
+    fn task_site(&self, pid: u32, task_id: u64) -> Option<String> {
+        self.process(pid)?.site_of_task(task_id).map(str::to_string)
+    }
+
+    fn task_cell_site(&self, pid: u32, addr: u64) -> Option<String> {
+        self.process(pid)?
+            .site_of_live_task(addr)
+            .map(str::to_string)
+    }
+}
+
+/// Relabels, as task cells, the blocks of tasks whose spawn events were just applied
+/// (`spawned`: `(pid, header)` pairs) when their allocations were read in an earlier batch.
+pub fn claim_task_cells(tasks: &TaskLedger, heap: &mut HeapLedger, spawned: &[(u32, u64)]) {
+    for &(pid, header) in spawned {
+        if let Some(site) = tasks.process(pid).and_then(|p| p.site_of_live_task(header)) {
+            heap.claim_task_cell(pid, header, site);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use monitor_common::heap::{HEAP_FRAMES, HeapEvent, HeapEventKind};
+    use monitor_common::{TaskEvent, TaskEventKind};
+
+    use super::*;
+    use crate::discovery::symbolize::Symbolizer;
+    use crate::discovery::{NamingMethod, TargetImage, TaskVtable};
+    use crate::state::heap::ProcessHeap;
+    use crate::state::tasks::ProcessTasks;
+
+    const PID: u32 = 7;
+
+    fn ledgers() -> (TaskLedger, HeapLedger) {
+        let image = TargetImage {
+            vtables: vec![TaskVtable {
+                vaddr: 0x1000,
+                site: "app::worker::{{closure}}".to_string(),
+                naming: NamingMethod::FuturePollCall,
+                complete_hooked: true,
+                ..TaskVtable::default()
+            }],
+            ..TargetImage::default()
+        };
+        let mut tasks = TaskLedger::new();
+        tasks.add_process(ProcessTasks::new(PID, "app".into(), Arc::new(image), 0));
+        let mut heap = HeapLedger::default();
+        heap.add_process(ProcessHeap::new(
+            PID,
+            "app".into(),
+            0,
+            Arc::new(Symbolizer::default()),
+            1,
+        ));
+        (tasks, heap)
+    }
+
+    fn spawn(header: u64, task_id: u64) -> TaskEvent {
+        TaskEvent {
+            ktime_ns: 1,
+            seq: 1,
+            header,
+            vtable: 0x1000,
+            pid: PID,
+            tid: PID,
+            cpu: 0,
+            kind: TaskEventKind::Spawn as u32,
+            task_id,
+        }
+    }
+
+    fn alloc(addr: u64, size: u64, task_id: u64) -> HeapEvent {
+        HeapEvent {
+            ktime_ns: 0,
+            seq: 1,
+            addr,
+            size,
+            stack_hash: 1,
+            task_id,
+            pid: PID,
+            tid: PID,
+            cpu: 0,
+            kind: HeapEventKind::Alloc as u32,
+            nframes: 0,
+            _pad: 0,
+            first_pc: 0,
+            frames: [0; HEAP_FRAMES],
+        }
+    }
+
+    fn sites(heap: &HeapLedger) -> Vec<(String, String, u64)> {
+        let mut rows: Vec<_> = heap
+            .snapshot()
+            .into_iter()
+            .map(|r| (r.site, r.task_site, r.live_bytes))
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    #[test]
+    fn a_task_cell_is_named_after_its_task_whichever_event_is_read_first() {
+        // Spawn read first: the allocation at the header is the cell at once.
+        let (mut tasks, mut heap) = ledgers();
+        tasks.apply(&spawn(0xa000, 1));
+        heap.apply(&alloc(0xa000, 256, 0), &tasks);
+        // An allocation made while task 1 was polled is attributed to its spawn site.
+        heap.apply(&alloc(0xb000, 64, 1), &tasks);
+        let cell = "task cell: app::worker::{{closure}}".to_string();
+        let worker = "app::worker::{{closure}}".to_string();
+        let rows = sites(&heap);
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert!(
+            rows.iter()
+                .any(|(site, task, bytes)| !site.starts_with("task cell")
+                    && *task == worker
+                    && *bytes == 64),
+            "{rows:?}"
+        );
+        assert!(
+            rows.contains(&(cell.clone(), "none".into(), 256)),
+            "{rows:?}"
+        );
+
+        // Allocation read first: the spawn relabels it.
+        let (mut tasks, mut heap) = ledgers();
+        heap.apply(&alloc(0xa000, 256, 0), &tasks);
+        tasks.apply(&spawn(0xa000, 1));
+        claim_task_cells(&tasks, &mut heap, &[(PID, 0xa000)]);
+        assert_eq!(sites(&heap), vec![(cell, "none".into(), 256)]);
+    }
+}
