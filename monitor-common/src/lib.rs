@@ -76,7 +76,7 @@ pub const POLLED_TASKS_MAX: u32 = 1 << 18;
 /// one program serves every hook point of every target, whatever its tokio version:
 /// bits 0..8 = the [`TaskEventKind`] to emit, bits 16..32 = the offset of the vtable pointer
 /// inside the task header, as read from the target binary. (Which register holds the header
-/// is chosen by attaching the program for that register, see `TASK_HOOK_PROGRAMS`.)
+/// is chosen by attaching the program for that register, see `names::program::TASK_HOOKS`.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HookCookie {
     pub kind: u32,
@@ -84,15 +84,6 @@ pub struct HookCookie {
     /// Where in the vtable record its `id_offset` field sits (0: do not read the id).
     pub vtable_id_field: u32,
 }
-
-/// The task hook programs, indexed by the System V position of the argument register that
-/// holds the task header (0 = rdi, 1 = rsi, 2 = rdx, 3 = rcx).
-pub const TASK_HOOK_PROGRAMS: [&str; 4] = [
-    "task_hook_rdi",
-    "task_hook_rsi",
-    "task_hook_rdx",
-    "task_hook_rcx",
-];
 
 impl HookCookie {
     pub const fn encode(self) -> u64 {
@@ -111,9 +102,10 @@ impl HookCookie {
 }
 
 pub mod heap;
+pub mod names;
 pub mod unwind;
 
-/// Indexes into the per-CPU `COUNTERS` array.
+/// Indexes into the per-CPU `COUNTERS` map.
 pub mod counter {
     /// Events that could not be written because the ring buffer was full.
     pub const RINGBUF_FULL: u32 = 0;
@@ -137,8 +129,10 @@ pub const RB_FORCE_WAKEUP: u64 = 2;
 /// `BPF_RB_AVAIL_DATA` (for `bpf_ringbuf_query`).
 pub const RB_AVAIL_DATA: u64 = 0;
 
-/// Ring buffer size in bytes (a power of two multiple of the page size).
+/// Task ring buffer size in bytes (a power of two multiple of the page size).
 pub const RINGBUF_BYTES: u32 = 1 << 22;
+/// Heap ring buffer size in bytes: heap events are larger and far more frequent.
+pub const HEAP_RINGBUF_BYTES: u32 = 1 << 24;
 
 #[cfg(feature = "user")]
 mod user {

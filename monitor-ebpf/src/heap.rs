@@ -20,15 +20,17 @@ use aya_ebpf::helpers::{
 use aya_ebpf::macros::{map, uprobe, uretprobe};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{ProbeContext, RetProbeContext};
+use monitor_common::HEAP_RINGBUF_BYTES;
 use monitor_common::heap::{
     BlockInfo, BlockKey, HeapEvent, HeapEventKind, HeapTarget, OUTSTANDING_MAX, arg_location,
     heap_counter, sampled,
 };
 use monitor_common::unwind::{self, MAX_FRAMES, Regs, UnwindRow};
-use monitor_common::{RB_AVAIL_DATA, RB_FORCE_WAKEUP, RB_NO_WAKEUP, RINGBUF_WAKEUP_BYTES};
+
+use crate::stream;
 
 #[map]
-static HEAP_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
+static HEAP_EVENTS: RingBuf = RingBuf::with_byte_size(HEAP_RINGBUF_BYTES, 0);
 
 #[map]
 static HEAP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(heap_counter::COUNT, 0);
@@ -86,20 +88,14 @@ static OUTSTANDING: HashMap<BlockKey, BlockInfo> = HashMap::with_max_entries(OUT
 #[map]
 static UNTRACKED_FREES: HashMap<u32, u64> = HashMap::with_max_entries(1024, 0);
 
+#[inline(always)]
 fn bump(index: u32) {
-    if let Some(slot) = HEAP_COUNTERS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot; uprobe programs do not migrate while running.
-        unsafe { *slot += 1 };
-    }
+    stream::bump(&HEAP_COUNTERS, index);
 }
 
-/// Wakes the reader only once a batch is waiting (see `RINGBUF_WAKEUP_BYTES`).
+#[inline(always)]
 fn submit_flags() -> u64 {
-    if HEAP_EVENTS.query(RB_AVAIL_DATA) >= RINGBUF_WAKEUP_BYTES {
-        RB_FORCE_WAKEUP
-    } else {
-        RB_NO_WAKEUP
-    }
+    stream::submit_flags(&HEAP_EVENTS)
 }
 
 fn pid() -> u32 {
@@ -317,17 +313,6 @@ fn current_task_id(target: &HeapTarget) -> u64 {
     }
 }
 
-fn next_seq() -> u64 {
-    match HEAP_SEQ.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot.
-        Some(slot) => unsafe {
-            *slot += 1;
-            *slot
-        },
-        None => 0,
-    }
-}
-
 /// Reserves an event and fills everything but the stack. The event is written in place:
 /// a `HeapEvent` on the BPF stack would not fit next to the unwinder's state (512 bytes).
 fn reserve(
@@ -336,7 +321,7 @@ fn reserve(
     addr: u64,
     info: &BlockInfo,
 ) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<HeapEvent>> {
-    let seq = next_seq();
+    let seq = stream::next_seq(&HEAP_SEQ);
     let Some(mut entry) = HEAP_EVENTS.reserve::<HeapEvent>(0) else {
         bump(heap_counter::RINGBUF_FULL);
         return None;

@@ -6,10 +6,14 @@
 //! the vtable pointer sits in the task header. The
 //! program reads the task's vtable out of the header (one vtable per spawned future type, so
 //! it names the spawn site) and writes one fixed-size event to the ring buffer.
+//!
+//! Map and program names are listed once in `monitor_common::names`; userspace checks the
+//! built object against that list.
 #![no_std]
 #![no_main]
 
 mod heap;
+mod stream;
 
 use aya_ebpf::EbpfContext;
 use aya_ebpf::bindings::BPF_NOEXIST;
@@ -21,8 +25,7 @@ use aya_ebpf::macros::{map, uprobe};
 use aya_ebpf::maps::{LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::ProbeContext;
 use monitor_common::{
-    HookCookie, POLLED_TASKS_MAX, PolledTask, RB_AVAIL_DATA, RB_FORCE_WAKEUP, RB_NO_WAKEUP,
-    RINGBUF_BYTES, RINGBUF_WAKEUP_BYTES, TaskEvent, TaskEventKind, counter,
+    HookCookie, POLLED_TASKS_MAX, PolledTask, RINGBUF_BYTES, TaskEvent, TaskEventKind, counter,
 };
 
 #[map]
@@ -111,14 +114,7 @@ fn try_task_hook<const ARG: usize>(ctx: &ProbeContext) -> Result<(), u32> {
         0
     };
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    let seq = match SEQ.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot; uprobe programs do not migrate while running.
-        Some(slot) => unsafe {
-            *slot += 1;
-            *slot
-        },
-        None => 0,
-    };
+    let seq = stream::next_seq(&SEQ);
     let event = TaskEvent {
         ktime_ns: unsafe { bpf_ktime_get_ns() },
         seq,
@@ -134,21 +130,13 @@ fn try_task_hook<const ARG: usize>(ctx: &ProbeContext) -> Result<(), u32> {
         .reserve::<TaskEvent>(0)
         .ok_or(counter::RINGBUF_FULL)?;
     entry.write(event);
-    // Wake the reader only once a batch is waiting (see `RINGBUF_WAKEUP_BYTES`).
-    let flags = if TASK_EVENTS.query(RB_AVAIL_DATA) >= RINGBUF_WAKEUP_BYTES {
-        RB_FORCE_WAKEUP
-    } else {
-        RB_NO_WAKEUP
-    };
-    entry.submit(flags);
+    entry.submit(stream::submit_flags(&TASK_EVENTS));
     Ok(())
 }
 
+#[inline(always)]
 fn bump(index: u32) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, see above.
-        unsafe { *slot += 1 };
-    }
+    stream::bump(&COUNTERS, index);
 }
 
 #[cfg(not(test))]

@@ -123,14 +123,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 (None, Some(pid)) => (
                     leakscope::targets::procfs::process_info(pid)?.exe_link(),
-                    leakscope::discovery::alloc::mapped_libraries(pid),
+                    leakscope::targets::maps::mapped_libraries(pid),
                 ),
                 (None, None) => unreachable!("clap requires one of them"),
             };
             let image = leakscope::discovery::analyze(&path)?;
             let allocators = leakscope::discovery::alloc::find_allocators(&path, &libraries)
                 .context("finding the allocator")?;
-            let heap_points = leakscope::daemon::heap::heap_points(&allocators);
+            let heap_points = leakscope::bpf::plan::heap_points(&allocators);
             let out = if json {
                 let mut value = serde_json::to_value(&image)?;
                 value["allocator"] = serde_json::json!({

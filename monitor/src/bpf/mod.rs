@@ -1,6 +1,12 @@
-//! The kernel side, as userspace drives it: the embedded eBPF object loaded, its programs
-//! attached and detached, its maps written and read.
+//! The kernel side, as userspace drives it: the embedded eBPF object loaded (`loader`), the
+//! attach points decided (`plan`, pure), programs attached and detached (`attach`), heap
+//! maps written (`heap_maps`), rings read (`ring`), kernel counters and run statistics read
+//! (`counters`), and the one kernel fact read from BTF (`kernel_btf`).
 
+pub mod attach;
+pub mod counters;
+pub mod heap_maps;
 pub mod kernel_btf;
-pub mod probes;
+pub mod loader;
+pub mod plan;
 pub mod ring;

@@ -7,9 +7,11 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context as _, bail};
 use monitor_common::heap::{HeapTarget, UNWIND_BUCKETS_MAX, UNWIND_ROWS_MAX};
 
-use crate::bpf::probes::{AttachedLink, HeapAttachPoint, TaskProbes};
+use crate::bpf::attach::AttachedLink;
+use crate::bpf::loader::Probes;
+use crate::bpf::plan;
 use crate::discovery::TargetImage;
-use crate::discovery::alloc::{self, AllocatorImage};
+use crate::discovery::alloc;
 use crate::discovery::symbolize::Symbolizer;
 use crate::discovery::unwind_table;
 use crate::state::heap::{HeapLedger, ProcessHeap};
@@ -80,7 +82,7 @@ impl HeapTracker {
 
     fn exe_info(
         &mut self,
-        probes: &mut TaskProbes,
+        probes: &mut Probes,
         process: &ProcessInfo,
         image: &TargetImage,
     ) -> anyhow::Result<&ExeHeapInfo> {
@@ -130,15 +132,18 @@ impl HeapTracker {
     /// Starts tracking `process`; returns the links to detach when it goes away.
     pub fn attach(
         &mut self,
-        probes: &mut TaskProbes,
+        probes: &mut Probes,
         process: &ProcessInfo,
         image: &TargetImage,
         load_bias: u64,
     ) -> anyhow::Result<Vec<AttachedLink>> {
         let pid = process.pid;
-        let allocators = alloc::find_allocators(&process.exe_link(), &alloc::mapped_libraries(pid))
-            .with_context(|| format!("finding the allocator of pid {pid}"))?;
-        let points = heap_points(&allocators);
+        let allocators = alloc::find_allocators(
+            &process.exe_link(),
+            &crate::targets::maps::mapped_libraries(pid),
+        )
+        .with_context(|| format!("finding the allocator of pid {pid}"))?;
+        let points = plan::heap_points(&allocators);
         if points.is_empty() {
             bail!("pid {pid}: no allocator entry points found to probe");
         }
@@ -192,7 +197,7 @@ impl HeapTracker {
     }
 
     /// Forgets a process (exited or detached).
-    pub fn detach(&mut self, probes: &mut TaskProbes, pid: u32) {
+    pub fn detach(&mut self, probes: &mut Probes, pid: u32) {
         let _ = probes.set_heap_target(pid, None);
         match probes.purge_heap_blocks(pid) {
             Ok(n) => log::debug!("pid {pid}: dropped {n} outstanding blocks"),
@@ -203,98 +208,4 @@ impl HeapTracker {
             .unwrap_or_else(|e| e.into_inner())
             .remove_process(pid);
     }
-}
-
-/// Where the heap programs go for this process's allocator.
-///
-/// One layer of the allocator stack is hooked, so that each allocation is seen once:
-/// - System allocator: libc's malloc family, in the libc this process maps (per-process
-///   probes: other processes sharing that libc are not touched). Rust's allocations reach
-///   it through `__rdl_*`, and C code calling `malloc` directly is seen too, including
-///   the large blocks glibc serves with mmap. Without a mapped libc (a static binary),
-///   the Rust shims (`__rust_alloc`, ...) are hooked instead.
-/// - jemalloc / mimalloc as `#[global_allocator]`: their own API (`_rjem_*`, `mi_*`), and
-///   libc's malloc family for C code. The
-///   Rust shims are not enough there: the crate that declares the global allocator gets the
-///   shim inlined by (default, crate-local) ThinLTO and calls the allocator directly, which
-///   was seen to bypass `__rust_alloc` for most of the program's own allocations.
-///
-/// Entry probes sit on the first instruction the kernel emulates (see `discovery::alloc`);
-/// returns use a uretprobe at the same site, since a uprobe on a `ret` is single-stepped
-/// (about 10x dearer, measured).
-pub fn heap_points(allocators: &AllocatorImage) -> Vec<HeapAttachPoint> {
-    use crate::bpf::probes::HeapProgram;
-    use crate::discovery::alloc::{AllocFamily, AllocRole, GlobalAllocator};
-    let has_libc = allocators
-        .functions
-        .iter()
-        .any(|f| f.family == AllocFamily::Libc && f.role == AllocRole::Malloc);
-    let families: &[AllocFamily] = match allocators.global {
-        // The global allocator's own API for Rust's allocations, plus libc's for C code
-        // that calls `malloc` directly (the two are separate heaps; should one call the
-        // other, the nested call is not counted twice: see `monitor-ebpf/src/heap.rs`).
-        GlobalAllocator::Jemalloc if has_libc => &[AllocFamily::Jemalloc, AllocFamily::Libc],
-        GlobalAllocator::Jemalloc => &[AllocFamily::Jemalloc],
-        GlobalAllocator::Mimalloc if has_libc => &[AllocFamily::Mimalloc, AllocFamily::Libc],
-        GlobalAllocator::Mimalloc => &[AllocFamily::Mimalloc],
-        // System, or not recognisable (a stripped binary hides its shims): libc's malloc
-        // family sees whatever reaches libc.
-        _ if has_libc => &[AllocFamily::Libc],
-        _ => &[AllocFamily::RustShim],
-    };
-    let mut points: Vec<HeapAttachPoint> = Vec::new();
-    for function in allocators
-        .functions
-        .iter()
-        .filter(|f| families.contains(&f.family))
-    {
-        let programs: &[HeapProgram] = match function.role {
-            AllocRole::Alloc
-            | AllocRole::AllocZeroed
-            | AllocRole::Malloc
-            | AllocRole::Zalloc
-            | AllocRole::MallocAligned
-            | AllocRole::ZallocAligned
-            | AllocRole::Mallocx
-            | AllocRole::Valloc
-            | AllocRole::Pvalloc => &[HeapProgram::AllocEntry, HeapProgram::AllocReturn],
-            AllocRole::Calloc => &[HeapProgram::CallocEntry, HeapProgram::AllocReturn],
-            AllocRole::AlignedAlloc | AllocRole::Memalign => {
-                &[HeapProgram::AlignedEntry, HeapProgram::AllocReturn]
-            }
-            AllocRole::PosixMemalign => {
-                &[HeapProgram::PosixMemalignEntry, HeapProgram::AllocReturn]
-            }
-            AllocRole::Realloc => &[HeapProgram::RustReallocEntry, HeapProgram::AllocReturn],
-            AllocRole::CRealloc | AllocRole::Rallocx | AllocRole::ReallocAligned => {
-                &[HeapProgram::ReallocEntry, HeapProgram::AllocReturn]
-            }
-            AllocRole::Dealloc
-            | AllocRole::Free
-            | AllocRole::Sdallocx
-            | AllocRole::Dallocx
-            | AllocRole::FreeSized => &[HeapProgram::FreeEntry],
-            // In-place resize: the block keeps its address; its new size is not tracked.
-            AllocRole::Xallocx => &[],
-        };
-        for &program in programs {
-            // Aliases (one function, several names) are attached once.
-            if points.iter().any(|p| {
-                p.program == program
-                    && p.file_offset == function.entry_probe.file_offset
-                    && p.target == function.file
-            }) {
-                continue;
-            }
-            points.push(HeapAttachPoint {
-                program,
-                target: function.file.clone(),
-                file_offset: function.entry_probe.file_offset,
-                symbol: function.symbol.clone(),
-                // Only entry programs read arguments; a return program's cookie is unused.
-                arg_cookie: function.entry_probe.arg_cookie(),
-            });
-        }
-    }
-    points
 }

@@ -19,7 +19,9 @@ use axum::routing::get;
 use log::{info, warn};
 use serde::Serialize;
 
-use crate::bpf::probes::{AttachedLink, HeapMaps, ProbeStats, TaskProbes};
+use crate::bpf::attach::AttachedLink;
+use crate::bpf::counters::ProbeStats;
+use crate::bpf::loader::{HeapMaps, Probes};
 use crate::daemon::heap::{HeapMode, HeapTracker};
 use crate::discovery::{self, TargetImage};
 use crate::export::prometheus::{self, Sources};
@@ -51,7 +53,7 @@ struct AttachedProcess {
 /// Processes the daemon is attached to, keyed by pid, with their analysed executables
 /// cached by executable identity.
 struct ProcessRegistry {
-    probes: TaskProbes,
+    probes: Probes,
     images: HashMap<ExeIdentity, Arc<TargetImage>>,
     attached: HashMap<u32, AttachedProcess>,
     ledger: Arc<Mutex<TaskLedger>>,
@@ -109,7 +111,7 @@ impl ProcessRegistry {
         let image = self.images[&exe].clone();
         let links = self
             .probes
-            .attach(&image, path, None)
+            .attach_tasks(&image, path, None)
             .with_context(|| format!("placing task hooks on {}", path.display()))?;
         info!(
             "watching {}: {} hook points on the executable, {} spawn sites known",
@@ -146,7 +148,9 @@ impl ProcessRegistry {
                 load_bias,
             ));
         let task_links = match scope {
-            TaskHookScope::Process => self.probes.attach(&image, &info.exe_link(), Some(pid)),
+            TaskHookScope::Process => self
+                .probes
+                .attach_tasks(&image, &info.exe_link(), Some(pid)),
             // Placed on the executable when the daemon started (`watch_executable`).
             TaskHookScope::Executable => Ok(Vec::new()),
         };
@@ -320,7 +324,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         }
     }
 
-    let mut probes = TaskProbes::load(match config.heap {
+    let mut probes = Probes::load(match config.heap {
         HeapMode::Off => HeapMaps::Off,
         HeapMode::Exact | HeapMode::Sampled => HeapMaps::Tracking {
             max_blocks: config.heap_max_blocks,

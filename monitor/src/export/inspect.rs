@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::bpf::probes::HeapAttachPoint;
+use crate::bpf::plan::HeapAttachPoint;
 use crate::discovery::alloc::AllocatorImage;
 use crate::discovery::{HookKind, NamingMethod, TargetImage};
 
@@ -155,4 +155,40 @@ pub fn render_allocator(allocators: &AllocatorImage, points: &[HeapAttachPoint])
         let _ = writeln!(out, "warning: {warning}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::discovery::alloc::tests::describe_code;
+    use crate::discovery::alloc::{AllocFn, AllocRole, GlobalAllocator};
+
+    #[test]
+    fn inspect_warns_about_single_stepped_probes() {
+        // mov rdi,rax; je +0; ret — free must stay on the single-stepped mov.
+        let stuck = describe_code(&[0x48, 0x89, 0xc7, 0x74, 0x00, 0xc3], AllocRole::Free);
+        // test rdi,rdi; je +0; ret — malloc moves to the je.
+        let fine = describe_code(&[0x48, 0x85, 0xff, 0x74, 0x00, 0xc3], AllocRole::Malloc);
+        let render = |functions: Vec<AllocFn>| {
+            let image = AllocatorImage {
+                exe: PathBuf::from("/synthetic"),
+                global: GlobalAllocator::System,
+                evidence: Vec::new(),
+                libc: None,
+                functions,
+                warnings: Vec::new(),
+            };
+            let points = crate::bpf::plan::heap_points(&image);
+            assert!(!points.is_empty());
+            render_allocator(&image, &points)
+        };
+        let shown = render(vec![fine.clone(), stuck]);
+        assert!(
+            shown.contains("warning: the kernel single-steps the probed instruction of f:"),
+            "{shown}"
+        );
+        assert!(!render(vec![fine]).contains("single-steps"));
+    }
 }

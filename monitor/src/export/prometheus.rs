@@ -13,7 +13,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::bpf::probes::{KernelCounters, ProbeStats};
+use crate::bpf::counters::{KernelCounters, ProbeStats};
 use crate::state::heap::HeapLedger;
 use crate::state::tasks::TaskLedger;
 use crate::targets::procfs::monotonic_ns;
@@ -180,7 +180,7 @@ impl Collector for TaskCollector {
         if let Some(stats) = &self.0.probe_stats {
             let runs = stats.read();
             let program =
-                |r: &crate::bpf::probes::ProgramRuns| vec![("program", r.program.clone())];
+                |r: &crate::bpf::counters::ProgramRuns| vec![("program", r.program.clone())];
             family(
                 &mut encoder,
                 "leakscope_probe_runs",

@@ -152,27 +152,8 @@ pub fn exe_mapping_start(info: &ProcessInfo) -> Result<u64, ProcError> {
             source,
         }
     })?;
-    parse_exe_mapping_start(&maps, info.exe).ok_or(ProcError::ExeNotMapped { pid })
-}
-
-/// Finds the mapping at file offset 0 of the file with identity `exe` in a maps listing.
-fn parse_exe_mapping_start(maps: &str, exe: ExeIdentity) -> Option<u64> {
-    maps.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let range = fields.next()?;
-        let _perms = fields.next()?;
-        let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
-        let dev = fields.next()?;
-        let ino: u64 = fields.next()?.parse().ok()?;
-        let (major, minor) = dev.split_once(':')?;
-        let dev = libc::makedev(
-            u32::from_str_radix(major, 16).ok()?,
-            u32::from_str_radix(minor, 16).ok()?,
-        );
-        (offset == 0 && ino == exe.ino && dev == exe.dev)
-            .then(|| u64::from_str_radix(range.split_once('-')?.0, 16).ok())
-            .flatten()
-    })
+    super::maps::file_start(&maps, info.exe.dev, info.exe.ino)
+        .ok_or(ProcError::ExeNotMapped { pid })
 }
 
 /// All running processes whose executable is `exe`.
@@ -225,27 +206,6 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_the_offset_zero_mapping_of_the_executable() {
-        let maps = "\
-5581a0000000-5581a0010000 r--p 00000000 fd:01 1234 /app
-5581a0010000-5581a0020000 r-xp 00010000 fd:01 1234 /app
-7f0000000000-7f0000001000 r--p 00000000 fd:01 999 /lib/libc.so.6
-";
-        let exe = ExeIdentity {
-            dev: libc::makedev(0xfd, 0x01),
-            ino: 1234,
-            ctime_ns: 0,
-        };
-        assert_eq!(parse_exe_mapping_start(maps, exe), Some(0x5581a0000000));
-        let other = ExeIdentity {
-            dev: exe.dev,
-            ino: 1,
-            ctime_ns: 0,
-        };
-        assert_eq!(parse_exe_mapping_start(maps, other), None);
-    }
 
     #[test]
     fn describes_this_process() {

@@ -1,0 +1,71 @@
+//! Heap tracking's kernel maps as userspace writes them: each executable's unwind table and
+//! bucket index, each process's settings, and the purge of a process's outstanding blocks.
+
+use monitor_common::heap::{BlockInfo, BlockKey, HeapTarget};
+use monitor_common::names::map;
+use monitor_common::unwind::UnwindRow;
+
+use super::loader::{ProbeError, Probes};
+
+impl Probes {
+    /// Copies an executable's unwind table into the kernel at `first`.
+    pub fn load_unwind_rows(&mut self, first: u32, rows: &[UnwindRow]) -> Result<(), ProbeError> {
+        self.fill_array(map::UNWIND_ROWS, first, rows)
+    }
+
+    /// Writes an unwind table's bucket index into `UNWIND_BUCKETS` from index `first` on.
+    pub fn load_unwind_buckets(&mut self, first: u32, buckets: &[u32]) -> Result<(), ProbeError> {
+        self.fill_array(map::UNWIND_BUCKETS, first, buckets)
+    }
+
+    fn fill_array<T: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        first: u32,
+        values: &[T],
+    ) -> Result<(), ProbeError> {
+        let mut array: aya::maps::Array<_, T> = self.map_mut(name)?;
+        for (i, value) in values.iter().enumerate() {
+            array
+                .set(first + i as u32, value, 0)
+                .map_err(|source| ProbeError::Map { name, source })?;
+        }
+        Ok(())
+    }
+
+    /// Starts (`Some`) or stops (`None`) heap tracking for `pid`.
+    pub fn set_heap_target(
+        &mut self,
+        pid: u32,
+        target: Option<HeapTarget>,
+    ) -> Result<(), ProbeError> {
+        let mut targets: aya::maps::HashMap<_, u32, HeapTarget> =
+            self.map_mut(map::HEAP_TARGETS)?;
+        let result = match target {
+            Some(t) => targets.insert(pid, t, 0),
+            None => targets.remove(&pid),
+        };
+        result.map_err(|source| ProbeError::Map {
+            name: map::HEAP_TARGETS,
+            source,
+        })
+    }
+
+    /// Forgets every block the kernel still tracks for `pid` (it exited or was detached), so
+    /// that the bounded map does not fill with the dead and a later process reusing the pid
+    /// does not inherit them. Returns how many were dropped.
+    pub fn purge_heap_blocks(&mut self, pid: u32) -> Result<usize, ProbeError> {
+        let mut blocks: aya::maps::HashMap<_, BlockKey, BlockInfo> =
+            self.map_mut(map::OUTSTANDING)?;
+        let stale: Vec<BlockKey> = blocks
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.pid == pid)
+            .collect();
+        for key in &stale {
+            // Gone already (freed meanwhile): nothing to do.
+            let _ = blocks.remove(key);
+        }
+        Ok(stale.len())
+    }
+}
