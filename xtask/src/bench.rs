@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
 
-use crate::util::{KillOnDrop, get, is_root, start_leakscope, start_leakscope_with};
+use crate::util::{Client, is_root, kill_on_drop, metric, start_leakscope};
 use crate::{cargo, workspace_root};
 
 const TASKS: u64 = 200_000;
@@ -34,7 +34,7 @@ fn one_run(monitored: bool) -> anyhow::Result<(u64, Option<u64>)> {
     let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
     let mut stdin = child.stdin.take().context("stdin")?;
     let pid = child.id();
-    let _bench = KillOnDrop(child);
+    let _bench = kill_on_drop(child, "spawn-bench");
     let mut line = String::new();
     stdout.read_line(&mut line)?;
     if line.trim() != "ready" {
@@ -44,6 +44,7 @@ fn one_run(monitored: bool) -> anyhow::Result<(u64, Option<u64>)> {
         Some(start_leakscope(
             &root.join("target/release/leakscope"),
             pid,
+            &[],
         )?)
     } else {
         None
@@ -57,14 +58,10 @@ fn one_run(monitored: bool) -> anyhow::Result<(u64, Option<u64>)> {
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("spawn-bench said {line:?}"))?;
     let events = match &daemon {
-        Some((_, listen)) => {
+        Some((_, client)) => {
             // Let the ring buffer drain before reading the count.
             std::thread::sleep(std::time::Duration::from_millis(300));
-            let metrics = get(*listen, "/metrics")?;
-            metrics
-                .lines()
-                .find_map(|l| l.strip_prefix("leakscope_events_total "))
-                .and_then(|v| v.trim().parse().ok())
+            Some(metric(client, "leakscope_events_total")? as u64)
         }
         None => None,
     };
@@ -135,25 +132,16 @@ type HookTimes = BTreeMap<String, (u64, u64)>;
 
 /// Runs and run time of each heap program, as the daemon exports them with
 /// `--probe-stats` (the kernel's own statistics).
-fn heap_program_stats(listen: std::net::SocketAddr) -> anyhow::Result<HookTimes> {
-    let metrics = get(listen, "/metrics")?;
+fn heap_program_stats(client: &Client) -> anyhow::Result<HookTimes> {
     let mut stats = HookTimes::new();
-    for line in metrics.lines() {
-        let (family, rest) = match line.split_once("{program=\"") {
-            Some(split) => split,
-            None => continue,
-        };
-        let Some((program, value)) = rest.split_once("\"} ") else {
+    for sample in client.metrics()? {
+        let Some(program) = sample.label("program").filter(|p| p.starts_with("heap_")) else {
             continue;
         };
-        if !program.starts_with("heap_") {
-            continue;
-        }
-        let value: f64 = value.trim().parse().unwrap_or(0.0);
         let entry = stats.entry(program.to_string()).or_default();
-        match family {
-            "leakscope_probe_runs_total" => entry.0 = value as u64,
-            "leakscope_probe_run_seconds_total" => entry.1 = (value * 1e9) as u64,
+        match sample.name.as_str() {
+            "leakscope_probe_runs_total" => entry.0 = sample.value as u64,
+            "leakscope_probe_run_seconds_total" => entry.1 = (sample.value * 1e9) as u64,
             _ => {}
         }
     }
@@ -191,15 +179,8 @@ fn process_cpu_ns(pid: u32) -> anyhow::Result<u64> {
     Ok((ticks(11)? + ticks(12)?) * 10_000_000)
 }
 
-fn heap_events(listen: std::net::SocketAddr) -> u64 {
-    get(listen, "/metrics")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("leakscope_heap_events_total "))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
+fn heap_events(client: &Client) -> u64 {
+    metric(client, "leakscope_heap_events_total").unwrap_or(0.0) as u64
 }
 
 /// One run of heap-app's allocation loop `workload` (system allocator); with `mode`,
@@ -219,7 +200,7 @@ fn one_heap_run(
     let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
     let mut stdin = child.stdin.take().context("stdin")?;
     let pid = child.id();
-    let _app = KillOnDrop(child);
+    let _app = kill_on_drop(child, "heap-app");
     let mut line = String::new();
     stdout.read_line(&mut line)?;
     let daemon = match mode {
@@ -228,7 +209,7 @@ fn one_heap_run(
             if profile {
                 args.push("--probe-stats");
             }
-            Some(start_leakscope_with(
+            Some(start_leakscope(
                 &root.join("target/release/leakscope"),
                 pid,
                 &args,
@@ -237,14 +218,14 @@ fn one_heap_run(
         None => None,
     };
     let profiled = match &daemon {
-        Some((process, listen)) if profile => Some((process.0.id(), *listen)),
+        Some((process, client)) if profile => Some((process.pid(), *client)),
         _ => None,
     };
     let before = match profiled {
-        Some((daemon_pid, listen)) => Some((
-            heap_program_stats(listen)?,
+        Some((daemon_pid, client)) => Some((
+            heap_program_stats(&client)?,
             process_cpu_ns(daemon_pid)?,
-            heap_events(listen),
+            heap_events(&client),
         )),
         None => None,
     };
@@ -257,8 +238,8 @@ fn one_heap_run(
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("heap-app said {line:?}"))?;
     let mut result = Profile::default();
-    if let (Some((daemon_pid, listen)), Some((programs, cpu, events))) = (profiled, before) {
-        for (name, (runs, ns)) in heap_program_stats(listen)? {
+    if let (Some((daemon_pid, client)), Some((programs, cpu, events))) = (profiled, before) {
+        for (name, (runs, ns)) in heap_program_stats(&client)? {
             let (runs_before, ns_before) = programs.get(&name).copied().unwrap_or_default();
             result
                 .hooks
@@ -267,10 +248,10 @@ fn one_heap_run(
         // At least an allocation and a free per round: wait until the daemon has read them
         // all and its count stands still.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        let mut last = heap_events(listen);
+        let mut last = heap_events(&client);
         loop {
             std::thread::sleep(std::time::Duration::from_millis(100));
-            let now = heap_events(listen);
+            let now = heap_events(&client);
             if now == last && now >= events + 2 * ALLOCATIONS {
                 break;
             }
@@ -280,7 +261,7 @@ fn one_heap_run(
             last = now;
         }
         result.daemon_cpu_ns = process_cpu_ns(daemon_pid)? - cpu;
-        result.heap_events = heap_events(listen) - events;
+        result.heap_events = heap_events(&client) - events;
     }
     Ok((elapsed, result))
 }

@@ -1,13 +1,12 @@
 //! `cargo xtask demo`: the leaky fixture under bounded loopback load, leakscope attached, and
 //! a refreshing table of spawn sites, leaks on top.
 
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
+use leakscope_testkit::{start_fixture, stream_then_disconnect};
 
-use crate::util::{KillOnDrop, get, is_root, start_leakscope_with, stream_and_leave};
+use crate::util::{Client, is_root, start_leakscope};
 use crate::{cargo, fixture_paths, workspace_root};
 
 pub fn demo(seconds: u64) -> anyhow::Result<()> {
@@ -17,25 +16,11 @@ pub fn demo(seconds: u64) -> anyhow::Result<()> {
     crate::run(cargo().args(["build", "--release", "-p", "monitor"]))?;
     let leakscope = workspace_root().join("target/release/leakscope");
 
-    let mut app = Command::new(fixture_paths().axum_app)
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the fixture")?;
-    let mut first_line = String::new();
-    {
-        use std::io::BufRead;
-        let stdout = app.stdout.take().context("fixture stdout")?;
-        std::io::BufReader::new(stdout).read_line(&mut first_line)?;
-    }
-    let app_pid = app.id();
-    let _app = KillOnDrop(app);
-    let app_addr: SocketAddr = first_line
-        .trim()
-        .strip_prefix("listening on ")
-        .context("fixture did not say where it listens")?
-        .parse()?;
-
-    let (_daemon, listen) = start_leakscope_with(&leakscope, app_pid, &["--heap", "exact"])?;
+    let (app, app_addr) = start_fixture(&fixture_paths().axum_app, &[]).map_err(|e| anyhow!(e))?;
+    let app_pid = app.pid();
+    let fixture = Client::new(app_addr);
+    let (_daemon, daemon) = start_leakscope(&leakscope, app_pid, &["--heap", "exact"])?;
+    let listen = daemon.addr;
 
     println!(
         "\nfixture axum-app (pid {app_pid}) on {app_addr}; leakscope on {listen}\n\
@@ -54,18 +39,19 @@ pub fn demo(seconds: u64) -> anyhow::Result<()> {
             "/state/leak",
             "/state/ok",
         ] {
-            get(app_addr, path).with_context(|| format!("GET {path}"))?;
+            fixture.get_ok(path)?;
         }
-        stream_and_leave(app_addr, "/leak/stream")?;
-        stream_and_leave(app_addr, "/ok/stream")?;
+        for path in ["/leak/stream", "/ok/stream"] {
+            stream_then_disconnect(app_addr, path).with_context(|| format!("GET {path}"))?;
+        }
         if Instant::now() >= next_table {
-            print_table(listen)?;
+            print_table(&daemon)?;
             next_table = Instant::now() + Duration::from_secs(3);
         }
         std::thread::sleep(Duration::from_millis(500));
     }
     std::thread::sleep(Duration::from_millis(500));
-    print_table(listen)?;
+    print_table(&daemon)?;
     println!(
         "\nSites whose alive count keeps climbing are leak suspects: above, the fire-and-forget \
          loop (leak_forever) and the producer that outlives its client (leak_stream); their \
@@ -73,14 +59,14 @@ pub fn demo(seconds: u64) -> anyhow::Result<()> {
          While leakscope runs, Prometheus scrapes http://{listen}/metrics \
          (JSON: http://{listen}/api/v1/tasks). Excerpt:\n"
     );
-    let metrics = get(listen, "/metrics")?;
+    let metrics = daemon.get_ok("/metrics")?;
     for line in metrics
         .lines()
         .filter(|l| l.starts_with("leakscope_tasks_alive") && l.contains("axum_app::"))
     {
         println!("  {line}");
     }
-    print_heap(listen)?;
+    print_heap(&daemon)?;
     println!(
         "\nThe same against your own service: leakscope daemon --pid <PID> --listen 127.0.0.1:9464"
     );
@@ -88,23 +74,15 @@ pub fn demo(seconds: u64) -> anyhow::Result<()> {
 }
 
 /// The heap callsites holding the most memory.
-fn print_heap(listen: SocketAddr) -> anyhow::Result<()> {
-    let body = get(listen, "/api/v1/heap")?;
-    let json: serde_json::Value = serde_json::from_str(&body).context("parsing /api/v1/heap")?;
+fn print_heap(daemon: &Client) -> anyhow::Result<()> {
+    let heap = daemon.heap()?;
     println!(
         "\nHeap (--heap exact): live bytes by allocation callsite and allocating task. The \
          un-awaited task of /state/leak keeps 256 KiB per request; its remedy /state/ok stays \
          bounded. The leaked tasks' own memory shows as their task cells.\n"
     );
-    let groups = json["groups"].as_array().cloned().unwrap_or_default();
-    let shown = &groups[..groups.len().min(8)];
-    let site = |group: &serde_json::Value| group["site"].as_str().unwrap_or("?").to_string();
-    let width = shown
-        .iter()
-        .map(|g| site(g).len())
-        .max()
-        .unwrap_or(0)
-        .max(8);
+    let shown = &heap.groups[..heap.groups.len().min(8)];
+    let width = shown.iter().map(|g| g.site.len()).max().unwrap_or(0).max(8);
     println!(
         "{:>12} {:>7}  {:<width$}  task",
         "live bytes", "blocks", "callsite"
@@ -112,32 +90,22 @@ fn print_heap(listen: SocketAddr) -> anyhow::Result<()> {
     for group in shown {
         println!(
             "{:>12} {:>7}  {:<width$}  {}",
-            group["live_bytes"].as_u64().unwrap_or(0),
-            group["live_allocations"].as_u64().unwrap_or(0),
-            site(group),
-            group["task_site"].as_str().unwrap_or("?"),
+            group.live_bytes, group.live_allocations, group.site, group.task_site,
         );
     }
     Ok(())
 }
 
-fn print_table(listen: SocketAddr) -> anyhow::Result<()> {
-    let body = get(listen, "/api/v1/tasks")?;
-    let json: serde_json::Value = serde_json::from_str(&body).context("parsing /api/v1/tasks")?;
-    let mut rows: Vec<&serde_json::Value> = json["sites"]
-        .as_array()
-        .map(|a| a.iter().collect())
-        .unwrap_or_default();
-    rows.sort_by(|a, b| {
-        let alive = |v: &serde_json::Value| v["alive"].as_u64().unwrap_or(0);
-        alive(b).cmp(&alive(a))
-    });
+fn print_table(daemon: &Client) -> anyhow::Result<()> {
+    let tasks = daemon.tasks()?;
+    let mut rows = tasks.sites;
+    rows.sort_by_key(|row| std::cmp::Reverse(row.alive));
     println!(
         "{:>7} {:>8} {:>10}  {:<}",
         "alive", "spawned", "oldest(s)", "spawn site"
     );
     for row in rows {
-        let site = row["site"].as_str().unwrap_or("?");
+        let site = &row.site;
         let short: String = if site.len() > 90 {
             format!("{}…", &site[..site.floor_char_boundary(89)])
         } else {
@@ -145,15 +113,12 @@ fn print_table(listen: SocketAddr) -> anyhow::Result<()> {
         };
         println!(
             "{:>7} {:>8} {:>10.1}  {}",
-            row["alive"].as_u64().unwrap_or(0),
-            row["spawned"].as_u64().unwrap_or(0),
-            row["oldest_alive_seconds"].as_f64().unwrap_or(0.0),
-            short
+            row.alive, row.spawned, row.oldest_alive_seconds, short
         );
     }
     println!(
         "events {}  lost {}\n",
-        json["stream"]["events"], json["stream"]["lost"]
+        tasks.stream.events, tasks.stream.lost
     );
     Ok(())
 }

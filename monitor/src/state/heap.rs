@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+pub use leakscope_api::types::HeapGroupSnapshot;
 use monitor_common::heap::{HeapEvent, HeapEventKind};
 use serde::Serialize;
 
@@ -24,18 +25,6 @@ pub const OVERFLOW_GROUP: &str = "other (callsite limit reached)";
 pub const NO_TASK: &str = "none";
 /// `task_site` of allocations by a task whose spawn leakscope did not see (before attach).
 pub const UNKNOWN_TASK: &str = "unknown (spawned before attach)";
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct HeapGroupSnapshot {
-    pub pid: u32,
-    pub exe: String,
-    pub site: String,
-    /// `"path:line"` of the allocating call in `site`, when the binary has DWARF line info.
-    pub location: Option<String>,
-    pub task_site: String,
-    pub live_bytes: u64,
-    pub live_allocations: u64,
-}
 
 /// A group's live figures; its name is the [`GroupKey`] at the same index.
 #[derive(Debug, Default)]

@@ -6,18 +6,7 @@
 
 use std::collections::HashMap;
 
-use serde::{Deserialize, Serialize};
-
-/// Event-stream health, as exported.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StreamStats {
-    pub events: u64,
-    /// Events the kernel numbered but userspace never received (per-CPU sequence gaps).
-    pub lost: u64,
-    /// Events received but not counted: undecodable, of an unknown kind, or for a process
-    /// that was not registered in time.
-    pub ignored: u64,
-}
+pub use leakscope_api::types::StreamStats;
 
 /// One stream's counters and the last sequence number seen on each CPU.
 #[derive(Debug, Default)]

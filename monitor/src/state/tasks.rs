@@ -10,8 +10,8 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
+pub use leakscope_api::types::{ProcessSummary, SiteSnapshot};
 use monitor_common::{TaskEvent, TaskEventKind};
-use serde::Serialize;
 
 use super::intern::BoundedLabels;
 use super::pending::PendingEvents;
@@ -48,15 +48,6 @@ struct LiveTask {
     site: usize,
     spawned_ktime_ns: u64,
     task_id: Option<u64>,
-}
-
-/// One watched process as the JSON API lists it.
-#[derive(Debug, Clone, Serialize)]
-pub struct ProcessSummary {
-    pub pid: u32,
-    pub exe: String,
-    /// All its probes are in place: events from it are being counted.
-    pub attached: bool,
 }
 
 /// What one attached process is running: its tasks by spawn site.
@@ -230,19 +221,6 @@ impl ProcessTasks {
             })
             .collect()
     }
-}
-
-/// One row of the task table, as exported.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct SiteSnapshot {
-    pub pid: u32,
-    pub exe: String,
-    pub site: String,
-    pub location: Option<String>,
-    pub spawned: u64,
-    pub completed: u64,
-    pub alive: u64,
-    pub oldest_alive_seconds: f64,
 }
 
 /// All attached processes' task state, fed by the event stream.

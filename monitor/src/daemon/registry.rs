@@ -1,0 +1,232 @@
+//! The processes the daemon is attached to: attaching one registers it with every ledger,
+//! places its task and heap probes and marks it ready, all in one step (undone as a whole on
+//! failure); detaching undoes the same in one step when it exits.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use log::{info, warn};
+
+use super::heap::HeapTracker;
+use crate::bpf::attach::AttachedLink;
+use crate::bpf::loader::Probes;
+use crate::discovery::{self, TargetImage};
+use crate::state::tasks::{ProcessTasks, TaskLedger};
+use crate::targets::procfs::{self, ExeIdentity, ProcessInfo};
+use crate::targets::{self, ExeTargets};
+
+/// A process the daemon is attached to, and its probes.
+struct AttachedProcess {
+    info: ProcessInfo,
+    links: Vec<AttachedLink>,
+}
+
+/// Processes the daemon is attached to, keyed by pid, with their analysed executables
+/// cached by executable identity.
+pub struct ProcessRegistry {
+    probes: Probes,
+    images: HashMap<ExeIdentity, Arc<TargetImage>>,
+    attached: HashMap<u32, AttachedProcess>,
+    ledger: Arc<Mutex<TaskLedger>>,
+    heap: Option<HeapTracker>,
+    /// Task hooks placed on `--exe` executables, covering all their processes.
+    exe_links: HashMap<ExeIdentity, Vec<AttachedLink>>,
+}
+
+/// Where task hooks are placed for a process.
+#[derive(Debug, Clone, Copy)]
+enum TaskHookScope {
+    /// In this process only (`--pid`).
+    Process,
+    /// On the executable, for all processes running it (`--exe`).
+    Executable,
+}
+
+impl ProcessRegistry {
+    /// A registry with no process attached yet; `images` holds executables analysed
+    /// already (the daemon analyses every target before loading anything).
+    pub fn new(
+        probes: Probes,
+        images: HashMap<ExeIdentity, Arc<TargetImage>>,
+        ledger: Arc<Mutex<TaskLedger>>,
+        heap: Option<HeapTracker>,
+    ) -> Self {
+        Self {
+            probes,
+            images,
+            attached: HashMap::new(),
+            ledger,
+            heap,
+            exe_links: HashMap::new(),
+        }
+    }
+
+    fn image_for(&mut self, process: &ProcessInfo) -> anyhow::Result<Arc<TargetImage>> {
+        if let Some(image) = self.images.get(&process.exe) {
+            return Ok(image.clone());
+        }
+        let image = Arc::new(analyze_process(process)?);
+        for warning in &image.warnings {
+            warn!("{}: {warning}", process.exe_path.display());
+        }
+        self.images.insert(process.exe, image.clone());
+        Ok(image)
+    }
+
+    /// Attaches to `pid` with per-process task hooks (`--pid`), once it has settled (see
+    /// `targets::SETTLE_BEFORE_ATTACH`).
+    pub fn attach(&mut self, pid: u32) -> anyhow::Result<()> {
+        targets::wait_settled(pid);
+        self.attach_with(pid, TaskHookScope::Process)
+    }
+
+    /// Places the task hooks of an `--exe` target on its file: a uprobe lives on the file's
+    /// inode, so once placed it reports every process that runs the file, from its exec on.
+    /// Events of processes not registered yet are held and replayed (see
+    /// `state::pending::PendingEvents`), so the tasks a service spawns as it starts are counted.
+    pub fn watch_executable(&mut self, path: &Path, exe: ExeIdentity) -> anyhow::Result<()> {
+        let image = self.images[&exe].clone();
+        let links = self
+            .probes
+            .attach_tasks(&image, path, None)
+            .with_context(|| format!("placing task hooks on {}", path.display()))?;
+        info!(
+            "watching {}: {} hook points on the executable, {} spawn sites known",
+            path.display(),
+            links.len(),
+            image.vtables.len()
+        );
+        self.exe_links.insert(exe, links);
+        Ok(())
+    }
+
+    /// Registers `pid`, a process of an `--exe` target (its task hooks are on the
+    /// executable already), and places its heap probes.
+    fn attach_exe_process(&mut self, pid: u32) -> anyhow::Result<()> {
+        self.attach_with(pid, TaskHookScope::Executable)
+    }
+
+    fn attach_with(&mut self, pid: u32, scope: TaskHookScope) -> anyhow::Result<()> {
+        if self.attached.contains_key(&pid) {
+            return Ok(());
+        }
+        let info = procfs::process_info(pid)?;
+        let image = self.image_for(&info)?;
+        let mapping_start = procfs::exe_mapping_start(&info)?;
+        let load_bias = mapping_start.wrapping_sub(image.link_base());
+        // Registered before the probes go in, so the first events already find their process.
+        self.ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add_process(ProcessTasks::new(
+                pid,
+                info.exe_name(),
+                image.clone(),
+                load_bias,
+            ));
+        let task_links = match scope {
+            TaskHookScope::Process => self
+                .probes
+                .attach_tasks(&image, &info.exe_link(), Some(pid)),
+            // Placed on the executable when the daemon started (`watch_executable`).
+            TaskHookScope::Executable => Ok(Vec::new()),
+        };
+        let attached = task_links
+            .map_err(anyhow::Error::from)
+            .and_then(|mut links| {
+                if let Some(heap) = &mut self.heap {
+                    match heap.attach(&mut self.probes, &info, &image, load_bias) {
+                        Ok(heap_links) => links.extend(heap_links),
+                        Err(err) => {
+                            self.probes.detach(links);
+                            return Err(err);
+                        }
+                    }
+                }
+                Ok(links)
+            });
+        match attached {
+            Ok(links) => {
+                self.ledger
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .mark_probes_ready(pid);
+                let exe_wide = self.exe_links.get(&info.exe).map_or(0, Vec::len);
+                info!(
+                    "attached to pid {pid} ({}): {} hook points in the process, {} on its \
+                     executable, {} spawn sites known",
+                    info.exe_path.display(),
+                    links.len(),
+                    exe_wide,
+                    image.vtables.len()
+                );
+                self.attached.insert(pid, AttachedProcess { info, links });
+                Ok(())
+            }
+            Err(err) => {
+                self.ledger
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove_process(pid);
+                Err(err).with_context(|| format!("attaching to pid {pid}"))
+            }
+        }
+    }
+
+    /// Detaches from processes that exited and drops their state.
+    pub fn reap(&mut self) {
+        let gone: Vec<u32> = self
+            .attached
+            .iter()
+            .filter(|(_, p)| !p.info.is_alive())
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in gone {
+            if let Some(process) = self.attached.remove(&pid) {
+                self.probes.detach(process.links);
+            }
+            if let Some(heap) = &mut self.heap {
+                heap.detach(&mut self.probes, pid);
+            }
+            self.ledger
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove_process(pid);
+            info!("pid {pid} exited: detached and forgot its tasks");
+        }
+        self.ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .expire_pending(procfs::monotonic_ns(), procfs::pid_exists);
+    }
+
+    /// Registers the settled processes of the `--exe` targets not registered yet.
+    pub fn scan(&mut self, exes: &ExeTargets) {
+        for process in exes.settled_processes() {
+            if self.attached.contains_key(&process.pid) {
+                continue;
+            }
+            if let Err(err) = self.attach_exe_process(process.pid) {
+                warn!("{err:#}");
+            }
+        }
+    }
+
+    /// Processes attached now.
+    pub fn attached(&self) -> usize {
+        self.attached.len()
+    }
+}
+
+/// Analyses a process's executable, saying which process on failure.
+pub fn analyze_process(process: &ProcessInfo) -> anyhow::Result<TargetImage> {
+    discovery::analyze(&process.exe_link()).with_context(|| {
+        format!(
+            "analysing {} (pid {})",
+            process.exe_path.display(),
+            process.pid
+        )
+    })
+}

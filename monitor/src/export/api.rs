@@ -1,0 +1,38 @@
+//! The JSON API's bodies, built from the ledgers. The types themselves live in the
+//! `leakscope-api` crate, which the tests, `cargo xtask` and leakscope's own clients read
+//! them back with.
+
+pub use leakscope_api::types::*;
+
+use super::prometheus::Sources;
+use crate::targets::procfs::monotonic_ns;
+
+/// `GET /api/v1/tasks`.
+pub fn tasks(sources: &Sources) -> TasksResponse {
+    let ledger = sources.ledger.lock().unwrap_or_else(|e| e.into_inner());
+    TasksResponse {
+        sites: ledger.snapshot(monotonic_ns()),
+        stream: ledger.stream.stats,
+        attached_processes: ledger.attached_processes(),
+        processes: ledger.process_summaries(),
+    }
+}
+
+/// `GET /api/v1/heap`.
+pub fn heap(sources: &Sources) -> HeapResponse {
+    match &sources.heap {
+        None => HeapResponse {
+            enabled: false,
+            groups: Vec::new(),
+            stream: StreamStats::default(),
+        },
+        Some(heap) => {
+            let heap = heap.lock().unwrap_or_else(|e| e.into_inner());
+            HeapResponse {
+                enabled: true,
+                groups: heap.snapshot(),
+                stream: heap.stream.stats,
+            }
+        }
+    }
+}
