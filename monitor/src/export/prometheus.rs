@@ -54,6 +54,19 @@ fn family<M: EncodeMetric>(
     Ok(())
 }
 
+/// The labels of a site's series: `location` only when the binary has line info.
+fn site_labels(pid: u32, exe: &str, site: &str, location: Option<&str>) -> Labels {
+    let mut labels = vec![
+        ("pid", pid.to_string()),
+        ("exe", exe.to_string()),
+        ("site", site.to_string()),
+    ];
+    if let Some(location) = location {
+        labels.push(("location", location.to_string()));
+    }
+    labels
+}
+
 /// A counter family with one unlabelled sample.
 fn scalar(value: u64) -> [(Labels, ConstCounter); 1] {
     [(Labels::new(), ConstCounter::new(value))]
@@ -64,15 +77,7 @@ impl Collector for TaskCollector {
         let ledger = self.0.ledger.lock().unwrap_or_else(|e| e.into_inner());
         let rows = ledger.snapshot(monotonic_ns());
         let labels = |r: &crate::state::tasks::SiteSnapshot| -> Labels {
-            let mut l = vec![
-                ("pid", r.pid.to_string()),
-                ("exe", r.exe.clone()),
-                ("site", r.site.clone()),
-            ];
-            if let Some(location) = &r.location {
-                l.push(("location", location.clone()));
-            }
-            l
+            site_labels(r.pid, &r.exe, &r.site, r.location.as_deref())
         };
         family(
             &mut encoder,
@@ -211,14 +216,7 @@ fn encode_heap(
     let heap = heap.lock().unwrap_or_else(|e| e.into_inner());
     let rows = heap.snapshot();
     let labels = |r: &crate::state::heap::HeapGroupSnapshot| -> Labels {
-        let mut l = vec![
-            ("pid", r.pid.to_string()),
-            ("exe", r.exe.clone()),
-            ("site", r.site.clone()),
-        ];
-        if let Some(location) = &r.location {
-            l.push(("location", location.clone()));
-        }
+        let mut l = site_labels(r.pid, &r.exe, &r.site, r.location.as_deref());
         l.push(("task_site", r.task_site.clone()));
         l
     };
