@@ -4,14 +4,26 @@
 
 use aya::maps::{MapData, PerCpuArray};
 use monitor_common::counter;
+use monitor_common::names::map;
 
 use super::loader::{ProbeError, Probes};
 
+impl Probes {
+    /// The kernel-side failure counters (can be taken once).
+    pub fn take_counters(&mut self) -> Result<KernelCounters, ProbeError> {
+        Ok(KernelCounters {
+            counters: self.take(map::COUNTERS)?,
+            heap_counters: self.take(map::HEAP_COUNTERS)?,
+            untracked_frees: self.take(map::UNTRACKED_FREES)?,
+        })
+    }
+}
+
 /// Failure counters kept by the BPF program, summed over CPUs on read.
 pub struct KernelCounters {
-    pub(super) counters: PerCpuArray<MapData, u64>,
-    pub(super) heap_counters: PerCpuArray<MapData, u64>,
-    pub(super) untracked_frees: aya::maps::HashMap<MapData, u32, u64>,
+    counters: PerCpuArray<MapData, u64>,
+    heap_counters: PerCpuArray<MapData, u64>,
+    untracked_frees: aya::maps::HashMap<MapData, u32, u64>,
 }
 
 fn sum_per_cpu(array: &PerCpuArray<MapData, u64>, index: u32) -> u64 {

@@ -7,7 +7,6 @@ use aya::{Ebpf, EbpfError, EbpfLoader};
 use monitor_common::names::{map, program};
 use thiserror::Error;
 
-use super::counters::KernelCounters;
 use super::plan::PlanError;
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
@@ -114,17 +113,8 @@ impl Probes {
         self.take(map::HEAP_EVENTS)
     }
 
-    /// The kernel-side failure counters (can be taken once).
-    pub fn take_counters(&mut self) -> Result<KernelCounters, ProbeError> {
-        Ok(KernelCounters {
-            counters: self.take(map::COUNTERS)?,
-            heap_counters: self.take(map::HEAP_COUNTERS)?,
-            untracked_frees: self.take(map::UNTRACKED_FREES)?,
-        })
-    }
-
     /// Takes a map out of the object (so it can be read without borrowing the programs).
-    fn take<T>(&mut self, name: &'static str) -> Result<T, ProbeError>
+    pub(super) fn take<T>(&mut self, name: &'static str) -> Result<T, ProbeError>
     where
         T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
     {

@@ -12,8 +12,9 @@ use axum::routing::get;
 use log::info;
 use tokio::task::JoinHandle;
 
+use crate::export::Sources;
 use crate::export::api::{self, HeapResponse, TasksResponse};
-use crate::export::prometheus::{self, Sources};
+use crate::export::prometheus;
 
 async fn metrics_handler(State(sources): State<Sources>) -> impl IntoResponse {
     (

@@ -23,7 +23,7 @@ use crate::bpf::loader::{HeapMaps, Probes};
 use crate::daemon::heap::{HeapMode, HeapTracker};
 use crate::daemon::registry::{ProcessRegistry, analyze_process};
 use crate::discovery;
-use crate::export::prometheus::Sources;
+use crate::export::Sources;
 use crate::state::heap::HeapLedger;
 use crate::state::tasks::TaskLedger;
 use crate::targets::ExeTargets;

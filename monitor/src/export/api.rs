@@ -4,7 +4,7 @@
 
 pub use leakscope_api::types::*;
 
-use super::prometheus::Sources;
+use super::Sources;
 use crate::targets::procfs::monotonic_ns;
 
 /// `GET /api/v1/tasks`.

@@ -1,5 +1,30 @@
-//! How the state is shown: Prometheus text, the JSON API's types, text tables.
+//! How the state is shown: Prometheus text (`prometheus`), the JSON API's bodies (`api`),
+//! text tables (`inspect`). Every export reads the ledgers as they are at that moment, so a
+//! process that exited disappears from all of them at once.
 
 pub mod api;
 pub mod inspect;
 pub mod prometheus;
+
+use std::sync::{Arc, Mutex};
+
+use crate::bpf::counters::{KernelCounters, ProbeStats};
+use crate::state::heap::HeapLedger;
+use crate::state::tasks::TaskLedger;
+
+/// What the exporter reads on each scrape.
+#[derive(Clone)]
+pub struct Sources {
+    pub ledger: Arc<Mutex<TaskLedger>>,
+    pub kernel: Option<Arc<KernelCounters>>,
+    /// Present when heap tracking is on.
+    pub heap: Option<Arc<Mutex<HeapLedger>>>,
+    /// Present with `--probe-stats`.
+    pub probe_stats: Option<Arc<ProbeStats>>,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sources")
+    }
+}

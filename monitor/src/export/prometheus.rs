@@ -1,10 +1,11 @@
-//! Prometheus/OpenMetrics exposition of the task ledger and of leakscope's own health.
+//! Prometheus/OpenMetrics exposition of the task and heap ledgers and of leakscope's own
+//! health.
 //!
 //! A collector, not registered metric objects: every scrape reads the ledger as it is, so a
 //! process that exited disappears from the output at once instead of leaving stale series.
 
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -13,27 +14,10 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::bpf::counters::{KernelCounters, ProbeStats};
+use super::Sources;
+use crate::bpf::counters::KernelCounters;
 use crate::state::heap::HeapLedger;
-use crate::state::tasks::TaskLedger;
 use crate::targets::procfs::monotonic_ns;
-
-/// What the exporter reads on each scrape.
-#[derive(Clone)]
-pub struct Sources {
-    pub ledger: Arc<Mutex<TaskLedger>>,
-    pub kernel: Option<Arc<KernelCounters>>,
-    /// Present when heap tracking is on.
-    pub heap: Option<Arc<Mutex<HeapLedger>>>,
-    /// Present with `--probe-stats`.
-    pub probe_stats: Option<Arc<ProbeStats>>,
-}
-
-impl std::fmt::Debug for Sources {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Sources")
-    }
-}
 
 #[derive(Debug)]
 struct TaskCollector(Sources);
@@ -311,7 +295,10 @@ pub fn render(sources: &Sources) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::state::tasks::TaskLedger;
 
     #[test]
     fn empty_ledger_still_exports_self_metrics_with_help() {
