@@ -75,7 +75,8 @@ pub const POLLED_TASKS_MAX: u32 = 1 << 18;
 /// What one attach point means, passed to the BPF program as the uprobe's attach cookie so
 /// one program serves every hook point of every target, whatever its tokio version:
 /// bits 0..8 = the [`TaskEventKind`] to emit, bits 16..32 = the offset of the vtable pointer
-/// inside the task header, as read from the target binary. (Which register holds the header
+/// inside the task header, as read from the target binary, bits 32..48 = where the vtable
+/// record keeps the task id's offset (0: no id is read). (Which register holds the header
 /// is chosen by attaching the program for that register, see `names::program::TASK_HOOKS`.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HookCookie {

@@ -1,11 +1,11 @@
 //! Stack unwinding with tables compiled from `.eh_frame`, shared by the BPF side (which walks
-//! the user stack at the allocator's entry) and userspace (which builds the tables and tests
-//! the walker against real stacks).
+//! the user stack in the allocation's return probe, from the allocator's caller) and
+//! userspace (which builds the tables and tests the walker against real stacks).
 //!
-//! Userspace (`monitor::heap::unwind_table`) turns every FDE of a binary's `.eh_frame` into
-//! [`UnwindRow`]s sorted by link-time pc. Each row says, for the pcs from its own `pc` up to
-//! the next row's `pc`, how to find the canonical frame address (CFA) and the caller's `rbp`;
-//! the return address is always at `CFA - 8` (rows where it is not are [`CFA_END`]).
+//! Userspace (`monitor::discovery::unwind_table`) turns every FDE of a binary's `.eh_frame`
+//! into [`UnwindRow`]s sorted by link-time pc. Each row says, for the pcs from its own `pc` up
+//! to the next row's `pc`, how to find the canonical frame address (CFA) and the caller's
+//! `rbp`; the return address is always at `CFA - 8` (rows where it is not are [`CFA_END`]).
 //!
 //! Everything here is written for the BPF verifier: no allocation, no recursion, no panics,
 //! no slice indexing that could panic, and only loops with constant bounds
@@ -17,10 +17,11 @@
 //!
 //! Limits: x86_64 only; frames whose CFA is a DWARF expression (PLT stubs), signal frames and
 //! code without unwind info (JIT, other objects not in the table) stop the walk. A table
-//! covers one binary, so the first frame must be in it: probe the binary's own allocator
-//! entry (`__rust_alloc`, `__rdl_alloc`, a statically linked jemalloc/mimalloc), not libc's
-//! `malloc`, whose frames would need libc's table. A return address into another object is
-//! still emitted (as the last one), since it is read from the frame that called it.
+//! covers one binary, so the first frame must be in it. The BPF walk therefore starts in the
+//! allocator's caller (as it is right after the allocator returned), which lets the
+//! allocator itself live in libc; an allocation made from another object yields no frames
+//! beyond that return address. A return address into another object is still emitted (as
+//! the last one), since it is read from the frame that called it.
 
 /// CFA = `rsp + cfa_offset`.
 pub const CFA_RSP: u8 = 0;
@@ -38,7 +39,7 @@ pub const RBP_SAVED: u8 = 1;
 /// Row flag: the row's pcs belong to a function that is an allocation's callsite (user code,
 /// not allocator or standard-library plumbing). [`unwind`] stops once it reaches such a
 /// frame, after emitting the return address into it: that frame is what the callsite rule
-/// (`monitor::heap::symbolize`) picks, so the frames above it are never needed, and the
+/// (`monitor::discovery::symbolize`) picks, so the frames above it are never needed, and the
 /// walk usually ends after one to three frames instead of [`MAX_FRAMES`].
 pub const ROW_CALLSITE: u8 = 1;
 
@@ -109,12 +110,12 @@ pub struct Regs {
 
 const _: () = assert!(core::mem::size_of::<Regs>() == 24);
 
-/// The pc to look the row up with. The first frame's pc is the interrupted instruction
-/// itself (at a uprobe on a function's entry: the entry, where CFA = `rsp + 8`). Every
-/// other frame's pc is a return address, which points *after* the call and may already be
-/// the next function (calls to `noreturn` functions end a function), so those are looked up
-/// at `pc - 1`, inside the call instruction. [`unwind`] applies this; callers of
-/// [`find_row`]/[`step`] that walk by hand must do the same.
+/// The pc to look the row up with. The first frame's pc is the instruction the frame is at
+/// (for the BPF walk: the allocator's return address, the caller's next instruction once
+/// the allocator has returned). Every other frame's pc is a return address, which points
+/// *after* the call and may already be the next function (calls to `noreturn` functions end
+/// a function), so those are looked up at `pc - 1`, inside the call instruction. [`unwind`]
+/// applies this; callers of [`find_row`]/[`step`] that walk by hand must do the same.
 #[inline(always)]
 pub const fn lookup_pc(pc: u64, first_frame: bool) -> u64 {
     if first_frame { pc } else { pc.wrapping_sub(1) }
@@ -253,14 +254,16 @@ pub fn step(
     true
 }
 
-/// Walks the stack from `regs` (runtime registers of the first frame, e.g. at a uprobe)
-/// and writes the return addresses of up to `max_frames` (at most [`MAX_FRAMES`]) frames
-/// into `out`: `out[0]` is where the first frame's function returns to (the callsite in its
-/// caller), `out[1]` the caller's return address, and so on. Returns how many were written.
+/// Walks the stack from `regs` (runtime registers of the first frame; the BPF side passes
+/// the allocator's caller as it is right after the return) and writes the return addresses
+/// of up to `max_frames` (at most [`MAX_FRAMES`]) frames into `out`: `out[0]` is where the
+/// first frame's function returns to (the callsite in its caller), `out[1]` the caller's
+/// return address, and so on. Returns how many were written.
 ///
 /// `bias` translates addresses: runtime = link-time + `bias`. `find` gets the *link-time*
-/// lookup pc (already adjusted by [`lookup_pc`]) and returns its row, typically with
-/// [`find_row`]. `read_u64` reads the target's memory (`bpf_probe_read_user` in BPF).
+/// lookup pc (already adjusted by [`lookup_pc`]) and returns its row, with [`find_row`] or,
+/// as the BPF walker does, [`find_row_bucketed`]. `read_u64` reads the target's memory
+/// (`bpf_probe_read_user` in BPF).
 ///
 /// The walk stops at the first frame without a usable row, so a return address into code
 /// the table does not cover (another shared object) is still emitted, as the last one. It

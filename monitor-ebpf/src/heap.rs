@@ -1,12 +1,14 @@
 //! Heap probes: allocator entry points and returns, per watched process.
 //!
-//! Map roles follow bcc's memleak: the requested size is stashed per *thread* between an
-//! allocation's entry and its return; outstanding blocks are kept as `(pid, addr) → {size,
-//! stack hash, task id}`; a free deletes its block and reports it, a free of a block never
-//! seen allocated (made before attach) only bumps a per-process counter.
+//! Map roles follow bcc's memleak: the requested size (and the return address and stack
+//! pointer at entry) is stashed per *thread* between an allocation's entry and its return;
+//! outstanding blocks are kept as `(pid, addr) → {size, stack hash, task id}`; a free deletes
+//! its block and reports it, a free of a block never seen allocated (made before attach) only
+//! bumps a per-process counter.
 //!
-//! The callsite comes from unwinding the user stack in the probe itself with the target's
-//! `.eh_frame` rules, compiled by userspace into `UNWIND_ROWS` and indexed by
+//! The callsite comes from unwinding the user stack in the return probe, starting in the
+//! allocator's caller (the return address and stack pointer stashed at entry), with the
+//! target's `.eh_frame` rules, compiled by userspace into `UNWIND_ROWS` and indexed by
 //! `UNWIND_BUCKETS` (release binaries have no frame pointers); the walk ends at the first
 //! frame in callsite code. The tokio task the thread is polling comes from tokio's
 //! thread-local current-task slot, at the offset discovery read from the target's code.

@@ -1,11 +1,14 @@
-//! leakscope's kernel side: uprobes on tokio's task lifecycle.
+//! leakscope's kernel side: uprobes on tokio's task lifecycle (here) and on the allocator
+//! (`heap`), each with its own ring buffer, counters and sequence numbers, kept the same way
+//! (`stream`).
 //!
-//! One program per argument register (`task_hook_rdi`, `task_hook_rsi`, ...) serves every hook
-//! point. Userspace attaches it once per function instance (per `OwnedTasks::bind_inner`, per
-//! `Harness::complete`, ...) and passes, as the attach cookie, what the hook means and where
-//! the vtable pointer sits in the task header. The
-//! program reads the task's vtable out of the header (one vtable per spawned future type, so
-//! it names the spawn site) and writes one fixed-size event to the ring buffer.
+//! One program per argument register (`task_hook_rdi`, `task_hook_rsi`, ...) serves every task
+//! hook point. Userspace attaches it once per function instance (per `OwnedTasks::bind_inner`,
+//! per `Harness::complete`, per task type's first poll, ...) and passes, as the attach cookie,
+//! what the hook means and where the vtable pointer and the task id sit. The program reads the
+//! task's vtable out of the header (one vtable per spawned future type, so it names the spawn
+//! site) and the task's id (so heap events, which carry the id of the task being polled, find
+//! the site), and writes one fixed-size event to the task ring buffer.
 //!
 //! Map and program names are listed once in `monitor_common::names`; userspace checks the
 //! built object against that list.
@@ -101,8 +104,8 @@ fn try_task_hook<const ARG: usize>(ctx: &ProbeContext) -> Result<(), u32> {
         let _ = POLLED.remove(&polled);
     }
 
-    // The task's id sits at `header + vtable.id_offset`; read only at spawn, where the
-    // userspace ledger ties it to the site.
+    // The task's id sits at `header + vtable.id_offset`; read only at spawn (or the first
+    // poll standing in for it), where the userspace ledger ties it to the site.
     let task_id = if cookie.vtable_id_field != 0 && cookie.kind != TaskEventKind::Complete as u32 {
         // SAFETY: checked reads of the target's memory.
         unsafe {

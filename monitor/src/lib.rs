@@ -7,11 +7,13 @@
 //! - `bpf`: the kernel side as userspace sees it: load, attach, maps, counters;
 //! - `state`: what the kernel's events add up to, per process: live tasks per spawn site,
 //!   live heap per callsite, the stream's losses;
+//! - `analysis`: leak verdicts, from each site's recent history;
 //! - `export`: how it is shown: Prometheus text, JSON API types, text tables.
 //!
 //! `daemon` wires the stages together for the long-running job: it attaches and detaches
 //! processes, drains the rings into the state and serves the exports.
 
+pub mod analysis;
 pub mod bpf;
 pub mod daemon;
 pub mod discovery;

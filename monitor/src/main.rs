@@ -7,9 +7,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-use leakscope::daemon;
+use clap::{Args, Parser, Subcommand};
+use leakscope::analysis::AnalysisConfig;
+use leakscope::daemon::heap::HeapMode;
+use leakscope::daemon::{self, DaemonConfig, report};
 use leakscope::export::inspect;
+use leakscope::export::report as report_table;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,15 +27,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Attach to running processes and export per-spawn-site task counts.
+    /// Attach to running processes and export per-spawn-site task counts (and, with --heap,
+    /// live heap per allocation callsite), and leak verdicts.
     Daemon {
-        /// Process to watch (repeatable).
-        #[arg(long = "pid")]
-        pids: Vec<u32>,
-        /// Watch every process running this executable, now and as they start (repeatable).
-        #[arg(long = "exe")]
-        exes: Vec<PathBuf>,
-        /// Address for /metrics, /healthz and /api/v1/tasks.
+        #[command(flatten)]
+        targets: Targets,
+        /// Address for /metrics, /healthz and the JSON API (/api/v1/tasks, /api/v1/heap,
+        /// /api/v1/suspects, /api/v1/sites).
         #[arg(long, default_value = "127.0.0.1:9464")]
         listen: SocketAddr,
         /// Seconds between checks for exited and newly started targets.
@@ -42,21 +43,41 @@ enum Command {
         /// watched processes, ~2.6 µs per allocate+free) or `sampled` (1 in 16 blocks,
         /// figures scaled; ~1.8 µs). See README for why the default is off.
         #[arg(long, value_enum, default_value = "off")]
-        heap: leakscope::daemon::heap::HeapMode,
-        /// Heap blocks the kernel tracks at once, across all watched processes; about 104
-        /// bytes of kernel memory each, allocated at start. Blocks beyond are counted in
-        /// leakscope_heap_untracked_allocations_total{reason="outstanding_full"}.
-        #[arg(long, default_value_t = monitor_common::heap::OUTSTANDING_MAX,
-              value_parser = clap::value_parser!(u32).range(1024..=(1 << 24)))]
-        heap_max_blocks: u32,
+        heap: HeapMode,
         /// Export leakscope_probe_runs_total and leakscope_probe_run_seconds_total: how often
         /// each of leakscope's BPF programs ran in the watched processes and for how long.
         /// Turns on the kernel's BPF statistics while the daemon runs, which adds two clock
         /// reads to every BPF program run on the host.
         #[arg(long)]
         probe_stats: bool,
+        /// Seconds of history a leak verdict looks at; a site is judged once half of it is
+        /// sampled.
+        #[arg(long, default_value_t = 120.0)]
+        verdict_window_seconds: f64,
+        /// Seconds between the samples verdicts are made from.
+        #[arg(long, default_value_t = 5.0)]
+        verdict_sample_seconds: f64,
     },
-    /// Show the spawn sites and hook points leakscope finds in a binary (no root needed).
+    /// Attach for a while, then print the leak suspects with their evidence and remedy.
+    /// Exits 0 when there is none, 1 when there are suspects, 2 on error: usable as a CI or
+    /// canary gate.
+    Report {
+        #[command(flatten)]
+        targets: Targets,
+        /// How long to watch, in seconds (the verdict window).
+        #[arg(long, default_value_t = 60.0)]
+        duration: f64,
+        /// Heap tracking; `exact` by default here, since a report's cost is bounded by its
+        /// duration.
+        #[arg(long, value_enum, default_value = "exact")]
+        heap: HeapMode,
+        /// Print JSON (the /api/v1/sites body: every site with its verdict) instead of a
+        /// table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the spawn sites, hook points and heap probes leakscope finds in a binary (no root
+    /// needed).
     Inspect {
         /// Executable to analyse.
         #[arg(required_unless_present = "pid", conflicts_with = "pid")]
@@ -70,45 +91,117 @@ enum Command {
     },
 }
 
+/// Which processes to watch.
+#[derive(Debug, Args)]
+struct Targets {
+    /// Process to watch (repeatable).
+    #[arg(long = "pid")]
+    pids: Vec<u32>,
+    /// Watch every process running this executable, now and as they start (repeatable).
+    #[arg(long = "exe")]
+    exes: Vec<PathBuf>,
+    /// Heap blocks the kernel tracks at once, across all watched processes; about 104
+    /// bytes of kernel memory each, allocated at start. Blocks beyond are counted in
+    /// leakscope_heap_untracked_allocations_total{reason="outstanding_full"}.
+    #[arg(long, default_value_t = monitor_common::heap::OUTSTANDING_MAX,
+          value_parser = clap::value_parser!(u32).range(1024..=(1 << 24)))]
+    heap_max_blocks: u32,
+}
+
 /// Where Debian/Ubuntu x86_64 keep glibc: what an executable given by path would map.
 const SYSTEM_LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+    let cli = Cli::parse();
+    // A report's own output is the table: the daemon's progress lines would bury it.
+    let default_level = match cli.command {
+        Command::Report { .. } => "warn",
+        _ => "info",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
+        .init();
+    let report = matches!(cli.command, Command::Report { .. });
+    match run(cli) {
+        Ok(code) => code,
         Err(err) => {
             eprintln!("leakscope: error: {err:#}");
-            ExitCode::FAILURE
+            // `report` promises 2 on error (1 means suspects found).
+            if report {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn daemon_config(targets: Targets, heap: HeapMode, analysis: AnalysisConfig) -> DaemonConfig {
+    DaemonConfig {
+        pids: targets.pids,
+        exes: targets.exes,
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        rescan: Duration::from_secs(1),
+        heap,
+        heap_max_blocks: targets.heap_max_blocks,
+        probe_stats: false,
+        analysis,
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Daemon {
-            pids,
-            exes,
+            targets,
             listen,
             rescan_seconds,
             heap,
-            heap_max_blocks,
             probe_stats,
+            verdict_window_seconds,
+            verdict_sample_seconds,
         } => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            runtime.block_on(daemon::run(daemon::DaemonConfig {
-                pids,
-                exes,
+            let analysis = AnalysisConfig::new(verdict_sample_seconds, verdict_window_seconds);
+            let config = DaemonConfig {
                 listen,
                 rescan: Duration::from_secs_f64(rescan_seconds.max(0.05)),
-                heap,
-                heap_max_blocks,
                 probe_stats,
-            }))
+                ..daemon_config(targets, heap, analysis)
+            };
+            runtime()?.block_on(daemon::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report {
+            targets,
+            duration,
+            heap,
+            json,
+        } => {
+            let duration = duration.max(1.0);
+            // About 30 samples over the run, judged on the whole run.
+            let analysis = AnalysisConfig::new((duration / 30.0).clamp(0.1, 5.0), duration);
+            let config = daemon_config(targets, heap, analysis);
+            let verdicts = runtime()?.block_on(report::watch(&config, duration))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&verdicts)?);
+            } else {
+                print!("{}", report_table::render(&verdicts));
+            }
+            let suspects = verdicts
+                .sites
+                .iter()
+                .any(|v| v.verdict == leakscope::export::api::Verdict::Suspect);
+            Ok(if suspects {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Inspect { binary, pid, json } => {
             let (path, libraries) = match (binary, pid) {
@@ -144,7 +237,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     + &inspect::render_allocator(&allocators, &heap_points)
             };
             print!("{out}");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

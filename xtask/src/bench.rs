@@ -1,4 +1,5 @@
-//! `cargo xtask bench`: overhead of leakscope's task hooks, measured side by side in one run.
+//! `cargo xtask bench`: overhead of leakscope's task and heap hooks, measured side by side in
+//! one run.
 //!
 //! The spawn microbenchmark (`spawn-bench`, a fixture) spawns and awaits N trivial tasks;
 //! each task fires two hooks (spawn, complete). Rounds alternate baseline and monitored runs
@@ -183,7 +184,7 @@ fn heap_events(client: &Client) -> u64 {
     metric(client, "leakscope_heap_events_total").unwrap_or(0.0) as u64
 }
 
-/// One run of heap-app's allocation loop `workload` (system allocator); with `mode`,
+/// One run of heap-app's allocation loop `workload` (in its allocator's build); with `mode`,
 /// leakscope `--heap MODE` is attached first. Returns elapsed nanoseconds and, when
 /// `profile`, what [`Profile`] holds.
 fn one_heap_run(

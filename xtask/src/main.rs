@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | fixtures | test | demo`.
+//! Project tasks: `cargo xtask setup | fixtures | test | bench | demo`.
 //!
 //! Everything a fresh machine needs is installed from here (nothing done by hand survives a
 //! new machine), and `test` is exactly what CI runs.

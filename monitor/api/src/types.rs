@@ -35,6 +35,9 @@ pub struct SiteSnapshot {
     pub completed: u64,
     pub alive: u64,
     pub oldest_alive_seconds: f64,
+    /// Completions of this site's tasks are observed (a completion hook is reachable from
+    /// every vtable of the site). When false, `alive` only grows and says nothing.
+    pub completion_hooked: bool,
 }
 
 /// One watched process.
@@ -72,4 +75,101 @@ pub struct StreamStats {
     /// Events received but not counted: undecodable, of an unknown kind, or for a process
     /// that was not registered in time.
     pub ignored: u64,
+}
+
+/// What a verdict is about: a spawn site's tasks, or a callsite's heap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SiteKind {
+    Task,
+    Heap,
+}
+
+impl SiteKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Task => "task",
+            Self::Heap => "heap",
+        }
+    }
+}
+
+/// The judgement on one site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// A leak suspect: see `pattern`, `reason` and `remedy`.
+    Suspect,
+    /// Watched long enough, and nothing grows without bound.
+    Ok,
+    /// Not enough samples yet to judge.
+    WarmingUp,
+    /// leakscope cannot judge this site (e.g. its tasks' completion hook could not be
+    /// placed, so completions would go unseen): `reason` says why.
+    CannotJudge,
+}
+
+/// The leak pattern a suspect shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeakPattern {
+    /// Tasks spawned here keep piling up and none of those spawned in the window finished:
+    /// a loop that never ends, a producer outliving its consumer, or a task awaiting
+    /// something nobody completes.
+    TasksNeverComplete,
+    /// Tasks spawned here do finish, but a growing share never does: some calls await
+    /// something that never resolves.
+    TasksAccumulate,
+    /// Live heap allocated here only grows: state that is added to and never evicted.
+    HeapGrows,
+}
+
+/// One sample of a site's history: seconds since the daemon started, and the value judged
+/// (alive tasks, or live bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HistorySample {
+    pub t: f64,
+    pub value: f64,
+}
+
+/// A site with its verdict and the evidence for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteVerdict {
+    pub pid: u32,
+    pub exe: String,
+    pub kind: SiteKind,
+    /// The spawn site (task) or allocation callsite (heap).
+    pub site: String,
+    pub location: Option<String>,
+    pub verdict: Verdict,
+    /// In (0, 1] for a suspect: how sure and how strong; 0 otherwise.
+    pub score: f64,
+    pub pattern: Option<LeakPattern>,
+    /// The evidence in plain words, with numbers.
+    pub reason: String,
+    /// What to change in the code, for a suspect.
+    pub remedy: Option<String>,
+    /// Growth over the window, per second (tasks or bytes; Theil–Sen slope).
+    pub growth_per_second: f64,
+    /// Alive tasks (task) or live bytes (heap) now.
+    pub current: f64,
+    /// Task sites: the age of the oldest alive task.
+    pub oldest_alive_seconds: Option<f64>,
+    /// Seconds since the daemon started when this site first became a suspect (kept while
+    /// it stays one).
+    pub suspect_since: Option<f64>,
+    /// The samples the verdict was made from, oldest first.
+    pub samples: Vec<HistorySample>,
+}
+
+/// `GET /api/v1/suspects` (suspects only, highest score first) and `GET /api/v1/sites`
+/// (every site judged).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerdictsResponse {
+    /// The window verdicts look at, and the sampling period, in seconds.
+    pub window_seconds: f64,
+    pub sample_seconds: f64,
+    pub sites: Vec<SiteVerdict>,
+    /// Sites not judged because the bound on tracked sites was reached.
+    pub sites_dropped: u64,
 }

@@ -2,7 +2,8 @@
 //!
 //! Task hooks go on one process (`UProbeScope::OneProcess`: the kernel writes the breakpoint
 //! into that process's pages only, so other processes running the same binary are not
-//! slowed down) or on the executable for `--exe`. Links are owned by the caller and
+//! slowed down) or on the executable for `--exe`. Heap programs always go on one process,
+//! also in a shared libc, which other processes map too. Links are owned by the caller and
 //! detached when a process goes away; if the daemon dies, the kernel drops them with its file
 //! descriptors, leaving nothing behind.
 

@@ -19,7 +19,7 @@ impl Probes {
     }
 }
 
-/// Failure counters kept by the BPF program, summed over CPUs on read.
+/// Failure counters kept by the task and heap programs, summed over CPUs on read.
 pub struct KernelCounters {
     counters: PerCpuArray<MapData, u64>,
     heap_counters: PerCpuArray<MapData, u64>,
@@ -62,7 +62,7 @@ impl KernelCounters {
         self.untracked_frees.get(&pid, 0).unwrap_or(0)
     }
 
-    /// Events dropped because the ring buffer was full.
+    /// Task events dropped because the task ring buffer was full.
     pub fn ringbuf_full(&self) -> u64 {
         self.read(counter::RINGBUF_FULL)
     }

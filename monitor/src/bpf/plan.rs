@@ -98,7 +98,7 @@ pub enum HeapProgram {
     RustReallocEntry,
     /// pointer in arg 0: `free`, `__rust_dealloc`, ...
     FreeEntry,
-    /// Return of any allocating function (uretprobe at the function's entry).
+    /// Return of any allocating function (a uretprobe at the entry program's site).
     AllocReturn,
 }
 

@@ -13,7 +13,7 @@ use log::info;
 use tokio::task::JoinHandle;
 
 use crate::export::Sources;
-use crate::export::api::{self, HeapResponse, TasksResponse};
+use crate::export::api::{self, HeapResponse, TasksResponse, VerdictsResponse};
 use crate::export::prometheus;
 
 async fn metrics_handler(State(sources): State<Sources>) -> impl IntoResponse {
@@ -34,6 +34,14 @@ async fn heap_handler(State(sources): State<Sources>) -> axum::Json<HeapResponse
     axum::Json(api::heap(&sources))
 }
 
+async fn suspects_handler(State(sources): State<Sources>) -> axum::Json<VerdictsResponse> {
+    axum::Json(api::suspects(&sources))
+}
+
+async fn sites_handler(State(sources): State<Sources>) -> axum::Json<VerdictsResponse> {
+    axum::Json(api::sites(&sources))
+}
+
 /// Binds `listen` and serves the API from `sources` until the returned task is aborted.
 pub async fn serve(
     listen: SocketAddr,
@@ -44,6 +52,8 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/tasks", get(tasks_handler))
         .route("/api/v1/heap", get(heap_handler))
+        .route("/api/v1/suspects", get(suspects_handler))
+        .route("/api/v1/sites", get(sites_handler))
         .with_state(sources);
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -166,7 +166,7 @@ fn file_path(
 ///   of `alloc/src/alloc.rs`); the call of the outermost inlined function is the line of
 ///   the function that owns the machine code, the one a symbol table names.
 ///
-/// Paths are rendered as [`line_locations`] renders them. Empty without `.debug_line`.
+/// Paths are rendered as `line_locations` renders them. Empty without `.debug_line`.
 #[derive(Debug, Default)]
 pub struct LineIndex {
     /// Distinct rendered paths; [`LineRow::file`] and [`InlinedCall::file`] index them.
@@ -351,7 +351,7 @@ impl LineIndex {
     /// its machine code: the call of the outermost inlined function when `addr` is inside
     /// inlined code, else its line-table row. Code the compiler attributed to no line (line
     /// 0) takes the location of the next code in its sequence that has one, as in
-    /// [`line_locations`].
+    /// `line_locations`.
     pub fn lookup(&self, addr: u64) -> Option<(String, u64)> {
         self.resolve(addr)
             .map(|(path, line)| (path.to_string(), u64::from(line)))

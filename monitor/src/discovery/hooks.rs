@@ -1,5 +1,6 @@
-//! Uprobe hook points (spawn, spawn_blocking, completion) and the task-header layout, both
-//! derived from the target's own code.
+//! Uprobe hook points (spawn, spawn_blocking, completion, and first poll for task types whose
+//! spawn path was inlined) and the task-header layout, both derived from the target's own
+//! code.
 //!
 //! Inlining decides which of tokio's functions survive as symbols, and the Rust ABI decides
 //! where a by-value argument lands; neither is stable across tokio versions, compilers or

@@ -7,10 +7,18 @@
 //!   spawned future type and scheduler, and every live task's header points at its vtable,
 //!   so the eBPF side can group tasks by site just by reading that pointer;
 //! - the **hook points** (uprobe addresses and file offsets) for spawn, `spawn_blocking` and
-//!   completion, with the register that carries the task header pointer, verified against
-//!   each instance's machine code;
+//!   completion (and the first poll of task types whose spawn path was inlined), with the
+//!   register that carries the task header pointer, verified against each instance's machine
+//!   code;
 //! - the **header layout** (where the vtable pointer sits in a task header), read from the
-//!   code that uses it rather than from a per-version table.
+//!   code that uses it rather than from a per-version table;
+//! - where a thread keeps the id of the task it polls (`task_context`), so heap events can
+//!   be tied to tasks.
+//!
+//! Heap tracking's own discovery is separate from [`analyze`], run when a process's heap is
+//! tracked: the allocator and its probe sites (`alloc`, per process, since it needs the
+//! libraries the process maps), the unwind table the kernel walks stacks with
+//! (`unwind_table`) and callsite names (`symbolize`), both once per executable.
 //!
 //! A stripped binary is paired with its separate debug file when there is one (see
 //! [`analyze_with_debug_file`]): names and hook points then come from the debug file's

@@ -36,3 +36,28 @@ pub fn heap(sources: &Sources) -> HeapResponse {
         }
     }
 }
+
+/// `GET /api/v1/suspects`.
+pub fn suspects(sources: &Sources) -> VerdictsResponse {
+    verdicts(sources, crate::analysis::Analyzer::suspects)
+}
+
+/// `GET /api/v1/sites`.
+pub fn sites(sources: &Sources) -> VerdictsResponse {
+    verdicts(sources, crate::analysis::Analyzer::sites)
+}
+
+fn verdicts(
+    sources: &Sources,
+    select: fn(&crate::analysis::Analyzer) -> VerdictsResponse,
+) -> VerdictsResponse {
+    match &sources.analysis {
+        Some(analysis) => select(&analysis.lock().unwrap_or_else(|e| e.into_inner())),
+        None => VerdictsResponse {
+            window_seconds: 0.0,
+            sample_seconds: 0.0,
+            sites: Vec::new(),
+            sites_dropped: 0,
+        },
+    }
+}

@@ -5,9 +5,11 @@
 pub mod api;
 pub mod inspect;
 pub mod prometheus;
+pub mod report;
 
 use std::sync::{Arc, Mutex};
 
+use crate::analysis::Analyzer;
 use crate::bpf::counters::{KernelCounters, ProbeStats};
 use crate::state::heap::HeapLedger;
 use crate::state::tasks::TaskLedger;
@@ -21,6 +23,8 @@ pub struct Sources {
     pub heap: Option<Arc<Mutex<HeapLedger>>>,
     /// Present with `--probe-stats`.
     pub probe_stats: Option<Arc<ProbeStats>>,
+    /// The leak verdicts (present in a daemon; absent in unit tests of other exports).
+    pub analysis: Option<Arc<Mutex<Analyzer>>>,
 }
 
 impl std::fmt::Debug for Sources {

@@ -14,7 +14,10 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use leakscope_api::types::{SiteVerdict, Verdict};
+
 use super::Sources;
+use crate::analysis::Analyzer;
 use crate::bpf::counters::KernelCounters;
 use crate::state::heap::HeapLedger;
 use crate::targets::procfs::monotonic_ns;
@@ -188,8 +191,58 @@ impl Collector for TaskCollector {
                     .map(|r| (program(r), ConstCounter::new(r.seconds))),
             )?;
         }
+        if let Some(analysis) = &self.0.analysis {
+            encode_verdicts(&mut encoder, analysis)?;
+        }
         Ok(())
     }
+}
+
+/// The verdicts: a suspect series per leak (present only while it is one), and every
+/// judged site's growth.
+fn encode_verdicts(
+    encoder: &mut DescriptorEncoder,
+    analysis: &Mutex<Analyzer>,
+) -> std::fmt::Result {
+    let analysis = analysis.lock().unwrap_or_else(|e| e.into_inner());
+    let verdicts = analysis.verdicts();
+    let labels = |v: &SiteVerdict| -> Labels {
+        vec![
+            ("pid", v.pid.to_string()),
+            ("exe", v.exe.clone()),
+            ("kind", v.kind.as_str().to_string()),
+            ("site", v.site.clone()),
+        ]
+    };
+    family(
+        encoder,
+        "leakscope_leak_suspect",
+        "Present while this site is a leak suspect; the value is the score in (0, 1]. \
+         /api/v1/suspects has the evidence and the remedy.",
+        MetricType::Gauge,
+        verdicts
+            .iter()
+            .filter(|v| v.verdict == Verdict::Suspect)
+            .map(|v| (labels(v), ConstGauge::new(v.score))),
+    )?;
+    family(
+        encoder,
+        "leakscope_leak_growth_per_second",
+        "Growth of the judged series over the verdict window (Theil-Sen slope): alive tasks \
+         per second for kind=task, live bytes per second for kind=heap.",
+        MetricType::Gauge,
+        verdicts
+            .iter()
+            .filter(|v| matches!(v.verdict, Verdict::Suspect | Verdict::Ok))
+            .map(|v| (labels(v), ConstGauge::new(v.growth_per_second))),
+    )?;
+    family(
+        encoder,
+        "leakscope_verdict_sites_dropped",
+        "Sites not judged because the bound on sites the analysis tracks was reached.",
+        MetricType::Counter,
+        scalar(analysis.sites().sites_dropped),
+    )
 }
 
 fn encode_heap(
@@ -307,6 +360,7 @@ mod tests {
             kernel: None,
             heap: None,
             probe_stats: None,
+            analysis: None,
         };
         let text = render(&sources);
         for family in [

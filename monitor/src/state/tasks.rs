@@ -32,6 +32,8 @@ pub const OVERFLOW_SITE: &str = "other (site limit reached)";
 /// the [`SiteLabel`] at the same index.
 #[derive(Debug)]
 pub struct SpawnSite {
+    /// Every vtable of the site has a reachable completion hook.
+    pub completion_hooked: bool,
     pub spawned: u64,
     pub completed: u64,
     /// Live tasks ordered by spawn time, so the oldest is the first entry.
@@ -122,20 +124,26 @@ impl ProcessTasks {
             return index;
         }
         let link_address = vtable.wrapping_sub(self.load_bias);
-        let label = match self.image.vtable_at(link_address) {
-            Some(known) => (known.site.clone(), known.location.clone()),
-            None => (format!("vtable@{link_address:#x}"), None),
+        let (label, completion_hooked) = match self.image.vtable_at(link_address) {
+            Some(known) => (
+                (known.site.clone(), known.location.clone()),
+                known.complete_hooked,
+            ),
+            // Not a vtable discovery found: its completion path is unknown.
+            None => ((format!("vtable@{link_address:#x}"), None), false),
         };
         // Distinct vtables may carry the same label (one per scheduler flavour, or identical
         // code folded by the linker): they are one site to the user.
         let index = self.labels.intern(label);
         if index == self.sites.len() {
             self.sites.push(SpawnSite {
+                completion_hooked,
                 spawned: 0,
                 completed: 0,
                 live: BTreeSet::new(),
             });
         }
+        self.sites[index].completion_hooked &= completion_hooked;
         self.site_by_vtable.insert(vtable, index);
         index
     }
@@ -218,6 +226,7 @@ impl ProcessTasks {
                     .first()
                     .map(|&(t, _)| now_ktime_ns.saturating_sub(t) as f64 / 1e9)
                     .unwrap_or(0.0),
+                completion_hooked: site.completion_hooked,
             })
             .collect()
     }

@@ -1,8 +1,9 @@
 //! What `/proc` says about a target process: its executable, identity and load address.
 //!
 //! A process is identified by pid *and* start time (pids are reused), its executable by
-//! device and inode of `/proc/PID/exe` (the same binary under another path, or inside a
-//! container, is the same image and is analysed once).
+//! device, inode and change time of `/proc/PID/exe` (the same binary under another path, or
+//! inside a container, is the same image and is analysed once; a new file reusing a deleted
+//! one's inode is not).
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;

@@ -280,7 +280,8 @@ impl AllocArgs {
     /// therefore see unchanged: the block pointer of frees and resizes, the size (and count,
     /// and `memptr`) of allocations and the new size of resizes. Alignment, flags, the old
     /// size of a resize and the size passed to a sized free are extras the tracker knows or
-    /// does not need; [`ProbeSite::intact_args`] says whether they are still readable.
+    /// does not need; [`ProbeSite::intact_args`](super::ProbeSite::intact_args) says whether
+    /// they are still readable.
     pub fn essential(&self, role: AllocRole) -> Vec<ArgReg> {
         let mut regs = Vec::new();
         if role.frees() {

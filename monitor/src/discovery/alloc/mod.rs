@@ -140,7 +140,8 @@ pub struct AllocFn {
     /// neither `rsp` nor `rbp` nor an essential argument register
     /// ([`AllocArgs::essential`]), and no direct branch anywhere in the file targets the
     /// skipped range or the site; otherwise offset 0. Because `rsp` is unchanged, the return
-    /// address is still at `[rsp]` there, so stack capture and uretprobes work as at entry.
+    /// address is still at `[rsp]` there, so the entry program (which stashes it and `rsp`
+    /// for the stack walk at the return) and the uretprobe work as at entry.
     pub entry_probe: ProbeSite,
     /// The first instructions (up to and including the entry site), for diagnostics:
     /// `+0x3 je 0x98fb8 [emulated jcc]`.
@@ -198,7 +199,8 @@ pub(super) const MAX_SKIP: usize = 12;
 pub(super) const MAX_FORWARD_DEPTH: usize = 3;
 
 /// Finds the allocators of the process whose executable is `exe` and which maps
-/// `mapped_libs` (from `targets::maps::mapped_libraries`; pass `&[]` to analyse the executable alone).
+/// `mapped_libs` (from `targets::maps::mapped_libraries`; pass `&[]` to analyse the
+/// executable alone).
 ///
 /// Errors only when `exe` itself cannot be read or is not an x86-64 ELF file; everything
 /// else that could not be established (missing shims, unreadable libraries, a malloc

@@ -19,7 +19,7 @@ use super::*;
 /// 1. `uprobe_init_insn()` **rejects** the probe (`-ENOTSUPP`, the attach fails) for an
 ///    instruction with an `es`/`cs`/`ss`/`ds` segment or `lock` prefix (`is_prefix_bad()`:
 ///    `26 2e 36 3e f0`), an exception-masking `mov ss`/`pop ss`, or an opcode byte missing
-///    from `good_insns_64` ([`GOOD_INSNS_64`]).
+///    from `good_insns_64` (`kernel_rules::GOOD_INSNS_64`).
 /// 2. `branch_setup_xol_ops()` **emulates** (no single-step, `branch_emulate_op()`):
 ///    - the kernel's own nop of that length (`x86_nops[len]`, `arch/x86/include/asm/nops.h`:
 ///      `90`, `66 90`, `0f 1f 00`, `0f 1f 40 00`, `0f 1f 44 00 00`, `66 0f 1f 44 00 00`,
@@ -268,12 +268,11 @@ impl Ctx<'_> {
     }
 }
 
-/// If `ins` may run before a moved entry probe, the argument registers it writes; `None` when
-/// it must not: it transfers control (branch, call, return, trap), writes `rsp` or `rbp`, or
-/// could not be decoded.
 /// The registers (location codes) `ins` writes, for an instruction the entry site may be
-/// moved past; `None` when it may not: not straight-line code, or it writes `rsp`/`rbp`
-/// (the return probe and the stack walk need them as at entry).
+/// moved past; `None` when it may not: it transfers control (branch, call, return, trap),
+/// could not be decoded, or writes `rsp` or `rbp` (the entry program reads the return
+/// address, where the stack walk at the return starts, at `[rsp]`, and the uretprobe
+/// replaces it there).
 pub(super) fn skip_writes(ins: &Instruction, info: &mut InstructionInfoFactory) -> Option<Vec<u8>> {
     if ins.flow_control() != FlowControl::Next || ins.code() == iced_x86::Code::INVALID {
         return None;

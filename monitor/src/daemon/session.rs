@@ -1,0 +1,174 @@
+//! One monitoring session: the targets analysed, the probes loaded and attached, the
+//! rings drained into the ledgers, the ledgers sampled for verdicts. `leakscope daemon`
+//! serves it over HTTP until stopped; `leakscope report` runs one for a fixed time and
+//! prints its verdicts.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use log::warn;
+use tokio::task::JoinHandle;
+
+use super::DaemonConfig;
+use super::drain;
+use super::heap::{HeapMode, HeapTracker};
+use super::registry::{ProcessRegistry, analyze_process};
+use crate::analysis::Analyzer;
+use crate::bpf::counters::ProbeStats;
+use crate::bpf::loader::{HeapMaps, Probes};
+use crate::discovery;
+use crate::export::Sources;
+use crate::state::heap::HeapLedger;
+use crate::state::tasks::TaskLedger;
+use crate::targets::ExeTargets;
+use crate::targets::procfs;
+
+pub struct Session {
+    registry: ProcessRegistry,
+    exes: ExeTargets,
+    sources: Sources,
+    analysis: Arc<Mutex<Analyzer>>,
+    drain: JoinHandle<std::io::Result<()>>,
+    started: Instant,
+}
+
+impl Session {
+    /// Analyses every target, loads the probes and attaches them. Bad targets (no such
+    /// pid, not a tokio binary, ...) are reported before anything is loaded into the
+    /// kernel: those errors need no privileges to explain.
+    pub async fn start(config: &DaemonConfig) -> anyhow::Result<Self> {
+        if config.pids.is_empty() && config.exes.is_empty() {
+            bail!("nothing to watch: give --pid PID or --exe PATH (both may repeat)");
+        }
+        let exes = ExeTargets::resolve(&config.exes)?;
+
+        // Bad targets (no such pid, not a tokio binary, ...) are reported before anything is
+        // loaded into the kernel: those errors need no privileges to explain.
+        let mut images = HashMap::new();
+        for &pid in &config.pids {
+            let info = procfs::process_info(pid)?;
+            if let Entry::Vacant(entry) = images.entry(info.exe) {
+                entry.insert(Arc::new(analyze_process(&info)?));
+            }
+        }
+
+        for (path, exe) in exes.iter() {
+            if let Entry::Vacant(entry) = images.entry(exe) {
+                let image = discovery::analyze(path)
+                    .with_context(|| format!("analysing --exe {}", path.display()))?;
+                for warning in &image.warnings {
+                    warn!("{}: {warning}", path.display());
+                }
+                entry.insert(Arc::new(image));
+            }
+        }
+
+        let mut probes = Probes::load(match config.heap {
+            HeapMode::Off => HeapMaps::Off,
+            HeapMode::Exact | HeapMode::Sampled => HeapMaps::Tracking {
+                max_blocks: config.heap_max_blocks,
+            },
+        })?;
+        let ring = probes.take_events()?;
+        let kernel = Arc::new(probes.take_counters()?);
+        let ledger = Arc::new(Mutex::new(TaskLedger::new()));
+        let heap = match config.heap {
+            HeapMode::Off => None,
+            HeapMode::Exact | HeapMode::Sampled => {
+                probes.enable_heap()?;
+                Some(drain::HeapStream {
+                    ring: probes.take_heap_events()?,
+                    ledger: Arc::new(Mutex::new(HeapLedger::default())),
+                })
+            }
+        };
+        let heap_tracker = heap
+            .as_ref()
+            .map(|h| HeapTracker::new(h.ledger.clone(), config.heap));
+        let drain = tokio::spawn(drain::drain(ring, ledger.clone(), heap));
+        let heap_ledger = heap_tracker.as_ref().map(|h| h.ledger.clone());
+        let probe_stats = if config.probe_stats {
+            Some(Arc::new(ProbeStats::enable(&probes)?))
+        } else {
+            None
+        };
+        let mut registry = ProcessRegistry::new(probes, images, ledger.clone(), heap_tracker);
+        for (path, exe) in exes.iter() {
+            registry.watch_executable(path, exe)?;
+        }
+        for &pid in &config.pids {
+            registry.attach(pid)?;
+        }
+        registry.scan(&exes);
+
+        let analysis = Arc::new(Mutex::new(Analyzer::new(config.analysis)));
+        let sources = Sources {
+            ledger,
+            kernel: Some(kernel),
+            heap: heap_ledger,
+            probe_stats,
+            analysis: Some(analysis.clone()),
+        };
+        Ok(Self {
+            registry,
+            exes,
+            sources,
+            analysis,
+            drain,
+            started: Instant::now(),
+        })
+    }
+
+    /// What the exports read.
+    pub fn sources(&self) -> Sources {
+        self.sources.clone()
+    }
+
+    /// Detaches from processes that exited; attaches to new processes of `--exe` targets.
+    pub fn rescan(&mut self) {
+        self.registry.reap();
+        self.registry.scan(&self.exes);
+    }
+
+    /// Samples the ledgers and judges every site again.
+    pub fn sample(&self) {
+        let t = self.started.elapsed().as_secs_f64();
+        let tasks = self
+            .sources
+            .ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .snapshot(procfs::monotonic_ns());
+        let heap = self
+            .sources
+            .heap
+            .as_ref()
+            .map(|h| h.lock().unwrap_or_else(|e| e.into_inner()).snapshot())
+            .unwrap_or_default();
+        self.analysis
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(t, &tasks, &heap);
+    }
+
+    /// Resolves when the drain stops (a ring's fd failed): the session is blind then.
+    pub async fn stopped(&mut self) -> String {
+        match (&mut self.drain).await {
+            Ok(Ok(())) => "the drain ended".to_string(),
+            Ok(Err(err)) => err.to_string(),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    /// Processes attached now.
+    pub fn attached(&self) -> usize {
+        self.registry.attached()
+    }
+
+    pub fn analysis(&self) -> &Arc<Mutex<Analyzer>> {
+        &self.analysis
+    }
+}
