@@ -1,0 +1,224 @@
+//! Leak verdicts end to end: the axum fixture under steady loopback traffic to every leaky
+//! route and every remedy, a daemon (or `leakscope report`) attached with heap tracking,
+//! and the verdicts a user pages on: exactly the three leaks of the seed are suspects,
+//! each with its evidence and remedy, and none of the remedies is.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use leakscope_testkit::types::{LeakPattern, SiteKind, Verdict, VerdictsResponse};
+use support::*;
+
+const LEAKY: [&str; 2] = ["/leak/forever", "/state/leak"];
+const REMEDIES: [&str; 5] = [
+    "/ok/bounded",
+    "/ok/awaited",
+    "/ok/aborted",
+    "/ok/blocking",
+    "/state/ok",
+];
+
+fn site(handler: &str) -> String {
+    format!("axum_app::{handler}::{{{{closure}}}}::{{{{closure}}}}")
+}
+
+/// The three leaks: (kind, site, pattern).
+fn seed_leaks() -> BTreeSet<(SiteKind, String)> {
+    [
+        (SiteKind::Task, site("leak_forever")),
+        (SiteKind::Task, site("leak_stream")),
+        (SiteKind::Heap, site("state_leak")),
+    ]
+    .into_iter()
+    .collect()
+}
+
+/// Loopback traffic until dropped: every route in `routes` (and the two stream routes,
+/// each read then hung up on, when `streams`), about five rounds a second.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(
+        addr: SocketAddr,
+        routes: Vec<&'static str>,
+        streams: &'static [&'static str],
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let client = Client::new(addr);
+            while !flag.load(Ordering::Relaxed) {
+                for route in &routes {
+                    client.get_ok(route).expect("fixture route answers");
+                }
+                for route in streams {
+                    stream_then_disconnect(addr, route);
+                }
+                // Pacing, not synchronisation: the load is "steady traffic".
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn suspects(verdicts: &VerdictsResponse) -> BTreeSet<(SiteKind, String)> {
+    verdicts
+        .sites
+        .iter()
+        .filter(|v| v.verdict == Verdict::Suspect)
+        .map(|v| (v.kind, v.site.clone()))
+        .collect()
+}
+
+#[test]
+fn under_mixed_traffic_exactly_the_seed_leaks_are_suspects() {
+    if !ebpf_available("verdicts") {
+        return;
+    }
+    let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
+    let pid = app.pid();
+    let (_daemon, daemon) = start_daemon(&[
+        "--pid".into(),
+        pid.to_string(),
+        "--heap".into(),
+        "exact".into(),
+        "--verdict-window-seconds".into(),
+        "20".into(),
+        "--verdict-sample-seconds".into(),
+        "1".into(),
+    ]);
+    wait_attached(daemon, pid);
+    let routes: Vec<&str> = LEAKY.iter().chain(REMEDIES.iter()).copied().collect();
+    let _traffic = Traffic::start(addr, routes, &["/leak/stream", "/ok/stream"]);
+    let client = Client::new(daemon);
+    let verdicts = eventually(
+        "the three seed leaks are suspects",
+        Duration::from_secs(90),
+        || {
+            let verdicts: VerdictsResponse =
+                client.json("/api/v1/suspects").map_err(|e| e.to_string())?;
+            let found = suspects(&verdicts);
+            seed_leaks()
+                .is_subset(&found)
+                .then_some(verdicts.clone())
+                .ok_or(format!("suspects so far: {found:?}"))
+        },
+    );
+    assert_eq!(suspects(&verdicts), seed_leaks(), "and nothing else");
+    for v in &verdicts.sites {
+        let pattern = v.pattern.expect("a suspect has a pattern");
+        let expected = match v.kind {
+            SiteKind::Task => LeakPattern::TasksNeverComplete,
+            SiteKind::Heap => LeakPattern::HeapGrows,
+        };
+        assert_eq!(pattern, expected, "{v:?}");
+        assert!(v.score > 0.5 && v.score <= 1.0, "{v:?}");
+        assert!(v.remedy.is_some(), "{v:?}");
+        assert!(v.reason.contains("/min for"), "{}", v.reason);
+    }
+    // Every remedy was judged, and is fine.
+    let sites: VerdictsResponse = client.json("/api/v1/sites").expect("/api/v1/sites");
+    for handler in ["ok_bounded", "ok_awaited", "ok_aborted", "ok_stream"] {
+        let judged = sites
+            .sites
+            .iter()
+            .find(|v| v.kind == SiteKind::Task && v.site == site(handler))
+            .unwrap_or_else(|| panic!("{handler} was not judged"));
+        assert_eq!(judged.verdict, Verdict::Ok, "{judged:?}");
+    }
+    // The same verdicts in /metrics, one series per suspect.
+    let series: BTreeSet<(String, String)> = scrape(daemon)
+        .into_iter()
+        .filter(|s| s.name == "leakscope_leak_suspect" && s.value > 0.0)
+        .map(|s| (s.labels["kind"].clone(), s.labels["site"].clone()))
+        .collect();
+    let expected: BTreeSet<(String, String)> = seed_leaks()
+        .into_iter()
+        .map(|(kind, site)| (kind.as_str().to_string(), site))
+        .collect();
+    assert_eq!(series, expected);
+}
+
+fn report(pid: u32, seconds: u32) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_leakscope"))
+        .args([
+            "report",
+            "--pid",
+            &pid.to_string(),
+            "--duration",
+            &seconds.to_string(),
+            "--json",
+        ])
+        .output()
+        .expect("running leakscope report")
+}
+
+#[test]
+fn report_gates_a_leaky_build_and_passes_its_remedies() {
+    if !ebpf_available("report") {
+        return;
+    }
+    // Leaky traffic: exit 1, the leaks in the JSON.
+    let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
+    let routes: Vec<&str> = LEAKY.iter().chain(REMEDIES.iter()).copied().collect();
+    let traffic = Traffic::start(addr, routes, &["/leak/stream", "/ok/stream"]);
+    let out = report(app.pid(), 25);
+    drop(traffic);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("watching"),
+        "a progress indicator on stderr: {stderr}"
+    );
+    let verdicts: VerdictsResponse = serde_json::from_slice(&out.stdout).expect("report JSON");
+    assert_eq!(suspects(&verdicts), seed_leaks());
+
+    // Only the remedies: exit 0.
+    let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
+    let traffic = Traffic::start(addr, REMEDIES.to_vec(), &["/ok/stream"]);
+    let out = report(app.pid(), 25);
+    drop(traffic);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verdicts: VerdictsResponse = serde_json::from_slice(&out.stdout).expect("report JSON");
+    assert!(suspects(&verdicts).is_empty());
+    assert!(
+        verdicts
+            .sites
+            .iter()
+            .any(|v| v.site == site("ok_bounded") && v.verdict == Verdict::Ok)
+    );
+
+    // An error is 2, with one line saying what to do.
+    let out = report(4_194_303, 2);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no process with pid 4194303"));
+}
