@@ -6,11 +6,7 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::process::{Command, Output};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use leakscope_testkit::types::{LeakPattern, SiteKind, Verdict, VerdictsResponse};
@@ -38,50 +34,6 @@ fn seed_leaks() -> BTreeSet<(SiteKind, String)> {
     ]
     .into_iter()
     .collect()
-}
-
-/// Loopback traffic until dropped: every route in `routes` (and the two stream routes,
-/// each read then hung up on, when `streams`), about five rounds a second.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Traffic {
-    fn start(
-        addr: SocketAddr,
-        routes: Vec<&'static str>,
-        streams: &'static [&'static str],
-    ) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let client = Client::new(addr);
-            while !flag.load(Ordering::Relaxed) {
-                for route in &routes {
-                    client.get_ok(route).expect("fixture route answers");
-                }
-                for route in streams {
-                    stream_then_disconnect(addr, route);
-                }
-                // Pacing, not synchronisation: the load is "steady traffic".
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        });
-        Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Traffic {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 fn suspects(verdicts: &VerdictsResponse) -> BTreeSet<(SiteKind, String)> {
@@ -112,7 +64,7 @@ fn under_mixed_traffic_exactly_the_seed_leaks_are_suspects() {
     ]);
     wait_attached(daemon, pid);
     let routes: Vec<&str> = LEAKY.iter().chain(REMEDIES.iter()).copied().collect();
-    let _traffic = Traffic::start(addr, routes, &["/leak/stream", "/ok/stream"]);
+    let _traffic = Traffic::start(addr, &routes, &["/leak/stream", "/ok/stream"]);
     let client = Client::new(daemon);
     let verdicts = eventually(
         "the three seed leaks are suspects",
@@ -184,7 +136,7 @@ fn report_gates_a_leaky_build_and_passes_its_remedies() {
     // Leaky traffic: exit 1, the leaks in the JSON.
     let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
     let routes: Vec<&str> = LEAKY.iter().chain(REMEDIES.iter()).copied().collect();
-    let traffic = Traffic::start(addr, routes, &["/leak/stream", "/ok/stream"]);
+    let traffic = Traffic::start(addr, &routes, &["/leak/stream", "/ok/stream"]);
     let out = report(app.pid(), 25);
     drop(traffic);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -198,7 +150,7 @@ fn report_gates_a_leaky_build_and_passes_its_remedies() {
 
     // Only the remedies: exit 0.
     let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
-    let traffic = Traffic::start(addr, REMEDIES.to_vec(), &["/ok/stream"]);
+    let traffic = Traffic::start(addr, &REMEDIES, &["/ok/stream"]);
     let out = report(app.pid(), 25);
     drop(traffic);
     assert_eq!(

@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Install what building leakscope needs: nightly rust-src and bpf-linker (idempotent).
+    /// Install what building and testing leakscope needs: nightly rust-src, bpf-linker,
+    /// and the Debian packages the tests drive (prometheus, tmux). Idempotent.
     Setup,
     /// Build the fixture programs (release profile) the tests and the demo run.
     Fixtures,
@@ -132,6 +133,7 @@ fn setup() -> anyhow::Result<()> {
     if !targets.lines().any(|l| l.trim() == MUSL_TARGET) {
         run(Command::new("rustup").args(["target", "add", MUSL_TARGET]))?;
     }
+    install_debian_tools()?;
     // bpf-linker links against nightly's libLLVM, which is on the library path only under
     // `rustup run nightly` (as aya-build runs it).
     if Command::new("rustup")
@@ -142,6 +144,46 @@ fn setup() -> anyhow::Result<()> {
         return Ok(());
     }
     install_bpf_linker()
+}
+
+/// Outside tools the tests drive, as (command, Debian package): promtool and a real
+/// Prometheus for the alert rules, tmux for `leakscope top`'s screen.
+const DEBIAN_TOOLS: [(&str, &str); 3] = [
+    ("promtool", "prometheus"),
+    ("prometheus", "prometheus"),
+    ("tmux", "tmux"),
+];
+
+fn on_path(command: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(command).is_file()))
+}
+
+fn install_debian_tools() -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = DEBIAN_TOOLS
+        .iter()
+        .filter(|(command, _)| !on_path(command))
+        .map(|&(_, package)| package)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !on_path("apt-get") {
+        bail!(
+            "the tests need {} (Debian packages {}): install them with your package manager",
+            DEBIAN_TOOLS.map(|(command, _)| command).join(", "),
+            missing.join(" ")
+        );
+    }
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing))
+    .context("installing the tools the tests drive (as root)")
 }
 
 fn install_bpf_linker() -> anyhow::Result<()> {

@@ -5,6 +5,9 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 // Each test binary uses a different subset.
@@ -128,4 +131,54 @@ pub fn expect_state_leak_found(daemon: SocketAddr, pid: u32, requests: usize) {
                 ))
         },
     );
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    kit::free_loopback_addr()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .port()
+}
+
+/// Steady loopback traffic to a fixture, until dropped.
+pub struct Traffic {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Traffic {
+    /// GETs every route in `routes`, and reads then hangs up on every stream in
+    /// `streams`, about five rounds a second, until dropped.
+    pub fn start(addr: SocketAddr, routes: &[&'static str], streams: &[&'static str]) -> Self {
+        let routes = routes.to_vec();
+        let streams = streams.to_vec();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let client = Client::new(addr);
+            while !flag.load(Ordering::Relaxed) {
+                for route in &routes {
+                    client.get_ok(route).expect("fixture route answers");
+                }
+                for route in &streams {
+                    stream_then_disconnect(addr, route);
+                }
+                // Pacing, not synchronisation: the load is "steady traffic".
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
