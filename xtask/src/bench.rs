@@ -376,5 +376,45 @@ pub fn bench(rounds: usize) -> anyhow::Result<()> {
     if min_events < 2 * TASKS {
         bail!("hooks missed events: {min_events} < {}", 2 * TASKS);
     }
-    heap_bench(rounds)
+    heap_bench(rounds)?;
+    verdict_bench()
+}
+
+/// The verdict engine at 10,000 sites (the `verdict_bench` example of the daemon's crate):
+/// time of one sampling tick with a full window of history, and the memory it holds.
+fn verdict_bench() -> anyhow::Result<()> {
+    crate::run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "monitor",
+        "--example",
+        "verdict_bench",
+    ]))?;
+    let out = crate::output(
+        Command::new(workspace_root().join("target/release/examples/verdict_bench")).arg("10000"),
+    )?;
+    let field = |key: &str| -> anyhow::Result<f64> {
+        out.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("verdict_bench printed no {key}: {out}"))
+    };
+    println!("\nverdicts over 10,000 sites (defaults: a sample every 5 s, 120 s window):");
+    println!(
+        "  one tick: median {:.1} ms, max {:.1} ms ({:.2} % of a core at one tick per 5 s)",
+        field("tick_ms_median")?,
+        field("tick_ms_max")?,
+        field("tick_ms_median")? / 5000.0 * 100.0
+    );
+    println!(
+        "  memory: {:.1} MiB more resident for {} samples held",
+        field("rss_kib_growth")? / 1024.0,
+        field("samples_held")?
+    );
+    println!(
+        "  suspects found: {} of the 100 sites made to leak",
+        field("suspects")?
+    );
+    Ok(())
 }
