@@ -19,7 +19,20 @@ pub fn demo(seconds: u64) -> anyhow::Result<()> {
     let (app, app_addr) = start_fixture(&fixture_paths().axum_app, &[]).map_err(|e| anyhow!(e))?;
     let app_pid = app.pid();
     let fixture = Client::new(app_addr);
-    let (_daemon, daemon) = start_leakscope(&leakscope, app_pid, &["--heap", "exact"])?;
+    // A verdict window short enough to judge within the demo (the daemon's default is 120 s).
+    let window = (seconds as f64 * 0.6).clamp(10.0, 120.0).to_string();
+    let (_daemon, daemon) = start_leakscope(
+        &leakscope,
+        app_pid,
+        &[
+            "--heap",
+            "exact",
+            "--verdict-window-seconds",
+            &window,
+            "--verdict-sample-seconds",
+            "1",
+        ],
+    )?;
     let listen = daemon.addr;
 
     println!(
@@ -53,9 +66,8 @@ pub fn demo(seconds: u64) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     print_table(&daemon)?;
     println!(
-        "\nSites whose alive count keeps climbing are leak suspects: above, the fire-and-forget \
-         loop (leak_forever) and the producer that outlives its client (leak_stream); their \
-         remedies (ok_*) stay at 0.\n\
+        "\nThe fire-and-forget loop (leak_forever) and the producer that outlives its client \
+         (leak_stream) climb; their remedies (ok_*) stay at 0.\n\
          While leakscope runs, Prometheus scrapes http://{listen}/metrics \
          (JSON: http://{listen}/api/v1/tasks). Excerpt:\n"
     );
@@ -67,9 +79,31 @@ pub fn demo(seconds: u64) -> anyhow::Result<()> {
         println!("  {line}");
     }
     print_heap(&daemon)?;
+    print_suspects(&daemon)?;
     println!(
-        "\nThe same against your own service: leakscope daemon --pid <PID> --listen 127.0.0.1:9464"
+        "\nThe same against your own service: leakscope daemon --pid <PID> --listen 127.0.0.1:9464\n\
+         or, once: leakscope report --pid <PID> --duration 120"
     );
+    Ok(())
+}
+
+/// The verdicts: each suspect with its evidence and remedy (GET /api/v1/suspects).
+fn print_suspects(daemon: &Client) -> anyhow::Result<()> {
+    let suspects = daemon.suspects()?;
+    println!(
+        "\nLeak suspects (GET /api/v1/suspects; {} s window):\n",
+        suspects.window_seconds
+    );
+    if suspects.sites.is_empty() {
+        println!("  none yet: run the demo longer (--seconds 60)");
+    }
+    for v in &suspects.sites {
+        println!("  [{} {:.2}] {}", v.kind.as_str(), v.score, v.site);
+        println!("      evidence: {}", v.reason);
+        if let Some(remedy) = &v.remedy {
+            println!("      remedy:   {remedy}");
+        }
+    }
     Ok(())
 }
 

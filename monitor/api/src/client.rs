@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use crate::openmetrics::{self, Sample};
-use crate::types::{HeapResponse, TasksResponse};
+use crate::types::{HeapResponse, TasksResponse, VerdictsResponse};
 
 /// Why a request failed.
 #[derive(Debug)]
@@ -87,6 +87,16 @@ impl Client {
 
     pub fn heap(&self) -> Result<HeapResponse, ClientError> {
         self.json("/api/v1/heap")
+    }
+
+    /// Leak suspects, highest score first.
+    pub fn suspects(&self) -> Result<VerdictsResponse, ClientError> {
+        self.json("/api/v1/suspects")
+    }
+
+    /// Every judged site with its verdict.
+    pub fn sites(&self) -> Result<VerdictsResponse, ClientError> {
+        self.json("/api/v1/sites")
     }
 
     pub fn metrics(&self) -> Result<Vec<Sample>, ClientError> {
