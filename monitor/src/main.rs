@@ -13,6 +13,7 @@ use leakscope::daemon::heap::HeapMode;
 use leakscope::daemon::{self, DaemonConfig, report};
 use leakscope::export::inspect;
 use leakscope::export::report as report_table;
+use leakscope::export::top;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -89,6 +90,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live view of every site's verdict, refreshed every second: from a running daemon
+    /// (--api, the default) or from a session of its own (--pid/--exe, as root).
+    Top {
+        /// The API of a running `leakscope daemon` (its --listen address); used when no
+        /// --pid or --exe is given.
+        #[arg(long, conflicts_with_all = ["pids", "exes"])]
+        api: Option<SocketAddr>,
+        #[command(flatten)]
+        targets: Targets,
+        /// Heap tracking of its own session (see `daemon --heap`).
+        #[arg(long, value_enum, default_value = "off")]
+        heap: HeapMode,
+        /// Seconds of history a verdict of its own session looks at (sampled every second).
+        #[arg(long, default_value_t = 60.0)]
+        verdict_window_seconds: f64,
+    },
 }
 
 /// Which processes to watch.
@@ -116,6 +133,8 @@ fn main() -> ExitCode {
     // A report's own output is the table: the daemon's progress lines would bury it.
     let default_level = match cli.command {
         Command::Report { .. } => "warn",
+        // Log lines would be written over the screen.
+        Command::Top { .. } => "off",
         _ => "info",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
@@ -237,6 +256,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     + &inspect::render_allocator(&allocators, &heap_points)
             };
             print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Top {
+            api,
+            targets,
+            heap,
+            verdict_window_seconds,
+        } => {
+            if targets.pids.is_empty() && targets.exes.is_empty() {
+                let addr = api.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9464)));
+                top::run(&addr.to_string(), top::api_source(addr))?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut source: Vec<String> = targets.pids.iter().map(|p| format!("pid {p}")).collect();
+            source.extend(targets.exes.iter().map(|e| e.display().to_string()));
+            let analysis = AnalysisConfig::new(top::REFRESH.as_secs_f64(), verdict_window_seconds);
+            let config = daemon_config(targets, heap, analysis);
+            let runtime = runtime()?;
+            let mut session =
+                runtime.block_on(leakscope::daemon::session::Session::start(&config))?;
+            // The drain runs on the runtime's workers; sampling and rescans happen here.
+            let _context = runtime.enter();
+            top::run(&source.join(", "), move || {
+                session.rescan();
+                session.sample();
+                if session.attached() == 0 {
+                    return Err("no target process is attached (they exited)".to_string());
+                }
+                Ok(session
+                    .analysis()
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .sites())
+            })?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -174,3 +174,62 @@ fn report_gates_a_leaky_build_and_passes_its_remedies() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no process with pid 4194303"));
 }
+
+#[test]
+fn real_crate_leaks_are_flagged_and_bounded_shapes_are_not() {
+    if !ebpf_available("verdicts: real-crate patterns") {
+        return;
+    }
+    let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
+    let pid = app.pid();
+    let (_daemon, daemon) = start_daemon(&[
+        "--pid".into(),
+        pid.to_string(),
+        "--heap".into(),
+        "exact".into(),
+        "--verdict-window-seconds".into(),
+        "20".into(),
+        "--verdict-sample-seconds".into(),
+        "1".into(),
+    ]);
+    wait_attached(daemon, pid);
+    // Leaks: a task per call awaiting a oneshot nobody completes; a session record per
+    // connection. Not leaks: a cache that fills then stays, steady keep-alive clients,
+    // slow (3 s) tasks arriving in bursts that drain.
+    let _traffic = Traffic::start(addr, &["/leak/pending", "/leak/conn", "/ok/cache"], &[]);
+    let _clients = KeepAliveClients::start(addr, 4, "/ok/bounded");
+    let bursts = Traffic::start(addr, &["/ok/slow"; 20], &[]);
+    let client = Client::new(daemon);
+    let is_leak = |kind: SiteKind, site: &str| {
+        (kind == SiteKind::Task && site == "axum_app::leak_pending::{{closure}}::{{closure}}")
+            || (kind == SiteKind::Heap && site.starts_with("axum_app::remember_session"))
+    };
+    let suspects_now = || -> Result<BTreeSet<(SiteKind, String)>, String> {
+        let verdicts: VerdictsResponse =
+            client.json("/api/v1/suspects").map_err(|e| e.to_string())?;
+        Ok(suspects(&verdicts))
+    };
+    eventually("both leaks are suspects", Duration::from_secs(90), || {
+        let found = suspects_now()?;
+        let leaks = found.iter().filter(|(k, s)| is_leak(*k, s)).count();
+        (leaks == 2)
+            .then_some(())
+            .ok_or(format!("suspects so far: {found:?}"))
+    });
+    // For another half window under the same traffic, nothing else becomes a suspect.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < until {
+        let found = suspects_now().expect("suspects");
+        let others: Vec<_> = found.iter().filter(|(k, s)| !is_leak(*k, s)).collect();
+        assert!(others.is_empty(), "not leaks, yet suspects: {others:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(bursts);
+    let sites: VerdictsResponse = client.json("/api/v1/sites").expect("/api/v1/sites");
+    let slow = sites
+        .sites
+        .iter()
+        .find(|v| v.site == site("ok_slow"))
+        .expect("ok_slow judged");
+    assert_eq!(slow.verdict, Verdict::Ok, "{slow:?}");
+}

@@ -18,9 +18,10 @@ pub struct Thresholds {
     pub min_samples: usize,
     /// The Mann–Kendall one-sided p-value below which a rise over the window counts.
     pub p_value: f64,
-    /// The rise must continue in the window's second half (p-value there below this): a
-    /// cache that grew and then levelled off, or a ramp of slow tasks that then complete
-    /// as fast as they start, is not a leak.
+    /// The rise must continue in the window's second half (p-value there below this, and
+    /// a slope there of at least half the whole window's): a cache that grew and then
+    /// levelled off, or a ramp of slow tasks that then complete as fast as they start, is
+    /// not a leak, even while the end of its ramp is still in the window.
     pub p_value_recent: f64,
     /// Tasks a site must gain over the window.
     pub min_task_growth: f64,
@@ -73,7 +74,18 @@ struct Growth {
     p: f64,
     p_recent: f64,
     slope: f64,
+    slope_recent: f64,
     gained: f64,
+}
+
+impl Growth {
+    /// Rising over the window, and still rising at a comparable pace in its second half.
+    fn sustained(&self, limits: &Thresholds) -> bool {
+        self.p < limits.p_value
+            && self.p_recent < limits.p_value_recent
+            && self.slope > 0.0
+            && self.slope_recent >= 0.5 * self.slope
+    }
 }
 
 fn growth(samples: &VecDeque<Sample>) -> Growth {
@@ -84,6 +96,7 @@ fn growth(samples: &VecDeque<Sample>) -> Growth {
         p: mann_kendall(&values).p_rising,
         p_recent: mann_kendall(&values[half..]).p_rising,
         slope: theil_sen(&points).unwrap_or(0.0),
+        slope_recent: theil_sen(&points[half..]).unwrap_or(0.0),
         gained: values.last().copied().unwrap_or(0.0) - values.first().copied().unwrap_or(0.0),
     }
 }
@@ -137,10 +150,7 @@ pub fn judge_tasks(
     let spawned = last.spawned.saturating_sub(first.spawned);
     let completed = last.completed.saturating_sub(first.completed);
     let window = span(samples);
-    let rising = g.p < limits.p_value
-        && g.p_recent < limits.p_value_recent
-        && g.slope > 0.0
-        && g.gained >= limits.min_task_growth;
+    let rising = g.sustained(limits) && g.gained >= limits.min_task_growth;
     if !rising {
         return Judgement {
             verdict: Verdict::Ok,
@@ -200,8 +210,7 @@ pub fn judge_heap(samples: &VecDeque<Sample>, limits: &Thresholds) -> Judgement 
     let last = samples[samples.len() - 1].value;
     let window = span(samples);
     let relative = g.gained / first.max(1.0);
-    let rising = g.p < limits.p_value
-        && g.p_recent < limits.p_value_recent
+    let rising = g.sustained(limits)
         && g.slope >= limits.min_heap_growth_per_second
         && relative >= limits.min_heap_growth_ratio;
     if !rising {
@@ -402,6 +411,10 @@ mod tests {
         );
         // A cache filled in the first 40 s, flat since.
         let cache = series(|t| 100.0 * kib * t.min(40.0), |_| 0, |_| 0);
+        assert_eq!(judge_heap(&cache, &limits()).verdict, Verdict::Ok);
+        // The same cache still filling early in the window's second half (as seen a
+        // little after attach).
+        let cache = series(|t| 100.0 * kib * t.min(70.0), |_| 0, |_| 0);
         assert_eq!(judge_heap(&cache, &limits()).verdict, Verdict::Ok);
         // Slow growth below the rate floor.
         let slow = series(|t| 1024.0 * kib + 100.0 * t, |_| 0, |_| 0);

@@ -6,6 +6,7 @@ pub mod api;
 pub mod inspect;
 pub mod prometheus;
 pub mod report;
+pub mod top;
 
 use std::sync::{Arc, Mutex};
 

@@ -182,3 +182,61 @@ impl Drop for Traffic {
         }
     }
 }
+
+/// `connections` HTTP/1.1 keep-alive clients, each on one connection for its whole life,
+/// requesting `path` about five times a second until dropped: the connection tasks of
+/// steady clients, alive all along.
+pub struct KeepAliveClients {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl KeepAliveClients {
+    pub fn start(addr: SocketAddr, connections: usize, path: &'static str) -> Self {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..connections)
+            .map(|_| {
+                let flag = stop.clone();
+                std::thread::spawn(move || {
+                    let stream = std::net::TcpStream::connect(addr).expect("keep-alive connect");
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(10)))
+                        .unwrap();
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut writer = stream;
+                    while !flag.load(Ordering::Relaxed) {
+                        write!(writer, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+                        let mut length = 0usize;
+                        loop {
+                            let mut line = String::new();
+                            reader.read_line(&mut line).expect("keep-alive response");
+                            if let Some(v) =
+                                line.to_ascii_lowercase().strip_prefix("content-length:")
+                            {
+                                length = v.trim().parse().unwrap_or(0);
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        let mut body = vec![0u8; length];
+                        reader.read_exact(&mut body).expect("keep-alive body");
+                        // Pacing: a steady client, not a load test.
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+}
+
+impl Drop for KeepAliveClients {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
