@@ -65,6 +65,8 @@ const HANDLERS: &[&str] = &[
     "ok_awaited",
     "ok_aborted",
     "state_leak",
+    "leak_pending",
+    "ok_slow",
 ];
 
 /// Every spawn site of the fixture source has exactly its vtables, whichever tokio it was
