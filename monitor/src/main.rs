@@ -58,6 +58,8 @@ enum Command {
         /// Seconds between the samples verdicts are made from.
         #[arg(long, default_value_t = 5.0)]
         verdict_sample_seconds: f64,
+        #[command(flatten)]
+        thresholds: VerdictThresholds,
     },
     /// Attach for a while, then print the leak suspects with their evidence and remedy.
     /// Exits 0 when there is none, 1 when there are suspects, 2 on error: usable as a CI or
@@ -76,6 +78,8 @@ enum Command {
         /// table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        thresholds: VerdictThresholds,
     },
     /// Show the spawn sites, hook points and heap probes leakscope finds in a binary (no root
     /// needed).
@@ -123,6 +127,35 @@ struct Targets {
     #[arg(long, default_value_t = monitor_common::heap::OUTSTANDING_MAX,
           value_parser = clap::value_parser!(u32).range(1024..=(1 << 24)))]
     heap_max_blocks: u32,
+}
+
+/// What makes a suspect (README, Verdicts); the defaults pass the fixtures' leaks and
+/// non-leaks.
+#[derive(Debug, Args)]
+struct VerdictThresholds {
+    /// One-sided Mann-Kendall p-value below which a rise over the window counts.
+    #[arg(long, default_value_t = 0.01)]
+    verdict_p_value: f64,
+    /// Tasks a spawn site must gain over the window.
+    #[arg(long, default_value_t = 3.0)]
+    verdict_min_tasks: f64,
+    /// Bytes per second a heap callsite must gain (slower leaks are left to the
+    /// predict_linear alert).
+    #[arg(long, default_value_t = 16384.0)]
+    verdict_min_heap_bytes_per_second: f64,
+    /// Share of its size at the window's start a heap callsite must gain.
+    #[arg(long, default_value_t = 0.05)]
+    verdict_min_heap_growth_ratio: f64,
+}
+
+impl VerdictThresholds {
+    fn apply(&self, mut config: AnalysisConfig) -> AnalysisConfig {
+        config.thresholds.p_value = self.verdict_p_value;
+        config.thresholds.min_task_growth = self.verdict_min_tasks;
+        config.thresholds.min_heap_growth_per_second = self.verdict_min_heap_bytes_per_second;
+        config.thresholds.min_heap_growth_ratio = self.verdict_min_heap_growth_ratio;
+        config
+    }
 }
 
 /// Where Debian/Ubuntu x86_64 keep glibc: what an executable given by path would map.
@@ -185,8 +218,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             probe_stats,
             verdict_window_seconds,
             verdict_sample_seconds,
+            thresholds,
         } => {
-            let analysis = AnalysisConfig::new(verdict_sample_seconds, verdict_window_seconds);
+            let analysis = thresholds.apply(AnalysisConfig::new(
+                verdict_sample_seconds,
+                verdict_window_seconds,
+            ));
             let config = DaemonConfig {
                 listen,
                 rescan: Duration::from_secs_f64(rescan_seconds.max(0.05)),
@@ -201,10 +238,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             duration,
             heap,
             json,
+            thresholds,
         } => {
             let duration = duration.max(1.0);
             // About 30 samples over the run, judged on the whole run.
-            let analysis = AnalysisConfig::new((duration / 30.0).clamp(0.1, 5.0), duration);
+            let analysis = thresholds.apply(AnalysisConfig::new(
+                (duration / 30.0).clamp(0.1, 5.0),
+                duration,
+            ));
             let config = daemon_config(targets, heap, analysis);
             let verdicts = runtime()?.block_on(report::watch(&config, duration))?;
             if json {

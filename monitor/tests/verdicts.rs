@@ -129,7 +129,7 @@ fn report(pid: u32, seconds: u32) -> Output {
 }
 
 #[test]
-fn report_gates_a_leaky_build_and_passes_its_remedies() {
+fn report_gates_a_leaky_build_and_passes_its_remedied_twin() {
     if !ebpf_available("report") {
         return;
     }
@@ -148,9 +148,11 @@ fn report_gates_a_leaky_build_and_passes_its_remedies() {
     let verdicts: VerdictsResponse = serde_json::from_slice(&out.stdout).expect("report JSON");
     assert_eq!(suspects(&verdicts), seed_leaks());
 
-    // Only the remedies: exit 0.
-    let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
-    let traffic = Traffic::start(addr, &REMEDIES, &["/ok/stream"]);
+    // The remedied twin (every leaky route serves its remedy) under the same traffic:
+    // exit 0.
+    let (app, addr) = start_fixture(&fixture("axum-app"), &["--remedied"]);
+    let routes: Vec<&str> = LEAKY.iter().chain(REMEDIES.iter()).copied().collect();
+    let traffic = Traffic::start(addr, &routes, &["/leak/stream", "/ok/stream"]);
     let out = report(app.pid(), 25);
     drop(traffic);
     assert_eq!(

@@ -152,13 +152,21 @@ pub fn judge_tasks(
     let window = span(samples);
     let rising = g.sustained(limits) && g.gained >= limits.min_task_growth;
     if !rising {
+        let growth = if g.sustained(limits) {
+            format!(
+                "rising, but by {} (less than the {} that make a suspect)",
+                g.gained, limits.min_task_growth
+            )
+        } else {
+            "no sustained growth".to_string()
+        };
         return Judgement {
             verdict: Verdict::Ok,
             score: 0.0,
             pattern: None,
             reason: format!(
-                "{} alive; {spawned} spawned and {completed} completed over the last {}; no \
-                 sustained growth",
+                "{} alive; {spawned} spawned and {completed} completed over the last {}; \
+                 {growth}",
                 last.value,
                 duration(window)
             ),
@@ -214,12 +222,22 @@ pub fn judge_heap(samples: &VecDeque<Sample>, limits: &Thresholds) -> Judgement 
         && g.slope >= limits.min_heap_growth_per_second
         && relative >= limits.min_heap_growth_ratio;
     if !rising {
+        let growth = if g.sustained(limits) {
+            format!(
+                "rising steadily, but slower than {}/s or by less than {:.0} % of its size (the \
+                 floor of a suspect; the predict_linear alert watches slower leaks)",
+                bytes(limits.min_heap_growth_per_second),
+                limits.min_heap_growth_ratio * 100.0
+            )
+        } else {
+            "no sustained growth".to_string()
+        };
         return Judgement {
             verdict: Verdict::Ok,
             score: 0.0,
             pattern: None,
             reason: format!(
-                "{} live; {} over the last {}; no sustained growth",
+                "{} live; {} over the last {}; {growth}",
                 bytes(last),
                 signed_bytes(g.gained),
                 duration(window)
@@ -416,9 +434,16 @@ mod tests {
         // little after attach).
         let cache = series(|t| 100.0 * kib * t.min(70.0), |_| 0, |_| 0);
         assert_eq!(judge_heap(&cache, &limits()).verdict, Verdict::Ok);
-        // Slow growth below the rate floor.
+        // Slow growth below the rate floor: not a suspect, and the reason says why.
         let slow = series(|t| 1024.0 * kib + 100.0 * t, |_| 0, |_| 0);
-        assert_eq!(judge_heap(&slow, &limits()).verdict, Verdict::Ok);
+        let j = judge_heap(&slow, &limits());
+        assert_eq!(j.verdict, Verdict::Ok);
+        assert!(
+            j.reason
+                .contains("rising steadily, but slower than 16.0 KiB/s"),
+            "{}",
+            j.reason
+        );
     }
 
     #[test]
