@@ -7,7 +7,9 @@
 //! - a block that starts at a live task's header is that task's own cell (header, scheduler
 //!   and the future's state), labelled `task cell: <spawn site>` so a leaked task's memory
 //!   is named after it. The cell is allocated just before its spawn event is written, so
-//!   whichever of the two is read first, the other completes the label.
+//!   whichever of the two is read first, the other completes the label; a block allocated
+//!   at that address *after* the spawn is not the cell (the task ended and its address was
+//!   reused before its end was read), so allocation and spawn times are compared.
 
 use super::heap::{HeapLedger, TaskSites};
 use super::tasks::TaskLedger;
@@ -17,10 +19,9 @@ impl TaskSites for TaskLedger {
         self.process(pid)?.site_of_task(task_id).map(str::to_string)
     }
 
-    fn task_cell_site(&self, pid: u32, addr: u64) -> Option<String> {
-        self.process(pid)?
-            .site_of_live_task(addr)
-            .map(str::to_string)
+    fn task_cell_site(&self, pid: u32, addr: u64, allocated_ns: u64) -> Option<String> {
+        let (site, spawned_ns) = self.process(pid)?.live_task(addr)?;
+        (spawned_ns >= allocated_ns).then(|| site.to_string())
     }
 }
 
@@ -28,8 +29,8 @@ impl TaskSites for TaskLedger {
 /// (`spawned`: `(pid, header)` pairs) when their allocations were read in an earlier batch.
 pub fn claim_task_cells(tasks: &TaskLedger, heap: &mut HeapLedger, spawned: &[(u32, u64)]) {
     for &(pid, header) in spawned {
-        if let Some(site) = tasks.process(pid).and_then(|p| p.site_of_live_task(header)) {
-            heap.claim_task_cell(pid, header, site);
+        if let Some((site, spawned_ns)) = tasks.process(pid).and_then(|p| p.live_task(header)) {
+            heap.claim_task_cell(pid, header, site, spawned_ns);
         }
     }
 }
@@ -44,7 +45,7 @@ mod tests {
     use super::*;
     use crate::discovery::symbolize::Symbolizer;
     use crate::discovery::{NamingMethod, TargetImage, TaskVtable};
-    use crate::state::heap::ProcessHeap;
+    use crate::state::heap::{ProcessHeap, TASK_CELL};
     use crate::state::tasks::ProcessTasks;
 
     const PID: u32 = 7;
@@ -146,5 +147,22 @@ mod tests {
         tasks.apply(&spawn(0xa000, 1));
         claim_task_cells(&tasks, &mut heap, &[(PID, 0xa000)]);
         assert_eq!(sites(&heap), vec![(cell, "none".into(), 256)]);
+    }
+
+    #[test]
+    fn a_block_allocated_after_the_spawn_at_a_live_tasks_address_is_not_its_cell() {
+        // The task at 0xa000 finished and its cell was freed, but its completion is not read
+        // yet when a plain 72-byte block reusing the address is: not a phantom cell.
+        let (mut tasks, mut heap) = ledgers();
+        tasks.apply(&spawn(0xa000, 1));
+        let mut reuse = alloc(0xa000, 72, 0);
+        reuse.ktime_ns = 5;
+        heap.apply(&reuse, &tasks);
+        // Nor does a later spawn event at that address claim it unless it came first.
+        claim_task_cells(&tasks, &mut heap, &[(PID, 0xa000)]);
+        let rows = sites(&heap);
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert!(!rows[0].0.starts_with(TASK_CELL), "{rows:?}");
+        assert_eq!(rows[0].2, 72);
     }
 }

@@ -53,9 +53,11 @@ pub trait TaskSites {
     /// The spawn-site label of the task with tokio id `task_id` (as the allocation probe
     /// read it from the polling thread).
     fn task_site(&self, pid: u32, task_id: u64) -> Option<String>;
-    /// The spawn-site label of the live task whose header is at `addr`: a block starting
-    /// there is that task's cell.
-    fn task_cell_site(&self, pid: u32, addr: u64) -> Option<String>;
+    /// The spawn-site label of the live task whose header is at `addr` and that was
+    /// spawned at or after `allocated_ns` (ktime): a block allocated there then is that
+    /// task's cell. (A block allocated at that address after the spawn is not: it reuses
+    /// the address of a task whose end was not read yet.)
+    fn task_cell_site(&self, pid: u32, addr: u64, allocated_ns: u64) -> Option<String>;
 }
 
 /// (callsite label, callsite location, task site).
@@ -70,7 +72,8 @@ pub struct ProcessHeap {
     callsites: CallsiteCache,
     keys: BoundedLabels<GroupKey>,
     groups: Vec<HeapGroup>,
-    blocks: HashMap<u64, (usize, u64)>,
+    /// addr → (group, size, allocation ktime).
+    blocks: HashMap<u64, (usize, u64, u64)>,
     pub totals: HeapTotals,
     /// Blocks stand for this many (sampling); figures are scaled by it on export.
     scale: u64,
@@ -109,12 +112,16 @@ impl ProcessHeap {
         index
     }
 
-    /// Counts the block at `header`, if one is live and not yet labelled so, as the cell of
-    /// the task spawned at `spawn_site` (keeping the task site it was allocated from).
-    pub fn claim_task_cell(&mut self, header: u64, spawn_site: &str) {
-        let Some(&(old_group, size)) = self.blocks.get(&header) else {
+    /// Counts the block at `header`, if one is live, was allocated no later than the task's
+    /// spawn (`spawned_ns`, ktime) and is not yet labelled so, as the cell of the task
+    /// spawned at `spawn_site` (keeping the task site it was allocated from).
+    pub fn claim_task_cell(&mut self, header: u64, spawn_site: &str, spawned_ns: u64) {
+        let Some(&(old_group, size, allocated_ns)) = self.blocks.get(&header) else {
             return;
         };
+        if allocated_ns > spawned_ns {
+            return;
+        }
         let (old_site, _, old_task_site) = self.keys.get(old_group);
         if old_site.starts_with(TASK_CELL) {
             return;
@@ -131,7 +138,7 @@ impl ProcessHeap {
         let new = &mut self.groups[group];
         new.live_bytes += size;
         new.live_allocations += 1;
-        self.blocks.insert(header, (group, size));
+        self.blocks.insert(header, (group, size, allocated_ns));
     }
 
     pub fn apply(&mut self, event: &HeapEvent, tasks: &dyn TaskSites) {
@@ -163,13 +170,15 @@ impl ProcessHeap {
                 };
                 // A task's cell is allocated just before its spawn event; when that event
                 // comes later, `claim_task_cell` relabels the block.
-                let (label, location) = match tasks.task_cell_site(self.pid, event.addr) {
-                    Some(spawned) => (format!("{TASK_CELL}{spawned}"), None),
-                    None => (callsite.label, callsite.location),
-                };
+                let (label, location) =
+                    match tasks.task_cell_site(self.pid, event.addr, event.ktime_ns) {
+                        Some(spawned) => (format!("{TASK_CELL}{spawned}"), None),
+                        None => (callsite.label, callsite.location),
+                    };
                 let group = self.group((label, location, task_site));
-                if let Some((old_group, old_size)) =
-                    self.blocks.insert(event.addr, (group, event.size))
+                if let Some((old_group, old_size, _)) = self
+                    .blocks
+                    .insert(event.addr, (group, event.size, event.ktime_ns))
                 {
                     // The kernel reported no free for a reused address: drop the stale block.
                     let g = &mut self.groups[old_group];
@@ -181,7 +190,7 @@ impl ProcessHeap {
                 g.live_allocations += 1;
             }
             Some(HeapEventKind::Free) => match self.blocks.remove(&event.addr) {
-                Some((group, size)) => {
+                Some((group, size, _)) => {
                     self.totals.freed_bytes += size;
                     let g = &mut self.groups[group];
                     g.live_bytes = g.live_bytes.saturating_sub(size);
@@ -252,9 +261,9 @@ impl HeapLedger {
     }
 
     /// See [`ProcessHeap::claim_task_cell`].
-    pub fn claim_task_cell(&mut self, pid: u32, header: u64, spawn_site: &str) {
+    pub fn claim_task_cell(&mut self, pid: u32, header: u64, spawn_site: &str, spawned_ns: u64) {
         if let Some(process) = self.processes.get_mut(&pid) {
-            process.claim_task_cell(header, spawn_site);
+            process.claim_task_cell(header, spawn_site, spawned_ns);
         }
     }
 
@@ -278,7 +287,7 @@ mod tests {
         fn task_site(&self, _: u32, id: u64) -> Option<String> {
             (id == 7).then(|| "app::handler::{{closure}}".to_string())
         }
-        fn task_cell_site(&self, _: u32, addr: u64) -> Option<String> {
+        fn task_cell_site(&self, _: u32, addr: u64, _: u64) -> Option<String> {
             (addr == 0xce11).then(|| "app::worker::{{closure}}".to_string())
         }
     }
@@ -365,9 +374,9 @@ mod tests {
         // The allocation was read first: the spawn relabels it, keeping its task site,
         // once only, and its free leaves the cell's group.
         heap.apply(&event(HeapEventKind::Alloc, 0x40, 128, 7), &NoTasks);
-        heap.claim_task_cell(0x40, "app::late::{{closure}}");
-        heap.claim_task_cell(0x40, "app::other::{{closure}}");
-        heap.claim_task_cell(0x999, "app::nothing::{{closure}}");
+        heap.claim_task_cell(0x40, "app::late::{{closure}}", u64::MAX);
+        heap.claim_task_cell(0x40, "app::other::{{closure}}", u64::MAX);
+        heap.claim_task_cell(0x999, "app::nothing::{{closure}}", u64::MAX);
         let late = |heap: &ProcessHeap| {
             heap.snapshot()
                 .into_iter()

@@ -103,9 +103,15 @@ impl ProcessTasks {
 
     /// Spawn-site label of the live task whose header is at runtime address `header`.
     pub fn site_of_live_task(&self, header: u64) -> Option<&str> {
+        self.live_task(header).map(|(site, _)| site)
+    }
+
+    /// Spawn-site label and spawn time (ktime) of the live task whose header is at
+    /// `header`.
+    pub fn live_task(&self, header: u64) -> Option<(&str, u64)> {
         self.live
             .get(&header)
-            .map(|task| self.labels.get(task.site).0.as_str())
+            .map(|task| (self.labels.get(task.site).0.as_str(), task.spawned_ktime_ns))
     }
 
     /// Spawn-site label of the task with tokio id `task_id` (live or recently completed).
