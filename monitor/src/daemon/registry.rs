@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use log::{info, warn};
@@ -31,8 +32,8 @@ pub struct ProcessRegistry {
     attached: HashMap<u32, AttachedProcess>,
     ledger: Arc<Mutex<TaskLedger>>,
     heap: Option<HeapTracker>,
-    /// Task hooks placed on `--exe` executables, covering all their processes.
-    exe_links: HashMap<ExeIdentity, Vec<AttachedLink>>,
+    /// Task hooks placed on `--exe` executables, covering all their processes, and when.
+    exe_links: HashMap<ExeIdentity, (Vec<AttachedLink>, Instant)>,
 }
 
 /// Where task hooks are placed for a process.
@@ -98,8 +99,39 @@ impl ProcessRegistry {
             links.len(),
             image.vtables.len()
         );
-        self.exe_links.insert(exe, links);
+        self.exe_links.insert(exe, (links, Instant::now()));
         Ok(())
+    }
+
+    /// tokio's next task id in process `pid` now, if the process may have tasks that no
+    /// hook saw spawn: it runs since before its hooks were placed. `None` when the binary
+    /// has no such counter leakscope knows or it cannot be read (then a first poll of an
+    /// old task still counts as a spawn, as before), or when every task was seen from exec.
+    fn first_task_id_after_attach(
+        &self,
+        info: &ProcessInfo,
+        image: &TargetImage,
+        load_bias: u64,
+        scope: TaskHookScope,
+    ) -> Option<u64> {
+        if let TaskHookScope::Executable = scope
+            && let Some((_, placed)) = self.exe_links.get(&info.exe)
+            && procfs::age(info).is_some_and(|age| age < placed.elapsed())
+        {
+            return None;
+        }
+        let counter = image.next_task_id?.wrapping_add(load_bias);
+        match procfs::read_u64(info.pid, counter) {
+            Ok(next) => Some(next),
+            Err(err) => {
+                warn!(
+                    "pid {}: {err}; tasks spawned before attach may count as spawned when \
+                     first polled",
+                    info.pid
+                );
+                None
+            }
+        }
     }
 
     /// Registers `pid`, a process of an `--exe` target (its task hooks are on the
@@ -116,16 +148,15 @@ impl ProcessRegistry {
         let image = self.image_for(&info)?;
         let mapping_start = procfs::exe_mapping_start(&info)?;
         let load_bias = mapping_start.wrapping_sub(image.link_base());
-        // Registered before the probes go in, so the first events already find their process.
+        // Registered before the probes go in, so the first events already find their process;
+        // tasks spawned until now are told apart by their ids.
+        let mut process = ProcessTasks::new(pid, info.exe_name(), image.clone(), load_bias);
+        process.first_task_id_after_attach =
+            self.first_task_id_after_attach(&info, &image, load_bias, scope);
         self.ledger
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .add_process(ProcessTasks::new(
-                pid,
-                info.exe_name(),
-                image.clone(),
-                load_bias,
-            ));
+            .add_process(process);
         let task_links = match scope {
             TaskHookScope::Process => self
                 .probes
@@ -153,7 +184,10 @@ impl ProcessRegistry {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .mark_probes_ready(pid);
-                let exe_wide = self.exe_links.get(&info.exe).map_or(0, Vec::len);
+                let exe_wide = self
+                    .exe_links
+                    .get(&info.exe)
+                    .map_or(0, |(links, _)| links.len());
                 info!(
                     "attached to pid {pid} ({}): {} hook points in the process, {} on its \
                      executable, {} spawn sites known",

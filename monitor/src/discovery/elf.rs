@@ -249,6 +249,23 @@ impl Image {
             .then_some(0)
     }
 
+    /// Link-time address of the data symbol (a `static`) whose demangled name, without its
+    /// hash, is `name`: from the debug file's symbol table when there is one, else this
+    /// file's.
+    pub fn data_symbol(&self, name: &str) -> Option<u64> {
+        let find = |data: &[u8]| -> Option<u64> {
+            let file = ElfFile64::<Endianness>::parse(data).ok()?;
+            file.symbols()
+                .filter(|sym| sym.kind() == SymbolKind::Data && !sym.is_undefined())
+                .find(|sym| sym.name().is_ok_and(|n| super::naming::demangle(n) == name))
+                .map(|sym| sym.address())
+        };
+        self.debug_data
+            .as_deref()
+            .and_then(find)
+            .or_else(|| find(&self.data))
+    }
+
     /// True when `vaddr` lies in an executable load segment.
     pub fn is_code(&self, vaddr: u64) -> bool {
         self.segments

@@ -133,6 +133,10 @@ pub struct TargetImage {
     pub segments: Vec<LoadSegment>,
     /// Where a thread keeps the id of the task it polls, for heap attribution.
     pub current_task_slot: Option<task_context::CurrentTaskSlot>,
+    /// Link-time address of tokio's task id counter (`Id::next::NEXT_ID`), read when a
+    /// running process is attached: tasks whose id is below its value then were spawned
+    /// before attach (a first-poll hook sees them only when next polled).
+    pub next_task_id: Option<u64>,
 }
 
 impl TargetImage {
@@ -500,6 +504,9 @@ pub fn analyze_with_debug_file(
         hooks.extend(hooks::first_poll_hooks(&img, &hooks, &vtables));
     }
     let current_task_slot = task_context::find_current_task_slot(&img);
+    let next_task_id = NEXT_TASK_ID_STATICS
+        .iter()
+        .find_map(|name| img.data_symbol(name));
     if !complete_addrs.is_empty() {
         let unhooked: Vec<&str> = vtables
             .iter()
@@ -527,8 +534,15 @@ pub fn analyze_with_debug_file(
         warnings,
         segments: img.segments.clone(),
         current_task_slot,
+        next_task_id,
     })
 }
+
+/// tokio's task id counter, by the paths it has had.
+const NEXT_TASK_ID_STATICS: [&str; 2] = [
+    "tokio::runtime::task::id::Id::next::NEXT_ID",
+    "tokio::runtime::task::Id::next::NEXT_ID",
+];
 
 #[cfg(test)]
 mod tests;

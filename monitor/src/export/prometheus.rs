@@ -112,6 +112,19 @@ impl Collector for TaskCollector {
             }),
         )?;
 
+        family(
+            &mut encoder,
+            "leakscope_tasks_seen_before_attach",
+            "First polls of tasks spawned before leakscope attached (told apart by their \
+             tokio ids where only first-poll hooks see spawns); not counted per site.",
+            MetricType::Counter,
+            ledger.processes().map(|p| {
+                (
+                    vec![("pid", p.pid.to_string()), ("exe", p.exe.clone())],
+                    ConstCounter::new(p.seen_spawned_before_attach),
+                )
+            }),
+        )?;
         let stream = ledger.stream.stats;
         let attached = ledger.attached_processes() as i64;
         drop(ledger);

@@ -75,6 +75,11 @@ pub struct ProcessTasks {
     pub spawned_untracked: u64,
     /// A header reused by a new spawn while still live: its completion event was lost.
     pub completions_missed: u64,
+    /// tokio's next task id when leakscope attached: a first poll of a task with a smaller
+    /// id is a task spawned before attach (not counted, as those seen by no hook are not).
+    pub first_task_id_after_attach: Option<u64>,
+    /// First polls of tasks spawned before attach (see `first_task_id_after_attach`).
+    pub seen_spawned_before_attach: u64,
     /// All of the process's probes are in place. The process is registered before they go
     /// in (so their first events find it), but only counts as attached once they are: a
     /// client that waits for `leakscope_attached_processes` must not act before events flow.
@@ -97,6 +102,8 @@ impl ProcessTasks {
             completed_untracked: 0,
             spawned_untracked: 0,
             completions_missed: 0,
+            first_task_id_after_attach: None,
+            seen_spawned_before_attach: 0,
             probes_ready: false,
         }
     }
@@ -163,6 +170,16 @@ impl ProcessTasks {
                     .is_some_and(|t| self.site_by_vtable.get(&event.vtable) == Some(&t.site)) =>
             {
                 // Already known: seen spawning, or re-reported after the BPF side forgot it.
+            }
+            TaskEventKind::FirstPoll
+                if event.task_id != 0
+                    && self
+                        .first_task_id_after_attach
+                        .is_some_and(|first| event.task_id < first) =>
+            {
+                // Spawned before attach, polled since: not a spawn leakscope saw. Its
+                // completion will count as untracked, like any pre-attach task's.
+                self.seen_spawned_before_attach += 1;
             }
             TaskEventKind::Spawn | TaskEventKind::FirstPoll => {
                 let site = self.site_for(event.vtable);
@@ -471,6 +488,25 @@ mod tests {
         let leak = row(&rows, "app::leak::{{closure}}");
         assert_eq!((leak.spawned, leak.alive), (2, 2));
         assert_eq!(leak.oldest_alive_seconds, 4.0);
+    }
+
+    #[test]
+    fn first_polls_of_tasks_spawned_before_attach_are_not_spawns() {
+        let mut ledger = TaskLedger::new();
+        let mut process = ProcessTasks::new(7, "app".into(), image(), BIAS);
+        process.first_task_id_after_attach = Some(0xb0);
+        ledger.add_process(process);
+        // Task 0xa0 predates attach; 0xb0 and 0xc0 do not.
+        ledger.apply(&event(TaskEventKind::FirstPoll, 0xa0, BIAS + 0x1000, 1));
+        ledger.apply(&event(TaskEventKind::FirstPoll, 0xb0, BIAS + 0x1000, 2));
+        ledger.apply(&event(TaskEventKind::FirstPoll, 0xc0, BIAS + 0x1000, 3));
+        ledger.apply(&event(TaskEventKind::Complete, 0xa0, BIAS + 0x1000, 4));
+        let rows = ledger.snapshot(5_000_000_000);
+        let leak = row(&rows, "app::leak::{{closure}}");
+        assert_eq!((leak.spawned, leak.alive), (2, 2));
+        let process = ledger.process(7).unwrap();
+        assert_eq!(process.seen_spawned_before_attach, 1);
+        assert_eq!(process.completed_untracked, 1);
     }
 
     #[test]

@@ -157,6 +157,21 @@ pub fn exe_mapping_start(info: &ProcessInfo) -> Result<u64, ProcError> {
         .ok_or(ProcError::ExeNotMapped { pid })
 }
 
+/// The 64-bit word at `addr` in process `pid`'s memory (read through `/proc/PID/mem`, which
+/// needs the same privileges as attaching; the process is not stopped or changed).
+pub fn read_u64(pid: u32, addr: u64) -> Result<u64, ProcError> {
+    use std::os::unix::fs::FileExt as _;
+    let unreadable = |source| ProcError::Unreadable {
+        pid,
+        what: "mem",
+        source,
+    };
+    let mem = fs::File::open(format!("/proc/{pid}/mem")).map_err(unreadable)?;
+    let mut word = [0u8; 8];
+    mem.read_exact_at(&mut word, addr).map_err(unreadable)?;
+    Ok(u64::from_le_bytes(word))
+}
+
 /// All running processes whose executable is `exe`.
 pub fn processes_running(exe: ExeIdentity) -> Vec<ProcessInfo> {
     let Ok(entries) = fs::read_dir("/proc") else {
@@ -207,6 +222,14 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_a_word_of_a_processs_memory() {
+        static MARKER: u64 = 0x1eac_5c0b_e000_0042;
+        let addr = std::ptr::addr_of!(MARKER) as u64;
+        assert_eq!(read_u64(std::process::id(), addr).unwrap(), MARKER);
+        assert!(read_u64(std::process::id(), 8).is_err());
+    }
 
     #[test]
     fn describes_this_process() {
