@@ -110,15 +110,15 @@ fn top_shows_the_leak_as_a_suspect_filters_and_quits() {
     }
     let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
     let pid = app.pid();
-    let (_daemon, daemon) = start_daemon(&[
-        "--pid".into(),
-        pid.to_string(),
-        "--verdict-window-seconds".into(),
-        "10".into(),
-        "--verdict-sample-seconds".into(),
-        "1".into(),
-    ]);
-    wait_attached(daemon, pid);
+    let (_daemon, daemon) = watch(
+        pid,
+        &[
+            "--verdict-window-seconds",
+            "10",
+            "--verdict-sample-seconds",
+            "1",
+        ],
+    );
     let _traffic = Traffic::start(addr, &["/leak/forever", "/ok/bounded"], &[]);
 
     let tmux = Tmux::start(&format!(

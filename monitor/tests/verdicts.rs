@@ -52,17 +52,17 @@ fn under_mixed_traffic_exactly_the_seed_leaks_are_suspects() {
     }
     let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
     let pid = app.pid();
-    let (_daemon, daemon) = start_daemon(&[
-        "--pid".into(),
-        pid.to_string(),
-        "--heap".into(),
-        "exact".into(),
-        "--verdict-window-seconds".into(),
-        "20".into(),
-        "--verdict-sample-seconds".into(),
-        "1".into(),
-    ]);
-    wait_attached(daemon, pid);
+    let (_daemon, daemon) = watch(
+        pid,
+        &[
+            "--heap",
+            "exact",
+            "--verdict-window-seconds",
+            "20",
+            "--verdict-sample-seconds",
+            "1",
+        ],
+    );
     let routes: Vec<&str> = LEAKY.iter().chain(REMEDIES.iter()).copied().collect();
     let _traffic = Traffic::start(addr, &routes, &["/leak/stream", "/ok/stream"]);
     let client = Client::new(daemon);
@@ -184,17 +184,17 @@ fn real_crate_leaks_are_flagged_and_bounded_shapes_are_not() {
     }
     let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
     let pid = app.pid();
-    let (_daemon, daemon) = start_daemon(&[
-        "--pid".into(),
-        pid.to_string(),
-        "--heap".into(),
-        "exact".into(),
-        "--verdict-window-seconds".into(),
-        "20".into(),
-        "--verdict-sample-seconds".into(),
-        "1".into(),
-    ]);
-    wait_attached(daemon, pid);
+    let (_daemon, daemon) = watch(
+        pid,
+        &[
+            "--heap",
+            "exact",
+            "--verdict-window-seconds",
+            "20",
+            "--verdict-sample-seconds",
+            "1",
+        ],
+    );
     // Leaks: a task per call awaiting a oneshot nobody completes; a session record per
     // connection. Not leaks: a cache that fills then stays, steady keep-alive clients,
     // slow (3 s) tasks arriving in bursts that drain.

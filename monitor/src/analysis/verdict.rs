@@ -101,6 +101,18 @@ fn growth(samples: &VecDeque<Sample>) -> Growth {
     }
 }
 
+/// Not a suspect, for `reason`.
+fn ok(reason: String, growth_per_second: f64) -> Judgement {
+    Judgement {
+        verdict: Verdict::Ok,
+        score: 0.0,
+        pattern: None,
+        reason,
+        remedy: None,
+        growth_per_second,
+    }
+}
+
 fn span(samples: &VecDeque<Sample>) -> f64 {
     match (samples.front(), samples.back()) {
         (Some(a), Some(b)) => b.t - a.t,
@@ -160,19 +172,12 @@ pub fn judge_tasks(
         } else {
             "no sustained growth".to_string()
         };
-        return Judgement {
-            verdict: Verdict::Ok,
-            score: 0.0,
-            pattern: None,
-            reason: format!(
-                "{} alive; {spawned} spawned and {completed} completed over the last {}; \
-                 {growth}",
-                last.value,
-                duration(window)
-            ),
-            remedy: None,
-            growth_per_second: g.slope,
-        };
+        let reason = format!(
+            "{} alive; {spawned} spawned and {completed} completed over the last {}; {growth}",
+            last.value,
+            duration(window)
+        );
+        return ok(reason, g.slope);
     }
     let confidence = 1.0 - g.p;
     let (pattern, strength, remedy, completions) = if completed == 0 {
@@ -232,19 +237,13 @@ pub fn judge_heap(samples: &VecDeque<Sample>, limits: &Thresholds) -> Judgement 
         } else {
             "no sustained growth".to_string()
         };
-        return Judgement {
-            verdict: Verdict::Ok,
-            score: 0.0,
-            pattern: None,
-            reason: format!(
-                "{} live; {} over the last {}; {growth}",
-                bytes(last),
-                signed_bytes(g.gained),
-                duration(window)
-            ),
-            remedy: None,
-            growth_per_second: g.slope,
-        };
+        let reason = format!(
+            "{} live; {} over the last {}; {growth}",
+            bytes(last),
+            signed_bytes(g.gained),
+            duration(window)
+        );
+        return ok(reason, g.slope);
     }
     Judgement {
         verdict: Verdict::Suspect,

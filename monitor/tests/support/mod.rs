@@ -51,6 +51,15 @@ pub fn start_daemon(args: &[String]) -> (Proc, SocketAddr) {
     (daemon, client.addr)
 }
 
+/// A daemon watching `pid` with `extra` arguments, once the process is attached.
+pub fn watch(pid: u32, extra: &[&str]) -> (Proc, SocketAddr) {
+    let mut args = vec!["--pid".to_string(), pid.to_string()];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let (daemon, addr) = start_daemon(&args);
+    wait_attached(addr, pid);
+    (daemon, addr)
+}
+
 /// GET that must succeed with 200.
 pub fn get_ok(addr: SocketAddr, path: &str) -> String {
     Client::new(addr)
