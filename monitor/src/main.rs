@@ -121,6 +121,13 @@ struct Targets {
     /// Watch every process running this executable, now and as they start (repeatable).
     #[arg(long = "exe")]
     exes: Vec<PathBuf>,
+    /// Watch every tokio service on the host, now and as they start (executables are
+    /// recognised by their code; the host's init and leakscope itself never are).
+    #[arg(long)]
+    all: bool,
+    /// With --all: only executables whose path starts with this.
+    #[arg(long, default_value = "/", requires = "all")]
+    all_under: PathBuf,
     /// Heap blocks the kernel tracks at once, across all watched processes; about 104
     /// bytes of kernel memory each, allocated at start. Blocks beyond are counted in
     /// leakscope_heap_untracked_allocations_total{reason="outstanding_full"}.
@@ -199,6 +206,7 @@ fn daemon_config(targets: Targets, heap: HeapMode, analysis: AnalysisConfig) -> 
     DaemonConfig {
         pids: targets.pids,
         exes: targets.exes,
+        host: targets.all.then_some(targets.all_under),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         rescan: Duration::from_secs(1),
         heap,

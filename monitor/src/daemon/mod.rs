@@ -26,6 +26,8 @@ use session::Session;
 pub struct DaemonConfig {
     pub pids: Vec<u32>,
     pub exes: Vec<PathBuf>,
+    /// Host-wide mode: every tokio service whose executable path starts with this.
+    pub host: Option<PathBuf>,
     pub listen: SocketAddr,
     /// How often exited processes are reaped and `--exe` targets rescanned.
     pub rescan: Duration,

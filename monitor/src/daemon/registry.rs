@@ -2,21 +2,23 @@
 //! places its task and heap probes and marks it ready, all in one step (undone as a whole on
 //! failure); detaching undoes the same in one step when it exits.
 
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context as _;
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use super::heap::HeapTracker;
 use crate::bpf::attach::AttachedLink;
 use crate::bpf::loader::Probes;
+use crate::bpf::plan;
 use crate::discovery::{self, TargetImage};
 use crate::state::tasks::{ProcessTasks, TaskLedger};
 use crate::targets::procfs::{self, ExeIdentity, ProcessInfo};
-use crate::targets::{self, ExeTargets};
+use crate::targets::{self, ExeTargets, HostScan, mentions_tokio};
 
 /// A process the daemon is attached to, and its probes.
 struct AttachedProcess {
@@ -34,6 +36,10 @@ pub struct ProcessRegistry {
     heap: Option<HeapTracker>,
     /// Task hooks placed on `--exe` executables, covering all their processes, and when.
     exe_links: HashMap<ExeIdentity, (Vec<AttachedLink>, Instant)>,
+    /// Host-wide mode: executables found not to be tokio services.
+    not_services: HashSet<ExeIdentity>,
+    /// Host-wide mode: processes (pid, start time) that could not be attached.
+    failed: HashSet<(u32, u64)>,
 }
 
 /// Where task hooks are placed for a process.
@@ -61,6 +67,8 @@ impl ProcessRegistry {
             ledger,
             heap,
             exe_links: HashMap::new(),
+            not_services: HashSet::new(),
+            failed: HashSet::new(),
         }
     }
 
@@ -244,6 +252,45 @@ impl ProcessRegistry {
             }
             if let Err(err) = self.attach_exe_process(process.pid) {
                 warn!("{err:#}");
+            }
+        }
+    }
+
+    /// Host-wide mode: attaches to the settled tokio processes of `host` not attached yet.
+    /// An executable found not to be a tokio service, or a process that could not be
+    /// attached, is not tried again (the latter until it restarts: pid and start time).
+    pub fn scan_host(&mut self, host: &HostScan) {
+        for process in host.candidates() {
+            if self.attached.contains_key(&process.pid)
+                || self.not_services.contains(&process.exe)
+                || self.failed.contains(&(process.pid, process.start_time))
+            {
+                continue;
+            }
+            if let Entry::Vacant(entry) = self.images.entry(process.exe) {
+                let tokio = mentions_tokio(&process.exe_link());
+                let image = if tokio {
+                    analyze_process(&process).ok()
+                } else {
+                    None
+                };
+                match image {
+                    Some(image) if plan::task_points(&image).is_ok() => {
+                        entry.insert(Arc::new(image));
+                    }
+                    _ => {
+                        debug!(
+                            "{}: not a tokio service, not watched",
+                            process.exe_path.display()
+                        );
+                        self.not_services.insert(process.exe);
+                        continue;
+                    }
+                }
+            }
+            if let Err(err) = self.attach_with(process.pid, TaskHookScope::Process) {
+                warn!("{err:#}");
+                self.failed.insert((process.pid, process.start_time));
             }
         }
     }

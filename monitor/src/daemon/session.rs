@@ -23,12 +23,13 @@ use crate::discovery;
 use crate::export::Sources;
 use crate::state::heap::HeapLedger;
 use crate::state::tasks::TaskLedger;
-use crate::targets::ExeTargets;
 use crate::targets::procfs;
+use crate::targets::{ExeTargets, HostScan};
 
 pub struct Session {
     registry: ProcessRegistry,
     exes: ExeTargets,
+    host: Option<HostScan>,
     sources: Sources,
     analysis: Arc<Mutex<Analyzer>>,
     drain: JoinHandle<std::io::Result<()>>,
@@ -40,8 +41,11 @@ impl Session {
     /// pid, not a tokio binary, ...) are reported before anything is loaded into the
     /// kernel: those errors need no privileges to explain.
     pub async fn start(config: &DaemonConfig) -> anyhow::Result<Self> {
-        if config.pids.is_empty() && config.exes.is_empty() {
-            bail!("nothing to watch: give --pid PID or --exe PATH (both may repeat)");
+        if config.pids.is_empty() && config.exes.is_empty() && config.host.is_none() {
+            bail!(
+                "nothing to watch: give --pid PID or --exe PATH (both may repeat), or --all \
+                 for every tokio service on the host"
+            );
         }
         let exes = ExeTargets::resolve(&config.exes)?;
 
@@ -103,6 +107,10 @@ impl Session {
             registry.attach(pid)?;
         }
         registry.scan(&exes);
+        let host = config.host.clone().map(HostScan::new);
+        if let Some(host) = &host {
+            registry.scan_host(host);
+        }
 
         let analysis = Arc::new(Mutex::new(Analyzer::new(config.analysis)));
         let sources = Sources {
@@ -115,6 +123,7 @@ impl Session {
         Ok(Self {
             registry,
             exes,
+            host,
             sources,
             analysis,
             drain,
@@ -131,6 +140,9 @@ impl Session {
     pub fn rescan(&mut self) {
         self.registry.reap();
         self.registry.scan(&self.exes);
+        if let Some(host) = &self.host {
+            self.registry.scan_host(host);
+        }
     }
 
     /// Samples the ledgers and judges every site again.

@@ -1,6 +1,6 @@
 //! Which processes leakscope watches, and what `/proc` says about each: `--pid` targets are
 //! named processes, `--exe` targets every process running an executable, found as they
-//! start.
+//! start, and `--all` every tokio service on the host (`HostScan`).
 
 pub mod maps;
 pub mod procfs;
@@ -60,6 +60,48 @@ impl ExeTargets {
             .filter(|process| procfs::age(process).is_none_or(|age| age >= SETTLE_BEFORE_ATTACH))
             .collect()
     }
+}
+
+/// Host-wide mode: every process whose executable is a tokio binary, found as they start.
+///
+/// Each executable is judged once, by identity: a cheap look for tokio's own source paths
+/// in the file (they are in every build, stripped or not, as panic locations) before the
+/// full analysis. The daemon's own executable and the host's init (pid 1: a container's
+/// service has another host pid) are never watched.
+#[derive(Debug, Clone)]
+pub struct HostScan {
+    /// Only executables whose path (as the process sees it) starts with this.
+    pub under: PathBuf,
+    own_exe: Option<ExeIdentity>,
+}
+
+impl HostScan {
+    pub fn new(under: PathBuf) -> Self {
+        Self {
+            under,
+            own_exe: procfs::exe_identity(Path::new("/proc/self/exe")).ok(),
+        }
+    }
+
+    /// Processes that have settled and may be tokio services: the candidates of this scan.
+    pub fn candidates(&self) -> Vec<ProcessInfo> {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| pid != 1 && pid != std::process::id())
+            .filter_map(|pid| procfs::process_info(pid).ok())
+            .filter(|p| Some(p.exe) != self.own_exe && p.exe_path.starts_with(&self.under))
+            .filter(|p| procfs::age(p).is_none_or(|age| age >= SETTLE_BEFORE_ATTACH))
+            .collect()
+    }
+}
+
+/// Whether the executable at `path` can be a tokio binary: tokio's source paths are in it.
+/// False for most of a host's executables, at the cost of one read of the file.
+pub fn mentions_tokio(path: &Path) -> bool {
+    std::fs::read(path).is_ok_and(|data| memchr::memmem::find(&data, b"/tokio-1.").is_some())
 }
 
 /// Blocks until process `pid` has run for [`SETTLE_BEFORE_ATTACH`] (at once if it has, or

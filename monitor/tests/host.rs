@@ -1,0 +1,67 @@
+//! Host-wide mode (`--all`): every tokio service is watched, whether it ran before the
+//! daemon or started after it, and nothing else is.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use leakscope_testkit::types::TasksResponse;
+use support::*;
+
+#[test]
+fn all_watches_every_tokio_service_and_nothing_else() {
+    if !ebpf_available("host-wide") {
+        return;
+    }
+    // A process that is not a tokio service, under the scanned tree like the fixtures.
+    let dir = workspace_root().join(format!("target/host-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sleep = dir.join("sleep");
+    std::fs::copy("/bin/sleep", &sleep).expect("copying /bin/sleep");
+    let other = Proc {
+        child: Command::new(&sleep)
+            .arg("120")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting sleep"),
+        name: "sleep".into(),
+    };
+    let (before, _) = start_fixture(&fixture("axum-app"), &[]);
+    // Only this workspace's build tree is scanned: the test must not attach to the
+    // machine's own services.
+    let (_daemon, daemon) = start_daemon(&[
+        "--all".into(),
+        "--all-under".into(),
+        workspace_root().join("target").display().to_string(),
+    ]);
+    wait_attached(daemon, before.pid());
+    let (after, addr) = start_fixture(&fixture("axum-app"), &[]);
+    wait_attached(daemon, after.pid());
+    for _ in 0..5 {
+        get_ok(addr, "/leak/forever");
+    }
+    eventually(
+        "the service started after the daemon is counted",
+        Duration::from_secs(30),
+        || {
+            let spawned = site_value(
+                &scrape(daemon),
+                "leakscope_tasks_spawned_total",
+                after.pid(),
+                "axum_app::leak_forever::{{closure}}::{{closure}}",
+            );
+            (spawned == 5.0)
+                .then_some(())
+                .ok_or(format!("spawned {spawned}"))
+        },
+    );
+    let tasks: TasksResponse = Client::new(daemon).tasks().expect("/api/v1/tasks");
+    assert!(
+        tasks.processes.iter().all(|p| p.pid != other.pid()),
+        "a process that is not a tokio service was attached: {:?}",
+        tasks.processes
+    );
+    drop(other);
+    let _ = std::fs::remove_dir_all(&dir);
+}
