@@ -147,11 +147,13 @@ fn setup() -> anyhow::Result<()> {
 }
 
 /// Outside tools the tests drive, as (command, Debian package): promtool and a real
-/// Prometheus for the alert rules, tmux for `leakscope top`'s screen.
-const DEBIAN_TOOLS: [(&str, &str); 3] = [
+/// Prometheus for the alert rules, tmux for `leakscope top`'s screen, systemd-analyze for
+/// the unit file.
+const DEBIAN_TOOLS: [(&str, &str); 4] = [
     ("promtool", "prometheus"),
     ("prometheus", "prometheus"),
     ("tmux", "tmux"),
+    ("systemd-analyze", "systemd"),
 ];
 
 fn on_path(command: &str) -> bool {
