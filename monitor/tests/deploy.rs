@@ -101,3 +101,65 @@ fn the_daemon_attaches_with_exactly_the_units_capabilities() {
     wait_attached(listen.parse().unwrap(), app.pid());
     drop(daemon);
 }
+
+/// The capability names a line of the unit or the manifest grants, as `BPF`, `PERFMON`, ...
+fn unit_capabilities() -> std::collections::BTreeSet<String> {
+    unit_text()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("a capability bounding set")
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_string())
+        .collect()
+}
+
+#[test]
+fn the_daemonset_validates_and_grants_what_the_unit_does() {
+    let manifest = workspace_root().join("monitor/deploy/kubernetes/leakscope.yaml");
+    let validator = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !validator {
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            panic!("kubernetes-validate is missing: `cargo xtask setup` installs it");
+        }
+        eprintln!("SKIPPED: kubernetes-validate is not installed");
+        return;
+    }
+    let out = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "-k", "1.30.0", "--strict"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && !text.contains("ERROR"), "{text}");
+    for kind in ["namespace", "serviceaccount", "daemonset"] {
+        assert!(
+            text.contains(&format!("passed for resource {kind}/leakscope")),
+            "{text}"
+        );
+    }
+    // The container gets exactly the unit's capabilities, and sees the host's processes.
+    let yaml = std::fs::read_to_string(&manifest).unwrap();
+    let added: std::collections::BTreeSet<String> = yaml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("add: ["))
+        .expect("capabilities added")
+        .trim_end_matches(']')
+        .split(',')
+        .map(|c| c.trim().trim_matches('"').to_string())
+        .collect();
+    assert_eq!(added, unit_capabilities());
+    assert!(yaml.contains("hostPID: true") && yaml.contains("privileged: false"));
+    assert!(
+        yaml.contains(r#"args: ["daemon", "--all""#),
+        "host-wide mode"
+    );
+}

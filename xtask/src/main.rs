@@ -23,7 +23,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Task {
     /// Install what building and testing leakscope needs: nightly rust-src, bpf-linker,
-    /// and the Debian packages the tests drive (prometheus, tmux). Idempotent.
+    /// the Debian packages the tests drive (prometheus, tmux, systemd-analyze) and
+    /// kubernetes-validate (pip). Idempotent.
     Setup,
     /// Build the fixture programs (release profile) the tests and the demo run.
     Fixtures,
@@ -134,6 +135,7 @@ fn setup() -> anyhow::Result<()> {
         run(Command::new("rustup").args(["target", "add", MUSL_TARGET]))?;
     }
     install_debian_tools()?;
+    install_python_tools()?;
     // bpf-linker links against nightly's libLLVM, which is on the library path only under
     // `rustup run nightly` (as aya-build runs it).
     if Command::new("rustup")
@@ -186,6 +188,26 @@ fn install_debian_tools() -> anyhow::Result<()> {
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing))
     .context("installing the tools the tests drive (as root)")
+}
+
+/// kubernetes-validate (PyPI) checks the DaemonSet manifest against Kubernetes' schemas.
+fn install_python_tools() -> anyhow::Result<()> {
+    let present = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    run(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "kubernetes-validate",
+    ]))
+    .context("installing kubernetes-validate (pip) for the manifest test")
 }
 
 fn install_bpf_linker() -> anyhow::Result<()> {
