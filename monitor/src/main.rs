@@ -7,10 +7,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use leakscope::analysis::AnalysisConfig;
 use leakscope::daemon::heap::HeapMode;
-use leakscope::daemon::{self, DaemonConfig, report};
+use leakscope::daemon::{self, DaemonConfig, config_file, report};
 use leakscope::export::inspect;
 use leakscope::export::report as report_table;
 use leakscope::export::top;
@@ -31,6 +32,10 @@ enum Command {
     /// Attach to running processes and export per-spawn-site task counts (and, with --heap,
     /// live heap per allocation callsite), and leak verdicts.
     Daemon {
+        /// Read settings from this TOML file (see README, "Config file"); flags given on
+        /// the command line win over it.
+        #[arg(long)]
+        config: Option<PathBuf>,
         #[command(flatten)]
         targets: Targets,
         /// Address for /metrics, /healthz and the JSON API (/api/v1/tasks, /api/v1/heap,
@@ -169,7 +174,8 @@ impl VerdictThresholds {
 const SYSTEM_LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
     // A report's own output is the table: the daemon's progress lines would bury it.
     let default_level = match cli.command {
         Command::Report { .. } => "warn",
@@ -180,7 +186,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
         .init();
     let report = matches!(cli.command, Command::Report { .. });
-    match run(cli) {
+    match run(cli, &matches) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("leakscope: error: {err:#}");
@@ -216,18 +222,76 @@ fn daemon_config(targets: Targets, heap: HeapMode, analysis: AnalysisConfig) -> 
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Daemon {
-            targets,
-            listen,
-            rescan_seconds,
-            heap,
-            probe_stats,
-            verdict_window_seconds,
-            verdict_sample_seconds,
-            thresholds,
+            config,
+            mut targets,
+            mut listen,
+            mut rescan_seconds,
+            mut heap,
+            mut probe_stats,
+            mut verdict_window_seconds,
+            mut verdict_sample_seconds,
+            mut thresholds,
         } => {
+            if let Some(path) = config {
+                let file = config_file::load(&path)?;
+                let given = matches
+                    .subcommand_matches("daemon")
+                    .expect("the daemon subcommand");
+                // A setting of the file applies unless its flag was given.
+                let from_file = |id: &str| given.value_source(id) != Some(ValueSource::CommandLine);
+                macro_rules! take {
+                    ($id:literal, $field:expr, $value:expr) => {
+                        if from_file($id)
+                            && let Some(value) = $value
+                        {
+                            $field = value;
+                        }
+                    };
+                }
+                take!("listen", listen, file.listen);
+                take!("heap", heap, file.heap);
+                take!("probe_stats", probe_stats, file.probe_stats);
+                take!("rescan_seconds", rescan_seconds, file.rescan_seconds);
+                take!("pids", targets.pids, file.targets.pids);
+                take!("exes", targets.exes, file.targets.exes);
+                take!("all", targets.all, file.targets.all);
+                take!("all_under", targets.all_under, file.targets.all_under);
+                take!(
+                    "heap_max_blocks",
+                    targets.heap_max_blocks,
+                    file.targets.heap_max_blocks
+                );
+                let v = file.verdicts;
+                take!(
+                    "verdict_window_seconds",
+                    verdict_window_seconds,
+                    v.window_seconds
+                );
+                take!(
+                    "verdict_sample_seconds",
+                    verdict_sample_seconds,
+                    v.sample_seconds
+                );
+                take!("verdict_p_value", thresholds.verdict_p_value, v.p_value);
+                take!(
+                    "verdict_min_tasks",
+                    thresholds.verdict_min_tasks,
+                    v.min_tasks
+                );
+                take!(
+                    "verdict_min_heap_bytes_per_second",
+                    thresholds.verdict_min_heap_bytes_per_second,
+                    v.min_heap_bytes_per_second
+                );
+                take!(
+                    "verdict_min_heap_growth_ratio",
+                    thresholds.verdict_min_heap_growth_ratio,
+                    v.min_heap_growth_ratio
+                );
+            }
             let analysis = thresholds.apply(AnalysisConfig::new(
                 verdict_sample_seconds,
                 verdict_window_seconds,

@@ -163,3 +163,49 @@ fn the_daemonset_validates_and_grants_what_the_unit_does() {
         "host-wide mode"
     );
 }
+
+#[test]
+fn a_config_file_sets_what_the_flags_do_and_flags_win() {
+    if !ebpf_available("config file") {
+        return;
+    }
+    let (app, _) = start_fixture(&fixture("axum-app"), &[]);
+    let dir = std::env::temp_dir().join(format!("leakscope-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("leakscope.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "# as an operator writes it\nlisten = \"127.0.0.1:1\"\nheap = \"exact\"\n\n\
+             [targets]\npids = [{}]\n\n[verdicts]\nwindow_seconds = 30\nsample_seconds = 2\n",
+            app.pid()
+        ),
+    )
+    .unwrap();
+    // --listen on the command line wins over the file's (unusable) port 1.
+    let (_daemon, daemon) = start_daemon(&["--config".into(), config.display().to_string()]);
+    wait_attached(daemon, app.pid());
+    let client = Client::new(daemon);
+    assert!(
+        client.heap().expect("/api/v1/heap").enabled,
+        "heap = exact from the file"
+    );
+    let sites = client.sites().expect("/api/v1/sites");
+    assert_eq!((sites.window_seconds, sites.sample_seconds), (30.0, 2.0));
+
+    // A mistake: one line, with the file, line and column, and the daemon does not start.
+    std::fs::write(&config, "heap = \"exact\"\n\n[verdicts]\nwindow = 30\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_leakscope"))
+        .args(["daemon", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:4:1: unknown field `window`", config.display())),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

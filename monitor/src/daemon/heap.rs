@@ -18,7 +18,8 @@ use crate::state::heap::{HeapLedger, ProcessHeap};
 use crate::targets::procfs::{ExeIdentity, ProcessInfo};
 
 /// How allocations are tracked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum HeapMode {
     /// No allocator hooks: task tracking only.
     Off,

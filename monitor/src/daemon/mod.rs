@@ -3,6 +3,7 @@
 //! targets (`registry`), drain the rings into the ledgers (`drain`), serve the exports
 //! (`http`), and follow processes as they start and exit.
 
+pub mod config_file;
 pub mod drain;
 pub mod heap;
 pub mod http;

@@ -1,0 +1,145 @@
+//! The daemon's config file (`leakscope daemon --config FILE`): every setting of the
+//! command line, in TOML, so a systemd unit or a DaemonSet can keep them in one place. A
+//! flag given on the command line wins over the file; the file wins over the defaults.
+//!
+//! ```toml
+//! listen = "127.0.0.1:9464"
+//! heap = "sampled"
+//!
+//! [targets]
+//! all = true
+//! all_under = "/srv"
+//!
+//! [verdicts]
+//! window_seconds = 300
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use super::heap::HeapMode;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message} (see `leakscope daemon --help` for the settings)")]
+    Invalid {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+/// The file's settings; an absent one keeps the command line's value or default.
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub listen: Option<SocketAddr>,
+    pub heap: Option<HeapMode>,
+    pub probe_stats: Option<bool>,
+    pub rescan_seconds: Option<f64>,
+    #[serde(default)]
+    pub targets: TargetsSection,
+    #[serde(default)]
+    pub verdicts: VerdictsSection,
+}
+
+/// `[targets]`: which processes to watch.
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetsSection {
+    pub pids: Option<Vec<u32>>,
+    pub exes: Option<Vec<PathBuf>>,
+    pub all: Option<bool>,
+    pub all_under: Option<PathBuf>,
+    pub heap_max_blocks: Option<u32>,
+}
+
+/// `[verdicts]`: the window, the sampling and the thresholds of the leak verdicts.
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerdictsSection {
+    pub window_seconds: Option<f64>,
+    pub sample_seconds: Option<f64>,
+    pub p_value: Option<f64>,
+    pub min_tasks: Option<f64>,
+    pub min_heap_bytes_per_second: Option<f64>,
+    pub min_heap_growth_ratio: Option<f64>,
+}
+
+/// Reads and checks `path`; a mistake is one line naming the file, the line and column,
+/// and what is wrong.
+pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+fn parse(path: &Path, text: &str) -> Result<ConfigFile, ConfigError> {
+    toml::from_str(text).map_err(|err: toml::de::Error| {
+        let offset = err.span().map_or(0, |span| span.start).min(text.len());
+        let before = &text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let column = offset - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        ConfigError::Invalid {
+            path: path.display().to_string(),
+            line,
+            column,
+            message: err.message().trim().to_string(),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_every_section() {
+        let file = parse(
+            Path::new("leakscope.toml"),
+            "listen = \"0.0.0.0:9464\"\nheap = \"sampled\"\n\n[targets]\nall = true\n\
+             all_under = \"/srv\"\n\n[verdicts]\nwindow_seconds = 300\nmin_tasks = 10\n",
+        )
+        .unwrap();
+        assert_eq!(file.listen, Some("0.0.0.0:9464".parse().unwrap()));
+        assert_eq!(file.heap, Some(HeapMode::Sampled));
+        assert_eq!(file.targets.all, Some(true));
+        assert_eq!(file.targets.all_under, Some(PathBuf::from("/srv")));
+        assert_eq!(file.verdicts.window_seconds, Some(300.0));
+        assert_eq!(file.verdicts.min_tasks, Some(10.0));
+        assert_eq!(file.targets.pids, None);
+    }
+
+    #[test]
+    fn a_mistake_is_one_line_with_its_place() {
+        let err = parse(
+            Path::new("/etc/leakscope.toml"),
+            "listen = \"127.0.0.1:9464\"\n\n[verdicts]\nwindow = 300\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("/etc/leakscope.toml:4:1: unknown field `window`"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+        let err = parse(Path::new("c.toml"), "heap = \"always\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("c.toml:1:8: unknown variant `always`"),
+            "{err}"
+        );
+    }
+}
