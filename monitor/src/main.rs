@@ -86,6 +86,12 @@ enum Command {
         #[command(flatten)]
         thresholds: VerdictThresholds,
     },
+    /// Check a config file without starting: prints the settings it makes, or the one line
+    /// that says what is wrong (exit 1).
+    CheckConfig {
+        /// The TOML file.
+        file: PathBuf,
+    },
     /// Show the spawn sites, hook points and heap probes leakscope finds in a binary (no root
     /// needed).
     Inspect {
@@ -334,6 +340,11 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Command::CheckConfig { file } => {
+            let config = config_file::load(&file)?;
+            println!("{}: ok\n{config:#?}", file.display());
+            Ok(ExitCode::SUCCESS)
         }
         Command::Inspect { binary, pid, json } => {
             let (path, libraries) = match (binary, pid) {

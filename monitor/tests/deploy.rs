@@ -5,6 +5,7 @@
 mod support;
 
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use support::*;
 
@@ -205,6 +206,95 @@ fn a_config_file_sets_what_the_flags_do_and_flags_win() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(
         stderr.contains(&format!("{}:4:1: unknown field `window`", config.display())),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_prometheus_rule_carries_exactly_the_shipped_rules() {
+    // PyYAML comes with kubernetes-validate (`cargo xtask setup`).
+    let compare = r#"
+import sys, yaml
+rules = yaml.safe_load(open(sys.argv[1]))["groups"]
+operator = yaml.safe_load(open(sys.argv[2]))
+assert operator["kind"] == "PrometheusRule", operator["kind"]
+assert operator["spec"]["groups"] == rules, "the PrometheusRule differs from leakscope-rules.yml"
+print(sum(len(g["rules"]) for g in rules))
+"#;
+    let deploy = workspace_root().join("monitor/deploy");
+    let out = Command::new("python3")
+        .args(["-c", compare])
+        .arg(deploy.join("prometheus/leakscope-rules.yml"))
+        .arg(deploy.join("kubernetes/prometheusrule.yaml"))
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "6");
+}
+
+/// The kernel unregisters uprobes one grace period at a time (about 80 ms each here), so
+/// the bound grows with the hook count: about 2.5 s for this fixture's 30 task hooks, 4 s
+/// with its heap hooks too.
+const STOP_BOUND: Duration = Duration::from_secs(10);
+
+#[test]
+fn sigterm_detaches_and_exits_0() {
+    if !ebpf_available("sigterm") {
+        return;
+    }
+    let (app, _) = start_fixture(&fixture("axum-app"), &[]);
+    let (mut daemon, _) = watch(app.pid(), &["--heap", "exact"]);
+    let pid = daemon.pid().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = eventually("the daemon exits", STOP_BOUND, || {
+        daemon
+            .child
+            .try_wait()
+            .map_err(|e| e.to_string())?
+            .ok_or("still running".to_string())
+    });
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn check_config_validates_without_starting() {
+    let dir = std::env::temp_dir().join(format!("leakscope-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "heap = \"sampled\"\n[targets]\nall = true\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_leakscope"))
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Sampled"));
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[targets]\npids = [\"x\"]\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_leakscope"))
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("{}:2:", bad.display())),
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -10,11 +10,16 @@
 use std::num::NonZeroU32;
 use std::path::Path;
 
-use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope};
+use aya::programs::uprobe::{
+    UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope,
+};
 
 use super::loader::{ProbeError, Probes};
 use super::plan::{self, HeapAttachPoint};
 use crate::discovery::TargetImage;
+
+/// Threads that close links at once in [`Probes::detach`].
+const DETACH_THREADS: usize = 32;
 
 /// One attached hook point, detachable.
 #[derive(Debug)]
@@ -119,12 +124,29 @@ impl Probes {
         Ok(links)
     }
 
+    /// Detaches `links`, closing them on several threads. The kernel waits out an RCU grace
+    /// period to unregister each uprobe (about 80 ms here) and mostly serializes those waits,
+    /// so this only trims the stop (30 hook points: 3.2 s one by one, 2.5 s so, measured);
+    /// a prompt stop needs multi-uprobe links (one grace period for all), which aya 0.14
+    /// does not have.
     pub fn detach(&mut self, links: Vec<AttachedLink>) {
-        for link in links {
-            if let Ok(program) = self.program(link.program) {
-                // A link whose process already exited may be gone: nothing to undo then.
-                let _ = program.detach(link.id);
+        let mut owned: Vec<Vec<UProbeLink>> = (0..links.len().min(DETACH_THREADS))
+            .map(|_| Vec::new())
+            .collect();
+        for (i, link) in links.into_iter().enumerate() {
+            // A link whose process already exited may be gone: nothing to undo then.
+            if let Ok(taken) = self
+                .program(link.program)
+                .and_then(|program| Ok(program.take_link(link.id)?))
+            {
+                owned[i % DETACH_THREADS].push(taken);
             }
         }
+        std::thread::scope(|scope| {
+            for batch in owned {
+                // Dropping a link closes its fd, which unregisters the uprobe.
+                scope.spawn(move || drop(batch));
+            }
+        });
     }
 }

@@ -65,5 +65,6 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         "shutting down: detaching from {} process(es)",
         session.attached()
     );
+    session.shutdown();
     Ok(())
 }

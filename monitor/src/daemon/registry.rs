@@ -295,6 +295,17 @@ impl ProcessRegistry {
         }
     }
 
+    /// Detaches every probe, of every process and executable, at once (at shutdown).
+    pub fn detach_all(&mut self) {
+        let mut links: Vec<AttachedLink> = self
+            .attached
+            .drain()
+            .flat_map(|(_, process)| process.links)
+            .collect();
+        links.extend(self.exe_links.drain().flat_map(|(_, (links, _))| links));
+        self.probes.detach(links);
+    }
+
     /// Processes attached now.
     pub fn attached(&self) -> usize {
         self.attached.len()

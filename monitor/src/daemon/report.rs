@@ -42,6 +42,7 @@ pub async fn watch(config: &DaemonConfig, duration: f64) -> anyhow::Result<Verdi
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .sites();
+    session.shutdown();
     Ok(verdicts)
 }
 

@@ -175,6 +175,12 @@ impl Session {
         }
     }
 
+    /// Detaches everything; the session is over.
+    pub fn shutdown(mut self) {
+        self.drain.abort();
+        self.registry.detach_all();
+    }
+
     /// Processes attached now.
     pub fn attached(&self) -> usize {
         self.registry.attached()

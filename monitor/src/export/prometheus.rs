@@ -41,6 +41,13 @@ fn family<M: EncodeMetric>(
     Ok(())
 }
 
+/// The running kernel's release (`uname -r`).
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
 /// The labels of a site's series: `location` only when the binary has line info.
 fn site_labels(pid: u32, exe: &str, site: &str, location: Option<&str>) -> Labels {
     let mut labels = vec![
@@ -171,6 +178,19 @@ impl Collector for TaskCollector {
             "Probe hits whose task header could not be read from the target's memory.",
             MetricType::Counter,
             scalar(read_failed),
+        )?;
+        family(
+            &mut encoder,
+            "leakscope_build_info",
+            "leakscope's version and the kernel it runs on (always 1).",
+            MetricType::Gauge,
+            [(
+                vec![
+                    ("version", env!("CARGO_PKG_VERSION").to_string()),
+                    ("kernel", kernel_release()),
+                ],
+                ConstGauge::new(1),
+            )],
         )?;
         family(
             &mut encoder,
@@ -381,6 +401,7 @@ mod tests {
             "leakscope_events_lost_total 0",
             "leakscope_events_ignored_total 0",
             "leakscope_attached_processes 0",
+            "leakscope_build_info{version=\"",
             "# HELP leakscope_tasks_alive ",
             "# TYPE leakscope_tasks_spawned counter",
             "# EOF",
