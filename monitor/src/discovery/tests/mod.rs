@@ -11,6 +11,7 @@ use object::{Object, ObjectSection};
 use super::*;
 
 mod debug_files;
+mod mutations;
 mod naming;
 
 const BUILD_HINT: &str = "build fixtures first: cargo xtask fixtures";
