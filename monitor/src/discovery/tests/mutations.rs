@@ -30,7 +30,7 @@ fn corrupted_binaries_give_an_answer_or_an_error_never_a_panic() {
         // Headers (ELF, program and section headers) are where parsers trust offsets;
         // the rest of the file is corrupted too, to reach the code walks.
         for _ in 0..16 {
-            let at = if rng.next() % 2 == 0 {
+            let at = if rng.next().is_multiple_of(2) {
                 (rng.next() % 4096) as usize
             } else {
                 (rng.next() % data.len() as u64) as usize
