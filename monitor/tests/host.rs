@@ -62,6 +62,12 @@ fn all_watches_every_tokio_service_and_nothing_else() {
         "a process that is not a tokio service was attached: {:?}",
         tasks.processes
     );
+    // The self-metrics say so: scans ran, and at least the sleep copy was skipped.
+    let samples = scrape(daemon);
+    let value = |family: &str| sum(&samples, family, &[]);
+    assert!(value("leakscope_host_scans_total") >= 1.0);
+    assert!(value("leakscope_host_executables_skipped") >= 1.0);
+    assert!(value("leakscope_host_scan_seconds") > 0.0);
     drop(other);
     let _ = std::fs::remove_dir_all(&dir);
 }

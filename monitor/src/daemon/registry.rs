@@ -18,7 +18,7 @@ use crate::bpf::plan;
 use crate::discovery::{self, TargetImage};
 use crate::state::tasks::{ProcessTasks, TaskLedger};
 use crate::targets::procfs::{self, ExeIdentity, ProcessInfo};
-use crate::targets::{self, ExeTargets, HostScan, mentions_tokio};
+use crate::targets::{self, ExeTargets, HostScan, HostScanStats, mentions_tokio};
 
 /// A process the daemon is attached to, and its probes.
 struct AttachedProcess {
@@ -259,7 +259,8 @@ impl ProcessRegistry {
     /// Host-wide mode: attaches to the settled tokio processes of `host` not attached yet.
     /// An executable found not to be a tokio service, or a process that could not be
     /// attached, is not tried again (the latter until it restarts: pid and start time).
-    pub fn scan_host(&mut self, host: &HostScan) {
+    pub fn scan_host(&mut self, host: &HostScan, stats: &Mutex<HostScanStats>) {
+        let started = Instant::now();
         for process in host.candidates() {
             if self.attached.contains_key(&process.pid)
                 || self.not_services.contains(&process.exe)
@@ -293,6 +294,11 @@ impl ProcessRegistry {
                 self.failed.insert((process.pid, process.start_time));
             }
         }
+        let mut stats = stats.lock().unwrap_or_else(|e| e.into_inner());
+        stats.scans += 1;
+        stats.last_scan_seconds = started.elapsed().as_secs_f64();
+        stats.executables_skipped = self.not_services.len() as u64;
+        stats.attach_failures = self.failed.len() as u64;
     }
 
     /// Detaches every probe, of every process and executable, at once (at shutdown).

@@ -24,12 +24,12 @@ use crate::export::Sources;
 use crate::state::heap::HeapLedger;
 use crate::state::tasks::TaskLedger;
 use crate::targets::procfs;
-use crate::targets::{ExeTargets, HostScan};
+use crate::targets::{ExeTargets, HostScan, HostScanStats};
 
 pub struct Session {
     registry: ProcessRegistry,
     exes: ExeTargets,
-    host: Option<HostScan>,
+    host: Option<(HostScan, Arc<Mutex<HostScanStats>>)>,
     sources: Sources,
     analysis: Arc<Mutex<Analyzer>>,
     drain: JoinHandle<std::io::Result<()>>,
@@ -107,9 +107,12 @@ impl Session {
             registry.attach(pid)?;
         }
         registry.scan(&exes);
-        let host = config.host.clone().map(HostScan::new);
-        if let Some(host) = &host {
-            registry.scan_host(host);
+        let host = config
+            .host
+            .clone()
+            .map(|under| (HostScan::new(under), Arc::default()));
+        if let Some((host, stats)) = &host {
+            registry.scan_host(host, stats);
         }
 
         let analysis = Arc::new(Mutex::new(Analyzer::new(config.analysis)));
@@ -119,6 +122,7 @@ impl Session {
             heap: heap_ledger,
             probe_stats,
             analysis: Some(analysis.clone()),
+            host: host.as_ref().map(|(_, stats)| stats.clone()),
         };
         Ok(Self {
             registry,
@@ -140,8 +144,8 @@ impl Session {
     pub fn rescan(&mut self) {
         self.registry.reap();
         self.registry.scan(&self.exes);
-        if let Some(host) = &self.host {
-            self.registry.scan_host(host);
+        if let Some((host, stats)) = &self.host {
+            self.registry.scan_host(host, stats);
         }
     }
 

@@ -14,6 +14,7 @@ use crate::analysis::Analyzer;
 use crate::bpf::counters::{KernelCounters, ProbeStats};
 use crate::state::heap::HeapLedger;
 use crate::state::tasks::TaskLedger;
+use crate::targets::HostScanStats;
 
 /// What the exporter reads on each scrape.
 #[derive(Clone)]
@@ -26,6 +27,8 @@ pub struct Sources {
     pub probe_stats: Option<Arc<ProbeStats>>,
     /// The leak verdicts (present in a daemon; absent in unit tests of other exports).
     pub analysis: Option<Arc<Mutex<Analyzer>>>,
+    /// Present in host-wide mode.
+    pub host: Option<Arc<Mutex<HostScanStats>>>,
 }
 
 impl std::fmt::Debug for Sources {

@@ -227,6 +227,41 @@ impl Collector for TaskCollector {
         if let Some(analysis) = &self.0.analysis {
             encode_verdicts(&mut encoder, analysis)?;
         }
+        if let Some(host) = &self.0.host {
+            let host = *host.lock().unwrap_or_else(|e| e.into_inner());
+            family(
+                &mut encoder,
+                "leakscope_host_scans",
+                "Host-wide scans of /proc for tokio services (--all).",
+                MetricType::Counter,
+                scalar(host.scans),
+            )?;
+            family(
+                &mut encoder,
+                "leakscope_host_scan_seconds",
+                "How long the last host-wide scan took (listing /proc, judging new executables, \
+                 attaching).",
+                MetricType::Gauge,
+                [(Labels::new(), ConstGauge::new(host.last_scan_seconds))],
+            )?;
+            family(
+                &mut encoder,
+                "leakscope_host_executables_skipped",
+                "Executables found not to be tokio services (each judged once, not watched).",
+                MetricType::Gauge,
+                [(
+                    Labels::new(),
+                    ConstGauge::new(host.executables_skipped as i64),
+                )],
+            )?;
+            family(
+                &mut encoder,
+                "leakscope_host_attach_failures",
+                "Processes of tokio services that could not be attached (the log says why).",
+                MetricType::Counter,
+                scalar(host.attach_failures),
+            )?;
+        }
         Ok(())
     }
 }
@@ -394,6 +429,7 @@ mod tests {
             heap: None,
             probe_stats: None,
             analysis: None,
+            host: None,
         };
         let text = render(&sources);
         for family in [

@@ -98,6 +98,18 @@ impl HostScan {
     }
 }
 
+/// What host-wide scanning has done, for the daemon's self-metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct HostScanStats {
+    pub scans: u64,
+    /// How long the last scan took (listing `/proc`, judging new executables, attaching).
+    pub last_scan_seconds: f64,
+    /// Executables judged not to be tokio services (each judged once).
+    pub executables_skipped: u64,
+    /// Processes that could not be attached (each tried once).
+    pub attach_failures: u64,
+}
+
 /// Whether the executable at `path` can be a tokio binary: tokio's source paths are in it.
 /// False for most of a host's executables, at the cost of one read of the file.
 pub fn mentions_tokio(path: &Path) -> bool {
