@@ -497,6 +497,7 @@ pub fn analyze_with_debug_file(
 
     let mut vtables: Vec<TaskVtable> = out.into_iter().map(|(v, _)| v).collect();
     vtables.sort_by_key(|v| v.vaddr);
+    unify_generic_spellings(&mut vtables);
 
     warnings.extend(hooks::spawn_coverage_warnings(&hooks, &vtables));
     let mut hooks = hooks;
@@ -536,6 +537,29 @@ pub fn analyze_with_debug_file(
         current_task_slot,
         next_task_id,
     })
+}
+
+/// One spelling per spawn site. A generic function's futures are named by their poll
+/// function with the impl's parameter names (`WithGracefulShutdown<L,M,S,F>::run::…`) and
+/// by their drop glue with the concrete types spelled out: two labels for one place in the
+/// source, which an alert matcher written for one would miss. Labels equal without their
+/// generic arguments take the shortest spelling (the parameter names, when present).
+fn unify_generic_spellings(vtables: &mut [TaskVtable]) {
+    let unifiable = |site: &str| site.contains('<') && !site.contains(" | ");
+    let mut shortest: std::collections::HashMap<String, String> = Default::default();
+    for vtable in vtables.iter().filter(|v| unifiable(&v.site)) {
+        let spelling = shortest
+            .entry(naming::strip_generics(&vtable.site))
+            .or_insert_with(|| vtable.site.clone());
+        if (vtable.site.len(), &vtable.site) < (spelling.len(), &*spelling) {
+            *spelling = vtable.site.clone();
+        }
+    }
+    for vtable in vtables.iter_mut().filter(|v| unifiable(&v.site)) {
+        if let Some(spelling) = shortest.get(&naming::strip_generics(&vtable.site)) {
+            vtable.site.clone_from(spelling);
+        }
+    }
 }
 
 /// tokio's task id counter, by the paths it has had.

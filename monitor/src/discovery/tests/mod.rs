@@ -283,3 +283,36 @@ fn link_base_is_the_page_of_file_offset_zero() {
     t.segments.clear();
     assert_eq!(t.link_base(), 0);
 }
+
+#[test]
+fn one_generic_site_has_one_spelling() {
+    let vtable = |vaddr: u64, site: &str| TaskVtable {
+        vaddr,
+        site: site.to_string(),
+        ..TaskVtable::default()
+    };
+    let mut vtables = vec![
+        vtable(
+            1,
+            "axum::serve::WithGracefulShutdown<L,M,S,F>::run::{{closure}}::{{closure}}",
+        ),
+        vtable(
+            2,
+            "axum::serve::WithGracefulShutdown<tokio::net::tcp::listener::TcpListener,axum::routing::Router,axum::routing::Router,app::shutdown::{{closure}}>::run::{{closure}}::{{closure}}",
+        ),
+        vtable(3, "app::handler::{{closure}}::{{closure}}"),
+        vtable(4, "app::a::{{closure}} | app::b<T>::{{closure}}"),
+    ];
+    unify_generic_spellings(&mut vtables);
+    let sites: Vec<&str> = vtables.iter().map(|v| v.site.as_str()).collect();
+    assert_eq!(
+        sites,
+        [
+            "axum::serve::WithGracefulShutdown<L,M,S,F>::run::{{closure}}::{{closure}}",
+            "axum::serve::WithGracefulShutdown<L,M,S,F>::run::{{closure}}::{{closure}}",
+            "app::handler::{{closure}}::{{closure}}",
+            // Ambiguous labels keep their candidates as they are.
+            "app::a::{{closure}} | app::b<T>::{{closure}}",
+        ]
+    );
+}
