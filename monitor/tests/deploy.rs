@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use support::*;
@@ -28,18 +28,10 @@ fn installed_copy() -> std::path::PathBuf {
 }
 
 fn systemd_analyze_available() -> bool {
-    let found = Command::new("systemd-analyze")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok();
-    if !found {
-        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-            panic!("systemd-analyze is missing: `cargo xtask setup` installs it");
-        }
-        eprintln!("SKIPPED: systemd-analyze is not installed");
-    }
-    found
+    tool_available(
+        "systemd-analyze",
+        Command::new("systemd-analyze").arg("--version"),
+    )
 }
 
 #[test]
@@ -117,17 +109,10 @@ fn unit_capabilities() -> std::collections::BTreeSet<String> {
 #[test]
 fn the_daemonset_validates_and_grants_what_the_unit_does() {
     let manifest = workspace_root().join("monitor/deploy/kubernetes/leakscope.yaml");
-    let validator = Command::new("python3")
-        .args(["-m", "kubernetes_validate", "--version"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !validator {
-        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-            panic!("kubernetes-validate is missing: `cargo xtask setup` installs it");
-        }
-        eprintln!("SKIPPED: kubernetes-validate is not installed");
+    if !tool_available(
+        "kubernetes-validate",
+        Command::new("python3").args(["-m", "kubernetes_validate", "--version"]),
+    ) {
         return;
     }
     let out = Command::new("python3")

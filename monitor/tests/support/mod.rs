@@ -24,16 +24,37 @@ pub fn fixture(name: &str) -> PathBuf {
     kit::fixture(&format!("release/{name}")).unwrap_or_else(|e| panic!("{e}"))
 }
 
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
 /// Whether eBPF tests can run here. In CI they must: a skip there is a failure.
 pub fn ebpf_available(test: &str) -> bool {
     if kit::is_root() {
         return true;
     }
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+    if in_ci() {
         panic!("{test}: eBPF integration tests must run in CI, but this is not root");
     }
     eprintln!("{test}: SKIPPED: not root, so eBPF programs cannot be loaded (run as root)");
     false
+}
+
+/// Whether the outside tool `name` runs here (`probe` succeeds). In CI it must, since
+/// `cargo xtask setup` installs it: a skip there is a failure.
+pub fn tool_available(name: &str, probe: &mut std::process::Command) -> bool {
+    let found = probe
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !found {
+        if in_ci() {
+            panic!("{name} is missing: `cargo xtask setup` installs it");
+        }
+        eprintln!("SKIPPED: {name} is not installed (`cargo xtask setup` installs it)");
+    }
+    found
 }
 
 /// Starts a fixture server and waits for its "listening on ADDR" line.
