@@ -154,17 +154,7 @@ fn a_real_prometheus_fires_the_leak_alerts_and_answers_every_dashboard_query() {
     }
     let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
     let pid = app.pid();
-    let (_daemon, daemon) = watch(
-        pid,
-        &[
-            "--heap",
-            "exact",
-            "--verdict-window-seconds",
-            "10",
-            "--verdict-sample-seconds",
-            "0.5",
-        ],
-    );
+    let (_daemon, daemon) = watch_verdicts(pid, "10", "0.5", true);
     let _traffic = Traffic::start(addr, &["/leak/forever", "/state/leak", "/ok/bounded"], &[]);
     let dir = std::env::temp_dir().join(format!("leakscope-prometheus-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

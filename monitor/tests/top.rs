@@ -110,15 +110,7 @@ fn top_shows_the_leak_as_a_suspect_filters_and_quits() {
     }
     let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
     let pid = app.pid();
-    let (_daemon, daemon) = watch(
-        pid,
-        &[
-            "--verdict-window-seconds",
-            "10",
-            "--verdict-sample-seconds",
-            "1",
-        ],
-    );
+    let (_daemon, daemon) = watch_verdicts(pid, "10", "1", false);
     let _traffic = Traffic::start(addr, &["/leak/forever", "/ok/bounded"], &[]);
 
     let tmux = Tmux::start(&format!(

@@ -36,6 +36,11 @@ fn seed_leaks() -> BTreeSet<(SiteKind, String)> {
     .collect()
 }
 
+/// Every leaky route and every remedy.
+fn mixed_routes() -> Vec<&'static str> {
+    LEAKY.iter().chain(REMEDIES.iter()).copied().collect()
+}
+
 fn suspects(verdicts: &VerdictsResponse) -> BTreeSet<(SiteKind, String)> {
     verdicts
         .sites
@@ -52,18 +57,8 @@ fn under_mixed_traffic_exactly_the_seed_leaks_are_suspects() {
     }
     let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
     let pid = app.pid();
-    let (_daemon, daemon) = watch(
-        pid,
-        &[
-            "--heap",
-            "exact",
-            "--verdict-window-seconds",
-            "20",
-            "--verdict-sample-seconds",
-            "1",
-        ],
-    );
-    let routes: Vec<&str> = LEAKY.iter().chain(REMEDIES.iter()).copied().collect();
+    let (_daemon, daemon) = watch_verdicts(pid, "20", "1", true);
+    let routes = mixed_routes();
     let _traffic = Traffic::start(addr, &routes, &["/leak/stream", "/ok/stream"]);
     let client = Client::new(daemon);
     let verdicts = eventually(
@@ -135,7 +130,7 @@ fn report_gates_a_leaky_build_and_passes_its_remedied_twin() {
     }
     // Leaky traffic: exit 1, the leaks in the JSON.
     let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
-    let routes: Vec<&str> = LEAKY.iter().chain(REMEDIES.iter()).copied().collect();
+    let routes = mixed_routes();
     let traffic = Traffic::start(addr, &routes, &["/leak/stream", "/ok/stream"]);
     let out = report(app.pid(), 25);
     drop(traffic);
@@ -151,7 +146,7 @@ fn report_gates_a_leaky_build_and_passes_its_remedied_twin() {
     // The remedied twin (every leaky route serves its remedy) under the same traffic:
     // exit 0.
     let (app, addr) = start_fixture(&fixture("axum-app"), &["--remedied"]);
-    let routes: Vec<&str> = LEAKY.iter().chain(REMEDIES.iter()).copied().collect();
+    let routes = mixed_routes();
     let traffic = Traffic::start(addr, &routes, &["/leak/stream", "/ok/stream"]);
     let out = report(app.pid(), 25);
     drop(traffic);
@@ -184,17 +179,7 @@ fn real_crate_leaks_are_flagged_and_bounded_shapes_are_not() {
     }
     let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
     let pid = app.pid();
-    let (_daemon, daemon) = watch(
-        pid,
-        &[
-            "--heap",
-            "exact",
-            "--verdict-window-seconds",
-            "20",
-            "--verdict-sample-seconds",
-            "1",
-        ],
-    );
+    let (_daemon, daemon) = watch_verdicts(pid, "20", "1", true);
     // Leaks: a task per call awaiting a oneshot nobody completes; a session record per
     // connection. Not leaks: a cache that fills then stays, steady keep-alive clients,
     // slow (3 s) tasks arriving in bursts that drain.

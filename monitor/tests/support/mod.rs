@@ -81,6 +81,21 @@ pub fn watch(pid: u32, extra: &[&str]) -> (Proc, SocketAddr) {
     (daemon, addr)
 }
 
+/// A daemon watching `pid` whose verdicts look at `window` seconds sampled every `sample`
+/// (short, for tests), with exact heap tracking when `heap`; once the process is attached.
+pub fn watch_verdicts(pid: u32, window: &str, sample: &str, heap: bool) -> (Proc, SocketAddr) {
+    let mut args = vec![
+        "--verdict-window-seconds",
+        window,
+        "--verdict-sample-seconds",
+        sample,
+    ];
+    if heap {
+        args.extend(["--heap", "exact"]);
+    }
+    watch(pid, &args)
+}
+
 /// GET that must succeed with 200.
 pub fn get_ok(addr: SocketAddr, path: &str) -> String {
     Client::new(addr)
