@@ -298,12 +298,17 @@ impl Analyzer {
             window_seconds: self.config.thresholds.window,
             sample_seconds: self.config.period,
             sites: self.verdicts.iter().filter(|v| keep(v)).cloned().collect(),
-            sites_dropped: self.histories.dropped,
+            sites_dropped: self.sites_dropped(),
         }
     }
 
     pub fn verdicts(&self) -> &[SiteVerdict] {
         &self.verdicts
+    }
+
+    /// Sites not tracked because the bound on sites was reached.
+    pub fn sites_dropped(&self) -> u64 {
+        self.histories.dropped
     }
 
     /// Samples held, all sites together (for the bench).

@@ -309,7 +309,7 @@ fn encode_verdicts(
         "leakscope_verdict_sites_dropped",
         "Sites not judged because the bound on sites the analysis tracks was reached.",
         MetricType::Counter,
-        scalar(analysis.sites().sites_dropped),
+        scalar(analysis.sites_dropped()),
     )
 }
 
