@@ -114,9 +114,29 @@ pub mod counter {
     pub const READ_FAILED: u32 = 1;
     /// First polls that could not be remembered (map update failed).
     pub const POLLED_MAP_FAILED: u32 = 2;
+    /// Execs that could not be reported because the exec ring buffer was full (the
+    /// daemon's periodic scan still finds those processes, a second later).
+    pub const EXEC_RINGBUF_FULL: u32 = 3;
     /// Number of counters.
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
+
+/// A process replaced its program (`execve`): written by the `sched_process_exec` raw
+/// tracepoint so the daemon can look at a new process at once, not at its next scan.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the exec.
+    pub ktime_ns: u64,
+    /// Process id (tgid) that exec'd.
+    pub pid: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<ExecEvent>() == 16);
+
+/// Exec ring buffer size in bytes: 4096 execs between two reads.
+pub const EXEC_RINGBUF_BYTES: u32 = 1 << 16;
 
 /// Submit flags for ring-buffer records. Waking the reader on every record costs ~5 µs in
 /// the probed thread (measured: it dominated the heap probes), so records are submitted
@@ -139,6 +159,8 @@ pub const HEAP_RINGBUF_BYTES: u32 = 1 << 24;
 mod user {
     // SAFETY: plain-old-data, repr(C), no padding (asserted above).
     unsafe impl aya::Pod for super::TaskEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ExecEvent {}
     // SAFETY: as above (asserted in `heap`).
     unsafe impl aya::Pod for super::heap::HeapEvent {}
     // SAFETY: as above.

@@ -33,8 +33,10 @@ pub mod map {
     pub const OUTSTANDING: &str = "OUTSTANDING";
     /// Per-pid frees of blocks allocated before attach.
     pub const UNTRACKED_FREES: &str = "UNTRACKED_FREES";
+    /// Ring buffer of `ExecEvent`s.
+    pub const EXEC_EVENTS: &str = "EXEC_EVENTS";
 
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         TASK_EVENTS,
         COUNTERS,
         SEQ,
@@ -48,6 +50,7 @@ pub mod map {
         PENDING,
         OUTSTANDING,
         UNTRACKED_FREES,
+        EXEC_EVENTS,
     ];
 
     /// The maps only heap tracking uses, created at their smallest (entries; one page for
@@ -89,6 +92,9 @@ pub mod program {
     pub const HEAP_FREE_ENTRY: &str = "heap_free_entry";
     /// Return of any allocating function (a uretprobe).
     pub const HEAP_ALLOC_RETURN: &str = "heap_alloc_return";
+
+    /// The `sched_process_exec` raw tracepoint: reports every exec on the host.
+    pub const PROCESS_EXEC: &str = "process_exec";
 
     pub const HEAP: [&str; 8] = [
         HEAP_ALLOC_ENTRY,

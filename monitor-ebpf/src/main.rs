@@ -24,11 +24,12 @@ use aya_ebpf::helpers::{
     bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
     bpf_probe_read_user,
 };
-use aya_ebpf::macros::{map, uprobe};
+use aya_ebpf::macros::{map, raw_tracepoint, uprobe};
 use aya_ebpf::maps::{LruHashMap, PerCpuArray, RingBuf};
-use aya_ebpf::programs::ProbeContext;
+use aya_ebpf::programs::{ProbeContext, RawTracePointContext};
 use monitor_common::{
-    HookCookie, POLLED_TASKS_MAX, PolledTask, RINGBUF_BYTES, TaskEvent, TaskEventKind, counter,
+    EXEC_RINGBUF_BYTES, ExecEvent, HookCookie, POLLED_TASKS_MAX, PolledTask, RINGBUF_BYTES,
+    TaskEvent, TaskEventKind, counter,
 };
 
 #[map]
@@ -45,6 +46,27 @@ static SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Tasks already reported by a first-poll hook, until they complete.
 #[map]
 static POLLED: LruHashMap<PolledTask, u8> = LruHashMap::with_max_entries(POLLED_TASKS_MAX, 0);
+
+/// Every exec on the host, so the daemon looks at a new process at once.
+#[map]
+static EXEC_EVENTS: RingBuf = RingBuf::with_byte_size(EXEC_RINGBUF_BYTES, 0);
+
+/// `sched_process_exec` fires in the new program's context, after the exec succeeded. A
+/// raw tracepoint needs no tracefs. Execs are rare next to task events, so each record wakes
+/// the reader (the flags 0: the kernel wakes it only when it has caught up).
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn process_exec(_ctx: RawTracePointContext) -> i32 {
+    let event = ExecEvent {
+        // SAFETY: helpers without arguments.
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        _pad: 0,
+    };
+    if EXEC_EVENTS.output::<ExecEvent>(&event, 0).is_err() {
+        bump(counter::EXEC_RINGBUF_FULL);
+    }
+    0
+}
 
 /// One entry point per argument register that can hold the task header: the register is a
 /// constant in each, because the verifier rejects a context read at a computed offset.

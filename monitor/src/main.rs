@@ -15,6 +15,7 @@ use leakscope::daemon::{self, DaemonConfig, config_file, report};
 use leakscope::export::inspect;
 use leakscope::export::report as report_table;
 use leakscope::export::top;
+use leakscope::targets::workload::NodeFiles;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -139,6 +140,10 @@ struct Targets {
     /// With --all: only executables whose path starts with this.
     #[arg(long, default_value = "/", requires = "all")]
     all_under: PathBuf,
+    /// Where the kubelet keeps `containers/` and `pods/` logs, whose names give each
+    /// container's namespace, pod and container name (labels of its series).
+    #[arg(long, default_value = "/var/log")]
+    node_log_dir: PathBuf,
     /// Heap blocks the kernel tracks at once, across all watched processes; about 104
     /// bytes of kernel memory each, allocated at start. Blocks beyond are counted in
     /// leakscope_heap_untracked_allocations_total{reason="outstanding_full"}.
@@ -225,6 +230,9 @@ fn daemon_config(targets: Targets, heap: HeapMode, analysis: AnalysisConfig) -> 
         heap_max_blocks: targets.heap_max_blocks,
         probe_stats: false,
         analysis,
+        node: NodeFiles {
+            log_dir: targets.node_log_dir,
+        },
     }
 }
 
@@ -265,6 +273,11 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
                 take!("exes", targets.exes, file.targets.exes);
                 take!("all", targets.all, file.targets.all);
                 take!("all_under", targets.all_under, file.targets.all_under);
+                take!(
+                    "node_log_dir",
+                    targets.node_log_dir,
+                    file.targets.node_log_dir
+                );
                 take!(
                     "heap_max_blocks",
                     targets.heap_max_blocks,

@@ -38,6 +38,17 @@ fn all_watches_every_tokio_service_and_nothing_else() {
     wait_attached(daemon, before.pid());
     let (after, addr) = start_fixture(&fixture("axum-app"), &[]);
     wait_attached(daemon, after.pid());
+    // Attached from the kernel's report of its exec, within a second (the periodic scan
+    // alone would take one to two: a scan a second, then a second of settling).
+    let exec_to_attach = sum(
+        &scrape(daemon),
+        "leakscope_host_exec_to_attach_seconds",
+        &[],
+    );
+    assert!(
+        exec_to_attach > 0.0 && exec_to_attach < 1.0,
+        "the service started after the daemon was attached {exec_to_attach} s after its exec"
+    );
     for _ in 0..5 {
         get_ok(addr, "/leak/forever");
     }

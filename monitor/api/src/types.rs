@@ -1,5 +1,7 @@
 //! The JSON bodies of the daemon's API, one type per endpoint.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// `GET /api/v1/tasks`: every spawn site of every watched process.
@@ -47,6 +49,10 @@ pub struct ProcessSummary {
     pub exe: String,
     /// All its probes are in place: events from it are being counted.
     pub attached: bool,
+    /// Its systemd unit, container and pod, where known (`unit`, `container_id`, `pod_uid`,
+    /// `namespace`, `pod`, `container`): the same labels as its Prometheus series.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// One row of the heap table: live memory of one (callsite, task site) of one process.
@@ -137,6 +143,9 @@ pub struct HistorySample {
 pub struct SiteVerdict {
     pub pid: u32,
     pub exe: String,
+    /// The process's unit, container and pod, where known (see [`ProcessSummary::labels`]).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     pub kind: SiteKind,
     /// The spawn site (task) or allocation callsite (heap).
     pub site: String,

@@ -192,6 +192,7 @@ impl Analyzer {
                 SiteKind::Heap => judge_heap(samples, &limits),
             };
             verdicts.push(SiteVerdict {
+                labels: Default::default(),
                 pid: key.0,
                 exe: latest.exe.clone(),
                 kind: key.1,

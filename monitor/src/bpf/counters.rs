@@ -67,6 +67,11 @@ impl KernelCounters {
         self.read(counter::RINGBUF_FULL)
     }
 
+    /// Execs not reported because the exec ring buffer was full.
+    pub fn execs_lost(&self) -> u64 {
+        self.read(counter::EXEC_RINGBUF_FULL)
+    }
+
     /// Probe hits whose task header could not be read.
     pub fn read_failed(&self) -> u64 {
         self.read(counter::READ_FAILED)

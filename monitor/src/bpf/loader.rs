@@ -2,7 +2,8 @@
 //! the sizes the chosen heap mode needs, and the maps userspace reads taken out of it.
 
 use aya::maps::{MapData, RingBuf};
-use aya::programs::{ProgramError, UProbe};
+use aya::programs::raw_trace_point::RawTracePointLinkId;
+use aya::programs::{ProgramError, RawTracePoint, UProbe};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use monitor_common::names::{map, program};
 use thiserror::Error;
@@ -108,6 +109,23 @@ impl Probes {
         self.take(map::TASK_EVENTS)
     }
 
+    /// Reports every exec on the host from now on, into the ring [`Probes::take_exec_events`]
+    /// returns. The link lives as long as the probes.
+    pub fn watch_execs(&mut self) -> Result<RawTracePointLinkId, ProbeError> {
+        let program: &mut RawTracePoint = self
+            .ebpf
+            .program_mut(program::PROCESS_EXEC)
+            .ok_or(ProbeError::Missing(program::PROCESS_EXEC))?
+            .try_into()?;
+        program.load()?;
+        Ok(program.attach("sched_process_exec")?)
+    }
+
+    /// The exec ring buffer (can be taken once).
+    pub fn take_exec_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        self.take(map::EXEC_EVENTS)
+    }
+
     /// The heap ring buffer (can be taken once).
     pub fn take_heap_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
         self.take(map::HEAP_EVENTS)
@@ -171,11 +189,14 @@ mod tests {
         let expected: BTreeSet<String> = map::ALL.iter().map(|s| s.to_string()).collect();
         assert_eq!(maps, expected);
         let programs = in_section(&|section| {
-            section.starts_with("uprobe") || section.starts_with("uretprobe")
+            section.starts_with("uprobe")
+                || section.starts_with("uretprobe")
+                || section.starts_with("raw_tp")
         });
         let expected: BTreeSet<String> = program::TASK_HOOKS
             .iter()
             .chain(program::HEAP.iter())
+            .chain([program::PROCESS_EXEC].iter())
             .map(|s| s.to_string())
             .collect();
         assert_eq!(programs, expected);

@@ -60,6 +60,7 @@ pub struct TargetsSection {
     pub exes: Option<Vec<PathBuf>>,
     pub all: Option<bool>,
     pub all_under: Option<PathBuf>,
+    pub node_log_dir: Option<PathBuf>,
     pub heap_max_blocks: Option<u32>,
 }
 

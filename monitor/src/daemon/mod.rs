@@ -20,6 +20,7 @@ use log::info;
 
 use crate::analysis::AnalysisConfig;
 use crate::daemon::heap::HeapMode;
+use crate::targets::workload::NodeFiles;
 use session::Session;
 
 /// What the user asked the daemon to watch.
@@ -39,6 +40,8 @@ pub struct DaemonConfig {
     pub probe_stats: bool,
     /// How the leak verdicts sample and judge.
     pub analysis: AnalysisConfig,
+    /// Where the node's files name containers and pods.
+    pub node: NodeFiles,
 }
 
 /// Runs until SIGINT or SIGTERM: attaches, serves the exports, follows processes as they
@@ -51,13 +54,14 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let mut sample = tokio::time::interval(Duration::from_secs_f64(config.analysis.period));
     loop {
         tokio::select! {
-            _ = rescan.tick() => session.rescan(),
+            followed = session.follow_processes(&mut rescan) => {
+                if let Err(reason) = followed {
+                    bail!("the event stream stopped: {reason}");
+                }
+            }
             _ = sample.tick() => session.sample(),
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
-            result = session.stopped() => {
-                bail!("the event stream stopped: {result}");
-            }
         }
     }
     server.abort();

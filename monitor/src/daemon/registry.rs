@@ -18,6 +18,7 @@ use crate::bpf::plan;
 use crate::discovery::{self, TargetImage};
 use crate::state::tasks::{ProcessTasks, TaskLedger};
 use crate::targets::procfs::{self, ExeIdentity, ProcessInfo};
+use crate::targets::workload::{self, NodeFiles, Workloads};
 use crate::targets::{self, ExeTargets, HostScan, HostScanStats, mentions_tokio};
 
 /// A process the daemon is attached to, and its probes.
@@ -40,6 +41,20 @@ pub struct ProcessRegistry {
     not_services: HashSet<ExeIdentity>,
     /// Host-wide mode: processes (pid, start time) that could not be attached.
     failed: HashSet<(u32, u64)>,
+    /// The unit, container and pod of each attached process, for the exports' labels.
+    workloads: Workloads,
+    node: NodeFiles,
+    /// Processes seen at exec, waiting for their loader, and when they were seen.
+    fresh: HashMap<u32, Instant>,
+}
+
+/// What host-wide mode made of one process.
+enum Consideration {
+    Attached,
+    /// A tokio service whose loader is not done yet: tried again later.
+    NotSettled,
+    /// Attached already, not a tokio service, or failed (each said once).
+    Skipped,
 }
 
 /// Where task hooks are placed for a process.
@@ -59,6 +74,7 @@ impl ProcessRegistry {
         images: HashMap<ExeIdentity, Arc<TargetImage>>,
         ledger: Arc<Mutex<TaskLedger>>,
         heap: Option<HeapTracker>,
+        node: NodeFiles,
     ) -> Self {
         Self {
             probes,
@@ -69,7 +85,15 @@ impl ProcessRegistry {
             exe_links: HashMap::new(),
             not_services: HashSet::new(),
             failed: HashSet::new(),
+            workloads: Workloads::default(),
+            node,
+            fresh: HashMap::new(),
         }
+    }
+
+    /// The unit, container and pod of each attached process.
+    pub fn workloads(&self) -> Workloads {
+        self.workloads.clone()
     }
 
     fn image_for(&mut self, process: &ProcessInfo) -> anyhow::Result<Arc<TargetImage>> {
@@ -87,7 +111,9 @@ impl ProcessRegistry {
     /// Attaches to `pid` with per-process task hooks (`--pid`), once it has settled (see
     /// `targets::SETTLE_BEFORE_ATTACH`).
     pub fn attach(&mut self, pid: u32) -> anyhow::Result<()> {
-        targets::wait_settled(pid);
+        let info = procfs::process_info(pid)?;
+        let image = self.image_for(&info)?;
+        targets::wait_settled(&info, &image.needed_libraries);
         self.attach_with(pid, TaskHookScope::Process)
     }
 
@@ -192,14 +218,21 @@ impl ProcessRegistry {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .mark_probes_ready(pid);
+                let workload = workload::of_process(pid, &self.node);
+                let labels = workload.labels();
+                self.workloads.set(pid, workload);
                 let exe_wide = self
                     .exe_links
                     .get(&info.exe)
                     .map_or(0, |(links, _)| links.len());
                 info!(
-                    "attached to pid {pid} ({}): {} hook points in the process, {} on its \
+                    "attached to pid {pid} ({}{}): {} hook points in the process, {} on its \
                      executable, {} spawn sites known",
                     info.exe_path.display(),
+                    labels
+                        .iter()
+                        .map(|(name, value)| format!(", {name}={value}"))
+                        .collect::<String>(),
                     links.len(),
                     exe_wide,
                     image.vtables.len()
@@ -226,16 +259,7 @@ impl ProcessRegistry {
             .map(|(&pid, _)| pid)
             .collect();
         for pid in gone {
-            if let Some(process) = self.attached.remove(&pid) {
-                self.probes.detach(process.links);
-            }
-            if let Some(heap) = &mut self.heap {
-                heap.detach(&mut self.probes, pid);
-            }
-            self.ledger
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove_process(pid);
+            self.detach(pid);
             info!("pid {pid} exited: detached and forgot its tasks");
         }
         self.ledger
@@ -244,10 +268,89 @@ impl ProcessRegistry {
             .expire_pending(procfs::monotonic_ns(), procfs::pid_exists);
     }
 
+    /// Drops process `pid`'s probes and state (it exited, or exec'd another program).
+    fn detach(&mut self, pid: u32) {
+        if let Some(process) = self.attached.remove(&pid) {
+            self.probes.detach(process.links);
+        }
+        if let Some(heap) = &mut self.heap {
+            heap.detach(&mut self.probes, pid);
+        }
+        self.ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove_process(pid);
+        self.workloads.forget(pid);
+    }
+
+    /// Process `pid` exec'd (reported by the kernel as it happens): if it was attached, its
+    /// old program's probes and state go (its pid and start time stay the same across
+    /// exec, so only this tells the new program from the old); either way it is looked at
+    /// again by [`ProcessRegistry::attach_fresh`] as soon as its loader is done.
+    pub fn exec_seen(&mut self, pid: u32) {
+        if self.attached.contains_key(&pid) {
+            self.detach(pid);
+            info!("pid {pid} exec'd a new program: detached from the old one and forgot its tasks");
+        }
+        self.failed.retain(|&(failed_pid, _)| failed_pid != pid);
+        self.fresh.entry(pid).or_insert_with(Instant::now);
+    }
+
+    /// True while processes seen at exec wait for their loader.
+    pub fn has_fresh(&self) -> bool {
+        !self.fresh.is_empty()
+    }
+
+    /// Attaches the processes seen at exec that are `--exe` targets or, in host-wide mode,
+    /// tokio services, once they have settled. One that is neither is forgotten at once;
+    /// one that does not settle within [`targets::SETTLE_BEFORE_ATTACH`] is left to the
+    /// periodic scans.
+    pub fn attach_fresh(
+        &mut self,
+        exes: &ExeTargets,
+        host: Option<(&HostScan, &Mutex<HostScanStats>)>,
+    ) {
+        let fresh: Vec<(u32, Instant)> = self.fresh.iter().map(|(&p, &t)| (p, t)).collect();
+        for (pid, seen) in fresh {
+            let settled_or_gone = match procfs::process_info(pid) {
+                Err(_) => true,
+                Ok(process) if exes.contains(process.exe) => {
+                    let image = self.images[&process.exe].clone();
+                    let settled = targets::settled(&process, &image.needed_libraries);
+                    if settled && let Err(err) = self.attach_exe_process(pid) {
+                        warn!("{err:#}");
+                    }
+                    settled
+                }
+                Ok(_) => match host {
+                    Some((host, stats)) => match host.candidate(pid) {
+                        Some(process) => {
+                            let outcome = self.consider(process);
+                            if let Consideration::Attached = outcome {
+                                let mut stats = stats.lock().unwrap_or_else(|e| e.into_inner());
+                                stats.last_exec_to_attach_seconds = seen.elapsed().as_secs_f64();
+                            }
+                            !matches!(outcome, Consideration::NotSettled)
+                        }
+                        None => true,
+                    },
+                    None => true,
+                },
+            };
+            if settled_or_gone || seen.elapsed() > targets::SETTLE_BEFORE_ATTACH {
+                self.fresh.remove(&pid);
+            }
+        }
+    }
+
     /// Registers the settled processes of the `--exe` targets not registered yet.
     pub fn scan(&mut self, exes: &ExeTargets) {
-        for process in exes.settled_processes() {
+        for process in exes.processes() {
             if self.attached.contains_key(&process.pid) {
+                continue;
+            }
+            let image = self.images[&process.exe].clone();
+            if !targets::settled(&process, &image.needed_libraries) {
                 continue;
             }
             if let Err(err) = self.attach_exe_process(process.pid) {
@@ -262,13 +365,26 @@ impl ProcessRegistry {
     pub fn scan_host(&mut self, host: &HostScan, stats: &Mutex<HostScanStats>) {
         let started = Instant::now();
         for process in host.candidates() {
-            if self.attached.contains_key(&process.pid)
-                || self.not_services.contains(&process.exe)
-                || self.failed.contains(&(process.pid, process.start_time))
-            {
-                continue;
-            }
-            if let Entry::Vacant(entry) = self.images.entry(process.exe) {
+            self.consider(process);
+        }
+        let mut stats = stats.lock().unwrap_or_else(|e| e.into_inner());
+        stats.scans += 1;
+        stats.last_scan_seconds = started.elapsed().as_secs_f64();
+        stats.executables_skipped = self.not_services.len() as u64;
+        stats.attach_failures = self.failed.len() as u64;
+    }
+
+    /// Host-wide mode: attaches `process` if it is a settled tokio service not attached yet.
+    fn consider(&mut self, process: ProcessInfo) -> Consideration {
+        if self.attached.contains_key(&process.pid)
+            || self.not_services.contains(&process.exe)
+            || self.failed.contains(&(process.pid, process.start_time))
+        {
+            return Consideration::Skipped;
+        }
+        let image = match self.images.entry(process.exe) {
+            Entry::Occupied(entry) => entry.get().clone(),
+            Entry::Vacant(entry) => {
                 let tokio = mentions_tokio(&process.exe_link());
                 let image = if tokio {
                     analyze_process(&process).ok()
@@ -277,7 +393,7 @@ impl ProcessRegistry {
                 };
                 match image {
                     Some(image) if plan::task_points(&image).is_ok() => {
-                        entry.insert(Arc::new(image));
+                        entry.insert(Arc::new(image)).clone()
                     }
                     _ => {
                         debug!(
@@ -285,20 +401,22 @@ impl ProcessRegistry {
                             process.exe_path.display()
                         );
                         self.not_services.insert(process.exe);
-                        continue;
+                        return Consideration::Skipped;
                     }
                 }
             }
-            if let Err(err) = self.attach_with(process.pid, TaskHookScope::Process) {
+        };
+        if !targets::settled(&process, &image.needed_libraries) {
+            return Consideration::NotSettled;
+        }
+        match self.attach_with(process.pid, TaskHookScope::Process) {
+            Ok(()) => Consideration::Attached,
+            Err(err) => {
                 warn!("{err:#}");
                 self.failed.insert((process.pid, process.start_time));
+                Consideration::Skipped
             }
         }
-        let mut stats = stats.lock().unwrap_or_else(|e| e.into_inner());
-        stats.scans += 1;
-        stats.last_scan_seconds = started.elapsed().as_secs_f64();
-        stats.executables_skipped = self.not_services.len() as u64;
-        stats.attach_failures = self.failed.len() as u64;
     }
 
     /// Detaches every probe, of every process and executable, at once (at shutdown).

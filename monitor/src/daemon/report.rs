@@ -27,9 +27,12 @@ pub async fn watch(config: &DaemonConfig, duration: f64) -> anyhow::Result<Verdi
                 let suspects = verdicts.iter().filter(|v| v.verdict == Verdict::Suspect).count();
                 progress.show(verdicts.len(), suspects);
             }
-            _ = rescan.tick() => session.rescan(),
+            followed = session.follow_processes(&mut rescan) => {
+                if let Err(reason) = followed {
+                    bail!("the event stream stopped: {reason}");
+                }
+            }
             _ = tokio::time::sleep_until(end.into()) => break,
-            result = session.stopped() => bail!("the event stream stopped: {result}"),
         }
     }
     session.sample();

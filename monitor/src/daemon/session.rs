@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use log::warn;
+use monitor_common::ExecEvent;
 use tokio::task::JoinHandle;
 
 use super::DaemonConfig;
@@ -19,12 +20,16 @@ use super::registry::{ProcessRegistry, analyze_process};
 use crate::analysis::Analyzer;
 use crate::bpf::counters::ProbeStats;
 use crate::bpf::loader::{HeapMaps, Probes};
+use crate::bpf::ring::{RingReader, decode};
 use crate::discovery;
 use crate::export::Sources;
 use crate::state::heap::HeapLedger;
 use crate::state::tasks::TaskLedger;
 use crate::targets::procfs;
 use crate::targets::{ExeTargets, HostScan, HostScanStats};
+
+/// How often a process seen at exec is checked for its dynamic loader being done.
+const FRESH_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 pub struct Session {
     registry: ProcessRegistry,
@@ -33,6 +38,9 @@ pub struct Session {
     sources: Sources,
     analysis: Arc<Mutex<Analyzer>>,
     drain: JoinHandle<std::io::Result<()>>,
+    /// Every exec on the host, as the kernel reports it; `None` once its fd failed (the
+    /// periodic scans still find new processes then).
+    execs: Option<RingReader>,
     started: Instant,
 }
 
@@ -77,6 +85,8 @@ impl Session {
             },
         })?;
         let ring = probes.take_events()?;
+        probes.watch_execs()?;
+        let execs = RingReader::new(probes.take_exec_events()?)?;
         let kernel = Arc::new(probes.take_counters()?);
         let ledger = Arc::new(Mutex::new(TaskLedger::new()));
         let heap = match config.heap {
@@ -99,7 +109,13 @@ impl Session {
         } else {
             None
         };
-        let mut registry = ProcessRegistry::new(probes, images, ledger.clone(), heap_tracker);
+        let mut registry = ProcessRegistry::new(
+            probes,
+            images,
+            ledger.clone(),
+            heap_tracker,
+            config.node.clone(),
+        );
         for (path, exe) in exes.iter() {
             registry.watch_executable(path, exe)?;
         }
@@ -123,6 +139,7 @@ impl Session {
             probe_stats,
             analysis: Some(analysis.clone()),
             host: host.as_ref().map(|(_, stats)| stats.clone()),
+            workloads: registry.workloads(),
         };
         Ok(Self {
             registry,
@@ -131,6 +148,7 @@ impl Session {
             sources,
             analysis,
             drain,
+            execs: Some(execs),
             started: Instant::now(),
         })
     }
@@ -147,6 +165,68 @@ impl Session {
         if let Some((host, stats)) = &self.host {
             self.registry.scan_host(host, stats);
         }
+    }
+
+    /// Follows processes as they start, exec and exit: whichever comes first of the next
+    /// periodic scan (`rescan`), an exec reported by the kernel, or a process seen at exec
+    /// becoming ready. Cancel-safe, for use in a `select!`.
+    ///
+    /// Fails, with the reason, when the drain stops (a ring's fd failed): the session is
+    /// blind then.
+    pub async fn follow_processes(
+        &mut self,
+        rescan: &mut tokio::time::Interval,
+    ) -> Result<(), String> {
+        let fresh = self.has_fresh();
+        let execs = self.execs.as_mut().map(|reader| reader.readable());
+        tokio::select! {
+            _ = rescan.tick() => self.rescan(),
+            ready = async { execs.expect("guarded").await }, if execs.is_some() => {
+                self.take_execs(ready);
+            }
+            () = tokio::time::sleep(FRESH_POLL), if fresh => self.attach_fresh(),
+            result = &mut self.drain => {
+                return Err(match result {
+                    Ok(Ok(())) => "the drain ended".to_string(),
+                    Ok(Err(err)) => err.to_string(),
+                    Err(err) => err.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes in the execs the kernel reported (`ready`: the exec ring's readiness).
+    fn take_execs(&mut self, ready: std::io::Result<()>) {
+        let Some(reader) = &mut self.execs else {
+            return;
+        };
+        if let Err(err) = ready {
+            warn!("the exec ring failed ({err}); new processes are found by the periodic scan");
+            self.execs = None;
+            return;
+        }
+        let mut pids = Vec::new();
+        while let Some(record) = reader.ring().next() {
+            if let Some(event) = decode::<ExecEvent>(&record) {
+                pids.push(event.pid);
+            }
+        }
+        for pid in pids {
+            self.registry.exec_seen(pid);
+        }
+        self.attach_fresh();
+    }
+
+    /// True while processes seen at exec wait for their dynamic loader.
+    pub fn has_fresh(&self) -> bool {
+        self.registry.has_fresh()
+    }
+
+    /// Attaches the processes seen at exec that are ready.
+    pub fn attach_fresh(&mut self) {
+        let host = self.host.as_ref().map(|(scan, stats)| (scan, &**stats));
+        self.registry.attach_fresh(&self.exes, host);
     }
 
     /// Samples the ledgers and judges every site again.
@@ -168,15 +248,6 @@ impl Session {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .observe(t, &tasks, &heap);
-    }
-
-    /// Resolves when the drain stops (a ring's fd failed): the session is blind then.
-    pub async fn stopped(&mut self) -> String {
-        match (&mut self.drain).await {
-            Ok(Ok(())) => "the drain ended".to_string(),
-            Ok(Err(err)) => err.to_string(),
-            Err(err) => err.to_string(),
-        }
     }
 
     /// Detaches everything; the session is over.

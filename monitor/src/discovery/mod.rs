@@ -33,6 +33,7 @@ pub mod alloc;
 mod debuginfo;
 mod disasm;
 mod dwarf;
+mod dynamic;
 mod elf;
 mod hooks;
 mod naming;
@@ -137,6 +138,9 @@ pub struct TargetImage {
     /// running process is attached: tasks whose id is below its value then were spawned
     /// before attach (a first-poll hook sees them only when next polled).
     pub next_task_id: Option<u64>,
+    /// Sonames of the libraries the executable needs (`DT_NEEDED`): all mapped means the
+    /// dynamic loader is done with them (`targets::loader_done`).
+    pub needed_libraries: Vec<String>,
 }
 
 impl TargetImage {
@@ -536,6 +540,7 @@ pub fn analyze_with_debug_file(
         segments: img.segments.clone(),
         current_task_slot,
         next_task_id,
+        needed_libraries: dynamic::needed_libraries(&img.data),
     })
 }
 

@@ -4,8 +4,20 @@
 
 pub use leakscope_api::types::*;
 
+use std::collections::BTreeMap;
+
 use super::Sources;
 use crate::targets::procfs::monotonic_ns;
+
+/// The unit, container and pod labels of process `pid`.
+fn labels_of(sources: &Sources, pid: u32) -> BTreeMap<String, String> {
+    let workload = sources.workloads.get(pid);
+    workload
+        .labels()
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), value))
+        .collect()
+}
 
 /// `GET /api/v1/tasks`.
 pub fn tasks(sources: &Sources) -> TasksResponse {
@@ -14,7 +26,14 @@ pub fn tasks(sources: &Sources) -> TasksResponse {
         sites: ledger.snapshot(monotonic_ns()),
         stream: ledger.stream.stats,
         attached_processes: ledger.attached_processes(),
-        processes: ledger.process_summaries(),
+        processes: ledger
+            .process_summaries()
+            .into_iter()
+            .map(|mut p| {
+                p.labels = labels_of(sources, p.pid);
+                p
+            })
+            .collect(),
     }
 }
 
@@ -52,7 +71,13 @@ fn verdicts(
     select: fn(&crate::analysis::Analyzer) -> VerdictsResponse,
 ) -> VerdictsResponse {
     match &sources.analysis {
-        Some(analysis) => select(&analysis.lock().unwrap_or_else(|e| e.into_inner())),
+        Some(analysis) => {
+            let mut response = select(&analysis.lock().unwrap_or_else(|e| e.into_inner()));
+            for site in &mut response.sites {
+                site.labels = labels_of(sources, site.pid);
+            }
+            response
+        }
         None => VerdictsResponse {
             window_seconds: 0.0,
             sample_seconds: 0.0,

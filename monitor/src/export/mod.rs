@@ -15,6 +15,7 @@ use crate::bpf::counters::{KernelCounters, ProbeStats};
 use crate::state::heap::HeapLedger;
 use crate::state::tasks::TaskLedger;
 use crate::targets::HostScanStats;
+use crate::targets::workload::Workloads;
 
 /// What the exporter reads on each scrape.
 #[derive(Clone)]
@@ -29,6 +30,8 @@ pub struct Sources {
     pub analysis: Option<Arc<Mutex<Analyzer>>>,
     /// Present in host-wide mode.
     pub host: Option<Arc<Mutex<HostScanStats>>>,
+    /// The unit, container and pod of each attached process.
+    pub workloads: Workloads,
 }
 
 impl std::fmt::Debug for Sources {

@@ -21,6 +21,7 @@ use crate::analysis::Analyzer;
 use crate::bpf::counters::KernelCounters;
 use crate::state::heap::HeapLedger;
 use crate::targets::procfs::monotonic_ns;
+use crate::targets::workload::Workloads;
 
 #[derive(Debug)]
 struct TaskCollector(Sources);
@@ -48,13 +49,24 @@ fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".to_string())
 }
 
+/// The labels of a process's series: pid, exe, and the unit, container and pod it runs
+/// in where those are known (see `targets::workload`), so an alert names the service.
+fn process_labels(workloads: &Workloads, pid: u32, exe: &str) -> Labels {
+    let mut labels = vec![("pid", pid.to_string()), ("exe", exe.to_string())];
+    labels.extend(workloads.get(pid).labels());
+    labels
+}
+
 /// The labels of a site's series: `location` only when the binary has line info.
-fn site_labels(pid: u32, exe: &str, site: &str, location: Option<&str>) -> Labels {
-    let mut labels = vec![
-        ("pid", pid.to_string()),
-        ("exe", exe.to_string()),
-        ("site", site.to_string()),
-    ];
+fn site_labels(
+    workloads: &Workloads,
+    pid: u32,
+    exe: &str,
+    site: &str,
+    location: Option<&str>,
+) -> Labels {
+    let mut labels = process_labels(workloads, pid, exe);
+    labels.push(("site", site.to_string()));
     if let Some(location) = location {
         labels.push(("location", location.to_string()));
     }
@@ -71,7 +83,13 @@ impl Collector for TaskCollector {
         let ledger = self.0.ledger.lock().unwrap_or_else(|e| e.into_inner());
         let rows = ledger.snapshot(monotonic_ns());
         let labels = |r: &crate::state::tasks::SiteSnapshot| -> Labels {
-            site_labels(r.pid, &r.exe, &r.site, r.location.as_deref())
+            site_labels(
+                &self.0.workloads,
+                r.pid,
+                &r.exe,
+                &r.site,
+                r.location.as_deref(),
+            )
         };
         family(
             &mut encoder,
@@ -113,7 +131,7 @@ impl Collector for TaskCollector {
             MetricType::Counter,
             ledger.processes().map(|p| {
                 (
-                    vec![("pid", p.pid.to_string()), ("exe", p.exe.clone())],
+                    process_labels(&self.0.workloads, p.pid, &p.exe),
                     ConstCounter::new(p.completed_untracked),
                 )
             }),
@@ -127,7 +145,7 @@ impl Collector for TaskCollector {
             MetricType::Counter,
             ledger.processes().map(|p| {
                 (
-                    vec![("pid", p.pid.to_string()), ("exe", p.exe.clone())],
+                    process_labels(&self.0.workloads, p.pid, &p.exe),
                     ConstCounter::new(p.seen_spawned_before_attach),
                 )
             }),
@@ -200,7 +218,12 @@ impl Collector for TaskCollector {
             [(Labels::new(), ConstGauge::new(attached))],
         )?;
         if let Some(heap) = &self.0.heap {
-            encode_heap(&mut encoder, heap, self.0.kernel.as_deref())?;
+            encode_heap(
+                &mut encoder,
+                heap,
+                self.0.kernel.as_deref(),
+                &self.0.workloads,
+            )?;
         }
         if let Some(stats) = &self.0.probe_stats {
             let runs = stats.read();
@@ -225,7 +248,7 @@ impl Collector for TaskCollector {
             )?;
         }
         if let Some(analysis) = &self.0.analysis {
-            encode_verdicts(&mut encoder, analysis)?;
+            encode_verdicts(&mut encoder, analysis, &self.0.workloads)?;
         }
         if let Some(host) = &self.0.host {
             let host = *host.lock().unwrap_or_else(|e| e.into_inner());
@@ -256,6 +279,25 @@ impl Collector for TaskCollector {
             )?;
             family(
                 &mut encoder,
+                "leakscope_host_exec_to_attach_seconds",
+                "From the last exec of a tokio service, as the kernel reported it, to its \
+                 probes being in place.",
+                MetricType::Gauge,
+                [(
+                    Labels::new(),
+                    ConstGauge::new(host.last_exec_to_attach_seconds),
+                )],
+            )?;
+            family(
+                &mut encoder,
+                "leakscope_host_execs_lost",
+                "Execs the kernel could not report (its exec ring was full); those processes \
+                 are found by the next scan instead.",
+                MetricType::Counter,
+                scalar(self.0.kernel.as_ref().map_or(0, |k| k.execs_lost())),
+            )?;
+            family(
+                &mut encoder,
                 "leakscope_host_attach_failures",
                 "Processes of tokio services that could not be attached (the log says why).",
                 MetricType::Counter,
@@ -271,16 +313,15 @@ impl Collector for TaskCollector {
 fn encode_verdicts(
     encoder: &mut DescriptorEncoder,
     analysis: &Mutex<Analyzer>,
+    workloads: &Workloads,
 ) -> std::fmt::Result {
     let analysis = analysis.lock().unwrap_or_else(|e| e.into_inner());
     let verdicts = analysis.verdicts();
     let labels = |v: &SiteVerdict| -> Labels {
-        vec![
-            ("pid", v.pid.to_string()),
-            ("exe", v.exe.clone()),
-            ("kind", v.kind.as_str().to_string()),
-            ("site", v.site.clone()),
-        ]
+        let mut labels = process_labels(workloads, v.pid, &v.exe);
+        labels.push(("kind", v.kind.as_str().to_string()));
+        labels.push(("site", v.site.clone()));
+        labels
     };
     family(
         encoder,
@@ -317,11 +358,12 @@ fn encode_heap(
     encoder: &mut DescriptorEncoder,
     heap: &Mutex<HeapLedger>,
     kernel: Option<&KernelCounters>,
+    workloads: &Workloads,
 ) -> std::fmt::Result {
     let heap = heap.lock().unwrap_or_else(|e| e.into_inner());
     let rows = heap.snapshot();
     let labels = |r: &crate::state::heap::HeapGroupSnapshot| -> Labels {
-        let mut l = site_labels(r.pid, &r.exe, &r.site, r.location.as_deref());
+        let mut l = site_labels(workloads, r.pid, &r.exe, &r.site, r.location.as_deref());
         l.push(("task_site", r.task_site.clone()));
         l
     };
@@ -348,7 +390,7 @@ fn encode_heap(
             heap.processes()
                 .map(|p| {
                     (
-                        vec![("pid", p.pid.to_string()), ("exe", p.exe.clone())],
+                        process_labels(workloads, p.pid, &p.exe),
                         ConstCounter::new(value(p)),
                     )
                 })
@@ -430,6 +472,7 @@ mod tests {
             probe_stats: None,
             analysis: None,
             host: None,
+            workloads: Workloads::default(),
         };
         let text = render(&sources);
         for family in [

@@ -314,6 +314,7 @@ impl TaskLedger {
                 pid: p.pid,
                 exe: p.exe.clone(),
                 attached: p.probes_ready,
+                labels: Default::default(),
             })
             .collect();
         rows.sort_by_key(|r| r.pid);

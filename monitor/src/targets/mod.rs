@@ -4,6 +4,7 @@
 
 pub mod maps;
 pub mod procfs;
+pub mod workload;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,9 +13,12 @@ use thiserror::Error;
 
 use procfs::{ExeIdentity, ProcessInfo};
 
-/// How long a process runs before it is registered: its heap probes go into the libraries
-/// it maps, which the dynamic loader may still be mapping in its first moments. (Its task
-/// events are not lost meanwhile: `--exe` hooks are on the file and their events are held.)
+/// How long a process runs, at most, before it is registered: its heap probes go into the
+/// libraries it maps, which the dynamic loader may still be mapping in its first moments.
+/// Most processes are ready much sooner, as soon as every library they need is mapped
+/// ([`loader_done`]); this bounds the wait for those whose libraries cannot be counted
+/// (renamed sonames, `dlopen`ed allocators). Task events are not lost meanwhile: `--exe`
+/// hooks are on the file and their events are held.
 pub const SETTLE_BEFORE_ATTACH: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Error)]
@@ -52,13 +56,17 @@ impl ExeTargets {
         self.targets.iter().map(|(path, id)| (path.as_path(), *id))
     }
 
-    /// Processes running one of the targets that have run for [`SETTLE_BEFORE_ATTACH`].
-    pub fn settled_processes(&self) -> Vec<ProcessInfo> {
+    /// Processes running one of the targets (settled or not: see [`settled`]).
+    pub fn processes(&self) -> Vec<ProcessInfo> {
         self.targets
             .iter()
             .flat_map(|&(_, exe)| procfs::processes_running(exe))
-            .filter(|process| procfs::age(process).is_none_or(|age| age >= SETTLE_BEFORE_ATTACH))
             .collect()
+    }
+
+    /// True when `exe` is one of the targets.
+    pub fn contains(&self, exe: ExeIdentity) -> bool {
+        self.targets.iter().any(|&(_, id)| id == exe)
     }
 }
 
@@ -83,18 +91,26 @@ impl HostScan {
         }
     }
 
-    /// Processes that have settled and may be tokio services: the candidates of this scan.
+    /// Processes that may be tokio services (settled or not: see [`settled`]): the
+    /// candidates of this scan.
     pub fn candidates(&self) -> Vec<ProcessInfo> {
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return Vec::new();
         };
         entries
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|&pid| pid != 1 && pid != std::process::id())
-            .filter_map(|pid| procfs::process_info(pid).ok())
-            .filter(|p| Some(p.exe) != self.own_exe && p.exe_path.starts_with(&self.under))
-            .filter(|p| procfs::age(p).is_none_or(|age| age >= SETTLE_BEFORE_ATTACH))
+            .filter_map(|pid| self.candidate(pid))
             .collect()
+    }
+
+    /// Process `pid`, if it is a candidate of host-wide mode.
+    pub fn candidate(&self, pid: u32) -> Option<ProcessInfo> {
+        if pid == 1 || pid == std::process::id() {
+            return None;
+        }
+        procfs::process_info(pid)
+            .ok()
+            .filter(|p| Some(p.exe) != self.own_exe && p.exe_path.starts_with(&self.under))
     }
 }
 
@@ -108,6 +124,9 @@ pub struct HostScanStats {
     pub executables_skipped: u64,
     /// Processes that could not be attached (each tried once).
     pub attach_failures: u64,
+    /// From the kernel's report of the last exec of a service to its probes being in
+    /// place (the dynamic loader's work, the analysis of a new executable, attaching).
+    pub last_exec_to_attach_seconds: f64,
 }
 
 /// Whether the executable at `path` can be a tokio binary: tokio's source paths are in it.
@@ -116,15 +135,36 @@ pub fn mentions_tokio(path: &Path) -> bool {
     std::fs::read(path).is_ok_and(|data| memchr::memmem::find(&data, b"/tokio-1.").is_some())
 }
 
-/// Blocks until process `pid` has run for [`SETTLE_BEFORE_ATTACH`] (at once if it has, or
-/// if its age cannot be read).
-pub fn wait_settled(pid: u32) {
-    if let Some(age) = procfs::process_info(pid)
-        .ok()
-        .as_ref()
-        .and_then(procfs::age)
-        && age < SETTLE_BEFORE_ATTACH
-    {
-        std::thread::sleep(SETTLE_BEFORE_ATTACH - age);
+/// True when `process` can be attached: the dynamic loader has mapped the `needed`
+/// libraries (the executable's `DT_NEEDED`), or it has run for [`SETTLE_BEFORE_ATTACH`], or
+/// its age cannot be read.
+pub fn settled(process: &ProcessInfo, needed: &[String]) -> bool {
+    procfs::age(process).is_none_or(|age| age >= SETTLE_BEFORE_ATTACH)
+        || loader_done(process.pid, needed)
+}
+
+/// True once process `pid` maps at least as many shared libraries as it `needed`
+/// directly. The dynamic loader maps an executable's own `DT_NEEDED` libraries (breadth
+/// first) before their dependencies and before any of the program's code runs, so by then
+/// the allocator's library is in place. The loader itself is not counted on either side.
+pub fn loader_done(pid: u32, needed: &[String]) -> bool {
+    let is_loader = |name: &str| name.starts_with("ld-linux") || name.starts_with("ld-musl");
+    let wanted = needed.iter().filter(|name| !is_loader(name)).count();
+    if wanted == 0 {
+        return true;
+    }
+    let mapped = maps::mapped_libraries(pid)
+        .iter()
+        .filter_map(|path| path.file_name()?.to_str().map(str::to_string))
+        .filter(|name| name.contains(".so") && !is_loader(name))
+        .count();
+    mapped >= wanted
+}
+
+/// Blocks until process `pid` is [`settled`] (polling its maps every 5 ms; at most
+/// [`SETTLE_BEFORE_ATTACH`]).
+pub fn wait_settled(process: &ProcessInfo, needed: &[String]) {
+    while !settled(process, needed) && process.is_alive() {
+        std::thread::sleep(Duration::from_millis(5));
     }
 }

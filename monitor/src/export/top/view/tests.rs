@@ -5,6 +5,7 @@ use super::*;
 /// A task site of pid 7 with a rising history.
 pub fn site(name: &str, verdict: Verdict, score: f64, growth: f64, current: f64) -> SiteVerdict {
     SiteVerdict {
+        labels: Default::default(),
         pid: 7,
         exe: "/bin/app".into(),
         kind: SiteKind::Task,
