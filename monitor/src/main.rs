@@ -15,6 +15,7 @@ use leakscope::daemon::{self, DaemonConfig, config_file, report};
 use leakscope::export::inspect;
 use leakscope::export::report as report_table;
 use leakscope::export::top;
+use leakscope::targets::select::Selection;
 use leakscope::targets::workload::NodeFiles;
 
 #[derive(Debug, Parser)]
@@ -140,6 +141,14 @@ struct Targets {
     /// With --all: only executables whose path starts with this.
     #[arg(long, default_value = "/", requires = "all")]
     all_under: PathBuf,
+    /// With --all: watch only processes matching one of these KEY=GLOB rules (repeatable;
+    /// KEY: exe, unit, namespace, pod, container; e.g. --include unit='payments*.service').
+    #[arg(long, requires = "all")]
+    include: Vec<String>,
+    /// With --all: never watch processes matching one of these rules (repeatable; wins over
+    /// --include; e.g. --exclude namespace=kube-system).
+    #[arg(long, requires = "all")]
+    exclude: Vec<String>,
     /// Where the kubelet keeps `containers/` and `pods/` logs, whose names give each
     /// container's namespace, pod and container name (labels of its series).
     #[arg(long, default_value = "/var/log")]
@@ -219,8 +228,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn daemon_config(targets: Targets, heap: HeapMode, analysis: AnalysisConfig) -> DaemonConfig {
-    DaemonConfig {
+fn daemon_config(
+    targets: Targets,
+    heap: HeapMode,
+    analysis: AnalysisConfig,
+) -> anyhow::Result<DaemonConfig> {
+    Ok(DaemonConfig {
+        select: Selection::parse(&targets.include, &targets.exclude)?,
         pids: targets.pids,
         exes: targets.exes,
         host: targets.all.then_some(targets.all_under),
@@ -233,7 +247,7 @@ fn daemon_config(targets: Targets, heap: HeapMode, analysis: AnalysisConfig) -> 
         node: NodeFiles {
             log_dir: targets.node_log_dir,
         },
-    }
+    })
 }
 
 fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
@@ -273,6 +287,8 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
                 take!("exes", targets.exes, file.targets.exes);
                 take!("all", targets.all, file.targets.all);
                 take!("all_under", targets.all_under, file.targets.all_under);
+                take!("include", targets.include, file.targets.include);
+                take!("exclude", targets.exclude, file.targets.exclude);
                 take!(
                     "node_log_dir",
                     targets.node_log_dir,
@@ -319,7 +335,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
                 listen,
                 rescan: Duration::from_secs_f64(rescan_seconds.max(0.05)),
                 probe_stats,
-                ..daemon_config(targets, heap, analysis)
+                ..daemon_config(targets, heap, analysis)?
             };
             runtime()?.block_on(daemon::run(config))?;
             Ok(ExitCode::SUCCESS)
@@ -337,7 +353,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
                 (duration / 30.0).clamp(0.1, 5.0),
                 duration,
             ));
-            let config = daemon_config(targets, heap, analysis);
+            let config = daemon_config(targets, heap, analysis)?;
             let verdicts = runtime()?.block_on(report::watch(&config, duration))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&verdicts)?);
@@ -409,7 +425,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
             let mut source: Vec<String> = targets.pids.iter().map(|p| format!("pid {p}")).collect();
             source.extend(targets.exes.iter().map(|e| e.display().to_string()));
             let analysis = AnalysisConfig::new(top::REFRESH.as_secs_f64(), verdict_window_seconds);
-            let config = daemon_config(targets, heap, analysis);
+            let config = daemon_config(targets, heap, analysis)?;
             let runtime = runtime()?;
             let mut session =
                 runtime.block_on(leakscope::daemon::session::Session::start(&config))?;

@@ -236,4 +236,24 @@ fn a_service_in_a_container_is_found_attached_and_labelled() {
         None,
         "a container's scope is not a unit"
     );
+
+    // The same service under a rule that excludes its namespace is left alone, and the
+    // self-metrics say so.
+    let (_excluding, excluding) = start_daemon(&[
+        "--all".into(),
+        "--all-under".into(),
+        inside.clone(),
+        "--node-log-dir".into(),
+        node_logs.path().display().to_string(),
+        "--exclude".into(),
+        "namespace=sh*".into(),
+    ]);
+    eventually("the exclusion is counted", Duration::from_secs(10), || {
+        let excluded = sum(&scrape(excluding), "leakscope_host_processes_excluded", &[]);
+        (excluded == 1.0)
+            .then_some(())
+            .ok_or(format!("{excluded} excluded"))
+    });
+    let tasks: TasksResponse = Client::new(excluding).tasks().expect("/api/v1/tasks");
+    assert!(tasks.processes.is_empty(), "{:?}", tasks.processes);
 }

@@ -60,6 +60,8 @@ pub struct TargetsSection {
     pub exes: Option<Vec<PathBuf>>,
     pub all: Option<bool>,
     pub all_under: Option<PathBuf>,
+    pub include: Option<Vec<String>>,
+    pub exclude: Option<Vec<String>>,
     pub node_log_dir: Option<PathBuf>,
     pub heap_max_blocks: Option<u32>,
 }

@@ -20,6 +20,7 @@ use log::info;
 
 use crate::analysis::AnalysisConfig;
 use crate::daemon::heap::HeapMode;
+use crate::targets::select::Selection;
 use crate::targets::workload::NodeFiles;
 use session::Session;
 
@@ -42,6 +43,8 @@ pub struct DaemonConfig {
     pub analysis: AnalysisConfig,
     /// Where the node's files name containers and pods.
     pub node: NodeFiles,
+    /// Host-wide mode's `--include`/`--exclude` rules.
+    pub select: Selection,
 }
 
 /// Runs until SIGINT or SIGTERM: attaches, serves the exports, follows processes as they

@@ -18,7 +18,7 @@ use crate::bpf::plan;
 use crate::discovery::{self, TargetImage};
 use crate::state::tasks::{ProcessTasks, TaskLedger};
 use crate::targets::procfs::{self, ExeIdentity, ProcessInfo};
-use crate::targets::workload::{self, NodeFiles, Workloads};
+use crate::targets::workload::{self, NodeFiles, Workload, Workloads};
 use crate::targets::{self, ExeTargets, HostScan, HostScanStats, mentions_tokio};
 
 /// A process the daemon is attached to, and its probes.
@@ -46,6 +46,8 @@ pub struct ProcessRegistry {
     node: NodeFiles,
     /// Processes seen at exec, waiting for their loader, and when they were seen.
     fresh: HashMap<u32, Instant>,
+    /// Host-wide mode: processes (pid, start time) left alone by `--include`/`--exclude`.
+    excluded: HashSet<(u32, u64)>,
 }
 
 /// What host-wide mode made of one process.
@@ -88,6 +90,7 @@ impl ProcessRegistry {
             workloads: Workloads::default(),
             node,
             fresh: HashMap::new(),
+            excluded: HashSet::new(),
         }
     }
 
@@ -262,6 +265,11 @@ impl ProcessRegistry {
             self.detach(pid);
             info!("pid {pid} exited: detached and forgot its tasks");
         }
+        // What was decided about processes that are gone is forgotten with them.
+        let running =
+            |&(pid, start): &(u32, u64)| procfs::start_time(pid).is_ok_and(|t| t == start);
+        self.failed.retain(running);
+        self.excluded.retain(running);
         self.ledger
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -293,6 +301,8 @@ impl ProcessRegistry {
             info!("pid {pid} exec'd a new program: detached from the old one and forgot its tasks");
         }
         self.failed.retain(|&(failed_pid, _)| failed_pid != pid);
+        self.excluded
+            .retain(|&(excluded_pid, _)| excluded_pid != pid);
         self.fresh.entry(pid).or_insert_with(Instant::now);
     }
 
@@ -325,7 +335,7 @@ impl ProcessRegistry {
                 Ok(_) => match host {
                     Some((host, stats)) => match host.candidate(pid) {
                         Some(process) => {
-                            let outcome = self.consider(process);
+                            let outcome = self.consider(host, process);
                             if let Consideration::Attached = outcome {
                                 let mut stats = stats.lock().unwrap_or_else(|e| e.into_inner());
                                 stats.last_exec_to_attach_seconds = seen.elapsed().as_secs_f64();
@@ -365,21 +375,40 @@ impl ProcessRegistry {
     pub fn scan_host(&mut self, host: &HostScan, stats: &Mutex<HostScanStats>) {
         let started = Instant::now();
         for process in host.candidates() {
-            self.consider(process);
+            self.consider(host, process);
         }
         let mut stats = stats.lock().unwrap_or_else(|e| e.into_inner());
         stats.scans += 1;
         stats.last_scan_seconds = started.elapsed().as_secs_f64();
         stats.executables_skipped = self.not_services.len() as u64;
         stats.attach_failures = self.failed.len() as u64;
+        stats.processes_excluded = self.excluded.len() as u64;
     }
 
     /// Host-wide mode: attaches `process` if it is a settled tokio service not attached yet.
-    fn consider(&mut self, process: ProcessInfo) -> Consideration {
+    fn consider(&mut self, host: &HostScan, process: ProcessInfo) -> Consideration {
+        let key = (process.pid, process.start_time);
         if self.attached.contains_key(&process.pid)
             || self.not_services.contains(&process.exe)
-            || self.failed.contains(&(process.pid, process.start_time))
+            || self.failed.contains(&key)
+            || self.excluded.contains(&key)
         {
+            return Consideration::Skipped;
+        }
+        let workload = if host.selection.needs_workload() {
+            workload::of_process(process.pid, &self.node)
+        } else {
+            Workload::default()
+        };
+        if let Err(rule) = host
+            .selection
+            .admits(&process.exe_path.to_string_lossy(), &workload)
+        {
+            match rule {
+                Some(rule) => debug!("pid {}: excluded by {rule}", process.pid),
+                None => debug!("pid {}: matches no --include rule", process.pid),
+            }
+            self.excluded.insert(key);
             return Consideration::Skipped;
         }
         let image = match self.images.entry(process.exe) {

@@ -126,7 +126,7 @@ impl Session {
         let host = config
             .host
             .clone()
-            .map(|under| (HostScan::new(under), Arc::default()));
+            .map(|under| (HostScan::new(under, config.select.clone()), Arc::default()));
         if let Some((host, stats)) = &host {
             registry.scan_host(host, stats);
         }

@@ -279,6 +279,16 @@ impl Collector for TaskCollector {
             )?;
             family(
                 &mut encoder,
+                "leakscope_host_processes_excluded",
+                "Tokio services running now that --include/--exclude leave alone.",
+                MetricType::Gauge,
+                [(
+                    Labels::new(),
+                    ConstGauge::new(host.processes_excluded as i64),
+                )],
+            )?;
+            family(
+                &mut encoder,
                 "leakscope_host_exec_to_attach_seconds",
                 "From the last exec of a tokio service, as the kernel reported it, to its \
                  probes being in place.",

@@ -4,6 +4,7 @@
 
 pub mod maps;
 pub mod procfs;
+pub mod select;
 pub mod workload;
 
 use std::path::{Path, PathBuf};
@@ -80,13 +81,16 @@ impl ExeTargets {
 pub struct HostScan {
     /// Only executables whose path (as the process sees it) starts with this.
     pub under: PathBuf,
+    /// `--include` and `--exclude`.
+    pub selection: select::Selection,
     own_exe: Option<ExeIdentity>,
 }
 
 impl HostScan {
-    pub fn new(under: PathBuf) -> Self {
+    pub fn new(under: PathBuf, selection: select::Selection) -> Self {
         Self {
             under,
+            selection,
             own_exe: procfs::exe_identity(Path::new("/proc/self/exe")).ok(),
         }
     }
@@ -124,6 +128,8 @@ pub struct HostScanStats {
     pub executables_skipped: u64,
     /// Processes that could not be attached (each tried once).
     pub attach_failures: u64,
+    /// Tokio services left alone by `--include`/`--exclude` (each judged once).
+    pub processes_excluded: u64,
     /// From the kernel's report of the last exec of a service to its probes being in
     /// place (the dynamic loader's work, the analysis of a new executable, attaching).
     pub last_exec_to_attach_seconds: f64,

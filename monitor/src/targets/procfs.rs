@@ -117,7 +117,8 @@ pub fn process_info(pid: u32) -> Result<ProcessInfo, ProcError> {
     })
 }
 
-fn start_time(pid: u32) -> Result<u64, ProcError> {
+/// Clock ticks since boot at the start of process `pid` (with the pid, its identity).
+pub fn start_time(pid: u32) -> Result<u64, ProcError> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
             ProcError::NoSuchProcess(pid)
