@@ -33,41 +33,7 @@ struct Cli {
 enum Command {
     /// Attach to running processes and export per-spawn-site task counts (and, with --heap,
     /// live heap per allocation callsite), and leak verdicts.
-    Daemon {
-        /// Read settings from this TOML file (see README, "Config file"); flags given on
-        /// the command line win over it.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[command(flatten)]
-        targets: Targets,
-        /// Address for /metrics, /healthz and the JSON API (/api/v1/tasks, /api/v1/heap,
-        /// /api/v1/suspects, /api/v1/sites).
-        #[arg(long, default_value = "127.0.0.1:9464")]
-        listen: SocketAddr,
-        /// Seconds between checks for exited and newly started targets.
-        #[arg(long, default_value_t = 1.0)]
-        rescan_seconds: f64,
-        /// Heap tracking: `off` (task tracking only), `exact` (every allocation of the
-        /// watched processes, ~2.6 µs per allocate+free) or `sampled` (1 in 16 blocks,
-        /// figures scaled; ~1.8 µs). See README for why the default is off.
-        #[arg(long, value_enum, default_value = "off")]
-        heap: HeapMode,
-        /// Export leakscope_probe_runs_total and leakscope_probe_run_seconds_total: how often
-        /// each of leakscope's BPF programs ran in the watched processes and for how long.
-        /// Turns on the kernel's BPF statistics while the daemon runs, which adds two clock
-        /// reads to every BPF program run on the host.
-        #[arg(long)]
-        probe_stats: bool,
-        /// Seconds of history a leak verdict looks at; a site is judged once half of it is
-        /// sampled.
-        #[arg(long, default_value_t = 120.0)]
-        verdict_window_seconds: f64,
-        /// Seconds between the samples verdicts are made from.
-        #[arg(long, default_value_t = 5.0)]
-        verdict_sample_seconds: f64,
-        #[command(flatten)]
-        thresholds: VerdictThresholds,
-    },
+    Daemon(DaemonArgs),
     /// Attach for a while, then print the leak suspects with their evidence and remedy.
     /// Exits 0 when there is none, 1 when there are suspects, 2 on error: usable as a CI or
     /// canary gate.
@@ -125,8 +91,60 @@ enum Command {
     },
 }
 
+/// `leakscope daemon`'s flags.
+#[derive(Debug, Clone, Args)]
+struct DaemonArgs {
+    /// Read settings from this TOML file (see README, "Config file"); flags given on
+    /// the command line win over it. Default: /etc/leakscope/config.toml when it exists.
+    /// SIGHUP reads it again.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    targets: Targets,
+    /// Address for /metrics, /healthz and the JSON API (/api/v1/tasks, /api/v1/heap,
+    /// /api/v1/suspects, /api/v1/sites).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    listen: SocketAddr,
+    /// Seconds between checks for exited and newly started targets.
+    #[arg(long, default_value_t = 1.0)]
+    rescan_seconds: f64,
+    /// Heap tracking: `off` (task tracking only), `exact` (every allocation of the
+    /// watched processes, ~2.6 µs per allocate+free) or `sampled` (1 in 16 blocks,
+    /// figures scaled; ~1.8 µs). See README for why the default is off.
+    #[arg(long, value_enum, default_value = "off")]
+    heap: HeapMode,
+    /// Export leakscope_probe_runs_total and leakscope_probe_run_seconds_total: how often
+    /// each of leakscope's BPF programs ran in the watched processes and for how long.
+    /// Turns on the kernel's BPF statistics while the daemon runs, which adds two clock
+    /// reads to every BPF program run on the host.
+    #[arg(long)]
+    probe_stats: bool,
+    /// Seconds of history a leak verdict looks at; a site is judged once half of it is
+    /// sampled.
+    #[arg(long, default_value_t = 120.0)]
+    verdict_window_seconds: f64,
+    /// Seconds between the samples verdicts are made from.
+    #[arg(long, default_value_t = 5.0)]
+    verdict_sample_seconds: f64,
+    #[command(flatten)]
+    thresholds: VerdictThresholds,
+    /// Log lines as text (journald's priority prefixes when run under systemd) or as one
+    /// JSON object per line.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The config file read when `--config` is not given, if it exists.
+const DEFAULT_CONFIG: &str = "/etc/leakscope/config.toml";
+
 /// Which processes to watch.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 struct Targets {
     /// Process to watch (repeatable).
     #[arg(long = "pid")]
@@ -163,7 +181,7 @@ struct Targets {
 
 /// What makes a suspect (README, Verdicts); the defaults pass the fixtures' leaks and
 /// non-leaks.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 struct VerdictThresholds {
     /// One-sided Mann-Kendall p-value below which a rise over the window counts.
     #[arg(long, default_value_t = 0.01)]
@@ -193,6 +211,37 @@ impl VerdictThresholds {
 /// Where Debian/Ubuntu x86_64 keep glibc: what an executable given by path would map.
 const SYSTEM_LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
 
+/// One line per event on stderr: plain text, with journald's `<N>` priority prefixes (and
+/// no timestamp, which the journal adds) when stderr is the journal, or one JSON object per
+/// line for log pipelines.
+fn init_logging(default_level: &str, format: LogFormat) {
+    use std::io::Write as _;
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level));
+    if format == LogFormat::Json {
+        builder.format(|buf, record| {
+            let line = serde_json::json!({
+                "ts": buf.timestamp().to_string(),
+                "level": record.level().as_str(),
+                "target": record.target(),
+                "msg": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    } else if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.format(|buf, record| {
+            let priority = match record.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                log::Level::Debug | log::Level::Trace => 7,
+            };
+            writeln!(buf, "<{priority}>{}: {}", record.target(), record.args())
+        });
+    }
+    builder.init();
+}
+
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
@@ -203,8 +252,11 @@ fn main() -> ExitCode {
         Command::Top { .. } => "off",
         _ => "info",
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
-        .init();
+    let log_format = match &cli.command {
+        Command::Daemon(args) => args.log_format,
+        _ => LogFormat::Text,
+    };
+    init_logging(default_level, log_format);
     let report = matches!(cli.command, Command::Report { .. });
     match run(cli, &matches) {
         Ok(code) => code,
@@ -250,94 +302,109 @@ fn daemon_config(
     })
 }
 
+/// The daemon's settings: its flags, over the config file's (`--config`, or
+/// [`DEFAULT_CONFIG`] when it exists), over the defaults.
+fn daemon_settings(args: DaemonArgs, given: &ArgMatches) -> anyhow::Result<DaemonConfig> {
+    let DaemonArgs {
+        config,
+        mut targets,
+        mut listen,
+        mut rescan_seconds,
+        mut heap,
+        mut probe_stats,
+        mut verdict_window_seconds,
+        mut verdict_sample_seconds,
+        mut thresholds,
+        log_format: _,
+    } = args;
+    let config = config.or_else(|| {
+        let default = PathBuf::from(DEFAULT_CONFIG);
+        default.exists().then_some(default)
+    });
+    if let Some(path) = config {
+        let file = config_file::load(&path)?;
+        // A setting of the file applies unless its flag was given.
+        let from_file = |id: &str| given.value_source(id) != Some(ValueSource::CommandLine);
+        macro_rules! take {
+            ($id:literal, $field:expr, $value:expr) => {
+                if from_file($id)
+                    && let Some(value) = $value
+                {
+                    $field = value;
+                }
+            };
+        }
+        take!("listen", listen, file.listen);
+        take!("heap", heap, file.heap);
+        take!("probe_stats", probe_stats, file.probe_stats);
+        take!("rescan_seconds", rescan_seconds, file.rescan_seconds);
+        take!("pids", targets.pids, file.targets.pids);
+        take!("exes", targets.exes, file.targets.exes);
+        take!("all", targets.all, file.targets.all);
+        take!("all_under", targets.all_under, file.targets.all_under);
+        take!("include", targets.include, file.targets.include);
+        take!("exclude", targets.exclude, file.targets.exclude);
+        take!(
+            "node_log_dir",
+            targets.node_log_dir,
+            file.targets.node_log_dir
+        );
+        take!(
+            "heap_max_blocks",
+            targets.heap_max_blocks,
+            file.targets.heap_max_blocks
+        );
+        let v = file.verdicts;
+        take!(
+            "verdict_window_seconds",
+            verdict_window_seconds,
+            v.window_seconds
+        );
+        take!(
+            "verdict_sample_seconds",
+            verdict_sample_seconds,
+            v.sample_seconds
+        );
+        take!("verdict_p_value", thresholds.verdict_p_value, v.p_value);
+        take!(
+            "verdict_min_tasks",
+            thresholds.verdict_min_tasks,
+            v.min_tasks
+        );
+        take!(
+            "verdict_min_heap_bytes_per_second",
+            thresholds.verdict_min_heap_bytes_per_second,
+            v.min_heap_bytes_per_second
+        );
+        take!(
+            "verdict_min_heap_growth_ratio",
+            thresholds.verdict_min_heap_growth_ratio,
+            v.min_heap_growth_ratio
+        );
+    }
+    let analysis = thresholds.apply(AnalysisConfig::new(
+        verdict_sample_seconds,
+        verdict_window_seconds,
+    ));
+    Ok(DaemonConfig {
+        listen,
+        rescan: Duration::from_secs_f64(rescan_seconds.max(0.05)),
+        probe_stats,
+        ..daemon_config(targets, heap, analysis)?
+    })
+}
+
 fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Daemon {
-            config,
-            mut targets,
-            mut listen,
-            mut rescan_seconds,
-            mut heap,
-            mut probe_stats,
-            mut verdict_window_seconds,
-            mut verdict_sample_seconds,
-            mut thresholds,
-        } => {
-            if let Some(path) = config {
-                let file = config_file::load(&path)?;
-                let given = matches
-                    .subcommand_matches("daemon")
-                    .expect("the daemon subcommand");
-                // A setting of the file applies unless its flag was given.
-                let from_file = |id: &str| given.value_source(id) != Some(ValueSource::CommandLine);
-                macro_rules! take {
-                    ($id:literal, $field:expr, $value:expr) => {
-                        if from_file($id)
-                            && let Some(value) = $value
-                        {
-                            $field = value;
-                        }
-                    };
-                }
-                take!("listen", listen, file.listen);
-                take!("heap", heap, file.heap);
-                take!("probe_stats", probe_stats, file.probe_stats);
-                take!("rescan_seconds", rescan_seconds, file.rescan_seconds);
-                take!("pids", targets.pids, file.targets.pids);
-                take!("exes", targets.exes, file.targets.exes);
-                take!("all", targets.all, file.targets.all);
-                take!("all_under", targets.all_under, file.targets.all_under);
-                take!("include", targets.include, file.targets.include);
-                take!("exclude", targets.exclude, file.targets.exclude);
-                take!(
-                    "node_log_dir",
-                    targets.node_log_dir,
-                    file.targets.node_log_dir
-                );
-                take!(
-                    "heap_max_blocks",
-                    targets.heap_max_blocks,
-                    file.targets.heap_max_blocks
-                );
-                let v = file.verdicts;
-                take!(
-                    "verdict_window_seconds",
-                    verdict_window_seconds,
-                    v.window_seconds
-                );
-                take!(
-                    "verdict_sample_seconds",
-                    verdict_sample_seconds,
-                    v.sample_seconds
-                );
-                take!("verdict_p_value", thresholds.verdict_p_value, v.p_value);
-                take!(
-                    "verdict_min_tasks",
-                    thresholds.verdict_min_tasks,
-                    v.min_tasks
-                );
-                take!(
-                    "verdict_min_heap_bytes_per_second",
-                    thresholds.verdict_min_heap_bytes_per_second,
-                    v.min_heap_bytes_per_second
-                );
-                take!(
-                    "verdict_min_heap_growth_ratio",
-                    thresholds.verdict_min_heap_growth_ratio,
-                    v.min_heap_growth_ratio
-                );
-            }
-            let analysis = thresholds.apply(AnalysisConfig::new(
-                verdict_sample_seconds,
-                verdict_window_seconds,
-            ));
-            let config = DaemonConfig {
-                listen,
-                rescan: Duration::from_secs_f64(rescan_seconds.max(0.05)),
-                probe_stats,
-                ..daemon_config(targets, heap, analysis)?
-            };
-            runtime()?.block_on(daemon::run(config))?;
+        Command::Daemon(args) => {
+            let given = matches
+                .subcommand_matches("daemon")
+                .expect("the daemon subcommand")
+                .clone();
+            let config = daemon_settings(args.clone(), &given)?;
+            // SIGHUP: the same flags over the file as it is now.
+            let reload = move || daemon_settings(args.clone(), &given);
+            runtime()?.block_on(daemon::run(config, reload))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Report {

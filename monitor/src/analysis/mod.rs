@@ -101,6 +101,11 @@ impl Analyzer {
         &self.config
     }
 
+    /// New thresholds for the next judgements (a config reload); the history kept stays.
+    pub fn set_thresholds(&mut self, thresholds: Thresholds) {
+        self.config.thresholds = thresholds;
+    }
+
     /// Takes one sample of every site at `t` seconds and judges them all again.
     pub fn observe(&mut self, t: f64, tasks: &[SiteSnapshot], heap: &[HeapGroupSnapshot]) {
         self.latest.clear();

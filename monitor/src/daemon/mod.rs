@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
-use log::info;
+use log::{error, info, warn};
 
 use crate::analysis::AnalysisConfig;
 use crate::daemon::heap::HeapMode;
@@ -48,13 +48,20 @@ pub struct DaemonConfig {
 }
 
 /// Runs until SIGINT or SIGTERM: attaches, serves the exports, follows processes as they
-/// start and exit, and samples the ledgers for the verdicts.
-pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
+/// start and exit, and samples the ledgers for the verdicts. SIGHUP calls `reload` for the
+/// settings as they are now and applies what can change while running (see
+/// [`Session::reconfigure`]); a bad config is logged and the running settings are kept.
+pub async fn run(
+    config: DaemonConfig,
+    reload: impl Fn() -> anyhow::Result<DaemonConfig>,
+) -> anyhow::Result<()> {
     let mut session = Session::start(&config).await?;
     let server = http::serve(config.listen, session.sources()).await?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut rescan = tokio::time::interval(config.rescan);
     let mut sample = tokio::time::interval(Duration::from_secs_f64(config.analysis.period));
+    let mut running = config;
     loop {
         tokio::select! {
             followed = session.follow_processes(&mut rescan) => {
@@ -63,6 +70,16 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
                 }
             }
             _ = sample.tick() => session.sample(),
+            _ = hangup.recv() => match reload() {
+                Ok(new) => {
+                    for setting in session.reconfigure(&running, &new) {
+                        warn!("reload: {setting} changed in the config; restart leakscope to apply it");
+                    }
+                    info!("reload: config read again and applied");
+                    running = new;
+                }
+                Err(err) => error!("reload: {err:#}; keeping the running settings"),
+            },
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
         }

@@ -448,6 +448,27 @@ impl ProcessRegistry {
         }
     }
 
+    /// Host-wide mode, after the rules changed: every process is judged again, and those
+    /// attached that the rules no longer admit are detached.
+    pub fn reselect(&mut self, host: &HostScan) {
+        self.excluded.clear();
+        let dropped: Vec<u32> = self
+            .attached
+            .values()
+            .filter(|p| {
+                let workload = self.workloads.get(p.info.pid);
+                host.selection
+                    .admits(&p.info.exe_path.to_string_lossy(), &workload)
+                    .is_err()
+            })
+            .map(|p| p.info.pid)
+            .collect();
+        for pid in dropped {
+            self.detach(pid);
+            info!("pid {pid}: no longer selected by --include/--exclude: detached");
+        }
+    }
+
     /// Detaches every probe, of every process and executable, at once (at shutdown).
     pub fn detach_all(&mut self) {
         let mut links: Vec<AttachedLink> = self

@@ -229,6 +229,49 @@ impl Session {
         self.registry.attach_fresh(&self.exes, host);
     }
 
+    /// Applies what changed from `running` to `new` that can change while running: the
+    /// `--include`/`--exclude` rules (processes no longer admitted are detached, excluded
+    /// ones judged again) and the verdict thresholds. Returns the settings that changed but
+    /// need a restart.
+    pub fn reconfigure(&mut self, running: &DaemonConfig, new: &DaemonConfig) -> Vec<&'static str> {
+        if let Some((host, _)) = &mut self.host {
+            host.selection = new.select.clone();
+            self.registry.reselect(host);
+        }
+        {
+            let mut analysis = self.analysis.lock().unwrap_or_else(|e| e.into_inner());
+            let mut thresholds = new.analysis.thresholds;
+            // The window sizes the history kept: it stays.
+            thresholds.window = running.analysis.thresholds.window;
+            thresholds.min_samples = running.analysis.thresholds.min_samples;
+            analysis.set_thresholds(thresholds);
+        }
+        let mut restart = Vec::new();
+        let mut changed = |name, differs: bool| {
+            if differs {
+                restart.push(name);
+            }
+        };
+        changed("pids", running.pids != new.pids);
+        changed("exes", running.exes != new.exes);
+        changed("all/all_under", running.host != new.host);
+        changed("listen", running.listen != new.listen);
+        changed("rescan_seconds", running.rescan != new.rescan);
+        changed("heap", running.heap != new.heap);
+        changed(
+            "heap_max_blocks",
+            running.heap_max_blocks != new.heap_max_blocks,
+        );
+        changed("probe_stats", running.probe_stats != new.probe_stats);
+        changed("node_log_dir", running.node != new.node);
+        changed(
+            "verdict window/sample",
+            running.analysis.period != new.analysis.period
+                || running.analysis.thresholds.window != new.analysis.thresholds.window,
+        );
+        restart
+    }
+
     /// Samples the ledgers and judges every site again.
     pub fn sample(&self) {
         let t = self.started.elapsed().as_secs_f64();

@@ -109,6 +109,15 @@ pub fn free_loopback_addr() -> Result<SocketAddr, String> {
 /// Starts `leakscope daemon ARGS --listen <free port>` and waits until `/healthz` answers;
 /// fails if the daemon exits first (probes refused, bad target) or does not answer in 30 s.
 pub fn start_daemon(leakscope: &Path, args: &[String]) -> Result<(Proc, Client), String> {
+    start_daemon_logging(leakscope, args, Stdio::inherit())
+}
+
+/// [`start_daemon`], with the daemon's log (its stderr) going to `log`.
+pub fn start_daemon_logging(
+    leakscope: &Path,
+    args: &[String],
+    log: Stdio,
+) -> Result<(Proc, Client), String> {
     let listen = free_loopback_addr()?;
     let child = Command::new(leakscope)
         .arg("daemon")
@@ -116,7 +125,7 @@ pub fn start_daemon(leakscope: &Path, args: &[String]) -> Result<(Proc, Client),
         .arg("--listen")
         .arg(listen.to_string())
         .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
+        .stderr(log)
         .spawn()
         .map_err(|e| format!("starting {}: {e}", leakscope.display()))?;
     let mut daemon = Proc {
