@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use leakscope::analysis::AnalysisConfig;
+use leakscope::bpf::preflight;
 use leakscope::daemon::heap::HeapMode;
 use leakscope::daemon::{self, DaemonConfig, config_file, report};
 use leakscope::export::inspect;
@@ -54,6 +55,10 @@ enum Command {
         #[command(flatten)]
         thresholds: VerdictThresholds,
     },
+    /// Check what this kernel and these privileges allow (capabilities, BTF, uprobes, the
+    /// exec tracepoint, a real uprobe placed and removed) and say how to fix what is
+    /// missing. Exits 1 when leakscope cannot run here.
+    Doctor,
     /// Check a config file without starting: prints the settings it makes, or the one line
     /// that says what is wrong (exit 1).
     CheckConfig {
@@ -435,6 +440,25 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             } else {
                 ExitCode::SUCCESS
+            })
+        }
+        Command::Doctor => {
+            let mut checks = preflight::static_checks();
+            checks.extend(preflight::live_checks(std::path::Path::new(SYSTEM_LIBC)));
+            for check in &checks {
+                let mark = match check.status {
+                    preflight::Status::Ok => "ok  ",
+                    preflight::Status::Warning => "warn",
+                    preflight::Status::Missing => "FAIL",
+                };
+                println!("{mark} {}", check.line());
+            }
+            Ok(match preflight::refusal(&checks) {
+                None => {
+                    println!("leakscope can run here");
+                    ExitCode::SUCCESS
+                }
+                Some(_) => ExitCode::FAILURE,
             })
         }
         Command::CheckConfig { file } => {

@@ -95,6 +95,54 @@ fn the_daemon_attaches_with_exactly_the_units_capabilities() {
     drop(daemon);
 }
 
+/// With one of the unit's capabilities removed, `leakscope doctor` and the daemon agree: a
+/// capability the doctor calls required makes the daemon refuse to start, naming it.
+#[test]
+fn without_a_required_capability_doctor_and_daemon_name_it() {
+    if !ebpf_available("capability removed") {
+        return;
+    }
+    let caps = unit_capabilities();
+    let mut required = 0;
+    for removed in &caps {
+        let kept: Vec<String> = caps
+            .iter()
+            .filter(|c| *c != removed)
+            .map(|c| format!("+{}", c.to_lowercase()))
+            .collect();
+        let setpriv = |args: &[&str]| {
+            Command::new("setpriv")
+                .arg(format!("--bounding-set=-all,{}", kept.join(",")))
+                .arg("--")
+                .arg(env!("CARGO_BIN_EXE_leakscope"))
+                .args(args)
+                .output()
+                .expect("running setpriv")
+        };
+        let doctor = setpriv(&["doctor"]);
+        let report = String::from_utf8_lossy(&doctor.stdout).to_string();
+        let named = format!("FAIL CAP_{removed}: missing");
+        if !report.contains(&named) {
+            assert!(doctor.status.success(), "without CAP_{removed}:\n{report}");
+            continue;
+        }
+        required += 1;
+        assert!(!doctor.status.success(), "without CAP_{removed}:\n{report}");
+        // Host-wide under a path nothing runs from: nothing to analyse before the check.
+        let daemon = setpriv(&["daemon", "--all", "--all-under", "/leakscope-nothing-here"]);
+        let error = String::from_utf8_lossy(&daemon.stderr);
+        assert!(
+            !daemon.status.success() && error.contains(&format!("CAP_{removed}: missing")),
+            "the daemon without CAP_{removed}: {error}"
+        );
+    }
+    // BPF, PERFMON and SYS_ADMIN at least are needed on every kernel leakscope supports.
+    assert!(
+        required >= 3,
+        "only {required} capabilities were found required"
+    );
+}
+
 /// The capability names a line of the unit or the manifest grants, as `BPF`, `PERFMON`, ...
 fn unit_capabilities() -> std::collections::BTreeSet<String> {
     unit_text()

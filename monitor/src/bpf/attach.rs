@@ -86,6 +86,27 @@ impl Probes {
         self.attach_all(&requests, scope(Some(pid)))
     }
 
+    /// Places a uprobe on `symbol` in `library` for this process alone and removes it: what
+    /// `leakscope doctor` proves the kernel and the privileges allow.
+    pub fn try_uprobe(
+        &mut self,
+        library: &std::path::Path,
+        symbol: &str,
+    ) -> Result<(), ProbeError> {
+        let program = self.program(monitor_common::names::program::HEAP_FREE_ENTRY)?;
+        program.load()?;
+        let link = program
+            .attach(symbol, library, UProbeScope::CallingProcess)
+            .map_err(|source| ProbeError::Attach {
+                symbol: symbol.to_string(),
+                offset: 0,
+                target: library.display().to_string(),
+                source: Box::new(source),
+            })?;
+        program.detach(link)?;
+        Ok(())
+    }
+
     /// Attaches every request, or none: on the first failure the ones already attached are
     /// detached again, so nothing is left half-attached.
     fn attach_all(

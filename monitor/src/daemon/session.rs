@@ -20,6 +20,7 @@ use super::registry::{ProcessRegistry, analyze_process};
 use crate::analysis::Analyzer;
 use crate::bpf::counters::ProbeStats;
 use crate::bpf::loader::{HeapMaps, Probes};
+use crate::bpf::preflight;
 use crate::bpf::ring::{RingReader, decode};
 use crate::discovery;
 use crate::export::Sources;
@@ -78,6 +79,9 @@ impl Session {
             }
         }
 
+        if let Some(refusal) = preflight::refusal(&preflight::static_checks()) {
+            bail!(refusal);
+        }
         let mut probes = Probes::load(match config.heap {
             HeapMode::Off => HeapMaps::Off,
             HeapMode::Exact | HeapMode::Sampled => HeapMaps::Tracking {
