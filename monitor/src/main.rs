@@ -11,7 +11,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use leakscope::analysis::AnalysisConfig;
 use leakscope::daemon::heap::HeapMode;
-use leakscope::daemon::{self, DaemonConfig, config_file, report};
+use leakscope::daemon::{self, DaemonConfig, config_file, report, web_config};
 use leakscope::export::inspect;
 use leakscope::export::report as report_table;
 use leakscope::export::top;
@@ -42,6 +42,11 @@ enum Command {
         /// /api/v1/suspects, /api/v1/sites).
         #[arg(long, default_value = "127.0.0.1:9464")]
         listen: SocketAddr,
+        /// TLS, client certificates and basic auth for --listen, from a YAML file in the
+        /// format of Prometheus' exporter-toolkit (README, "The listener"). Without it the
+        /// API is plain HTTP, open to whoever reaches the address.
+        #[arg(long)]
+        web_config: Option<PathBuf>,
         /// Seconds between checks for exited and newly started targets.
         #[arg(long, default_value_t = 1.0)]
         rescan_seconds: f64,
@@ -86,8 +91,8 @@ enum Command {
         #[command(flatten)]
         thresholds: VerdictThresholds,
     },
-    /// Check a config file without starting: prints the settings it makes, or the one line
-    /// that says what is wrong (exit 1).
+    /// Check a config file, and the web config it names, without starting: prints the
+    /// settings they make, or the one line that says what is wrong (exit 1).
     CheckConfig {
         /// The TOML file.
         file: PathBuf,
@@ -220,6 +225,7 @@ fn daemon_config(targets: Targets, heap: HeapMode, analysis: AnalysisConfig) -> 
         exes: targets.exes,
         host: targets.all.then_some(targets.all_under),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        web_config: None,
         rescan: Duration::from_secs(1),
         heap,
         heap_max_blocks: targets.heap_max_blocks,
@@ -234,6 +240,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
             config,
             mut targets,
             mut listen,
+            mut web_config,
             mut rescan_seconds,
             mut heap,
             mut probe_stats,
@@ -258,6 +265,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
                     };
                 }
                 take!("listen", listen, file.listen);
+                take!("web_config", web_config, file.web_config.map(Some));
                 take!("heap", heap, file.heap);
                 take!("probe_stats", probe_stats, file.probe_stats);
                 take!("rescan_seconds", rescan_seconds, file.rescan_seconds);
@@ -304,6 +312,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
             ));
             let config = DaemonConfig {
                 listen,
+                web_config,
                 rescan: Duration::from_secs_f64(rescan_seconds.max(0.05)),
                 probe_stats,
                 ..daemon_config(targets, heap, analysis)
@@ -343,7 +352,21 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
         }
         Command::CheckConfig { file } => {
             let config = config_file::load(&file)?;
+            // Its certificate files are read too: a bad path shows here, not at start.
+            let web = config
+                .web_config
+                .as_deref()
+                .map(web_config::load)
+                .transpose()?;
             println!("{}: ok\n{config:#?}", file.display());
+            if let Some(web) = web {
+                let users: Vec<&String> = web.users.keys().collect();
+                println!(
+                    "{}: ok\ntls: {:#?}\nbasic auth users: {users:?}",
+                    web.path.display(),
+                    web.tls
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect { binary, pid, json } => {

@@ -3,13 +3,17 @@
 //! targets (`registry`), drain the rings into the ledgers (`drain`), serve the exports
 //! (`http`), and follow processes as they start and exit.
 
+pub mod basic_auth;
 pub mod config_file;
 pub mod drain;
 pub mod heap;
 pub mod http;
+pub mod listener;
 pub mod registry;
 pub mod report;
 pub mod session;
+pub mod tls;
+pub mod web_config;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,6 +34,8 @@ pub struct DaemonConfig {
     /// Host-wide mode: every tokio service whose executable path starts with this.
     pub host: Option<PathBuf>,
     pub listen: SocketAddr,
+    /// The listener's TLS and basic auth settings (exporter-toolkit's YAML format).
+    pub web_config: Option<PathBuf>,
     /// How often exited processes are reaped and `--exe` targets rescanned.
     pub rescan: Duration,
     pub heap: HeapMode,
@@ -44,8 +50,14 @@ pub struct DaemonConfig {
 /// Runs until SIGINT or SIGTERM: attaches, serves the exports, follows processes as they
 /// start and exit, and samples the ledgers for the verdicts.
 pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
+    // Before anything is attached: a mistake in it is explained without side effects.
+    let web = config
+        .web_config
+        .as_deref()
+        .map(web_config::load)
+        .transpose()?;
     let mut session = Session::start(&config).await?;
-    let server = http::serve(config.listen, session.sources()).await?;
+    let server = http::serve(config.listen, web.as_ref(), session.sources()).await?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut rescan = tokio::time::interval(config.rescan);
     let mut sample = tokio::time::interval(Duration::from_secs_f64(config.analysis.period));
