@@ -95,7 +95,12 @@ enum Command {
     /// settings they make, or the one line that says what is wrong (exit 1).
     CheckConfig {
         /// The TOML file.
-        file: PathBuf,
+        #[arg(required_unless_present = "web_config")]
+        file: Option<PathBuf>,
+        /// A web config to check, alone or instead of the one the TOML file names (as
+        /// `daemon --web-config` would be used).
+        #[arg(long)]
+        web_config: Option<PathBuf>,
     },
     /// Show the spawn sites, hook points and heap probes leakscope finds in a binary (no root
     /// needed).
@@ -350,15 +355,16 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
-        Command::CheckConfig { file } => {
-            let config = config_file::load(&file)?;
-            // Its certificate files are read too: a bad path shows here, not at start.
-            let web = config
-                .web_config
-                .as_deref()
-                .map(web_config::load)
+        Command::CheckConfig { file, web_config } => {
+            let config = file.as_deref().map(config_file::load).transpose()?;
+            let web = web_config
+                .or_else(|| config.as_ref()?.web_config.clone())
+                // Its certificate files are read too: a bad path shows here, not at start.
+                .map(|path| web_config::load(&path))
                 .transpose()?;
-            println!("{}: ok\n{config:#?}", file.display());
+            if let (Some(file), Some(config)) = (&file, &config) {
+                println!("{}: ok\n{config:#?}", file.display());
+            }
             if let Some(web) = web {
                 let users: Vec<&String> = web.users.keys().collect();
                 println!(

@@ -444,3 +444,45 @@ fn connections_beyond_the_limit_wait_for_a_slot() {
     assert_eq!(status.unwrap(), 200);
     waiting.join().unwrap();
 }
+
+#[test]
+fn a_web_config_mistake_is_one_line_before_anything_starts() {
+    let dir = TempDir::new("bad-web-config");
+    let web = dir.write(
+        "web.yml",
+        "tls_server_config:\n  cert_file: missing.crt\n  key_file: missing.key\n",
+    );
+    let config = dir.write(
+        "leakscope.toml",
+        "web_config = \"web.yml\"\n[targets]\nall = true\n",
+    );
+    let leakscope = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_leakscope"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let expected = format!(
+        "web config {web}: tls_server_config.cert_file: {}: cannot read it",
+        dir.0.join("missing.crt").display()
+    );
+    // Refused before any probe is loaded or port bound, so this needs no root.
+    for args in [
+        vec!["daemon", "--config", config.as_str()],
+        vec!["check-config", config.as_str()],
+    ] {
+        let out = leakscope(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(&expected), "{args:?}: {stderr}");
+    }
+    let typo = dir.write("typo.yml", "tls_server_config:\n  cert_fle: a\n");
+    let out = leakscope(&["check-config", "--web-config", &typo]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("typo.yml: tls_server_config: unknown field `cert_fle`"),
+        "{stderr}"
+    );
+}
