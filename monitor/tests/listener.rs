@@ -332,6 +332,28 @@ fn tls_is_required_when_configured() {
 
     let send = |request: &[u8]| tls(addr, &trusting, request);
     attached_metrics(app.pid(), &[], send);
+
+    // A renewal (here from a new CA) is served without a restart. Swapped in by rename,
+    // as a Secret volume updates.
+    let (renewed_ca, renewed_issuer) = authority("leakscope renewed CA");
+    let (cert, key) = leaf(
+        &renewed_issuer,
+        &["127.0.0.1"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    for (name, text) in [("server.key", key), ("server.crt", cert)] {
+        let staged = dir.write(&format!("{name}.new"), &text);
+        std::fs::rename(staged, dir.0.join(name)).unwrap();
+    }
+    let renewed = client(&renewed_ca, None);
+    eventually(
+        "the renewed certificate is served",
+        Duration::from_secs(10),
+        || match tls(addr, &renewed, &get("/healthz", &[])) {
+            Ok(response) if response.status() == 200 => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! (`http`), and follow processes as they start and exit.
 
 pub mod basic_auth;
+pub mod cert_reload;
 pub mod config_file;
 pub mod drain;
 pub mod heap;

@@ -1,17 +1,20 @@
 //! The listener's rustls configuration, built from a web config's `tls_server_config`:
-//! the certificate chain and key it presents, the client CA it verifies against for mutual
-//! TLS, and the TLS versions it offers. Files are read once, at start.
+//! the certificate chain and key it presents (read again when renewed, `cert_reload`), the
+//! client CA it verifies against for mutual TLS (read at start), and the TLS versions it
+//! offers.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::RootCertStore;
-use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
+use rustls::{InconsistentKeys, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use thiserror::Error;
 
+use super::cert_reload::ReloadingCert;
 use super::web_config::{ClientAuth, TlsSettings, TlsVersion};
 
 /// What is wrong with the setting `key` of `tls_server_config`.
@@ -52,20 +55,44 @@ fn pem_problem(err: rustls_pki_types::pem::Error, what: &str) -> String {
     }
 }
 
-/// The rustls configuration `settings` describe, its files read and checked.
-pub fn server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let chain = certificates("cert_file", &settings.cert_file)?;
-    let key = PrivateKeyDer::from_pem_file(&settings.key_file).map_err(|err| {
+/// The chain of `cert_file` and the key of `key_file`, checked to go together.
+pub(super) fn certified_key(
+    cert_file: &Path,
+    key_file: &Path,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, TlsError> {
+    let chain = certificates("cert_file", cert_file)?;
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|err| {
         error(
             "key_file",
             format!(
                 "{}: {}",
-                settings.key_file.display(),
+                key_file.display(),
                 pem_problem(err, "private key")
             ),
         )
     })?;
+    CertifiedKey::from_der(chain, key, provider).map_err(|err| match err {
+        rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch) => error(
+            "key_file",
+            format!(
+                "{} does not go with {}: give the key the certificate was issued for",
+                key_file.display(),
+                cert_file.display()
+            ),
+        ),
+        other => error(
+            "key_file",
+            format!("{}: not a usable private key: {other}", key_file.display()),
+        ),
+    })
+}
+
+/// The rustls configuration `settings` describe, its files read and checked.
+pub fn server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let certificate =
+        ReloadingCert::new(&settings.cert_file, &settings.key_file, provider.clone())?;
     let versions: Vec<_> = [
         (TlsVersion::Tls12, &rustls::version::TLS12),
         (TlsVersion::Tls13, &rustls::version::TLS13),
@@ -102,16 +129,7 @@ pub fn server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, TlsErr
         }
         _ => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_single_cert(chain, key).map_err(|err| {
-        error(
-            "key_file",
-            format!(
-                "{} does not go with {}: {err} (give the key the certificate was issued for)",
-                settings.key_file.display(),
-                settings.cert_file.display()
-            ),
-        )
-    })?;
+    let mut config = builder.with_cert_resolver(Arc::new(certificate));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
