@@ -12,7 +12,7 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand}
 use leakscope::analysis::AnalysisConfig;
 use leakscope::bpf::preflight;
 use leakscope::daemon::heap::HeapMode;
-use leakscope::daemon::{self, DaemonConfig, config_file, report};
+use leakscope::daemon::{self, DaemonConfig, config_file, report, web_config};
 use leakscope::export::inspect;
 use leakscope::export::report as report_table;
 use leakscope::export::top;
@@ -59,11 +59,16 @@ enum Command {
     /// exec tracepoint, a real uprobe placed and removed) and say how to fix what is
     /// missing. Exits 1 when leakscope cannot run here.
     Doctor,
-    /// Check a config file without starting: prints the settings it makes, or the one line
-    /// that says what is wrong (exit 1).
+    /// Check a config file, and the web config it names, without starting: prints the
+    /// settings they make, or the one line that says what is wrong (exit 1).
     CheckConfig {
         /// The TOML file.
-        file: PathBuf,
+        #[arg(required_unless_present = "web_config")]
+        file: Option<PathBuf>,
+        /// A web config to check, alone or instead of the one the TOML file names (as
+        /// `daemon --web-config` would be used).
+        #[arg(long)]
+        web_config: Option<PathBuf>,
     },
     /// Show the spawn sites, hook points and heap probes leakscope finds in a binary (no root
     /// needed).
@@ -110,6 +115,11 @@ struct DaemonArgs {
     /// /api/v1/suspects, /api/v1/sites).
     #[arg(long, default_value = "127.0.0.1:9464")]
     listen: SocketAddr,
+    /// TLS, client certificates and basic auth for --listen, from a YAML file in the
+    /// format of Prometheus' exporter-toolkit (README, "The listener"). Without it the
+    /// API is plain HTTP, open to whoever reaches the address.
+    #[arg(long)]
+    web_config: Option<PathBuf>,
     /// Seconds between checks for exited and newly started targets.
     #[arg(long, default_value_t = 1.0)]
     rescan_seconds: f64,
@@ -296,6 +306,7 @@ fn daemon_config(
         exes: targets.exes,
         host: targets.all.then_some(targets.all_under),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        web_config: None,
         rescan: Duration::from_secs(1),
         heap,
         heap_max_blocks: targets.heap_max_blocks,
@@ -314,6 +325,7 @@ fn daemon_settings(args: DaemonArgs, given: &ArgMatches) -> anyhow::Result<Daemo
         config,
         mut targets,
         mut listen,
+        mut web_config,
         mut rescan_seconds,
         mut heap,
         mut probe_stats,
@@ -340,6 +352,7 @@ fn daemon_settings(args: DaemonArgs, given: &ArgMatches) -> anyhow::Result<Daemo
             };
         }
         take!("listen", listen, file.listen);
+        take!("web_config", web_config, file.web_config.map(Some));
         take!("heap", heap, file.heap);
         take!("probe_stats", probe_stats, file.probe_stats);
         take!("rescan_seconds", rescan_seconds, file.rescan_seconds);
@@ -393,6 +406,7 @@ fn daemon_settings(args: DaemonArgs, given: &ArgMatches) -> anyhow::Result<Daemo
     ));
     Ok(DaemonConfig {
         listen,
+        web_config,
         rescan: Duration::from_secs_f64(rescan_seconds.max(0.05)),
         probe_stats,
         ..daemon_config(targets, heap, analysis)?
@@ -461,9 +475,24 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
                 Some(_) => ExitCode::FAILURE,
             })
         }
-        Command::CheckConfig { file } => {
-            let config = config_file::load(&file)?;
-            println!("{}: ok\n{config:#?}", file.display());
+        Command::CheckConfig { file, web_config } => {
+            let config = file.as_deref().map(config_file::load).transpose()?;
+            let web = web_config
+                .or_else(|| config.as_ref()?.web_config.clone())
+                // Its certificate files are read too: a bad path shows here, not at start.
+                .map(|path| web_config::load(&path))
+                .transpose()?;
+            if let (Some(file), Some(config)) = (&file, &config) {
+                println!("{}: ok\n{config:#?}", file.display());
+            }
+            if let Some(web) = web {
+                let users: Vec<&String> = web.users.keys().collect();
+                println!(
+                    "{}: ok\ntls: {:#?}\nbasic auth users: {users:?}",
+                    web.path.display(),
+                    web.tls
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect { binary, pid, json } => {

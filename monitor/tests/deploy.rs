@@ -196,6 +196,19 @@ fn the_daemonset_validates_and_grants_what_the_unit_does() {
         yaml.contains(r#"args: ["daemon", "--all""#),
         "host-wide mode"
     );
+    // Beyond loopback, so behind the web config: mounted where --web-config points, and
+    // probed over HTTPS.
+    let web_config = yaml
+        .split(r#""--web-config", ""#)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("--web-config in the args");
+    let mounted = yaml
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("mountPath: "))
+        .any(|mount| web_config.starts_with(&format!("{mount}/")));
+    assert!(mounted, "{web_config} is not under a volume mount");
+    assert_eq!(yaml.matches("scheme: HTTPS").count(), 2, "both probes");
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //! ```toml
 //! listen = "127.0.0.1:9464"
 //! heap = "sampled"
+//! web_config = "web.yml"   # TLS and basic auth; relative to this file
 //!
 //! [targets]
 //! all = true
@@ -24,11 +25,9 @@ use super::heap::HeapMode;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("cannot read the config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    // Not `source`: the cause is in this one line already, not repeated after it.
+    #[error("cannot read the config file {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("{path}:{line}:{column}: {message} (see `leakscope daemon --help` for the settings)")]
     Invalid {
         path: String,
@@ -43,6 +42,9 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     pub listen: Option<SocketAddr>,
+    /// The listener's web config (`--web-config`); a relative path is relative to this
+    /// file, as a systemd unit or a ConfigMap keeps the two side by side.
+    pub web_config: Option<PathBuf>,
     pub heap: Option<HeapMode>,
     pub probe_stats: Option<bool>,
     pub rescan_seconds: Option<f64>,
@@ -81,11 +83,15 @@ pub struct VerdictsSection {
 /// Reads and checks `path`; a mistake is one line naming the file, the line and column,
 /// and what is wrong.
 pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
         path: path.display().to_string(),
-        source,
+        error,
     })?;
-    parse(path, &text)
+    let mut file = parse(path, &text)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    // `join` keeps an absolute path as it is.
+    file.web_config = file.web_config.map(|web| dir.join(web));
+    Ok(file)
 }
 
 fn parse(path: &Path, text: &str) -> Result<ConfigFile, ConfigError> {
@@ -144,5 +150,21 @@ mod tests {
             err.starts_with("c.toml:1:8: unknown variant `always`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_relative_web_config_is_beside_the_file() {
+        let dir =
+            std::env::temp_dir().join(format!("leakscope-config-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("leakscope.toml");
+        std::fs::write(&path, "web_config = \"web.yml\"\n").unwrap();
+        assert_eq!(load(&path).unwrap().web_config, Some(dir.join("web.yml")));
+        std::fs::write(&path, "web_config = \"/etc/web.yml\"\n").unwrap();
+        assert_eq!(
+            load(&path).unwrap().web_config,
+            Some(PathBuf::from("/etc/web.yml"))
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

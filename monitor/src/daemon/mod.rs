@@ -3,13 +3,18 @@
 //! targets (`registry`), drain the rings into the ledgers (`drain`), serve the exports
 //! (`http`), and follow processes as they start and exit.
 
+pub mod basic_auth;
+pub mod cert_reload;
 pub mod config_file;
 pub mod drain;
 pub mod heap;
 pub mod http;
+pub mod listener;
 pub mod registry;
 pub mod report;
 pub mod session;
+pub mod tls;
+pub mod web_config;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,6 +37,8 @@ pub struct DaemonConfig {
     /// Host-wide mode: every tokio service whose executable path starts with this.
     pub host: Option<PathBuf>,
     pub listen: SocketAddr,
+    /// The listener's TLS and basic auth settings (exporter-toolkit's YAML format).
+    pub web_config: Option<PathBuf>,
     /// How often exited processes are reaped and `--exe` targets rescanned.
     pub rescan: Duration,
     pub heap: HeapMode,
@@ -55,8 +62,14 @@ pub async fn run(
     config: DaemonConfig,
     reload: impl Fn() -> anyhow::Result<DaemonConfig>,
 ) -> anyhow::Result<()> {
+    // Before anything is attached: a mistake in it is explained without side effects.
+    let web = config
+        .web_config
+        .as_deref()
+        .map(web_config::load)
+        .transpose()?;
     let mut session = Session::start(&config).await?;
-    let server = http::serve(config.listen, session.sources()).await?;
+    let server = http::serve(config.listen, web.as_ref(), session.sources()).await?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut rescan = tokio::time::interval(config.rescan);

@@ -260,6 +260,7 @@ impl Session {
         changed("exes", running.exes != new.exes);
         changed("all/all_under", running.host != new.host);
         changed("listen", running.listen != new.listen);
+        changed("web_config", running.web_config != new.web_config);
         changed("rescan_seconds", running.rescan != new.rescan);
         changed("heap", running.heap != new.heap);
         changed(

@@ -118,6 +118,24 @@ pub fn start_daemon_logging(
     args: &[String],
     log: Stdio,
 ) -> Result<(Proc, Client), String> {
+    let (daemon, listen) = start_daemon_until(leakscope, args, log, |listen| {
+        match Client::new(listen).get("/healthz") {
+            Ok((200, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })?;
+    Ok((daemon, Client::new(listen)))
+}
+
+/// Starts `leakscope daemon ARGS --listen <free port>`, its log (stderr) going to `log`, and
+/// waits until `ready(address)` (a daemon behind TLS is not asked in plain HTTP); fails if
+/// the daemon exits first or is not ready in 30 s.
+pub fn start_daemon_until(
+    leakscope: &Path,
+    args: &[String],
+    log: Stdio,
+    mut ready: impl FnMut(SocketAddr) -> Result<(), String>,
+) -> Result<(Proc, SocketAddr), String> {
     let listen = free_loopback_addr()?;
     let child = Command::new(leakscope)
         .arg("daemon")
@@ -132,24 +150,16 @@ pub fn start_daemon_logging(
         child,
         name: "leakscope".into(),
     };
-    let client = Client::new(listen);
-    poll(
-        "leakscope /healthz answers",
-        Duration::from_secs(30),
-        || {
-            if let Some(status) = daemon.child.try_wait().map_err(|e| e.to_string())? {
-                return Err(format!(
-                    "leakscope daemon exited early with {status}: probes could not be loaded or \
+    poll("leakscope is ready", Duration::from_secs(30), || {
+        if let Some(status) = daemon.child.try_wait().map_err(|e| e.to_string())? {
+            return Err(format!(
+                "leakscope daemon exited early with {status}: probes could not be loaded or \
                  attached"
-                ));
-            }
-            match client.get("/healthz") {
-                Ok((200, _)) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )?;
-    Ok((daemon, client))
+            ));
+        }
+        ready(listen)
+    })?;
+    Ok((daemon, listen))
 }
 
 /// Waits until the daemon lists `pid` as attached (all its probes in place). Per pid, not a

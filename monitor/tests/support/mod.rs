@@ -72,6 +72,23 @@ pub fn start_daemon(args: &[String]) -> (Proc, SocketAddr) {
     (daemon, client.addr)
 }
 
+/// Starts `leakscope daemon` with `args` (rescanning every 0.2 s) and waits until
+/// `ready(address)`.
+pub fn start_daemon_until(
+    args: &[String],
+    ready: impl FnMut(SocketAddr) -> Result<(), String>,
+) -> (Proc, SocketAddr) {
+    let mut args = args.to_vec();
+    args.extend(["--rescan-seconds".to_string(), "0.2".to_string()]);
+    kit::start_daemon_until(
+        env!("CARGO_BIN_EXE_leakscope").as_ref(),
+        &args,
+        std::process::Stdio::inherit(),
+        ready,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// A daemon watching `pid` with `extra` arguments, once the process is attached.
 pub fn watch(pid: u32, extra: &[&str]) -> (Proc, SocketAddr) {
     let mut args = vec!["--pid".to_string(), pid.to_string()];

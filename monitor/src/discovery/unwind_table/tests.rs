@@ -374,7 +374,12 @@ fn unwinds_from_function_entry() {
     );
 }
 
-/// Every function with unwind info starts with the entry rule the uprobe case relies on.
+/// Every function whose unwind info begins at its entry starts with the entry rule the
+/// uprobe case relies on, but for hand-written assembly that is jumped to with a frame
+/// already built: aws-lc's AVX2 ChaCha20-Poly1305 bodies declare CFA = rsp+384 at their
+/// first instruction, and rightly (their caller allocated the frame).
+const ENTERED_WITH_A_FRAME: [&str; 2] =
+    ["chacha20_poly1305_open_avx2", "chacha20_poly1305_seal_avx2"];
 #[test]
 fn function_entries_have_entry_rows() {
     let (table, _) = own_table();
@@ -387,7 +392,7 @@ fn function_entries_have_entry_rows() {
         let Some(row) = table.find(*address) else {
             continue;
         };
-        if row.cfa_reg == CFA_END {
+        if row.cfa_reg == CFA_END || ENTERED_WITH_A_FRAME.contains(&name.as_str()) {
             continue;
         }
         checked += 1;
