@@ -154,6 +154,62 @@ fn unit_capabilities() -> std::collections::BTreeSet<String> {
         .collect()
 }
 
+/// checkov passes every manifest: no failed check that is not skipped in the manifest
+/// with a written reason.
+#[test]
+fn the_manifests_pass_checkov_but_for_reasoned_skips() {
+    if !tool_available("checkov", Command::new("checkov").arg("--version")) {
+        return;
+    }
+    let dir = workspace_root().join("monitor/deploy/kubernetes");
+    let out = Command::new("checkov")
+        .args([
+            "--framework",
+            "kubernetes",
+            "--output",
+            "json",
+            "--skip-download",
+        ])
+        .arg("-d")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "checkov printed no JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let results = &report["results"];
+    let failed = results["failed_checks"].as_array().expect("failed_checks");
+    let ids = |checks: &[serde_json::Value]| -> Vec<String> {
+        checks
+            .iter()
+            .map(|c| format!("{} {}", c["check_id"], c["resource"]))
+            .collect()
+    };
+    assert!(failed.is_empty(), "checkov failed: {:?}", ids(failed));
+    assert!(
+        results["passed_checks"]
+            .as_array()
+            .is_some_and(|p| p.len() > 50)
+    );
+    for skipped in results["skipped_checks"]
+        .as_array()
+        .expect("skipped_checks")
+    {
+        let reason = skipped["check_result"]["suppress_comment"]
+            .as_str()
+            .unwrap_or("");
+        assert!(
+            reason.split_whitespace().count() >= 5,
+            "{} is skipped without a reason: {reason:?}",
+            skipped["check_id"]
+        );
+    }
+}
+
 #[test]
 fn the_daemonset_validates_and_grants_what_the_unit_does() {
     let manifest = workspace_root().join("monitor/deploy/kubernetes/leakscope.yaml");

@@ -23,8 +23,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Task {
     /// Install what building and testing leakscope needs: nightly rust-src, bpf-linker,
-    /// the Debian packages the tests drive (prometheus, tmux, systemd-analyze) and
-    /// kubernetes-validate (pip). Idempotent.
+    /// the Debian packages the tests drive (prometheus, tmux, systemd-analyze),
+    /// kubernetes-validate and checkov (pip). Idempotent.
     Setup,
     /// Build the fixture programs (release profile) the tests and the demo run.
     Fixtures,
@@ -190,24 +190,35 @@ fn install_debian_tools() -> anyhow::Result<()> {
     .context("installing the tools the tests drive (as root)")
 }
 
-/// kubernetes-validate (PyPI) checks the DaemonSet manifest against Kubernetes' schemas.
+/// kubernetes-validate (PyPI) checks the manifests against Kubernetes' schemas, checkov
+/// (PyPI) against its security policies.
 fn install_python_tools() -> anyhow::Result<()> {
-    let present = Command::new("python3")
-        .args(["-m", "kubernetes_validate", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if present {
-        return Ok(());
+    let tools: [(&str, &[&str]); 2] = [
+        (
+            "kubernetes-validate",
+            &["python3", "-m", "kubernetes_validate", "--version"],
+        ),
+        ("checkov", &["checkov", "--version"]),
+    ];
+    for (package, probe) in tools {
+        let present = Command::new(probe[0])
+            .args(&probe[1..])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if present {
+            continue;
+        }
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            package,
+        ]))
+        .with_context(|| format!("installing {package} (pip) for the manifest tests"))?;
     }
-    run(Command::new("python3").args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        "kubernetes-validate",
-    ]))
-    .context("installing kubernetes-validate (pip) for the manifest test")
+    Ok(())
 }
 
 fn install_bpf_linker() -> anyhow::Result<()> {
