@@ -182,6 +182,11 @@ struct Targets {
     /// --include; e.g. --exclude namespace=kube-system).
     #[arg(long, requires = "all")]
     exclude: Vec<String>,
+    /// With --all: processes watched at most at once; more are counted
+    /// (leakscope_host_processes{state="over_limit"}) and taken as others exit. Bounds the
+    /// daemon's memory and the kernel's uprobes.
+    #[arg(long, default_value_t = 256, requires = "all")]
+    max_processes: usize,
     /// Where the kubelet keeps `containers/` and `pods/` logs, whose names give each
     /// container's namespace, pod and container name (labels of its series).
     #[arg(long, default_value = "/var/log")]
@@ -302,6 +307,7 @@ fn daemon_config(
 ) -> anyhow::Result<DaemonConfig> {
     Ok(DaemonConfig {
         select: Selection::parse(&targets.include, &targets.exclude)?,
+        max_processes: targets.max_processes,
         pids: targets.pids,
         exes: targets.exes,
         host: targets.all.then_some(targets.all_under),
@@ -362,6 +368,11 @@ fn daemon_settings(args: DaemonArgs, given: &ArgMatches) -> anyhow::Result<Daemo
         take!("all_under", targets.all_under, file.targets.all_under);
         take!("include", targets.include, file.targets.include);
         take!("exclude", targets.exclude, file.targets.exclude);
+        take!(
+            "max_processes",
+            targets.max_processes,
+            file.targets.max_processes
+        );
         take!(
             "node_log_dir",
             targets.node_log_dir,

@@ -249,7 +249,11 @@ fn a_service_in_a_container_is_found_attached_and_labelled() {
         "namespace=sh*".into(),
     ]);
     eventually("the exclusion is counted", Duration::from_secs(10), || {
-        let excluded = sum(&scrape(excluding), "leakscope_host_processes_excluded", &[]);
+        let excluded = sum(
+            &scrape(excluding),
+            "leakscope_host_processes",
+            &[("state", "excluded")],
+        );
         (excluded == 1.0)
             .then_some(())
             .ok_or(format!("{excluded} excluded"))

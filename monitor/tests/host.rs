@@ -82,3 +82,53 @@ fn all_watches_every_tokio_service_and_nothing_else() {
     drop(other);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn max_processes_bounds_what_is_watched_and_frees_a_slot_on_exit() {
+    if !ebpf_available("max processes") {
+        return;
+    }
+    // Copies of the fixture in a directory of this test's own, outside the build tree the
+    // other host-wide test scans.
+    let dir = std::env::temp_dir().join(format!("leakscope-host-limit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let app = dir.join("axum-app");
+    std::fs::copy(fixture("axum-app"), &app).expect("copying the fixture");
+    let (first, _) = start_fixture(&app, &[]);
+    let (second, _) = start_fixture(&app, &[]);
+    let (_daemon, daemon) = start_daemon(&[
+        "--all".into(),
+        "--all-under".into(),
+        dir.display().to_string(),
+        "--max-processes".into(),
+        "1".into(),
+    ]);
+    let state = |state: &str| {
+        sum(
+            &scrape(daemon),
+            "leakscope_host_processes",
+            &[("state", state)],
+        )
+    };
+    eventually(
+        "one watched, one over the limit",
+        Duration::from_secs(30),
+        || {
+            let (watched, over) = (state("watched"), state("over_limit"));
+            (watched == 1.0 && over == 1.0)
+                .then_some(())
+                .ok_or(format!("watched {watched}, over_limit {over}"))
+        },
+    );
+    let tasks: TasksResponse = Client::new(daemon).tasks().expect("/api/v1/tasks");
+    let watched = tasks.processes[0].pid;
+    let (gone, waiting) = if watched == first.pid() {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    drop(gone);
+    wait_attached(daemon, waiting.pid());
+    assert_eq!(state("over_limit"), 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

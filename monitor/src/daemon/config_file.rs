@@ -64,6 +64,7 @@ pub struct TargetsSection {
     pub all_under: Option<PathBuf>,
     pub include: Option<Vec<String>>,
     pub exclude: Option<Vec<String>>,
+    pub max_processes: Option<usize>,
     pub node_log_dir: Option<PathBuf>,
     pub heap_max_blocks: Option<u32>,
 }

@@ -52,6 +52,8 @@ pub struct DaemonConfig {
     pub node: NodeFiles,
     /// Host-wide mode's `--include`/`--exclude` rules.
     pub select: Selection,
+    /// Host-wide mode: processes attached at most at once.
+    pub max_processes: usize,
 }
 
 /// Runs until SIGINT or SIGTERM: attaches, serves the exports, follows processes as they

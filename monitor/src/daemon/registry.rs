@@ -37,8 +37,8 @@ pub struct ProcessRegistry {
     heap: Option<HeapTracker>,
     /// Task hooks placed on `--exe` executables, covering all their processes, and when.
     exe_links: HashMap<ExeIdentity, (Vec<AttachedLink>, Instant)>,
-    /// Host-wide mode: executables found not to be tokio services.
-    not_services: HashSet<ExeIdentity>,
+    /// Host-wide mode: executables not watched, and why (`HostScanStats::executables_skipped`).
+    not_services: HashMap<ExeIdentity, &'static str>,
     /// Host-wide mode: processes (pid, start time) that could not be attached.
     failed: HashSet<(u32, u64)>,
     /// The unit, container and pod of each attached process, for the exports' labels.
@@ -48,6 +48,11 @@ pub struct ProcessRegistry {
     fresh: HashMap<u32, Instant>,
     /// Host-wide mode: processes (pid, start time) left alone by `--include`/`--exclude`.
     excluded: HashSet<(u32, u64)>,
+    /// Host-wide mode: at most this many processes are attached at once.
+    max_processes: usize,
+    /// Host-wide mode: processes (pid, start time) not attached because `max_processes`
+    /// were; tried again when one exits.
+    over_limit: HashSet<(u32, u64)>,
 }
 
 /// What host-wide mode made of one process.
@@ -77,6 +82,7 @@ impl ProcessRegistry {
         ledger: Arc<Mutex<TaskLedger>>,
         heap: Option<HeapTracker>,
         node: NodeFiles,
+        max_processes: usize,
     ) -> Self {
         Self {
             probes,
@@ -85,12 +91,14 @@ impl ProcessRegistry {
             ledger,
             heap,
             exe_links: HashMap::new(),
-            not_services: HashSet::new(),
+            not_services: HashMap::new(),
             failed: HashSet::new(),
             workloads: Workloads::default(),
             node,
             fresh: HashMap::new(),
             excluded: HashSet::new(),
+            max_processes,
+            over_limit: HashSet::new(),
         }
     }
 
@@ -261,6 +269,10 @@ impl ProcessRegistry {
             .filter(|(_, p)| !p.info.is_alive())
             .map(|(&pid, _)| pid)
             .collect();
+        if !gone.is_empty() {
+            // Room again for those turned away by --max-processes.
+            self.over_limit.clear();
+        }
         for pid in gone {
             self.detach(pid);
             info!("pid {pid} exited: detached and forgot its tasks");
@@ -380,18 +392,29 @@ impl ProcessRegistry {
         let mut stats = stats.lock().unwrap_or_else(|e| e.into_inner());
         stats.scans += 1;
         stats.last_scan_seconds = started.elapsed().as_secs_f64();
-        stats.executables_skipped = self.not_services.len() as u64;
-        stats.attach_failures = self.failed.len() as u64;
-        stats.processes_excluded = self.excluded.len() as u64;
+        stats.executables_skipped.clear();
+        for reason in self.not_services.values() {
+            *stats.executables_skipped.entry(reason).or_default() += 1;
+        }
+        stats.processes = [
+            ("watched", self.attached.len()),
+            ("excluded", self.excluded.len()),
+            ("failed", self.failed.len()),
+            ("over_limit", self.over_limit.len()),
+        ]
+        .into_iter()
+        .map(|(state, n)| (state, n as u64))
+        .collect();
     }
 
     /// Host-wide mode: attaches `process` if it is a settled tokio service not attached yet.
     fn consider(&mut self, host: &HostScan, process: ProcessInfo) -> Consideration {
         let key = (process.pid, process.start_time);
         if self.attached.contains_key(&process.pid)
-            || self.not_services.contains(&process.exe)
+            || self.not_services.contains_key(&process.exe)
             || self.failed.contains(&key)
             || self.excluded.contains(&key)
+            || self.over_limit.contains(&key)
         {
             return Consideration::Skipped;
         }
@@ -414,22 +437,26 @@ impl ProcessRegistry {
         let image = match self.images.entry(process.exe) {
             Entry::Occupied(entry) => entry.get().clone(),
             Entry::Vacant(entry) => {
-                let tokio = mentions_tokio(&process.exe_link());
-                let image = if tokio {
-                    analyze_process(&process).ok()
-                } else {
-                    None
-                };
-                match image {
-                    Some(image) if plan::task_points(&image).is_ok() => {
-                        entry.insert(Arc::new(image)).clone()
-                    }
-                    _ => {
-                        debug!(
-                            "{}: not a tokio service, not watched",
-                            process.exe_path.display()
-                        );
-                        self.not_services.insert(process.exe);
+                if !mentions_tokio(&process.exe_link()) {
+                    debug!(
+                        "{}: not a tokio service, not watched",
+                        process.exe_path.display()
+                    );
+                    self.not_services.insert(process.exe, "not_tokio");
+                    return Consideration::Skipped;
+                }
+                // A tokio binary whose tasks cannot be found is said once, with why: the
+                // operator expects it watched.
+                let analysed = analyze_process(&process).and_then(|image| {
+                    plan::task_points(&image)
+                        .with_context(|| format!("{}", process.exe_path.display()))?;
+                    Ok(image)
+                });
+                match analysed {
+                    Ok(image) => entry.insert(Arc::new(image)).clone(),
+                    Err(err) => {
+                        warn!("{err:#}; its processes are not watched");
+                        self.not_services.insert(process.exe, "not_analysable");
                         return Consideration::Skipped;
                     }
                 }
@@ -437,6 +464,17 @@ impl ProcessRegistry {
         };
         if !targets::settled(&process, &image.needed_libraries) {
             return Consideration::NotSettled;
+        }
+        if self.attached.len() >= self.max_processes {
+            warn!(
+                "pid {} ({}): not watched, {} processes are (--max-processes); it is tried \
+                 again when one exits",
+                process.pid,
+                process.exe_path.display(),
+                self.max_processes
+            );
+            self.over_limit.insert(key);
+            return Consideration::Skipped;
         }
         match self.attach_with(process.pid, TaskHookScope::Process) {
             Ok(()) => Consideration::Attached,

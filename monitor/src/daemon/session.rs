@@ -119,6 +119,7 @@ impl Session {
             ledger.clone(),
             heap_tracker,
             config.node.clone(),
+            config.max_processes,
         );
         for (path, exe) in exes.iter() {
             registry.watch_executable(path, exe)?;
@@ -269,6 +270,7 @@ impl Session {
         );
         changed("probe_stats", running.probe_stats != new.probe_stats);
         changed("node_log_dir", running.node != new.node);
+        changed("max_processes", running.max_processes != new.max_processes);
         changed(
             "verdict window/sample",
             running.analysis.period != new.analysis.period

@@ -150,6 +150,28 @@ impl Collector for TaskCollector {
                 )
             }),
         )?;
+        family(
+            &mut encoder,
+            "leakscope_bound_drops",
+            "What a per-process bound kept out of the per-site figures: spawns of sites beyond \
+             the site limit, counted under the site \"other (site limit reached)\" \
+             (bound=\"sites\"); spawns not tracked once a million tasks were live \
+             (bound=\"live_tasks\"); completions missed because a task header was reused \
+             while live (bound=\"missed_completions\").",
+            MetricType::Counter,
+            ledger.processes().flat_map(|p| {
+                [
+                    ("sites", p.sites_folded()),
+                    ("live_tasks", p.spawned_untracked),
+                    ("missed_completions", p.completions_missed),
+                ]
+                .map(|(bound, n)| {
+                    let mut labels = process_labels(&self.0.workloads, p.pid, &p.exe);
+                    labels.push(("bound", bound.to_string()));
+                    (labels, ConstCounter::new(n))
+                })
+            }),
+        )?;
         let stream = ledger.stream.stats;
         let attached = ledger.attached_processes() as i64;
         drop(ledger);
@@ -251,7 +273,7 @@ impl Collector for TaskCollector {
             encode_verdicts(&mut encoder, analysis, &self.0.workloads)?;
         }
         if let Some(host) = &self.0.host {
-            let host = *host.lock().unwrap_or_else(|e| e.into_inner());
+            let host = host.lock().unwrap_or_else(|e| e.into_inner()).clone();
             family(
                 &mut encoder,
                 "leakscope_host_scans",
@@ -270,22 +292,30 @@ impl Collector for TaskCollector {
             family(
                 &mut encoder,
                 "leakscope_host_executables_skipped",
-                "Executables found not to be tokio services (each judged once, not watched).",
+                "Executables not watched (each judged once), by reason: not_tokio, or \
+                 not_analysable (tokio, but its tasks cannot be found; the log says why).",
                 MetricType::Gauge,
-                [(
-                    Labels::new(),
-                    ConstGauge::new(host.executables_skipped as i64),
-                )],
+                ["not_tokio", "not_analysable"].map(|reason| {
+                    let n = host.executables_skipped.get(reason).copied().unwrap_or(0);
+                    (
+                        vec![("reason", reason.to_string())],
+                        ConstGauge::new(n as i64),
+                    )
+                }),
             )?;
             family(
                 &mut encoder,
-                "leakscope_host_processes_excluded",
-                "Tokio services running now that --include/--exclude leave alone.",
+                "leakscope_host_processes",
+                "Tokio services running now, by state: watched, excluded (--include/--exclude), \
+                 failed (attaching failed; the log says why), over_limit (--max-processes).",
                 MetricType::Gauge,
-                [(
-                    Labels::new(),
-                    ConstGauge::new(host.processes_excluded as i64),
-                )],
+                ["watched", "excluded", "failed", "over_limit"].map(|state| {
+                    let n = host.processes.get(state).copied().unwrap_or(0);
+                    (
+                        vec![("state", state.to_string())],
+                        ConstGauge::new(n as i64),
+                    )
+                }),
             )?;
             family(
                 &mut encoder,
@@ -305,13 +335,6 @@ impl Collector for TaskCollector {
                  are found by the next scan instead.",
                 MetricType::Counter,
                 scalar(self.0.kernel.as_ref().map_or(0, |k| k.execs_lost())),
-            )?;
-            family(
-                &mut encoder,
-                "leakscope_host_attach_failures",
-                "Processes of tokio services that could not be attached (the log says why).",
-                MetricType::Counter,
-                scalar(host.attach_failures),
             )?;
         }
         Ok(())
@@ -419,6 +442,25 @@ fn encode_heap(
         "Bytes freed since attach, of blocks allocated since attach.",
         MetricType::Counter,
         per_process(&|p| p.scaled_totals().freed_bytes),
+    )?;
+    family(
+        encoder,
+        "leakscope_heap_bound_drops",
+        "What a per-process heap bound kept out of the per-callsite figures: allocations of \
+         groups beyond the group limit, counted under the overflow group (bound=\"groups\"); \
+         allocations not tracked once four million blocks were live (bound=\"blocks\").",
+        MetricType::Counter,
+        heap.processes().flat_map(|p| {
+            [
+                ("groups", p.groups_folded()),
+                ("blocks", p.totals.blocks_dropped),
+            ]
+            .map(|(bound, n)| {
+                let mut labels = process_labels(workloads, p.pid, &p.exe);
+                labels.push(("bound", bound.to_string()));
+                (labels, ConstCounter::new(n))
+            })
+        }),
     )?;
     family(
         encoder,

@@ -80,6 +80,12 @@ pub struct ProcessHeap {
 }
 
 impl ProcessHeap {
+    /// Allocations of (callsite, task site) groups beyond [`MAX_GROUPS_PER_PROCESS`],
+    /// counted under the overflow group.
+    pub fn groups_folded(&self) -> u64 {
+        self.keys.folded
+    }
+
     pub fn new(
         pid: u32,
         exe: String,

@@ -87,6 +87,12 @@ pub struct ProcessTasks {
 }
 
 impl ProcessTasks {
+    /// Events of spawn sites beyond [`MAX_SITES_PER_PROCESS`], counted under
+    /// [`OVERFLOW_SITE`].
+    pub fn sites_folded(&self) -> u64 {
+        self.labels.folded
+    }
+
     pub fn new(pid: u32, exe: String, image: Arc<TargetImage>, load_bias: u64) -> Self {
         Self {
             pid,
@@ -448,6 +454,24 @@ mod tests {
         assert!(ledger.snapshot(0).is_empty());
         let process = ledger.processes().next().unwrap();
         assert_eq!(process.completed_untracked, 1);
+    }
+
+    #[test]
+    fn sites_beyond_the_limit_share_one_label_and_are_counted() {
+        let mut ledger = ledger();
+        let extra = 20;
+        for i in 0..(MAX_SITES_PER_PROCESS + extra) as u64 {
+            ledger.apply(&event(
+                TaskEventKind::Spawn,
+                0xa0 + 0x100 * i,
+                BIAS + 0x10_0000 + 0x40 * i,
+                i + 1,
+            ));
+        }
+        let rows = ledger.snapshot(1);
+        assert_eq!(rows.len(), MAX_SITES_PER_PROCESS + 1);
+        assert_eq!(row(&rows, OVERFLOW_SITE).spawned, extra as u64);
+        assert_eq!(ledger.process(7).unwrap().sites_folded(), extra as u64);
     }
 
     #[test]

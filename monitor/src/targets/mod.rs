@@ -119,17 +119,17 @@ impl HostScan {
 }
 
 /// What host-wide scanning has done, for the daemon's self-metrics.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct HostScanStats {
     pub scans: u64,
     /// How long the last scan took (listing `/proc`, judging new executables, attaching).
     pub last_scan_seconds: f64,
-    /// Executables judged not to be tokio services (each judged once).
-    pub executables_skipped: u64,
-    /// Processes that could not be attached (each tried once).
-    pub attach_failures: u64,
-    /// Tokio services left alone by `--include`/`--exclude` (each judged once).
-    pub processes_excluded: u64,
+    /// Executables not watched (each judged once), by reason: `not_tokio` (no tokio in
+    /// it), `not_analysable` (tokio, but its tasks cannot be found; the log says why).
+    pub executables_skipped: std::collections::BTreeMap<&'static str, u64>,
+    /// Processes running now, by state: `watched`, `excluded` (by `--include`/`--exclude`),
+    /// `failed` (attaching failed; the log says why), `over_limit` (`--max-processes`).
+    pub processes: std::collections::BTreeMap<&'static str, u64>,
     /// From the kernel's report of the last exec of a service to its probes being in
     /// place (the dynamic loader's work, the analysis of a new executable, attaching).
     pub last_exec_to_attach_seconds: f64,
