@@ -168,24 +168,25 @@ struct Targets {
     #[arg(long = "exe")]
     exes: Vec<PathBuf>,
     /// Watch every tokio service on the host, now and as they start (executables are
-    /// recognised by their code; the host's init and leakscope itself never are).
+    /// recognised by their code; the host's init and leakscope itself never are). What
+    /// `leakscope daemon` does when given no --pid and no --exe.
     #[arg(long)]
     all: bool,
-    /// With --all: only executables whose path starts with this.
-    #[arg(long, default_value = "/", requires = "all")]
+    /// Host-wide mode: only executables whose path starts with this.
+    #[arg(long, default_value = "/")]
     all_under: PathBuf,
-    /// With --all: watch only processes matching one of these KEY=GLOB rules (repeatable;
+    /// Host-wide mode: watch only processes matching one of these KEY=GLOB rules (repeatable;
     /// KEY: exe, unit, namespace, pod, container; e.g. --include unit='payments*.service').
-    #[arg(long, requires = "all")]
+    #[arg(long)]
     include: Vec<String>,
-    /// With --all: never watch processes matching one of these rules (repeatable; wins over
+    /// Host-wide mode: never watch processes matching one of these rules (repeatable; wins over
     /// --include; e.g. --exclude namespace=kube-system).
-    #[arg(long, requires = "all")]
+    #[arg(long)]
     exclude: Vec<String>,
-    /// With --all: processes watched at most at once; more are counted
+    /// Host-wide mode: processes watched at most at once; more are counted
     /// (leakscope_host_processes{state="over_limit"}) and taken as others exit. Bounds the
     /// daemon's memory and the kernel's uprobes.
-    #[arg(long, default_value_t = 256, requires = "all")]
+    #[arg(long, default_value_t = 256)]
     max_processes: usize,
     /// Where the kubelet keeps `containers/` and `pods/` logs, whose names give each
     /// container's namespace, pod and container name (labels of its series).
@@ -410,6 +411,11 @@ fn daemon_settings(args: DaemonArgs, given: &ArgMatches) -> anyhow::Result<Daemo
             thresholds.verdict_min_heap_growth_ratio,
             v.min_heap_growth_ratio
         );
+    }
+    // An installed daemon is given no pid: it watches the host.
+    if targets.pids.is_empty() && targets.exes.is_empty() && !targets.all {
+        log::info!("no --pid or --exe given: watching every tokio service on the host");
+        targets.all = true;
     }
     let analysis = thresholds.apply(AnalysisConfig::new(
         verdict_sample_seconds,

@@ -28,10 +28,9 @@ fn all_watches_every_tokio_service_and_nothing_else() {
         name: "sleep".into(),
     };
     let (before, _) = start_fixture(&fixture("axum-app"), &[]);
-    // Only this workspace's build tree is scanned: the test must not attach to the
-    // machine's own services.
+    // No --pid, no --exe: host-wide mode. Only this workspace's build tree is scanned: the
+    // test must not attach to the machine's own services.
     let (_daemon, daemon) = start_daemon(&[
-        "--all".into(),
         "--all-under".into(),
         workspace_root().join("target").display().to_string(),
     ]);

@@ -377,7 +377,12 @@ pub fn bench(rounds: usize) -> anyhow::Result<()> {
         bail!("hooks missed events: {min_events} < {}", 2 * TASKS);
     }
     heap_bench(rounds)?;
-    verdict_bench()
+    verdict_bench()?;
+    crate::bench_host::host_bench(&root_leakscope())
+}
+
+fn root_leakscope() -> std::path::PathBuf {
+    workspace_root().join("target/release/leakscope")
 }
 
 /// The verdict engine at 10,000 sites (the `verdict_bench` example of the daemon's crate):

@@ -4,6 +4,7 @@
 //! new machine), and `test` is exactly what CI runs.
 
 mod bench;
+mod bench_host;
 mod demo;
 mod util;
 
@@ -40,6 +41,9 @@ enum Task {
         /// Alternating rounds per comparison; the report gives medians.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Only host-wide mode at scale: 50 services found, attached and held in memory.
+        #[arg(long)]
+        host: bool,
     },
     /// Run a leaky fixture under load with leakscope attached and show the suspects.
     Demo {
@@ -62,9 +66,13 @@ fn main() -> anyhow::Result<()> {
             fixtures()?;
             demo::demo(seconds)
         }
-        Task::Bench { rounds } => {
+        Task::Bench { rounds, host } => {
             setup()?;
             fixtures()?;
+            if host {
+                run(cargo().args(["build", "--release", "-p", "monitor"]))?;
+                return bench_host::host_bench(&workspace_root().join("target/release/leakscope"));
+            }
             bench::bench(rounds.max(1))
         }
     }

@@ -48,6 +48,9 @@ pub struct ProcessRegistry {
     fresh: HashMap<u32, Instant>,
     /// Host-wide mode: processes (pid, start time) left alone by `--include`/`--exclude`.
     excluded: HashSet<(u32, u64)>,
+    /// Host-wide mode: executables whose task hooks it placed (removed again when none of
+    /// their processes is attached; `--exe` targets' stay).
+    host_executables: HashSet<ExeIdentity>,
     /// Host-wide mode: at most this many processes are attached at once.
     max_processes: usize,
     /// Host-wide mode: processes (pid, start time) not attached because `max_processes`
@@ -99,6 +102,7 @@ impl ProcessRegistry {
             excluded: HashSet::new(),
             max_processes,
             over_limit: HashSet::new(),
+            host_executables: HashSet::new(),
         }
     }
 
@@ -277,6 +281,7 @@ impl ProcessRegistry {
             self.detach(pid);
             info!("pid {pid} exited: detached and forgot its tasks");
         }
+        self.detach_unused_executables();
         // What was decided about processes that are gone is forgotten with them.
         let running =
             |&(pid, start): &(u32, u64)| procfs::start_time(pid).is_ok_and(|t| t == start);
@@ -286,6 +291,23 @@ impl ProcessRegistry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .expire_pending(procfs::monotonic_ns(), procfs::pid_exists);
+    }
+
+    /// Removes the task hooks host-wide mode placed on executables none of whose processes
+    /// is attached any more.
+    fn detach_unused_executables(&mut self) {
+        let unused: Vec<ExeIdentity> = self
+            .host_executables
+            .iter()
+            .filter(|exe| !self.attached.values().any(|p| p.info.exe == **exe))
+            .copied()
+            .collect();
+        for exe in unused {
+            self.host_executables.remove(&exe);
+            if let Some((links, _)) = self.exe_links.remove(&exe) {
+                self.probes.detach(links);
+            }
+        }
     }
 
     /// Drops process `pid`'s probes and state (it exited, or exec'd another program).
@@ -476,7 +498,18 @@ impl ProcessRegistry {
             self.over_limit.insert(key);
             return Consideration::Skipped;
         }
-        match self.attach_with(process.pid, TaskHookScope::Process) {
+        // Task hooks go on the executable, once, for all its processes: the kernel
+        // unregisters uprobes one at a time (~80 ms each, under a global lock), so fifty
+        // replicas of a service must not mean fifty sets of hooks to remove.
+        if !self.exe_links.contains_key(&process.exe)
+            && let Err(err) = self.watch_executable(&process.exe_link(), process.exe)
+        {
+            warn!("{err:#}");
+            self.failed.insert(key);
+            return Consideration::Skipped;
+        }
+        self.host_executables.insert(process.exe);
+        match self.attach_with(process.pid, TaskHookScope::Executable) {
             Ok(()) => Consideration::Attached,
             Err(err) => {
                 warn!("{err:#}");
@@ -505,6 +538,7 @@ impl ProcessRegistry {
             self.detach(pid);
             info!("pid {pid}: no longer selected by --include/--exclude: detached");
         }
+        self.detach_unused_executables();
     }
 
     /// Detaches every probe, of every process and executable, at once (at shutdown).

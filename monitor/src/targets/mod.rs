@@ -136,9 +136,33 @@ pub struct HostScanStats {
 }
 
 /// Whether the executable at `path` can be a tokio binary: tokio's source paths are in it.
-/// False for most of a host's executables, at the cost of one read of the file.
+/// False for most of a host's executables, at the cost of one read of the file, in 1 MiB
+/// pieces (a host's largest binaries are hundreds of MiB; the daemon's memory stays flat).
 pub fn mentions_tokio(path: &Path) -> bool {
-    std::fs::read(path).is_ok_and(|data| memchr::memmem::find(&data, b"/tokio-1.").is_some())
+    std::fs::File::open(path).is_ok_and(|file| contains(file, b"/tokio-1."))
+}
+
+/// Whether `needle` occurs in what `reader` yields, read a piece at a time; a read error
+/// counts as not found.
+fn contains(mut reader: impl std::io::Read, needle: &[u8]) -> bool {
+    const PIECE: usize = 1 << 20;
+    let finder = memchr::memmem::Finder::new(needle);
+    let keep = needle.len().saturating_sub(1);
+    let mut buffer = vec![0u8; keep + PIECE];
+    // The last `keep` bytes of a piece are carried over, so a match across two is found.
+    let mut carried = 0;
+    loop {
+        let read = match reader.read(&mut buffer[carried..]) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        let filled = carried + read;
+        if finder.find(&buffer[..filled]).is_some() {
+            return true;
+        }
+        carried = keep.min(filled);
+        buffer.copy_within(filled - carried..filled, 0);
+    }
 }
 
 /// True when `process` can be attached: the dynamic loader has mapped the `needed`
@@ -172,5 +196,46 @@ pub fn loader_done(pid: u32, needed: &[String]) -> bool {
 pub fn wait_settled(process: &ProcessInfo, needed: &[String]) {
     while !settled(process, needed) && process.is_alive() {
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contains;
+
+    /// A reader that yields at most `step` bytes per read, to split a match across reads.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.step.min(out.len()).min(self.data.len());
+            out[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn finds_a_needle_split_across_reads_and_nothing_else() {
+        let mut data = vec![b'x'; 3000];
+        data[1000..1009].copy_from_slice(b"/tokio-1.");
+        for step in [1, 3, 7, 1000, 1004, 5000] {
+            assert!(
+                contains(Trickle { data: &data, step }, b"/tokio-1."),
+                "step {step}"
+            );
+        }
+        let plain = vec![b'x'; 3000];
+        assert!(!contains(
+            Trickle {
+                data: &plain,
+                step: 7
+            },
+            b"/tokio-1."
+        ));
+        assert!(!contains(&b""[..], b"/tokio-1."));
     }
 }
