@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use leakscope_testkit::types::TasksResponse;
@@ -39,7 +38,7 @@ fn sighup_applies_new_rules_and_a_bad_file_keeps_the_running_ones() {
             "--rescan-seconds".into(),
             "0.2".into(),
         ],
-        Stdio::from(std::fs::File::create(&log).unwrap()),
+        Some(&std::fs::File::create(&log).unwrap()),
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let addr = client.addr;

@@ -162,21 +162,28 @@ fn describe(web: Option<&WebConfig>) -> String {
     format!("{tls}, {auth} (web config {})", web.path.display())
 }
 
-/// Binds `listen` and serves the API from `sources`, with the TLS and basic auth of `web`,
-/// until the returned task is aborted.
-pub async fn serve(
-    listen: SocketAddr,
-    web: Option<&WebConfig>,
-    sources: Sources,
-) -> Result<JoinHandle<()>, ListenError> {
-    let limits = Limits::default();
-    let listener = tokio::net::TcpListener::bind(listen)
+/// Binds `listen`: first, before anything is attached, so a port in use is said at once
+/// and changes nothing.
+pub async fn bind(listen: SocketAddr) -> Result<tokio::net::TcpListener, ListenError> {
+    tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| ListenError {
             addr: listen,
             source,
-        })?;
-    let local = listener.local_addr().unwrap_or(listen);
+        })
+}
+
+/// Serves the API from `sources` on `listener` (from [`bind`]), with the TLS and basic
+/// auth of `web`, until the returned task is aborted.
+pub fn serve(
+    listener: tokio::net::TcpListener,
+    web: Option<&WebConfig>,
+    sources: Sources,
+) -> JoinHandle<()> {
+    let limits = Limits::default();
+    let local = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let tls = web
         .and_then(|w| w.tls_config.clone())
         .map(TlsAcceptor::from);
@@ -199,7 +206,5 @@ pub async fn serve(
         }
     }
     let app = app(sources, web, &limits);
-    Ok(tokio::spawn(listener::accept_loop(
-        listener, tls, app, limits,
-    )))
+    tokio::spawn(listener::accept_loop(listener, tls, app, limits))
 }

@@ -70,8 +70,9 @@ pub async fn run(
         .as_deref()
         .map(web_config::load)
         .transpose()?;
+    let listener = http::bind(config.listen).await?;
     let mut session = Session::start(&config).await?;
-    let server = http::serve(config.listen, web.as_ref(), session.sources()).await?;
+    let server = http::serve(listener, web.as_ref(), session.sources());
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut rescan = tokio::time::interval(config.rescan);

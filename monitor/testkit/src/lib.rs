@@ -109,14 +109,15 @@ pub fn free_loopback_addr() -> Result<SocketAddr, String> {
 /// Starts `leakscope daemon ARGS --listen <free port>` and waits until `/healthz` answers;
 /// fails if the daemon exits first (probes refused, bad target) or does not answer in 30 s.
 pub fn start_daemon(leakscope: &Path, args: &[String]) -> Result<(Proc, Client), String> {
-    start_daemon_logging(leakscope, args, Stdio::inherit())
+    start_daemon_logging(leakscope, args, None)
 }
 
-/// [`start_daemon`], with the daemon's log (its stderr) going to `log`.
+/// [`start_daemon`], with the daemon's log (its stderr) going to `log` (inherited when
+/// `None`).
 pub fn start_daemon_logging(
     leakscope: &Path,
     args: &[String],
-    log: Stdio,
+    log: Option<&std::fs::File>,
 ) -> Result<(Proc, Client), String> {
     let (daemon, listen) = start_daemon_until(leakscope, args, log, |listen| {
         match Client::new(listen).get("/healthz") {
@@ -130,36 +131,58 @@ pub fn start_daemon_logging(
 /// Starts `leakscope daemon ARGS --listen <free port>`, its log (stderr) going to `log`, and
 /// waits until `ready(address)` (a daemon behind TLS is not asked in plain HTTP); fails if
 /// the daemon exits first or is not ready in 30 s.
+///
+/// The port is free when chosen but may be taken before the daemon binds it (tests run in
+/// parallel): a daemon that exits is started again on another port, twice at most; its
+/// last failure is the error.
 pub fn start_daemon_until(
     leakscope: &Path,
     args: &[String],
-    log: Stdio,
+    log: Option<&std::fs::File>,
     mut ready: impl FnMut(SocketAddr) -> Result<(), String>,
 ) -> Result<(Proc, SocketAddr), String> {
-    let listen = free_loopback_addr()?;
-    let child = Command::new(leakscope)
-        .arg("daemon")
-        .args(args)
-        .arg("--listen")
-        .arg(listen.to_string())
-        .stdout(Stdio::inherit())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("starting {}: {e}", leakscope.display()))?;
-    let mut daemon = Proc {
-        child,
-        name: "leakscope".into(),
-    };
-    poll("leakscope is ready", Duration::from_secs(30), || {
-        if let Some(status) = daemon.child.try_wait().map_err(|e| e.to_string())? {
-            return Err(format!(
-                "leakscope daemon exited early with {status}: probes could not be loaded or \
-                 attached"
-            ));
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let listen = free_loopback_addr()?;
+        let stderr = match log {
+            Some(file) => Stdio::from(file.try_clone().map_err(|e| e.to_string())?),
+            None => Stdio::inherit(),
+        };
+        let child = Command::new(leakscope)
+            .arg("daemon")
+            .args(args)
+            .arg("--listen")
+            .arg(listen.to_string())
+            .stdout(Stdio::inherit())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", leakscope.display()))?;
+        let mut daemon = Proc {
+            child,
+            name: "leakscope".into(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = daemon.child.try_wait().map_err(|e| e.to_string())? {
+                if attempt < ATTEMPTS {
+                    break;
+                }
+                return Err(format!(
+                    "leakscope daemon exited early with {status} ({attempt} attempts): its \
+                     log above says why"
+                ));
+            }
+            match ready(listen) {
+                Ok(()) => return Ok((daemon, listen)),
+                Err(reason) if Instant::now() >= deadline => {
+                    return Err(format!("leakscope is not ready after 30 s: {reason}"));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
         }
-        ready(listen)
-    })?;
-    Ok((daemon, listen))
+    }
 }
 
 /// Waits until the daemon lists `pid` as attached (all its probes in place). Per pid, not a

@@ -80,13 +80,8 @@ pub fn start_daemon_until(
 ) -> (Proc, SocketAddr) {
     let mut args = args.to_vec();
     args.extend(["--rescan-seconds".to_string(), "0.2".to_string()]);
-    kit::start_daemon_until(
-        env!("CARGO_BIN_EXE_leakscope").as_ref(),
-        &args,
-        std::process::Stdio::inherit(),
-        ready,
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
+    kit::start_daemon_until(env!("CARGO_BIN_EXE_leakscope").as_ref(), &args, None, ready)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A daemon watching `pid` with `extra` arguments, once the process is attached.
