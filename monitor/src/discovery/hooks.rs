@@ -389,8 +389,10 @@ fn shutdown_shape_votes(img: &Image) -> HashMap<i64, u32> {
         let Some(bytes) = img.bytes_at(lo, hi - lo) else {
             continue;
         };
-        let mut a = lo.next_multiple_of(16);
-        while a + 8 <= hi {
+        let Some(mut a) = lo.checked_next_multiple_of(16) else {
+            continue;
+        };
+        while hi.saturating_sub(a) >= 8 {
             let off = (a - lo) as usize;
             let end = (off + 16).min(bytes.len());
             let mut dec = Decoder::with_ip(64, &bytes[off..end], a, DecoderOptions::NONE);

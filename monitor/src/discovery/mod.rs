@@ -63,6 +63,23 @@ pub enum DiscoveryError {
         source: std::io::Error,
     },
     #[error(
+        "{} is not a regular file; pass the target's executable itself (for a running \
+         process: /proc/<pid>/exe)",
+        .path.display()
+    )]
+    NotAFile { path: PathBuf },
+    #[error(
+        "{} is {size} bytes, more than the {limit} bytes leakscope reads into memory to \
+         analyse a binary, so it is not analysed (strip its debug info into a separate file with \
+         `objcopy --only-keep-debug` to make it smaller)",
+        .path.display()
+    )]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+    #[error(
         "{} is not an ELF file; pass the target's executable itself, not a script or wrapper \
          (for a running process: /proc/<pid>/exe)",
         .path.display()
@@ -389,7 +406,8 @@ pub fn analyze_with_debug_file(
     let mut img = elf::Image::load(path)?;
     let debug = debuginfo::attach(path, &mut img, debug)?;
     let stripped = !img.has_symtab;
-    let mut warnings = debug.warnings.clone();
+    let mut warnings = std::mem::take(&mut img.warnings);
+    warnings.extend(debug.warnings.iter().cloned());
 
     let mut by_shape = stripped;
     let mut raw = vtables::find_vtables(&img, !stripped);

@@ -219,8 +219,10 @@ impl CodeIndex {
         }
         let mut slots: HashMap<u64, Vec<u64>> = HashMap::new();
         for (lo, hi) in img.data_ranges() {
-            let mut a = lo.next_multiple_of(8);
-            while a + 8 <= hi {
+            let Some(mut a) = lo.checked_next_multiple_of(8) else {
+                continue;
+            };
+            while hi.saturating_sub(a) >= 8 {
                 if let Some(v) = img.read_word(a)
                     && img.functions.contains_key(&v)
                 {
