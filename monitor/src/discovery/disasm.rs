@@ -17,7 +17,8 @@ use iced_x86::{
 use super::ArgReg;
 use super::elf::Image;
 
-/// Decodes `[start, end)` of the image (as far as it is backed by the file).
+/// Decodes `[start, end)` of the image (as far as it is backed by the file; nothing once
+/// the image's budget is spent).
 pub(crate) fn decode_range(img: &Image, start: u64, end: u64) -> Vec<Instruction> {
     let Some(bytes) = img.bytes_at(start, end.saturating_sub(start)) else {
         return Vec::new();
@@ -25,7 +26,7 @@ pub(crate) fn decode_range(img: &Image, start: u64, end: u64) -> Vec<Instruction
     let mut decoder = Decoder::with_ip(64, bytes, start, DecoderOptions::NONE);
     let mut out = Vec::new();
     let mut instr = Instruction::default();
-    while decoder.can_decode() {
+    while decoder.can_decode() && !img.budget.spent() {
         decoder.decode_out(&mut instr);
         out.push(instr);
     }
@@ -120,7 +121,7 @@ impl<'a> Walker<'a> {
             .map(|&r| (r, 0, names_blocking(self.img.names_at(r))))
             .collect();
         while let Some((addr, depth, in_blocking)) = queue.pop_front() {
-            if depth >= max_depth {
+            if depth >= max_depth || self.img.budget.spent() {
                 continue;
             }
             let callees = self.callees(addr).to_vec();

@@ -19,6 +19,7 @@ use object::elf;
 use object::read::elf::{ElfFile64, FileHeader, ProgramHeader, SectionHeader, Sym};
 use object::{Endianness, Object, ObjectSection, ObjectSymbol, SymbolKind};
 
+use super::budget::Budget;
 use super::{DiscoveryError, LoadSegment};
 
 /// A function known from the symbol tables.
@@ -59,6 +60,9 @@ pub(crate) struct Image {
     /// What the headers claimed that the file does not hold (clamped or dropped), for
     /// [`super::TargetImage::warnings`].
     pub warnings: Vec<String>,
+    /// The time the analysis of this image may take: every scan over it stops at its next
+    /// step once it is spent (see [`super::budget`]). Unlimited unless set.
+    pub budget: Budget,
 }
 
 /// The largest file discovery reads (an executable, a debug file, a library): the whole
@@ -90,6 +94,13 @@ impl Image {
     }
 
     pub fn parse(path: &Path, data: Vec<u8>) -> Result<Self, DiscoveryError> {
+        if data.len() as u64 > MAX_FILE_BYTES {
+            return Err(DiscoveryError::TooLarge {
+                path: path.to_path_buf(),
+                size: data.len() as u64,
+                limit: MAX_FILE_BYTES,
+            });
+        }
         check_x86_64_elf(path, &data)?;
         let file = ElfFile64::<Endianness>::parse(&*data).map_err(|e| malformed(path, e))?;
         let endian = file.endian();
@@ -199,6 +210,7 @@ impl Image {
             has_symtab,
             debug_data: None,
             warnings,
+            budget: Budget::unlimited(),
         })
     }
 
@@ -614,6 +626,7 @@ pub(crate) fn code_image(vaddr: u64, code: &[u8]) -> Image {
         has_symtab: false,
         debug_data: None,
         warnings: Vec::new(),
+        budget: Budget::unlimited(),
     }
 }
 
@@ -666,6 +679,7 @@ mod tests {
             has_symtab: false,
             debug_data: None,
             warnings: Vec::new(),
+            budget: Budget::unlimited(),
         }
     }
 
@@ -682,6 +696,58 @@ mod tests {
         assert_eq!(img.read_word(0x1010), Some(0x5555));
         assert_eq!(img.read_word(0x2000), None);
         assert_eq!(img.read_word(0x103c), None, "straddles the segment end");
+    }
+
+    #[test]
+    fn ranges_are_merged_and_bounded_by_the_file() {
+        // Overlapping and repeated ranges (many headers claiming the same bytes) merge;
+        // their total is cut at the limit, in address order.
+        let ranges = vec![
+            (0x3000, 0x3100),
+            (0x1000, 0x1800),
+            (0x1400, 0x2000),
+            (0x1000, 0x2000),
+        ];
+        assert_eq!(
+            bounded_ranges(ranges.clone(), 1 << 20),
+            vec![(0x1000, 0x2000), (0x3000, 0x3100)]
+        );
+        assert_eq!(
+            bounded_ranges(ranges, 0x1080),
+            vec![(0x1000, 0x2000), (0x3000, 0x3080)]
+        );
+        assert_eq!(bounded_ranges(vec![(5, 5), (9, 2)], 100), vec![]);
+    }
+
+    #[test]
+    fn segments_are_clamped_to_the_file() {
+        let mut warnings = Vec::new();
+        let claimed = LoadSegment {
+            vaddr: 0x1000,
+            mem_size: 1 << 40,
+            file_offset: 0x100,
+            file_size: 1 << 40,
+            executable: false,
+        };
+        let clamped = clamp_segment(claimed, 0x500, &mut warnings).unwrap();
+        assert_eq!((clamped.file_size, clamped.mem_size), (0x400, 1 << 40));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        // Memory past the end of the address space: only the file bytes are kept.
+        let wraps = LoadSegment {
+            vaddr: u64::MAX - 0x100,
+            mem_size: 0x1000,
+            file_size: 0x10,
+            ..claimed
+        };
+        let kept = clamp_segment(wraps, 0x500, &mut warnings).unwrap();
+        assert_eq!(kept.mem_size, 0x10);
+        let gone = LoadSegment {
+            vaddr: u64::MAX - 0x8,
+            file_size: 0x100,
+            ..claimed
+        };
+        assert_eq!(clamp_segment(gone, 0x500, &mut warnings), None);
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
     }
 
     #[test]

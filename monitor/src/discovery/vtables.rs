@@ -90,6 +90,9 @@ pub(crate) fn find_vtables(img: &Image, use_symbols: bool) -> Vec<RawVtable> {
             continue;
         };
         while hi.saturating_sub(a) >= 8 * RECORD_WORDS {
+            if img.budget.spent() {
+                break;
+            }
             let Some(w0) = img.read_word(a) else {
                 a += 8;
                 continue;

@@ -111,9 +111,11 @@ pub struct HostScanStats {
 }
 
 /// Whether the executable at `path` can be a tokio binary: tokio's source paths are in it.
-/// False for most of a host's executables, at the cost of one read of the file.
+/// False for most of a host's executables, at the cost of one read of the file (false too
+/// for what discovery would refuse to read: not a regular file, or over its size limit).
 pub fn mentions_tokio(path: &Path) -> bool {
-    std::fs::read(path).is_ok_and(|data| memchr::memmem::find(&data, b"/tokio-1.").is_some())
+    crate::discovery::read_bounded(path)
+        .is_ok_and(|data| memchr::memmem::find(&data, b"/tokio-1.").is_some())
 }
 
 /// Blocks until process `pid` has run for [`SETTLE_BEFORE_ATTACH`] (at once if it has, or
