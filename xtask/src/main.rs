@@ -1,10 +1,11 @@
-//! Project tasks: `cargo xtask setup | fixtures | test | bench | demo`.
+//! Project tasks: `cargo xtask setup | fixtures | test | fuzz | bench | demo`.
 //!
 //! Everything a fresh machine needs is installed from here (nothing done by hand survives a
 //! new machine), and `test` is exactly what CI runs.
 
 mod bench;
 mod demo;
+mod fuzz;
 mod util;
 
 use std::path::{Path, PathBuf};
@@ -23,16 +24,27 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Task {
     /// Install what building and testing leakscope needs: nightly rust-src, bpf-linker,
-    /// the Debian packages the tests drive (prometheus, tmux, systemd-analyze) and
-    /// kubernetes-validate (pip). Idempotent.
+    /// cargo-fuzz, the Debian packages the tests drive (prometheus, tmux, systemd-analyze)
+    /// and kubernetes-validate (pip). Idempotent.
     Setup,
     /// Build the fixture programs (release profile) the tests and the demo run.
     Fixtures,
-    /// fmt check, clippy, unit and eBPF integration tests (what CI runs).
+    /// fmt check, clippy, unit and eBPF integration tests, then each fuzz target for 20 s
+    /// (what CI runs; a filtered run skips the fuzzing).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         cargo_test_args: Vec<String>,
+    },
+    /// Fuzz what leakscope reads from outside (binaries, .eh_frame, DWARF, kernel events,
+    /// the config file), with corpora seeded from the fixtures; a crash or hang fails.
+    Fuzz {
+        /// How long to run each target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (elf_discovery, eh_frame, dwarf_lines, ring_events, config_file).
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Overhead of the hooks: task and heap microbenchmarks, baseline vs monitored, side by
     /// side.
@@ -57,6 +69,11 @@ fn main() -> anyhow::Result<()> {
             fixtures()
         }
         Task::Test { cargo_test_args } => test(&cargo_test_args),
+        Task::Fuzz { seconds, target } => {
+            setup()?;
+            fixtures()?;
+            fuzz::fuzz(seconds, target.as_deref(), fuzz::Corpus::Kept)
+        }
         Task::Demo { seconds } => {
             setup()?;
             fixtures()?;
@@ -136,6 +153,7 @@ fn setup() -> anyhow::Result<()> {
     }
     install_debian_tools()?;
     install_python_tools()?;
+    install_cargo_fuzz()?;
     // bpf-linker links against nightly's libLLVM, which is on the library path only under
     // `rustup run nightly` (as aya-build runs it).
     if Command::new("rustup")
@@ -208,6 +226,19 @@ fn install_python_tools() -> anyhow::Result<()> {
         "kubernetes-validate",
     ]))
     .context("installing kubernetes-validate (pip) for the manifest test")
+}
+
+/// cargo-fuzz (crates.io) drives the fuzz targets in `monitor/fuzz`.
+fn install_cargo_fuzz() -> anyhow::Result<()> {
+    let present = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    run(Command::new("cargo").args(["install", "--locked", "cargo-fuzz"]))
+        .context("installing cargo-fuzz for the fuzz targets")
 }
 
 fn install_bpf_linker() -> anyhow::Result<()> {
@@ -332,11 +363,25 @@ fn fixtures() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long `test` runs each fuzz target: five targets stay under two minutes, enough to
+/// catch what a change breaks in the seeds' neighbourhood. Longer runs: `cargo xtask fuzz`.
+const FUZZ_SECONDS_IN_TEST: u64 = 20;
+
 fn test(cargo_test_args: &[String]) -> anyhow::Result<()> {
     setup()?;
     run(cargo().args(["fmt", "--all", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
+    // The fuzz crate is its own workspace (it needs nightly), so `--all` does not cover it.
+    run(cargo()
+        .args(["fmt", "--check", "--manifest-path"])
+        .arg(workspace_root().join("monitor/fuzz/Cargo.toml")))
+    .context("formatting differs: run `cargo fmt --manifest-path monitor/fuzz/Cargo.toml`")?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     fixtures()?;
-    run(cargo().args(["test"]).args(cargo_test_args))
+    run(cargo().args(["test"]).args(cargo_test_args))?;
+    // A filtered run is someone iterating on a few tests: the fuzzers are not theirs.
+    if cargo_test_args.is_empty() {
+        fuzz::fuzz(FUZZ_SECONDS_IN_TEST, None, fuzz::Corpus::SeedsOnly)?;
+    }
+    Ok(())
 }

@@ -19,8 +19,11 @@ use std::path::Path;
 
 use gimli::{EndianSlice, LittleEndian};
 
-use super::DiscoveryError;
 use super::elf::Image;
+use super::{Budget, DiscoveryError};
+
+/// A DWARF section's contents by name (`.debug_line`, …), `None` when absent.
+pub(crate) type Sections<'s, 'd> = &'s dyn Fn(&str) -> Option<Cow<'d, [u8]>>;
 
 type R<'a> = EndianSlice<'a, LittleEndian>;
 
@@ -31,12 +34,22 @@ pub(crate) fn line_locations(
     img: &Image,
     addrs: &[u64],
 ) -> Result<HashMap<u64, String>, gimli::Error> {
+    line_locations_in(&|name| img.section_data(name), addrs, &img.budget)
+}
+
+/// [`line_locations`] over DWARF sections given by name; stops early, with what it has,
+/// once `budget` is spent.
+pub(crate) fn line_locations_in<'d>(
+    section: Sections<'_, 'd>,
+    addrs: &[u64],
+    budget: &Budget,
+) -> Result<HashMap<u64, String>, gimli::Error> {
     let mut out = HashMap::new();
-    if addrs.is_empty() || img.section_data(".debug_line").is_none() {
+    if addrs.is_empty() || section(".debug_line").is_none() {
         return Ok(out);
     }
-    let sections = gimli::DwarfSections::load(|id| -> Result<Cow<'_, [u8]>, gimli::Error> {
-        Ok(img.section_data(id.name()).unwrap_or(Cow::Borrowed(&[])))
+    let sections = gimli::DwarfSections::load(|id| -> Result<Cow<'d, [u8]>, gimli::Error> {
+        Ok(section(id.name()).unwrap_or(Cow::Borrowed(&[])))
     })?;
     let dwarf = sections.borrow(|s| EndianSlice::new(s, LittleEndian));
 
@@ -45,7 +58,7 @@ pub(crate) fn line_locations(
 
     let mut units = dwarf.units();
     while let Some(header) = units.next()? {
-        if img.budget.spent() {
+        if budget.spent() {
             break;
         }
         let unit = dwarf.unit(header)?;
@@ -58,7 +71,7 @@ pub(crate) fn line_locations(
         // Queries that fell on a line-0 row: take the next row with a real line.
         let mut waiting: Vec<u64> = Vec::new();
         while let Some((lp, row)) = rows.next_row()? {
-            if img.budget.spent() {
+            if budget.spent() {
                 break;
             }
             let addr = row.address();
@@ -266,11 +279,19 @@ impl LineIndex {
     /// attached. A unit whose DWARF cannot be read is skipped. Stops early, with what it
     /// has, once the image's budget is spent (the caller checks it).
     pub(crate) fn build(img: &Image) -> Result<Self, gimli::Error> {
-        if img.section_data(".debug_line").is_none() {
+        Self::build_in(&|name| img.section_data(name), &img.budget)
+    }
+
+    /// [`LineIndex::build`] over DWARF sections given by name.
+    pub(crate) fn build_in<'d>(
+        section: Sections<'_, 'd>,
+        budget: &Budget,
+    ) -> Result<Self, gimli::Error> {
+        if section(".debug_line").is_none() {
             return Ok(Self::default());
         }
-        let sections = gimli::DwarfSections::load(|id| -> Result<Cow<'_, [u8]>, gimli::Error> {
-            Ok(img.section_data(id.name()).unwrap_or(Cow::Borrowed(&[])))
+        let sections = gimli::DwarfSections::load(|id| -> Result<Cow<'d, [u8]>, gimli::Error> {
+            Ok(section(id.name()).unwrap_or(Cow::Borrowed(&[])))
         })?;
         let dwarf = sections.borrow(|s| EndianSlice::new(s, LittleEndian));
 
@@ -279,7 +300,7 @@ impl LineIndex {
         let mut inlined: Vec<InlinedCall> = Vec::new();
         let mut units = dwarf.units();
         while let Some(header) = units.next()? {
-            if img.budget.spent() {
+            if budget.spent() {
                 break;
             }
             let offset = header.offset();
@@ -297,7 +318,7 @@ impl LineIndex {
             if let Err(e) = read_sequences(
                 &dwarf,
                 &unit,
-                &img.budget,
+                budget,
                 program.clone(),
                 &mut paths,
                 &mut unit_files,
@@ -308,7 +329,7 @@ impl LineIndex {
             if let Err(e) = read_inlined_calls(
                 &dwarf,
                 &unit,
-                &img.budget,
+                budget,
                 program.header(),
                 &mut paths,
                 &mut unit_files,

@@ -35,6 +35,8 @@ mod debuginfo;
 mod disasm;
 mod dwarf;
 mod elf;
+#[doc(hidden)]
+pub mod fuzzing;
 mod hooks;
 mod naming;
 mod resolve;
@@ -80,8 +82,8 @@ pub enum DiscoveryError {
     NotAFile { path: PathBuf },
     #[error(
         "{} is {size} bytes, more than the {limit} bytes leakscope reads into memory to \
-         analyse a binary, so it is not analysed (strip its debug info into a separate file with \
-         `objcopy --only-keep-debug` to make it smaller)",
+         analyse a binary, so it is not analysed (keep its debug info in a separate file, \
+         made with `objcopy --only-keep-debug`, to make it smaller)",
         .path.display()
     )]
     TooLarge {
@@ -428,9 +430,9 @@ pub fn analyze_with_debug_file(
 
 /// [`analyze_with_debug_file`] within `budget`: past it, the analysis stops at its next
 /// step and returns [`DiscoveryError::TooSlow`]. Whatever the file holds, the work is also
-/// bounded by its size (at most 1 GiB is read; ranges the headers claim
-/// are cut to the bytes that exist; scans are capped), so the budget is the last guard, not
-/// the only one.
+/// bounded by its size (at most 1 GiB is read; ranges the headers claim are cut to the
+/// bytes that exist; function extents are capped), so the budget is the last guard, not the
+/// only one.
 ///
 /// It blocks: a caller on an async runtime runs it on a blocking thread
 /// (`tokio::task::spawn_blocking`), so that a slow file delays only its own process.
