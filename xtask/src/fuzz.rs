@@ -16,8 +16,9 @@ use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 use crate::{MUSL_TARGET, fixture_paths, run, workspace_root};
 
 /// The targets, as named in `monitor/fuzz/Cargo.toml`.
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "elf_discovery",
+    "symbol_names",
     "eh_frame",
     "dwarf_lines",
     "ring_events",
@@ -144,6 +145,7 @@ fn seed(target: &str, kind: Corpus) -> anyhow::Result<(PathBuf, usize)> {
             seeds
         }
         "dwarf_lines" => dwarf_seeds()?,
+        "symbol_names" => symbol_name_seeds()?,
         "config_file" => {
             let readme = read(&workspace_root().join("README.md"))?;
             toml_blocks(&String::from_utf8_lossy(&readme))
@@ -256,6 +258,33 @@ fn dwarf_seeds() -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         seeds.push((format!("axum-app-dwarf-{name}"), seed));
     }
     Ok(seeds)
+}
+
+/// Pairs of the axum fixture's raw (mangled) symbol names, `name\0other`, a few hundred
+/// spread over the table: legacy and v0-mangled paths, closures, drop glue, trait impls.
+fn symbol_name_seeds() -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let path = fixture_paths().axum_app;
+    let data = read(&path)?;
+    let file =
+        object::File::parse(&*data).with_context(|| format!("parsing {}", path.display()))?;
+    let names: Vec<&str> = file
+        .symbols()
+        .filter_map(|s| s.name().ok())
+        .filter(|n| n.starts_with("_ZN") || n.starts_with("_R"))
+        .collect();
+    let step = (names.len() / 300).max(1);
+    Ok(names
+        .iter()
+        .step_by(step)
+        .zip(names.iter().skip(step / 2).step_by(step))
+        .enumerate()
+        .map(|(i, (name, other))| {
+            (
+                format!("symbol-{i}"),
+                format!("{name}\0{other}").into_bytes(),
+            )
+        })
+        .collect())
 }
 
 /// The contents of the ```` ```toml ```` blocks of a Markdown text.

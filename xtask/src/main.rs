@@ -42,7 +42,8 @@ enum Task {
         /// How long to run each target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
-        /// Only this target (elf_discovery, eh_frame, dwarf_lines, ring_events, config_file).
+        /// Only this target (elf_discovery, symbol_names, eh_frame, dwarf_lines, ring_events,
+        /// config_file).
         #[arg(long)]
         target: Option<String>,
     },
@@ -363,7 +364,7 @@ fn fixtures() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How long `test` runs each fuzz target: five targets stay under two minutes, enough to
+/// How long `test` runs each fuzz target: six targets stay near two minutes, enough to
 /// catch what a change breaks in the seeds' neighbourhood. Longer runs: `cargo xtask fuzz`.
 const FUZZ_SECONDS_IN_TEST: u64 = 20;
 

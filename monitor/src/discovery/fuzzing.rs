@@ -23,3 +23,29 @@ pub fn dwarf_lines<'d>(section: &dyn Fn(&str) -> Option<&'d [u8]>, addrs: &[u64]
     }
     placed
 }
+
+/// The name parsers discovery runs on symbol names read from a binary (demangling, generic
+/// arguments, labels, roles), on any text: a corrupted string table can name a symbol
+/// anything. `other` stands for a second name they compare with (a task cell's type).
+pub fn symbol_names(raw: &str, other: &str) -> usize {
+    use super::naming;
+    let name = naming::demangle(raw);
+    let mut seen = naming::clean_label(&name).len();
+    seen += naming::split_top_level(&name).len();
+    seen += naming::generic_args_after(&name, "core::ptr::drop_in_place").map_or(0, |a| a.len());
+    seen += usize::from(naming::cell_drop_glue_args(&name).is_some());
+    seen += usize::from(naming::raw_poll_args(&name).is_some());
+    seen += naming::blocking_task_inner(&name).map_or(0, |s| s.len());
+    seen += naming::strip_generics(&name).len();
+    seen += naming::future_impl_self(&name).map_or(0, str::len);
+    seen += naming::poll_fn_label(&name).len();
+    let (_, futures) = naming::role_of_names([name.as_str(), other], false, true);
+    seen += futures.len();
+    seen += usize::from(naming::same_site(&name, other));
+    seen += usize::from(naming::is_library_label(&name));
+    seen += usize::from(naming::related_site(&name, other));
+    seen += naming::owner_path(&name).map_or(0, |p| p.len());
+    seen += usize::from(naming::mentions_path(&name, other));
+    seen += usize::from(naming::scheduler_in_name(&name).is_some());
+    seen
+}
