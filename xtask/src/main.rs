@@ -46,6 +46,10 @@ enum Task {
         /// config_file).
         #[arg(long)]
         target: Option<String>,
+        /// Start from the seeds alone, in a fresh corpus, as `test` does (by default the
+        /// corpus grown by earlier runs is kept in monitor/fuzz/corpus).
+        #[arg(long)]
+        seeds_only: bool,
     },
     /// Overhead of the hooks: task and heap microbenchmarks, baseline vs monitored, side by
     /// side.
@@ -70,10 +74,19 @@ fn main() -> anyhow::Result<()> {
             fixtures()
         }
         Task::Test { cargo_test_args } => test(&cargo_test_args),
-        Task::Fuzz { seconds, target } => {
+        Task::Fuzz {
+            seconds,
+            target,
+            seeds_only,
+        } => {
             setup()?;
             fixtures()?;
-            fuzz::fuzz(seconds, target.as_deref(), fuzz::Corpus::Kept)
+            let corpus = if seeds_only {
+                fuzz::Corpus::SeedsOnly
+            } else {
+                fuzz::Corpus::Kept
+            };
+            fuzz::fuzz(seconds, target.as_deref(), corpus)
         }
         Task::Demo { seconds } => {
             setup()?;

@@ -1,7 +1,7 @@
 //! The ring-buffer record decoders and what the drain loop does with each record: task
 //! events into the task ledger, heap events into the heap ledger, spawns claiming their
-//! task cells. The values come from the probed process's memory, so any of them can be
-//! anything.
+//! task cells, then what the exports read back. The values come from the probed process's
+//! memory, so any of them can be anything.
 //!
 //! Input: records, each a kind byte (even: task, odd: heap; bit 1 set: the watched
 //! process's pid), a length (2 bytes, little-endian; cut to what is left) and its bytes.
@@ -78,5 +78,14 @@ fuzz_target!(|data: &[u8]| {
             }
             heap.apply(&event, &tasks);
         }
+    }
+    // What the exports and the expiry of held events read back, at both ends of time.
+    for now in [0, u64::MAX] {
+        let _ = tasks.snapshot(now);
+        tasks.expire_pending(now, |pid| pid % 2 == 0);
+    }
+    for process in heap.processes() {
+        let _ = process.snapshot();
+        let _ = process.scaled_totals();
     }
 });
