@@ -418,6 +418,10 @@ fn successors(instrs: &[Instruction], index: &HashMap<u64, usize>, i: usize) -> 
 /// Code reached only through jump tables or unwinding is not analysed. The analysis only
 /// ever *adds* evidence, so callers treat "no evidence" as "unverified", never as proof of
 /// the opposite.
+///
+/// Only the first [`MAX_TRACKED_BYTES`] of a function are followed: the state kept per
+/// instruction is a few hundred bytes, and a corrupted symbol size must not turn that into
+/// gigabytes. Less code only means less evidence.
 pub(crate) fn track_header_args(
     img: &Image,
     start: u64,
@@ -425,10 +429,16 @@ pub(crate) fn track_header_args(
     vtable_offset: Option<i64>,
     header_callee: &dyn Fn(u64) -> bool,
 ) -> ArgEvidence {
+    let end = end.min(start.saturating_add(MAX_TRACKED_BYTES));
     analyse(&decode_range(img, start, end), vtable_offset, &|i| {
         static_target(img, i).filter(|&t| (t < start || t >= end) && header_callee(t))
     })
 }
+
+/// How much of a function [`track_header_args`] follows. The functions it is asked about
+/// (spawn and completion hooks, `RawTask` methods) are under 2 KiB in the fixtures, the
+/// largest function of the axum fixture 16 KiB.
+const MAX_TRACKED_BYTES: u64 = 64 << 10;
 
 /// [`track_header_args`] over already decoded code; `header_call` returns the target of a
 /// call/jump that takes the header first. Split out so tests can feed hand-made code.
