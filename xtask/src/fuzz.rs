@@ -25,14 +25,14 @@ pub const TARGETS: [&str; 6] = [
     "config_file",
 ];
 
-/// The longest one input may run before libFuzzer calls it a hang. The slowest seed (the
-/// whole axum fixture through the analysis, instrumented and with overflow checks) takes
-/// about a second; host-wide mode's budget per binary is 30 s.
+/// The longest one input may run before libFuzzer calls it a hang. The slowest seeds (the
+/// whole fixture binaries through the analysis, instrumented and with overflow checks)
+/// take about half a second; host-wide mode's budget per binary is 30 s.
 const INPUT_TIMEOUT_SECONDS: u64 = 10;
 
 /// `cargo +nightly fuzz` in the fuzz crate's directory. Through `rustup run` like the other
-/// nightly tools (see `setup`), and without what a cargo parent sets for its children:
-/// `RUSTC` would make cargo-fuzz build with the stable compiler.
+/// nightly tools (see `setup`), and without the compiler overrides a parent cargo or the
+/// user's shell may set: `RUSTC` naming the stable compiler would defeat the nightly.
 fn cargo_fuzz() -> Command {
     let mut cmd = Command::new("rustup");
     cmd.args(["run", "nightly", "cargo", "fuzz"])
