@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | fixtures | test | bench | demo`.
+//! Project tasks: `cargo xtask setup | fixtures | test | fuzz | bench | demo`.
 //!
 //! Everything a fresh machine needs is installed from here (nothing done by hand survives a
 //! new machine), and `test` is exactly what CI runs.
@@ -6,6 +6,7 @@
 mod bench;
 mod bench_host;
 mod demo;
+mod fuzz;
 mod util;
 
 use std::path::{Path, PathBuf};
@@ -24,16 +25,32 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Task {
     /// Install what building and testing leakscope needs: nightly rust-src, bpf-linker,
-    /// the Debian packages the tests drive (prometheus, tmux, systemd-analyze),
+    /// cargo-fuzz, the Debian packages the tests drive (prometheus, tmux, systemd-analyze),
     /// kubernetes-validate and checkov (pip). Idempotent.
     Setup,
     /// Build the fixture programs (release profile) the tests and the demo run.
     Fixtures,
-    /// fmt check, clippy, unit and eBPF integration tests (what CI runs).
+    /// fmt check, clippy, unit and eBPF integration tests, then each fuzz target for 20 s
+    /// (what CI runs; a filtered run skips the fuzzing).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         cargo_test_args: Vec<String>,
+    },
+    /// Fuzz what leakscope reads from outside (binaries, .eh_frame, DWARF, kernel events,
+    /// the config file), with corpora seeded from the fixtures; a crash or hang fails.
+    Fuzz {
+        /// How long to run each target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (elf_discovery, symbol_names, eh_frame, dwarf_lines, ring_events,
+        /// config_file).
+        #[arg(long)]
+        target: Option<String>,
+        /// Start from the seeds alone, in a fresh corpus, as `test` does (by default the
+        /// corpus grown by earlier runs is kept in monitor/fuzz/corpus).
+        #[arg(long)]
+        seeds_only: bool,
     },
     /// Overhead of the hooks: task and heap microbenchmarks, baseline vs monitored, side by
     /// side.
@@ -61,6 +78,20 @@ fn main() -> anyhow::Result<()> {
             fixtures()
         }
         Task::Test { cargo_test_args } => test(&cargo_test_args),
+        Task::Fuzz {
+            seconds,
+            target,
+            seeds_only,
+        } => {
+            setup()?;
+            fixtures()?;
+            let corpus = if seeds_only {
+                fuzz::Corpus::SeedsOnly
+            } else {
+                fuzz::Corpus::Kept
+            };
+            fuzz::fuzz(seconds, target.as_deref(), corpus)
+        }
         Task::Demo { seconds } => {
             setup()?;
             fixtures()?;
@@ -144,6 +175,7 @@ fn setup() -> anyhow::Result<()> {
     }
     install_debian_tools()?;
     install_python_tools()?;
+    install_cargo_fuzz()?;
     // bpf-linker links against nightly's libLLVM, which is on the library path only under
     // `rustup run nightly` (as aya-build runs it).
     if Command::new("rustup")
@@ -227,6 +259,19 @@ fn install_python_tools() -> anyhow::Result<()> {
         .with_context(|| format!("installing {package} (pip) for the manifest tests"))?;
     }
     Ok(())
+}
+
+/// cargo-fuzz (crates.io) drives the fuzz targets in `monitor/fuzz`.
+fn install_cargo_fuzz() -> anyhow::Result<()> {
+    let present = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    run(Command::new("cargo").args(["install", "--locked", "cargo-fuzz"]))
+        .context("installing cargo-fuzz for the fuzz targets")
 }
 
 fn install_bpf_linker() -> anyhow::Result<()> {
@@ -351,11 +396,25 @@ fn fixtures() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long `test` runs each fuzz target: six targets stay near two minutes, enough to
+/// catch what a change breaks in the seeds' neighbourhood. Longer runs: `cargo xtask fuzz`.
+const FUZZ_SECONDS_IN_TEST: u64 = 20;
+
 fn test(cargo_test_args: &[String]) -> anyhow::Result<()> {
     setup()?;
     run(cargo().args(["fmt", "--all", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
+    // The fuzz crate is its own workspace (it needs nightly), so `--all` does not cover it.
+    run(cargo()
+        .args(["fmt", "--check", "--manifest-path"])
+        .arg(workspace_root().join("monitor/fuzz/Cargo.toml")))
+    .context("formatting differs: run `cargo fmt --manifest-path monitor/fuzz/Cargo.toml`")?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     fixtures()?;
-    run(cargo().args(["test"]).args(cargo_test_args))
+    run(cargo().args(["test"]).args(cargo_test_args))?;
+    // A filtered run is someone iterating on a few tests: the fuzzers are not theirs.
+    if cargo_test_args.is_empty() {
+        fuzz::fuzz(FUZZ_SECONDS_IN_TEST, None, fuzz::Corpus::SeedsOnly)?;
+    }
+    Ok(())
 }

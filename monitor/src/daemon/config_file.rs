@@ -95,7 +95,8 @@ pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
     Ok(file)
 }
 
-fn parse(path: &Path, text: &str) -> Result<ConfigFile, ConfigError> {
+/// Checks `text`, the contents of the file at `path` (named in errors).
+pub fn parse(path: &Path, text: &str) -> Result<ConfigFile, ConfigError> {
     toml::from_str(text).map_err(|err: toml::de::Error| {
         let offset = err.span().map_or(0, |span| span.start).min(text.len());
         let before = &text[..offset];

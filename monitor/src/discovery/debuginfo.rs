@@ -115,7 +115,10 @@ pub(crate) fn attach(
             debug: debug.to_path_buf(),
             reason,
         };
-        let data = std::fs::read(debug).map_err(|e| invalid(format!("cannot read it: {e}")))?;
+        let data = super::read_bounded(debug).map_err(|e| match e {
+            DiscoveryError::Io { source, .. } => invalid(format!("cannot read it: {source}")),
+            other => invalid(other.to_string()),
+        })?;
         if let Err(e) = elf::check_x86_64_elf(debug, &data) {
             return Err(invalid(e.to_string()));
         }
@@ -167,11 +170,15 @@ pub(crate) fn attach(
         if exe_id == Some((meta.dev(), meta.ino())) || !meta.is_file() {
             continue;
         }
-        let data = match std::fs::read(&path) {
+        let data = match super::read_bounded(&path) {
             Ok(d) => d,
-            Err(e) => {
+            Err(DiscoveryError::Io { source, .. }) => {
                 out.rejected
-                    .push(format!("{}: cannot read it: {e}", path.display()));
+                    .push(format!("{}: cannot read it: {source}", path.display()));
+                continue;
+            }
+            Err(e) => {
+                out.rejected.push(e.to_string());
                 continue;
             }
         };

@@ -17,7 +17,8 @@ use iced_x86::{
 use super::ArgReg;
 use super::elf::Image;
 
-/// Decodes `[start, end)` of the image (as far as it is backed by the file).
+/// Decodes `[start, end)` of the image (as far as it is backed by the file; nothing once
+/// the image's budget is spent).
 pub(crate) fn decode_range(img: &Image, start: u64, end: u64) -> Vec<Instruction> {
     let Some(bytes) = img.bytes_at(start, end.saturating_sub(start)) else {
         return Vec::new();
@@ -25,7 +26,7 @@ pub(crate) fn decode_range(img: &Image, start: u64, end: u64) -> Vec<Instruction
     let mut decoder = Decoder::with_ip(64, bytes, start, DecoderOptions::NONE);
     let mut out = Vec::new();
     let mut instr = Instruction::default();
-    while decoder.can_decode() {
+    while decoder.can_decode() && !img.budget.spent() {
         decoder.decode_out(&mut instr);
         out.push(instr);
     }
@@ -120,7 +121,7 @@ impl<'a> Walker<'a> {
             .map(|&r| (r, 0, names_blocking(self.img.names_at(r))))
             .collect();
         while let Some((addr, depth, in_blocking)) = queue.pop_front() {
-            if depth >= max_depth {
+            if depth >= max_depth || self.img.budget.spent() {
                 continue;
             }
             let callees = self.callees(addr).to_vec();
@@ -417,6 +418,10 @@ fn successors(instrs: &[Instruction], index: &HashMap<u64, usize>, i: usize) -> 
 /// Code reached only through jump tables or unwinding is not analysed. The analysis only
 /// ever *adds* evidence, so callers treat "no evidence" as "unverified", never as proof of
 /// the opposite.
+///
+/// Only the first [`MAX_TRACKED_BYTES`] of a function are followed: the state kept per
+/// instruction is a few hundred bytes, and a corrupted symbol size must not turn that into
+/// gigabytes. Less code only means less evidence.
 pub(crate) fn track_header_args(
     img: &Image,
     start: u64,
@@ -424,10 +429,16 @@ pub(crate) fn track_header_args(
     vtable_offset: Option<i64>,
     header_callee: &dyn Fn(u64) -> bool,
 ) -> ArgEvidence {
+    let end = end.min(start.saturating_add(MAX_TRACKED_BYTES));
     analyse(&decode_range(img, start, end), vtable_offset, &|i| {
         static_target(img, i).filter(|&t| (t < start || t >= end) && header_callee(t))
     })
 }
+
+/// How much of a function [`track_header_args`] follows. The functions it is asked about
+/// (spawn and completion hooks, `RawTask` methods) are under 2 KiB in the fixtures, the
+/// largest function of the axum fixture 16 KiB.
+const MAX_TRACKED_BYTES: u64 = 64 << 10;
 
 /// [`track_header_args`] over already decoded code; `header_call` returns the target of a
 /// call/jump that takes the header first. Split out so tests can feed hand-made code.

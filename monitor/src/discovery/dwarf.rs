@@ -19,8 +19,11 @@ use std::path::Path;
 
 use gimli::{EndianSlice, LittleEndian};
 
-use super::DiscoveryError;
 use super::elf::Image;
+use super::{Budget, DiscoveryError};
+
+/// A DWARF section's contents by name (`.debug_line`, …), `None` when absent.
+pub(crate) type Sections<'s, 'd> = &'s dyn Fn(&str) -> Option<Cow<'d, [u8]>>;
 
 type R<'a> = EndianSlice<'a, LittleEndian>;
 
@@ -31,12 +34,22 @@ pub(crate) fn line_locations(
     img: &Image,
     addrs: &[u64],
 ) -> Result<HashMap<u64, String>, gimli::Error> {
+    line_locations_in(&|name| img.section_data(name), addrs, &img.budget)
+}
+
+/// [`line_locations`] over DWARF sections given by name; stops early, with what it has,
+/// once `budget` is spent.
+pub(crate) fn line_locations_in<'d>(
+    section: Sections<'_, 'd>,
+    addrs: &[u64],
+    budget: &Budget,
+) -> Result<HashMap<u64, String>, gimli::Error> {
     let mut out = HashMap::new();
-    if addrs.is_empty() || img.section_data(".debug_line").is_none() {
+    if addrs.is_empty() || section(".debug_line").is_none() {
         return Ok(out);
     }
-    let sections = gimli::DwarfSections::load(|id| -> Result<Cow<'_, [u8]>, gimli::Error> {
-        Ok(img.section_data(id.name()).unwrap_or(Cow::Borrowed(&[])))
+    let sections = gimli::DwarfSections::load(|id| -> Result<Cow<'d, [u8]>, gimli::Error> {
+        Ok(section(id.name()).unwrap_or(Cow::Borrowed(&[])))
     })?;
     let dwarf = sections.borrow(|s| EndianSlice::new(s, LittleEndian));
 
@@ -45,6 +58,9 @@ pub(crate) fn line_locations(
 
     let mut units = dwarf.units();
     while let Some(header) = units.next()? {
+        if budget.spent() {
+            break;
+        }
         let unit = dwarf.unit(header)?;
         let Some(program) = unit.line_program.clone() else {
             continue;
@@ -55,6 +71,9 @@ pub(crate) fn line_locations(
         // Queries that fell on a line-0 row: take the next row with a real line.
         let mut waiting: Vec<u64> = Vec::new();
         while let Some((lp, row)) = rows.next_row()? {
+            if budget.spent() {
+                break;
+            }
             let addr = row.address();
             let line = row.line().map_or(0, |l| l.get());
             if let Some((p_addr, p_file, p_line)) = prev
@@ -241,23 +260,38 @@ impl LineIndex {
     /// Reads the executable at `exe` and its separate debug file the way discovery does
     /// ([`super::analyze_with_debug_file`]): `debug_file` when given, else the one gdb
     /// would find. The DWARF comes from the binary itself when it has any.
+    ///
+    /// Within [`super::ANALYSIS_BUDGET`], like the analysis: past it,
+    /// [`DiscoveryError::TooSlow`].
     pub fn load(exe: &Path, debug_file: Option<&Path>) -> Result<Self, DiscoveryError> {
         let mut img = Image::load(exe)?;
+        img.budget = super::Budget::new(super::ANALYSIS_BUDGET);
         super::debuginfo::attach(exe, &mut img, debug_file)?;
-        Self::build(&img).map_err(|e| DiscoveryError::Malformed {
+        let index = Self::build(&img).map_err(|e| DiscoveryError::Malformed {
             path: exe.to_path_buf(),
             reason: format!("unreadable DWARF: {e}"),
-        })
+        })?;
+        super::check_budget(exe, &img)?;
+        Ok(index)
     }
 
     /// Indexes the line tables (and inlined calls) of `img`, with its debug file if one is
-    /// attached. A unit whose DWARF cannot be read is skipped.
+    /// attached. A unit whose DWARF cannot be read is skipped. Stops early, with what it
+    /// has, once the image's budget is spent (the caller checks it).
     pub(crate) fn build(img: &Image) -> Result<Self, gimli::Error> {
-        if img.section_data(".debug_line").is_none() {
+        Self::build_in(&|name| img.section_data(name), &img.budget)
+    }
+
+    /// [`LineIndex::build`] over DWARF sections given by name.
+    pub(crate) fn build_in<'d>(
+        section: Sections<'_, 'd>,
+        budget: &Budget,
+    ) -> Result<Self, gimli::Error> {
+        if section(".debug_line").is_none() {
             return Ok(Self::default());
         }
-        let sections = gimli::DwarfSections::load(|id| -> Result<Cow<'_, [u8]>, gimli::Error> {
-            Ok(img.section_data(id.name()).unwrap_or(Cow::Borrowed(&[])))
+        let sections = gimli::DwarfSections::load(|id| -> Result<Cow<'d, [u8]>, gimli::Error> {
+            Ok(section(id.name()).unwrap_or(Cow::Borrowed(&[])))
         })?;
         let dwarf = sections.borrow(|s| EndianSlice::new(s, LittleEndian));
 
@@ -266,6 +300,9 @@ impl LineIndex {
         let mut inlined: Vec<InlinedCall> = Vec::new();
         let mut units = dwarf.units();
         while let Some(header) = units.next()? {
+            if budget.spent() {
+                break;
+            }
             let offset = header.offset();
             let unit = match dwarf.unit(header) {
                 Ok(unit) => unit,
@@ -281,6 +318,7 @@ impl LineIndex {
             if let Err(e) = read_sequences(
                 &dwarf,
                 &unit,
+                budget,
                 program.clone(),
                 &mut paths,
                 &mut unit_files,
@@ -291,6 +329,7 @@ impl LineIndex {
             if let Err(e) = read_inlined_calls(
                 &dwarf,
                 &unit,
+                budget,
                 program.header(),
                 &mut paths,
                 &mut unit_files,
@@ -412,6 +451,7 @@ impl LineIndex {
 fn read_sequences(
     dwarf: &gimli::Dwarf<R<'_>>,
     unit: &gimli::Unit<R<'_>>,
+    budget: &super::Budget,
     program: gimli::IncompleteLineProgram<R<'_>>,
     paths: &mut Paths,
     unit_files: &mut HashMap<u64, Option<u32>>,
@@ -420,6 +460,9 @@ fn read_sequences(
     let mut rows = program.rows();
     let mut current: Vec<(u64, Option<u32>, u32)> = Vec::new();
     while let Some((header, row)) = rows.next_row()? {
+        if budget.spent() {
+            break;
+        }
         let addr = row.address();
         if row.end_sequence() {
             let rows = std::mem::take(&mut current);
@@ -449,6 +492,7 @@ fn read_sequences(
 fn read_inlined_calls(
     dwarf: &gimli::Dwarf<R<'_>>,
     unit: &gimli::Unit<R<'_>>,
+    budget: &super::Budget,
     header: &gimli::LineProgramHeader<R<'_>>,
     paths: &mut Paths,
     unit_files: &mut HashMap<u64, Option<u32>>,
@@ -459,6 +503,9 @@ fn read_inlined_calls(
     // Depth of the inlined call whose subtree the cursor is in.
     let mut inside: Option<isize> = None;
     while let Some((delta, entry)) = cursor.next_dfs()? {
+        if budget.spent() {
+            break;
+        }
         depth += delta;
         if let Some(outer) = inside {
             if depth > outer {

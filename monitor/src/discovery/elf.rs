@@ -19,6 +19,7 @@ use object::elf;
 use object::read::elf::{ElfFile64, FileHeader, ProgramHeader, SectionHeader, Sym};
 use object::{Endianness, Object, ObjectSection, ObjectSymbol, SymbolKind};
 
+use super::budget::Budget;
 use super::{DiscoveryError, LoadSegment};
 
 /// A function known from the symbol tables.
@@ -56,7 +57,22 @@ pub(crate) struct Image {
     /// Bytes of the separate debug file attached by [`Image::attach_debug`], read for the
     /// sections the binary itself lacks (DWARF).
     pub debug_data: Option<Vec<u8>>,
+    /// What the headers claimed that the file does not hold (clamped or dropped), for
+    /// [`super::TargetImage::warnings`].
+    pub warnings: Vec<String>,
+    /// The time the analysis of this image may take: every scan over it stops at its next
+    /// step once it is spent (see [`super::budget`]). Unlimited unless set.
+    pub budget: Budget,
 }
+
+/// The largest file discovery reads (an executable, a debug file, a library): the whole
+/// file is held in memory. A Rust service with full debug info is a few hundred MiB.
+pub(crate) const MAX_FILE_BYTES: u64 = 1 << 30;
+
+/// The largest `st_size` taken as a function's extent. Functions are decoded whole, once per
+/// scan that visits them; the largest in the fixtures are tens of KiB. A larger size is a
+/// corrupted symbol, and the function is bounded by the next symbol instead.
+pub(crate) const MAX_FUNCTION_BYTES: u64 = 1 << 20;
 
 const R_X86_64_64: u32 = 1;
 const R_X86_64_GLOB_DAT: u32 = 6;
@@ -74,33 +90,40 @@ impl Image {
     /// Reads and parses `path`, rejecting anything that is not a 64-bit little-endian
     /// x86_64 ELF before any deeper parsing happens.
     pub fn load(path: &Path) -> Result<Self, DiscoveryError> {
-        let data = std::fs::read(path).map_err(|source| DiscoveryError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(path, data)
+        Self::parse(path, read_bounded(path)?)
     }
 
     pub fn parse(path: &Path, data: Vec<u8>) -> Result<Self, DiscoveryError> {
+        if data.len() as u64 > MAX_FILE_BYTES {
+            return Err(DiscoveryError::TooLarge {
+                path: path.to_path_buf(),
+                size: data.len() as u64,
+                limit: MAX_FILE_BYTES,
+            });
+        }
         check_x86_64_elf(path, &data)?;
         let file = ElfFile64::<Endianness>::parse(&*data).map_err(|e| malformed(path, e))?;
         let endian = file.endian();
         let raw = &*data;
 
+        let mut warnings = Vec::new();
         let mut segments = Vec::new();
         for ph in file.elf_program_headers() {
             if ph.p_type(endian) == elf::PT_LOAD {
-                segments.push(LoadSegment {
+                let segment = LoadSegment {
                     vaddr: ph.p_vaddr(endian),
                     mem_size: ph.p_memsz(endian),
                     file_offset: ph.p_offset(endian),
                     file_size: ph.p_filesz(endian),
                     executable: ph.p_flags(endian) & elf::PF_X != 0,
-                });
+                };
+                if let Some(segment) = clamp_segment(segment, data.len() as u64, &mut warnings) {
+                    segments.push(segment);
+                }
             }
         }
         if segments.is_empty() {
-            return Err(malformed(path, "no PT_LOAD segments"));
+            return Err(malformed(path, "no usable PT_LOAD segments"));
         }
 
         let mut sections = Vec::new();
@@ -110,13 +133,17 @@ impl Image {
             if flags & u64::from(elf::SHF_ALLOC) == 0 {
                 continue;
             }
-            sections.push(SectionInfo {
+            let info = SectionInfo {
                 name: section.name().unwrap_or("").to_string(),
                 vaddr: sh.sh_addr(endian),
                 size: sh.sh_size(endian),
                 executable: flags & u64::from(elf::SHF_EXECINSTR) != 0,
                 nobits: sh.sh_type(endian) == elf::SHT_NOBITS,
-            });
+            };
+            let file_offset = sh.sh_offset(endian);
+            if let Some(info) = clamp_section(info, file_offset, data.len() as u64, &mut warnings) {
+                sections.push(info);
+            }
         }
 
         // Dynamic symbol values, by index, to resolve symbol-based relocations that point
@@ -182,6 +209,8 @@ impl Image {
             build_id,
             has_symtab,
             debug_data: None,
+            warnings,
+            budget: Budget::unlimited(),
         })
     }
 
@@ -226,7 +255,7 @@ impl Image {
             vaddr >= s.vaddr
                 && vaddr
                     .checked_add(len)
-                    .is_some_and(|end| end <= s.vaddr + s.file_size)
+                    .is_some_and(|end| end <= s.vaddr.saturating_add(s.file_size))
         })?;
         let start = usize::try_from(vaddr - seg.vaddr + seg.file_offset).ok()?;
         let end = start.checked_add(usize::try_from(len).ok()?)?;
@@ -243,9 +272,10 @@ impl Image {
             return Some(u64::from_le_bytes(b.try_into().ok()?));
         }
         // .bss-like tail of a segment: zero at startup.
+        let end = vaddr.checked_add(8)?;
         self.segments
             .iter()
-            .any(|s| vaddr >= s.vaddr && vaddr + 8 <= s.vaddr + s.mem_size)
+            .any(|s| vaddr >= s.vaddr && end <= s.vaddr.saturating_add(s.mem_size))
             .then_some(0)
     }
 
@@ -270,12 +300,13 @@ impl Image {
     pub fn is_code(&self, vaddr: u64) -> bool {
         self.segments
             .iter()
-            .any(|s| s.executable && vaddr >= s.vaddr && vaddr < s.vaddr + s.file_size)
+            .any(|s| s.executable && vaddr >= s.vaddr && vaddr - s.vaddr < s.file_size)
     }
 
     /// Address ranges to scan for task vtables: allocated, non-executable sections with file
     /// contents (`.data.rel.ro` in PIE builds, `.rodata`/`.data` otherwise), or the
-    /// non-executable load segments when section headers are gone.
+    /// non-executable load segments when section headers are gone. Sorted, disjoint, and
+    /// within the file's bytes in total (see [`bounded_ranges`]).
     pub fn data_ranges(&self) -> Vec<(u64, u64)> {
         let from_sections: Vec<(u64, u64)> = self
             .sections
@@ -285,16 +316,19 @@ impl Image {
             .map(|s| (s.vaddr, s.vaddr + s.size))
             .collect();
         if !from_sections.is_empty() {
-            return from_sections;
+            return bounded_ranges(from_sections, self.data.len() as u64);
         }
-        self.segments
+        let from_segments = self
+            .segments
             .iter()
             .filter(|s| !s.executable)
             .map(|s| (s.vaddr, s.vaddr + s.file_size))
-            .collect()
+            .collect();
+        bounded_ranges(from_segments, self.data.len() as u64)
     }
 
-    /// Executable ranges (for pattern scans in stripped binaries).
+    /// Executable ranges (for pattern scans in stripped binaries), bounded like
+    /// [`Image::data_ranges`].
     pub fn code_ranges(&self) -> Vec<(u64, u64)> {
         let from_sections: Vec<(u64, u64)> = self
             .sections
@@ -303,13 +337,15 @@ impl Image {
             .map(|s| (s.vaddr, s.vaddr + s.size))
             .collect();
         if !from_sections.is_empty() {
-            return from_sections;
+            return bounded_ranges(from_sections, self.data.len() as u64);
         }
-        self.segments
+        let from_segments = self
+            .segments
             .iter()
             .filter(|s| s.executable)
             .map(|s| (s.vaddr, s.vaddr + s.file_size))
-            .collect()
+            .collect();
+        bounded_ranges(from_segments, self.data.len() as u64)
     }
 
     /// Names of the function starting exactly at `addr` (empty if unknown).
@@ -324,16 +360,18 @@ impl Image {
     /// next symbol (bounded to 64 KiB), else `None`.
     pub fn function_extent(&self, start: u64) -> Option<(u64, u64)> {
         let info = self.functions.get(&start)?;
+        // `add_functions` keeps only sizes that fit (see MAX_FUNCTION_BYTES).
         if info.size > 0 {
             return Some((start, start + info.size));
         }
+        let limit = start.saturating_add(0x1_0000);
         let next = self
             .functions
-            .range(start + 1..)
+            .range(start.saturating_add(1)..)
             .next()
             .map(|(&a, _)| a)
-            .unwrap_or(start + 0x1_0000);
-        Some((start, next.min(start + 0x1_0000)))
+            .unwrap_or(limit);
+        Some((start, next.min(limit)))
     }
 
     /// All function starts whose generic-free demangled name equals `path`.
@@ -358,6 +396,133 @@ impl Image {
         }
         section_with_contents(self.debug_data.as_deref()?, name)
     }
+}
+
+/// Reads the whole file at `path`, refusing what is not a regular file (a FIFO or a device
+/// would block or never end) and files over [`MAX_FILE_BYTES`], so that what discovery holds
+/// in memory is bounded whatever a path names.
+pub(crate) fn read_bounded(path: &Path) -> Result<Vec<u8>, DiscoveryError> {
+    use std::io::Read as _;
+    let io = |source| DiscoveryError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(DiscoveryError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
+    let too_large = |size| DiscoveryError::TooLarge {
+        path: path.to_path_buf(),
+        size,
+        limit: MAX_FILE_BYTES,
+    };
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(too_large(meta.len()));
+    }
+    let file = std::fs::File::open(path).map_err(io)?;
+    // The file may grow between the look and the read: read one byte past the limit to tell.
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut data)
+        .map_err(io)?;
+    if data.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_large(data.len() as u64));
+    }
+    Ok(data)
+}
+
+/// A `PT_LOAD` segment as far as the file backs it: its file range is cut at the end of the
+/// file (the rest reads as unknown, not as zeroes), a memory size that wraps around the
+/// address space is cut to the file size, and a segment whose file range itself wraps is
+/// dropped. Each with a warning: the headers no longer describe the file.
+fn clamp_segment(
+    mut segment: LoadSegment,
+    file_len: u64,
+    warnings: &mut Vec<String>,
+) -> Option<LoadSegment> {
+    let available = file_len.saturating_sub(segment.file_offset);
+    if segment.file_size > available {
+        warnings.push(format!(
+            "the PT_LOAD segment at 0x{:x} claims 0x{:x} bytes from file offset 0x{:x}, but the \
+             file ends 0x{available:x} bytes after it (truncated or corrupted): only those \
+             are read",
+            segment.vaddr, segment.file_size, segment.file_offset
+        ));
+        segment.file_size = available;
+    }
+    if segment.vaddr.checked_add(segment.file_size).is_none() {
+        warnings.push(format!(
+            "a PT_LOAD segment at 0x{:x} runs past the end of the address space: ignored \
+             (corrupted program header)",
+            segment.vaddr
+        ));
+        return None;
+    }
+    if segment.vaddr.checked_add(segment.mem_size).is_none() {
+        warnings.push(format!(
+            "the PT_LOAD segment at 0x{:x} claims 0x{:x} bytes of memory, past the end of the \
+             address space: only its file bytes are used (corrupted program header)",
+            segment.vaddr, segment.mem_size
+        ));
+        segment.mem_size = segment.file_size;
+    }
+    Some(segment)
+}
+
+/// An allocated section as far as the file backs it, like [`clamp_segment`]. `NOBITS`
+/// sections (`.bss`) have no bytes in the file; they are only dropped when they wrap.
+fn clamp_section(
+    mut section: SectionInfo,
+    file_offset: u64,
+    file_len: u64,
+    warnings: &mut Vec<String>,
+) -> Option<SectionInfo> {
+    let available = file_len.saturating_sub(file_offset);
+    if !section.nobits && section.size > available {
+        warnings.push(format!(
+            "section {} claims 0x{:x} bytes from file offset 0x{file_offset:x}, but the file \
+             ends 0x{available:x} bytes after it (truncated or corrupted): only those are read",
+            section.name, section.size
+        ));
+        section.size = available;
+    }
+    if section.vaddr.checked_add(section.size).is_none() {
+        warnings.push(format!(
+            "section {} at 0x{:x} runs past the end of the address space: ignored (corrupted \
+             section header)",
+            section.name, section.vaddr
+        ));
+        return None;
+    }
+    Some(section)
+}
+
+/// `ranges` sorted and merged where they overlap, and cut so that together they span at
+/// most `limit` bytes. Each range already fits in the file, but many section headers can
+/// claim the same bytes; a scan over the result then costs at most a pass over the file.
+fn bounded_ranges(mut ranges: Vec<(u64, u64)>, limit: u64) -> Vec<(u64, u64)> {
+    ranges.retain(|&(lo, hi)| lo < hi);
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (lo, hi) in ranges {
+        match merged.last_mut() {
+            Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
+            _ => merged.push((lo, hi)),
+        }
+    }
+    let mut left = limit;
+    let mut out = Vec::with_capacity(merged.len());
+    for (lo, hi) in merged {
+        if left == 0 {
+            break;
+        }
+        let hi = hi.min(lo + left);
+        left -= hi - lo;
+        out.push((lo, hi));
+    }
+    out
 }
 
 /// The contents of section `name` of the ELF file in `data`, unless it has none (`NOBITS`,
@@ -389,7 +554,12 @@ fn add_functions<'d: 'f, 'f>(
             continue;
         }
         let entry = functions.entry(sym.address()).or_default();
-        entry.size = entry.size.max(sym.size());
+        // A size past the address space or beyond any real function is a corrupted symbol:
+        // unknown instead (the extent then ends at the next symbol).
+        let size = sym.size();
+        if size <= MAX_FUNCTION_BYTES && sym.address().checked_add(size).is_some() {
+            entry.size = entry.size.max(size);
+        }
         let demangled = super::naming::demangle(name);
         if !entry.names.contains(&demangled) {
             entry.names.push(demangled);
@@ -455,6 +625,8 @@ pub(crate) fn code_image(vaddr: u64, code: &[u8]) -> Image {
         build_id: None,
         has_symtab: false,
         debug_data: None,
+        warnings: Vec::new(),
+        budget: Budget::unlimited(),
     }
 }
 
@@ -462,7 +634,7 @@ pub(crate) fn code_image(vaddr: u64, code: &[u8]) -> Image {
 pub(crate) fn segment_file_offset(segments: &[LoadSegment], vaddr: u64) -> Option<u64> {
     segments
         .iter()
-        .find(|s| vaddr >= s.vaddr && vaddr < s.vaddr + s.file_size)
+        .find(|s| vaddr >= s.vaddr && vaddr - s.vaddr < s.file_size)
         .map(|s| vaddr - s.vaddr + s.file_offset)
 }
 
@@ -506,6 +678,8 @@ mod tests {
             build_id: None,
             has_symtab: false,
             debug_data: None,
+            warnings: Vec::new(),
+            budget: Budget::unlimited(),
         }
     }
 
@@ -522,6 +696,58 @@ mod tests {
         assert_eq!(img.read_word(0x1010), Some(0x5555));
         assert_eq!(img.read_word(0x2000), None);
         assert_eq!(img.read_word(0x103c), None, "straddles the segment end");
+    }
+
+    #[test]
+    fn ranges_are_merged_and_bounded_by_the_file() {
+        // Overlapping and repeated ranges (many headers claiming the same bytes) merge;
+        // their total is cut at the limit, in address order.
+        let ranges = vec![
+            (0x3000, 0x3100),
+            (0x1000, 0x1800),
+            (0x1400, 0x2000),
+            (0x1000, 0x2000),
+        ];
+        assert_eq!(
+            bounded_ranges(ranges.clone(), 1 << 20),
+            vec![(0x1000, 0x2000), (0x3000, 0x3100)]
+        );
+        assert_eq!(
+            bounded_ranges(ranges, 0x1080),
+            vec![(0x1000, 0x2000), (0x3000, 0x3080)]
+        );
+        assert_eq!(bounded_ranges(vec![(5, 5), (9, 2)], 100), vec![]);
+    }
+
+    #[test]
+    fn segments_are_clamped_to_the_file() {
+        let mut warnings = Vec::new();
+        let claimed = LoadSegment {
+            vaddr: 0x1000,
+            mem_size: 1 << 40,
+            file_offset: 0x100,
+            file_size: 1 << 40,
+            executable: false,
+        };
+        let clamped = clamp_segment(claimed, 0x500, &mut warnings).unwrap();
+        assert_eq!((clamped.file_size, clamped.mem_size), (0x400, 1 << 40));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        // Memory past the end of the address space: only the file bytes are kept.
+        let wraps = LoadSegment {
+            vaddr: u64::MAX - 0x100,
+            mem_size: 0x1000,
+            file_size: 0x10,
+            ..claimed
+        };
+        let kept = clamp_segment(wraps, 0x500, &mut warnings).unwrap();
+        assert_eq!(kept.mem_size, 0x10);
+        let gone = LoadSegment {
+            vaddr: u64::MAX - 0x8,
+            file_size: 0x100,
+            ..claimed
+        };
+        assert_eq!(clamp_segment(gone, 0x500, &mut warnings), None);
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
     }
 
     #[test]

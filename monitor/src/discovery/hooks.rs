@@ -304,6 +304,9 @@ fn callers_of(img: &Image, targets: &[u64]) -> HashMap<u64, Vec<u64>> {
         return out;
     }
     for (&start, f) in &img.functions {
+        if img.budget.spent() {
+            break;
+        }
         if !f
             .names
             .iter()
@@ -339,6 +342,9 @@ fn callers_of(img: &Image, targets: &[u64]) -> HashMap<u64, Vec<u64>> {
 pub(crate) fn header_layout(img: &Image, warnings: &mut Vec<String>) -> HeaderLayout {
     let mut votes: HashMap<i64, u32> = HashMap::new();
     for (&start, f) in &img.functions {
+        if img.budget.spent() {
+            break;
+        }
         if !f
             .names
             .iter()
@@ -389,8 +395,10 @@ fn shutdown_shape_votes(img: &Image) -> HashMap<i64, u32> {
         let Some(bytes) = img.bytes_at(lo, hi - lo) else {
             continue;
         };
-        let mut a = lo.next_multiple_of(16);
-        while a + 8 <= hi {
+        let Some(mut a) = lo.checked_next_multiple_of(16) else {
+            continue;
+        };
+        while hi.saturating_sub(a) >= 8 && !img.budget.spent() {
             let off = (a - lo) as usize;
             let end = (off + 16).min(bytes.len());
             let mut dec = Decoder::with_ip(64, &bytes[off..end], a, DecoderOptions::NONE);

@@ -30,11 +30,14 @@
 //! silently: a wrong hook or label turns into a false leak report.
 
 pub mod alloc;
+pub mod budget;
 mod debuginfo;
 mod disasm;
 mod dwarf;
 mod dynamic;
 mod elf;
+#[doc(hidden)]
+pub mod fuzzing;
 mod hooks;
 mod naming;
 mod resolve;
@@ -45,10 +48,19 @@ mod vtables;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Serialize;
 
+pub use budget::Budget;
 pub use dwarf::LineIndex;
+pub(crate) use elf::read_bounded;
+
+/// How long [`analyze`] may take on one binary. The fixtures (2 MiB, and 13 MiB with line
+/// tables) take about a second each in a debug build on a loaded 2-core host, less in
+/// release: this leaves room for services many times their size. Past it the file is
+/// corrupted or crafted to be slow, and host-wide mode must move on to the next one.
+pub const ANALYSIS_BUDGET: Duration = Duration::from_secs(30);
 
 /// Why a target could not be analysed. Each message says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +74,23 @@ pub enum DiscoveryError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error(
+        "{} is not a regular file; pass the target's executable itself (for a running \
+         process: /proc/<pid>/exe)",
+        .path.display()
+    )]
+    NotAFile { path: PathBuf },
+    #[error(
+        "{} is {size} bytes, more than the {limit} bytes leakscope reads into memory to \
+         analyse a binary, so it is not analysed (keep its debug info in a separate file, \
+         made with `objcopy --only-keep-debug`, to make it smaller)",
+        .path.display()
+    )]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
     },
     #[error(
         "{} is not an ELF file; pass the target's executable itself, not a script or wrapper \
@@ -86,6 +115,14 @@ pub enum DiscoveryError {
         .path.display()
     )]
     NoTaskVtables { path: PathBuf },
+    #[error(
+        "analysis of {} took longer than {} s and was abandoned, so it is not watched; a \
+         corrupted or truncated file is the usual cause (if it is a healthy build, please \
+         report it with the binary)",
+        .path.display(),
+        .limit.as_secs_f64()
+    )]
+    TooSlow { path: PathBuf, limit: Duration },
     #[error(
         "{} is not the debug file of {}: {reason}; use the debug file saved from the same \
          build as the binary (`objcopy --only-keep-debug` of its unstripped original)",
@@ -369,14 +406,16 @@ pub struct LoadSegment {
 }
 
 /// Analyses the executable at `path`, with its separate debug file if one is found the way
-/// gdb finds it. See the module docs and [`analyze_with_debug_file`].
+/// gdb finds it, within [`ANALYSIS_BUDGET`]. See the module docs and
+/// [`analyze_with_debug_file`].
 pub fn analyze(path: &Path) -> Result<TargetImage, DiscoveryError> {
     analyze_with_debug_file(path, None)
 }
 
 /// Analyses the executable at `path`, taking names, function extents and hook points from
 /// the separate debug file `debug` (as made by `objcopy --only-keep-debug`), while code,
-/// data, relocations and file offsets come from `path` itself.
+/// data, relocations and file offsets come from `path` itself. Within [`ANALYSIS_BUDGET`];
+/// see [`analyze_within`].
 ///
 /// The debug file must belong to the binary: equal build-ids when both have one, else the
 /// CRC32 in the binary's `.gnu_debuglink`; a mismatch is [`DiscoveryError::DebugFileMismatch`].
@@ -390,10 +429,61 @@ pub fn analyze_with_debug_file(
     path: &Path,
     debug: Option<&Path>,
 ) -> Result<TargetImage, DiscoveryError> {
+    analyze_within(path, debug, Budget::new(ANALYSIS_BUDGET))
+}
+
+/// [`analyze_with_debug_file`] within `budget`: past it, the analysis stops at its next
+/// step and returns [`DiscoveryError::TooSlow`]. Whatever the file holds, the work is also
+/// bounded by its size (at most 1 GiB is read; ranges the headers claim are cut to the
+/// bytes that exist; function extents are capped), so the budget is the last guard, not the
+/// only one.
+///
+/// It blocks: a caller on an async runtime runs it on a blocking thread
+/// (`tokio::task::spawn_blocking`), so that a slow file delays only its own process.
+pub fn analyze_within(
+    path: &Path,
+    debug: Option<&Path>,
+    budget: Budget,
+) -> Result<TargetImage, DiscoveryError> {
     let mut img = elf::Image::load(path)?;
+    img.budget = budget;
     let debug = debuginfo::attach(path, &mut img, debug)?;
+    analyze_image(path, img, debug)
+}
+
+/// Analyses an ELF file held in memory, named `path` in messages and in the result. No
+/// separate debug file is looked for: nothing is read from disk. For files that do not
+/// come from a path (and for fuzzing).
+pub fn analyze_bytes(
+    path: &Path,
+    data: Vec<u8>,
+    budget: Budget,
+) -> Result<TargetImage, DiscoveryError> {
+    let mut img = elf::Image::parse(path, data)?;
+    img.budget = budget;
+    analyze_image(path, img, debuginfo::Outcome::default())
+}
+
+/// The error for an analysis whose budget is spent; checked between phases (the scans
+/// themselves only stop early, so a spent budget must never let partial results through).
+fn check_budget(path: &Path, img: &elf::Image) -> Result<(), DiscoveryError> {
+    if img.budget.spent_now() {
+        return Err(DiscoveryError::TooSlow {
+            path: path.to_path_buf(),
+            limit: img.budget.limit(),
+        });
+    }
+    Ok(())
+}
+
+fn analyze_image(
+    path: &Path,
+    mut img: elf::Image,
+    debug: debuginfo::Outcome,
+) -> Result<TargetImage, DiscoveryError> {
     let stripped = !img.has_symtab;
-    let mut warnings = debug.warnings.clone();
+    let mut warnings = std::mem::take(&mut img.warnings);
+    warnings.extend(debug.warnings.iter().cloned());
 
     let mut by_shape = stripped;
     let mut raw = vtables::find_vtables(&img, !stripped);
@@ -410,6 +500,7 @@ pub fn analyze_with_debug_file(
             );
         }
     }
+    check_budget(path, &img)?;
     if raw.is_empty() {
         return Err(DiscoveryError::NoTaskVtables {
             path: path.to_path_buf(),
@@ -425,6 +516,7 @@ pub fn analyze_with_debug_file(
         warnings.extend(w);
         h
     };
+    check_budget(path, &img)?;
     let complete_addrs: Vec<u64> = hooks
         .iter()
         .filter(|h| h.kind == HookKind::Complete)
@@ -490,6 +582,7 @@ pub fn analyze_with_debug_file(
         ));
     }
 
+    check_budget(path, &img)?;
     match dwarf::line_locations(&img, &future_fns) {
         Ok(locs) => {
             for (vt, f) in &mut out {
@@ -528,6 +621,7 @@ pub fn analyze_with_debug_file(
         }
     }
 
+    check_budget(path, &img)?;
     Ok(TargetImage {
         path: path.to_path_buf(),
         build_id: img.build_id.clone(),

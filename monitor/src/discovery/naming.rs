@@ -491,8 +491,12 @@ pub(crate) fn owner_path(future_type: &str) -> Option<String> {
 pub(crate) fn mentions_path(name: &str, owner: &str) -> bool {
     let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
     let bytes = name.as_bytes();
+    // An empty path is found everywhere and is no path at all.
+    if owner.is_empty() {
+        return false;
+    }
     let mut from = 0;
-    while let Some(pos) = name[from..].find(owner) {
+    while let Some(pos) = name.get(from..).and_then(|rest| rest.find(owner)) {
         let start = from + pos;
         let end = start + owner.len();
         let before_ok = start == 0 || !(ident(bytes[start - 1]) || bytes[start - 1] == b':');
@@ -500,7 +504,9 @@ pub(crate) fn mentions_path(name: &str, owner: &str) -> bool {
         if before_ok && after_ok {
             return true;
         }
-        from = start + 1;
+        // On to the next character: identifiers can be Unicode (v0 mangling), and a byte
+        // past a multi-byte one is no place to slice at.
+        from = start + owner.chars().next().map_or(1, char::len_utf8);
     }
     false
 }

@@ -178,6 +178,9 @@ impl CodeIndex {
         let mut callers: HashMap<u64, Vec<u64>> = HashMap::new();
         let mut refs: HashMap<u64, Vec<u64>> = HashMap::new();
         for &start in img.functions.keys() {
+            if img.budget.spent() {
+                break;
+            }
             let Some((s, e)) = img.function_extent(start) else {
                 continue;
             };
@@ -219,8 +222,10 @@ impl CodeIndex {
         }
         let mut slots: HashMap<u64, Vec<u64>> = HashMap::new();
         for (lo, hi) in img.data_ranges() {
-            let mut a = lo.next_multiple_of(8);
-            while a + 8 <= hi {
+            let Some(mut a) = lo.checked_next_multiple_of(8) else {
+                continue;
+            };
+            while hi.saturating_sub(a) >= 8 && !img.budget.spent() {
                 if let Some(v) = img.read_word(a)
                     && img.functions.contains_key(&v)
                 {

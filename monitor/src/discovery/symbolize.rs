@@ -174,7 +174,7 @@ impl Symbolizer {
 
 /// Function symbols (start, end, demangled name without hash) of an ELF file.
 fn function_symbols(path: &Path) -> std::io::Result<Vec<(u64, u64, String)>> {
-    let data = std::fs::read(path)?;
+    let data = super::read_bounded(path).map_err(std::io::Error::other)?;
     let file = object::File::parse(&*data).map_err(std::io::Error::other)?;
     Ok(file
         .symbols()
@@ -184,7 +184,9 @@ fn function_symbols(path: &Path) -> std::io::Result<Vec<(u64, u64, String)>> {
             let raw = s.name().ok()?;
             let raw = raw.split(".llvm.").next().unwrap_or(raw);
             let name = format!("{:#}", rustc_demangle::demangle(raw));
-            Some((s.address(), s.address() + s.size().max(1), name))
+            // A corrupted size must not wrap (nor swallow every later address).
+            let size = s.size().clamp(1, super::elf::MAX_FUNCTION_BYTES);
+            Some((s.address(), s.address().saturating_add(size), name))
         })
         .collect())
 }

@@ -35,6 +35,8 @@ use monitor_common::unwind::{
 };
 use object::{Architecture, Object, ObjectSection, SectionKind};
 
+use super::DiscoveryError;
+
 /// A binary's unwind rows, sorted by link-time `pc`, each `pc` unique and no row repeating
 /// its predecessor's rule. The last row is a `CFA_END` row at the end of the covered code.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -91,15 +93,31 @@ pub enum UnwindTableError {
     },
     #[error("{path}: no .eh_frame section")]
     NoEhFrame { path: PathBuf },
-    #[error("{path}: malformed .eh_frame: {source}")]
-    EhFrame { path: PathBuf, source: gimli::Error },
-    #[error("{path}: unwind table has {rows} rows, more than the {max} a BPF walk can search")]
-    TooLarge {
-        path: PathBuf,
-        rows: usize,
-        max: u32,
-    },
+    #[error("{path}: {source}")]
+    EhFrame { path: PathBuf, source: EhFrameError },
+    /// Not a regular file, or too large to read (see `discovery::read_bounded`).
+    #[error(transparent)]
+    File(DiscoveryError),
 }
+
+/// Why `.eh_frame` contents could not be compiled into a table ([`compile_eh_frame`]).
+#[derive(Debug, thiserror::Error)]
+pub enum EhFrameError {
+    #[error("malformed .eh_frame: {0}")]
+    Malformed(#[from] gimli::Error),
+    #[error("unwind table has more than {max} rows, more than a BPF walk can search")]
+    TooManyRows { max: u32 },
+    #[error(
+        "the FDEs cover {bytes:#x} bytes of code, more than the {max:#x} the table's bucket \
+         index is built for (corrupted addresses)"
+    )]
+    CodeSpanTooLarge { bytes: u64, max: u64 },
+}
+
+/// The widest span of code a table covers. Its bucket index holds a `u32` per 4 KiB, so
+/// this is a 4 MiB index; real executables have tens of MiB of code. Wider spans come from
+/// corrupted FDE or section addresses, and would make the index itself the problem.
+const MAX_CODE_SPAN: u64 = 1 << 32;
 
 impl UnwindTable {
     /// A table of `rows` (sorted by `pc`, as [`build`] makes them) covering `text_range`.
@@ -210,9 +228,12 @@ pub fn build(path: &Path) -> Result<UnwindTable, UnwindTableError> {
 /// [`build`], also reporting what was found.
 pub fn build_with_stats(path: &Path) -> Result<(UnwindTable, BuildStats), UnwindTableError> {
     let started = Instant::now();
-    let data = std::fs::read(path).map_err(|source| UnwindTableError::Io {
-        path: path.to_owned(),
-        source,
+    let data = super::read_bounded(path).map_err(|e| match e {
+        DiscoveryError::Io { source, .. } => UnwindTableError::Io {
+            path: path.to_owned(),
+            source,
+        },
+        other => UnwindTableError::File(other),
     })?;
     let elf_error = |source| UnwindTableError::Elf {
         path: path.to_owned(),
@@ -248,10 +269,17 @@ pub fn build_with_stats(path: &Path) -> Result<(UnwindTable, BuildStats), Unwind
             bases = set(bases, section.address());
         }
     }
+    // Code as far as the file holds it: a section header claiming more (a truncated or
+    // corrupted file) must not let FDEs claim addresses no byte backs.
+    let file_len = data.len() as u64;
     let code: Vec<(u64, u64)> = file
         .sections()
         .filter(|s| s.kind() == SectionKind::Text)
-        .map(|s| (s.address(), s.address().saturating_add(s.size())))
+        .filter_map(|s| {
+            let (offset, size) = s.file_range()?;
+            let size = size.min(file_len.saturating_sub(offset));
+            Some((s.address(), s.address().checked_add(size)?))
+        })
         .collect();
 
     let section = EhFrame::new(&eh_frame_data, LittleEndian);
@@ -262,15 +290,30 @@ pub fn build_with_stats(path: &Path) -> Result<(UnwindTable, BuildStats), Unwind
             source,
         }
     })?;
-    if table.rows.len() > MAX_ROWS as usize {
-        return Err(UnwindTableError::TooLarge {
-            path: path.to_owned(),
-            rows: table.rows.len(),
-            max: MAX_ROWS,
-        });
-    }
     stats.rows = table.rows.len();
     stats.elapsed = started.elapsed();
+    Ok((table, stats))
+}
+
+/// Compiles `.eh_frame` contents held in memory, as [`build`] does once it has read the
+/// file: `eh_frame` is the section as loaded at link-time address `eh_frame_address`, and
+/// only FDEs inside `code` (link-time `[start, end)` ranges of executable code) are kept.
+/// For tests and fuzzing; `.eh_frame_hdr`, `.text` and `.got` relative pointer encodings are
+/// not resolved (Rust and C toolchains emit pc-relative ones).
+pub fn compile_eh_frame(
+    eh_frame: &[u8],
+    eh_frame_address: u64,
+    code: &[(u64, u64)],
+) -> Result<(UnwindTable, BuildStats), EhFrameError> {
+    let bases = BaseAddresses::default().set_eh_frame(eh_frame_address);
+    let mut stats = BuildStats::default();
+    let table = compile(
+        &EhFrame::new(eh_frame, LittleEndian),
+        &bases,
+        code,
+        &mut stats,
+    )?;
+    stats.rows = table.rows.len();
     Ok((table, stats))
 }
 
@@ -283,7 +326,7 @@ fn compile(
     bases: &BaseAddresses,
     code: &[(u64, u64)],
     stats: &mut BuildStats,
-) -> gimli::Result<UnwindTable> {
+) -> Result<UnwindTable, EhFrameError> {
     // (row, is the end-of-FDE marker): at equal pcs a real row wins over an end marker, so
     // adjacent FDEs leave no gap and padding between FDEs becomes CFA_END.
     let mut rows: Vec<(UnwindRow, bool)> = Vec::new();
@@ -322,6 +365,18 @@ fn compile(
             rows.push((UnwindRow::end(start), false));
         }
         rows.push((UnwindRow::end(end), true));
+        // Every row takes at least a byte of the section, so this bounds memory by its
+        // size already; the check keeps a crafted section from filling gigabytes first.
+        if rows.len() > MAX_ROWS as usize {
+            return Err(EhFrameError::TooManyRows { max: MAX_ROWS });
+        }
+    }
+    let span = text_range.1.saturating_sub(text_range.0);
+    if span > MAX_CODE_SPAN {
+        return Err(EhFrameError::CodeSpanTooLarge {
+            bytes: span,
+            max: MAX_CODE_SPAN,
+        });
     }
 
     // Stable: of overlapping FDEs starting at the same pc, the first in the section wins.
@@ -336,6 +391,9 @@ fn compile(
     }
     if merged.is_empty() {
         text_range = (0, 0);
+    }
+    if merged.len() > MAX_ROWS as usize {
+        return Err(EhFrameError::TooManyRows { max: MAX_ROWS });
     }
     Ok(UnwindTable::new(merged, text_range))
 }

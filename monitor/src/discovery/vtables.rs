@@ -86,8 +86,13 @@ pub(crate) fn find_vtables(img: &Image, use_symbols: bool) -> Vec<RawVtable> {
     };
     let mut out = Vec::new();
     for (lo, hi) in img.data_ranges() {
-        let mut a = lo.next_multiple_of(8);
-        while a + 8 * RECORD_WORDS <= hi {
+        let Some(mut a) = lo.checked_next_multiple_of(8) else {
+            continue;
+        };
+        while hi.saturating_sub(a) >= 8 * RECORD_WORDS {
+            if img.budget.spent() {
+                break;
+            }
             let Some(w0) = img.read_word(a) else {
                 a += 8;
                 continue;

@@ -142,15 +142,18 @@ impl ProcessHeap {
         old.live_bytes = old.live_bytes.saturating_sub(size);
         old.live_allocations = old.live_allocations.saturating_sub(1);
         let new = &mut self.groups[group];
-        new.live_bytes += size;
+        new.live_bytes = new.live_bytes.saturating_add(size);
         new.live_allocations += 1;
         self.blocks.insert(header, (group, size, allocated_ns));
     }
 
+    /// Byte counts saturate: `size` is whatever the program passed its allocator, and a
+    /// request near `u64::MAX` must cost a wrong total, not a panic or a wrap.
     pub fn apply(&mut self, event: &HeapEvent, tasks: &dyn TaskSites) {
         match HeapEventKind::from_u32(event.kind) {
             Some(HeapEventKind::Alloc) => {
-                self.totals.allocated_bytes += event.size;
+                self.totals.allocated_bytes =
+                    self.totals.allocated_bytes.saturating_add(event.size);
                 if self.blocks.len() >= MAX_BLOCKS_PER_PROCESS {
                     self.totals.blocks_dropped += 1;
                     return;
@@ -192,12 +195,12 @@ impl ProcessHeap {
                     g.live_allocations = g.live_allocations.saturating_sub(1);
                 }
                 let g = &mut self.groups[group];
-                g.live_bytes += event.size;
+                g.live_bytes = g.live_bytes.saturating_add(event.size);
                 g.live_allocations += 1;
             }
             Some(HeapEventKind::Free) => match self.blocks.remove(&event.addr) {
                 Some((group, size, _)) => {
-                    self.totals.freed_bytes += size;
+                    self.totals.freed_bytes = self.totals.freed_bytes.saturating_add(size);
                     let g = &mut self.groups[group];
                     g.live_bytes = g.live_bytes.saturating_sub(size);
                     g.live_allocations = g.live_allocations.saturating_sub(1);
@@ -221,8 +224,8 @@ impl ProcessHeap {
                     site,
                     location,
                     task_site,
-                    live_bytes: g.live_bytes * self.scale,
-                    live_allocations: g.live_allocations * self.scale,
+                    live_bytes: g.live_bytes.saturating_mul(self.scale),
+                    live_allocations: g.live_allocations.saturating_mul(self.scale),
                 }
             })
             .collect()
@@ -231,8 +234,8 @@ impl ProcessHeap {
     /// Totals as exported: scaled like the groups under sampling.
     pub fn scaled_totals(&self) -> HeapTotals {
         HeapTotals {
-            allocated_bytes: self.totals.allocated_bytes * self.scale,
-            freed_bytes: self.totals.freed_bytes * self.scale,
+            allocated_bytes: self.totals.allocated_bytes.saturating_mul(self.scale),
+            freed_bytes: self.totals.freed_bytes.saturating_mul(self.scale),
             ..self.totals
         }
     }
@@ -340,6 +343,31 @@ mod tests {
         let rows = heap.snapshot();
         assert_eq!((rows[0].live_bytes, rows[0].live_allocations), (1600, 16));
         assert_eq!(heap.scaled_totals().allocated_bytes, 1600);
+    }
+
+    /// A size is whatever the program asked its allocator for: sums of huge ones saturate.
+    #[test]
+    fn huge_sizes_saturate_the_byte_counts() {
+        let mut heap = ProcessHeap::new(1, "app".into(), 0, Arc::new(Symbolizer::default()), 16);
+        heap.apply(
+            &event(HeapEventKind::Alloc, 0x10, u64::MAX - 1, 0),
+            &NoTasks,
+        );
+        heap.apply(
+            &event(HeapEventKind::Alloc, 0x20, u64::MAX - 1, 0),
+            &NoTasks,
+        );
+        heap.claim_task_cell(0x20, "app::worker::{{closure}}", u64::MAX);
+        heap.apply(&event(HeapEventKind::Free, 0x10, 0, 0), &NoTasks);
+        heap.apply(&event(HeapEventKind::Free, 0x20, 0, 0), &NoTasks);
+        assert_eq!(heap.totals.allocated_bytes, u64::MAX);
+        assert_eq!(heap.totals.freed_bytes, u64::MAX);
+        assert_eq!(heap.scaled_totals().allocated_bytes, u64::MAX);
+        heap.apply(
+            &event(HeapEventKind::Alloc, 0x30, u64::MAX / 8, 0),
+            &NoTasks,
+        );
+        assert_eq!(heap.snapshot()[0].live_bytes, u64::MAX, "scaled by 16");
     }
 
     #[test]

@@ -17,18 +17,21 @@ pub struct EventStream {
 
 impl EventStream {
     /// Counts one received event numbered `seq` on `cpu`, and the events lost before it.
+    ///
+    /// The counters saturate: a record the kernel did not write as ours (or a corrupted
+    /// one) can carry any number, and must cost a wrong count, not a panic or a wrap.
     pub fn receive(&mut self, cpu: u32, seq: u64) {
-        self.stats.events += 1;
+        self.stats.events = self.stats.events.saturating_add(1);
         if let Some(last) = self.last_seq_by_cpu.insert(cpu, seq)
-            && seq > last + 1
+            && seq > last.saturating_add(1)
         {
-            self.stats.lost += seq - last - 1;
+            self.stats.lost = self.stats.lost.saturating_add(seq - last - 1);
         }
     }
 
     /// Counts an event that was received but not counted anywhere.
     pub fn ignore(&mut self, events: u64) {
-        self.stats.ignored += events;
+        self.stats.ignored = self.stats.ignored.saturating_add(events);
     }
 }
 
@@ -51,5 +54,21 @@ mod tests {
                 ignored: 0
             }
         );
+    }
+
+    /// Found by fuzzing (ring_events): a record numbered u64::MAX overflowed the next gap's
+    /// `last + 1`, and gaps that large overflowed the lost count.
+    #[test]
+    fn extreme_sequence_numbers_saturate() {
+        let mut stream = EventStream::default();
+        stream.receive(0, u64::MAX);
+        stream.receive(0, 3);
+        assert_eq!(stream.stats.lost, 0);
+        stream.receive(1, 0);
+        stream.receive(1, u64::MAX);
+        stream.receive(1, 0);
+        stream.receive(1, u64::MAX);
+        assert_eq!(stream.stats.lost, u64::MAX);
+        assert_eq!(stream.stats.events, 6);
     }
 }

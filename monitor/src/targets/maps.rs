@@ -87,10 +87,10 @@ pub fn file_start(maps: &str, dev: u64, inode: u64) -> Option<u64> {
 /// upgraded) since it was mapped. Empty, with a logged warning, when `/proc/PID/maps` is
 /// unreadable.
 pub fn mapped_libraries(pid: u32) -> Vec<PathBuf> {
-    let maps = match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+    let maps = match super::procfs::read_maps(pid) {
         Ok(m) => m,
         Err(e) => {
-            log::warn!("cannot read /proc/{pid}/maps: {e}; no shared libraries will be probed");
+            log::warn!("{e}; no shared libraries will be probed");
             return Vec::new();
         }
     };

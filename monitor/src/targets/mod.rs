@@ -138,8 +138,11 @@ pub struct HostScanStats {
 /// Whether the executable at `path` can be a tokio binary: tokio's source paths are in it.
 /// False for most of a host's executables, at the cost of one read of the file, in 1 MiB
 /// pieces (a host's largest binaries are hundreds of MiB; the daemon's memory stays flat).
+/// False too for anything but a regular file (a FIFO would block the scan).
 pub fn mentions_tokio(path: &Path) -> bool {
-    std::fs::File::open(path).is_ok_and(|file| contains(file, b"/tokio-1."))
+    std::fs::File::open(path).is_ok_and(|file| {
+        file.metadata().is_ok_and(|m| m.is_file()) && contains(file, b"/tokio-1.")
+    })
 }
 
 /// Whether `needle` occurs in what `reader` yields, read a piece at a time; a read error

@@ -28,6 +28,47 @@ pub enum ProcError {
     Malformed { pid: u32, what: &'static str },
     #[error("executable of pid {pid} is not mapped in /proc/{pid}/maps")]
     ExeNotMapped { pid: u32 },
+    #[error(
+        "pid {pid} has no readable memory at {addr:#x}: the process unmapped it (or it is \
+         exiting), or the binary's analysis does not match what it runs"
+    )]
+    NotMapped { pid: u32, addr: u64 },
+    #[error(
+        "/proc/{pid}/{what} is larger than {limit} bytes; leakscope does not read it (a \
+         process with that many mappings is not watched)"
+    )]
+    TooLarge {
+        pid: u32,
+        what: &'static str,
+        limit: u64,
+    },
+}
+
+/// The most of `/proc/PID/maps` read: a line per mapping, about 100 bytes, and the default
+/// `vm.max_map_count` (65530) makes 6.5 MB at most. Read whole on every attach, so a bound.
+pub const MAX_MAPS_BYTES: u64 = 64 << 20;
+
+/// `/proc/PID/maps` as text, at most [`MAX_MAPS_BYTES`].
+pub fn read_maps(pid: u32) -> Result<String, ProcError> {
+    use std::io::Read as _;
+    let unreadable = |source| ProcError::Unreadable {
+        pid,
+        what: "maps",
+        source,
+    };
+    let file = fs::File::open(format!("/proc/{pid}/maps")).map_err(unreadable)?;
+    let mut maps = String::new();
+    file.take(MAX_MAPS_BYTES + 1)
+        .read_to_string(&mut maps)
+        .map_err(unreadable)?;
+    if maps.len() as u64 > MAX_MAPS_BYTES {
+        return Err(ProcError::TooLarge {
+            pid,
+            what: "maps",
+            limit: MAX_MAPS_BYTES,
+        });
+    }
+    Ok(maps)
 }
 
 /// Device, inode and change time of an executable file: two paths to one binary share it.
@@ -147,30 +188,47 @@ pub fn start_time(pid: u32) -> Result<u64, ProcError> {
 /// image's lowest link-time load address, turns a runtime pointer into a link-time one.
 pub fn exe_mapping_start(info: &ProcessInfo) -> Result<u64, ProcError> {
     let pid = info.pid;
-    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|source| {
-        ProcError::Unreadable {
-            pid,
-            what: "maps",
-            source,
-        }
-    })?;
+    let maps = read_maps(pid)?;
     super::maps::file_start(&maps, info.exe.dev, info.exe.ino)
         .ok_or(ProcError::ExeNotMapped { pid })
 }
 
 /// The 64-bit word at `addr` in process `pid`'s memory (read through `/proc/PID/mem`, which
 /// needs the same privileges as attaching; the process is not stopped or changed).
+///
+/// The process keeps running, so the page may be unmapped before or during the read (even
+/// between its two halves, when the word straddles pages): the kernel then fails the read
+/// with `EIO`, or returns it short, and this is [`ProcError::NotMapped`]. So is an address
+/// past what a file offset can say (above `i64::MAX`). Eight bytes, one `pread` (two at a
+/// page boundary): bounded whatever the address.
 pub fn read_u64(pid: u32, addr: u64) -> Result<u64, ProcError> {
     use std::os::unix::fs::FileExt as _;
-    let unreadable = |source| ProcError::Unreadable {
-        pid,
-        what: "mem",
-        source,
-    };
-    let mem = fs::File::open(format!("/proc/{pid}/mem")).map_err(unreadable)?;
+    let mem = fs::File::open(format!("/proc/{pid}/mem")).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => ProcError::NoSuchProcess(pid),
+        _ => ProcError::Unreadable {
+            pid,
+            what: "mem",
+            source,
+        },
+    })?;
     let mut word = [0u8; 8];
-    mem.read_exact_at(&mut word, addr).map_err(unreadable)?;
-    Ok(u64::from_le_bytes(word))
+    match mem.read_exact_at(&mut word, addr) {
+        Ok(()) => Ok(u64::from_le_bytes(word)),
+        Err(e)
+            if e.kind() == std::io::ErrorKind::UnexpectedEof
+                || matches!(
+                    e.raw_os_error(),
+                    Some(libc::EIO | libc::EINVAL | libc::EFAULT)
+                ) =>
+        {
+            Err(ProcError::NotMapped { pid, addr })
+        }
+        Err(source) => Err(ProcError::Unreadable {
+            pid,
+            what: "mem",
+            source,
+        }),
+    }
 }
 
 /// All running processes whose executable is `exe`.
@@ -230,6 +288,122 @@ mod tests {
         let addr = std::ptr::addr_of!(MARKER) as u64;
         assert_eq!(read_u64(std::process::id(), addr).unwrap(), MARKER);
         assert!(read_u64(std::process::id(), 8).is_err());
+    }
+
+    /// Two pages mapped anonymously, a marker word at the very end of the first one.
+    fn two_pages() -> (*mut u8, usize) {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        // SAFETY: a fresh private anonymous mapping, unmapped by the tests that take it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                2 * page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        (base.cast(), page)
+    }
+
+    #[test]
+    fn unmapped_or_impossible_addresses_are_errors_not_panics() {
+        let pid = std::process::id();
+        let (base, page) = two_pages();
+        let last_word = base as u64 + page as u64 - 8;
+        // SAFETY: inside the first page of the mapping.
+        unsafe {
+            base.add(page - 8)
+                .cast::<u64>()
+                .write(0x1eac_5c0b_e000_0042)
+        };
+        assert_eq!(read_u64(pid, last_word).unwrap(), 0x1eac_5c0b_e000_0042);
+        // SAFETY: the second page of our own mapping, not referenced anywhere.
+        assert_eq!(unsafe { libc::munmap(base.add(page).cast(), page) }, 0);
+        // Half in the mapped page, half in the one just unmapped: a short read.
+        let straddling = base as u64 + page as u64 - 4;
+        for addr in [straddling, base as u64 + page as u64, u64::MAX - 3, 1 << 63] {
+            let err = read_u64(pid, addr).unwrap_err();
+            assert!(
+                matches!(err, ProcError::NotMapped { addr: a, .. } if a == addr),
+                "{addr:#x}: {err:?}"
+            );
+        }
+        // SAFETY: the first page, still ours.
+        assert_eq!(unsafe { libc::munmap(base.cast(), page) }, 0);
+        assert!(matches!(
+            read_u64(u32::MAX - 1, 0x1000),
+            Err(ProcError::NoSuchProcess(_))
+        ));
+    }
+
+    /// The target keeps running while it is read: pages come and go under the reads.
+    #[test]
+    fn pages_unmapped_while_reading_give_values_or_errors() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let pid = std::process::id();
+        let (base, page) = two_pages();
+        // SAFETY: the mapping is ours; the other thread only remaps its second page.
+        unsafe { libc::munmap(base.add(page).cast(), page) };
+        let second = base as u64 + page as u64;
+        let stop = AtomicBool::new(false);
+        let (values, errors) = (AtomicU64::new(0), AtomicU64::new(0));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    // NOREPLACE: while the page is unmapped another thread of the test
+                    // binary may get it, and must not lose it to us; then the toggling ends.
+                    // SAFETY: maps only a free page, and unmaps only the page it mapped.
+                    unsafe {
+                        let p = libc::mmap(
+                            second as *mut libc::c_void,
+                            page,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                            -1,
+                            0,
+                        );
+                        if p != second as *mut libc::c_void {
+                            if p != libc::MAP_FAILED {
+                                libc::munmap(p, page);
+                            }
+                            break;
+                        }
+                        libc::munmap(p, page);
+                    }
+                }
+            });
+            for i in 0..2000u64 {
+                // The word at the page's start, and the one straddling into it.
+                let addr = if i % 2 == 0 { second } else { second - 4 };
+                match read_u64(pid, addr) {
+                    Ok(_) => values.fetch_add(1, Ordering::Relaxed),
+                    Err(ProcError::NotMapped { .. }) => errors.fetch_add(1, Ordering::Relaxed),
+                    Err(other) => panic!("{addr:#x}: {other:?}"),
+                };
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        // SAFETY: the first page, still ours.
+        unsafe { libc::munmap(base.cast(), page) };
+        assert_eq!(
+            values.load(Ordering::Relaxed) + errors.load(Ordering::Relaxed),
+            2000
+        );
+        assert!(
+            errors.load(Ordering::Relaxed) > 0,
+            "the page was never gone"
+        );
+    }
+
+    #[test]
+    fn maps_are_read_whole_within_the_bound() {
+        let maps = read_maps(std::process::id()).unwrap();
+        assert!(maps.lines().count() > 5, "{maps}");
+        assert!(maps.ends_with('\n'));
     }
 
     #[test]

@@ -197,7 +197,7 @@ impl<'a> Ctx<'a> {
                 };
                 let mut decoder = Decoder::with_ip(64, bytes, s, DecoderOptions::NONE);
                 let mut ins = Instruction::default();
-                while decoder.can_decode() {
+                while decoder.can_decode() && !self.img.budget.spent() {
                     decoder.decode_out(&mut ins);
                     if let Some(t) = near_target(&ins) {
                         out.push(t);

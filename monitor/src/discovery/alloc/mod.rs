@@ -209,7 +209,10 @@ pub fn find_allocators(
     exe: &Path,
     mapped_libs: &[PathBuf],
 ) -> Result<AllocatorImage, DiscoveryError> {
-    let img = Image::load(exe)?;
+    let mut img = Image::load(exe)?;
+    // The executable's scans are the ones that can be slow (a sweep of all its code for
+    // branch targets); a library is only read for a few named functions.
+    img.budget = super::Budget::new(super::ANALYSIS_BUDGET);
     let ctx = Ctx::new(&img, exe);
     let mut warnings = Vec::new();
     let mut evidence = Vec::new();
@@ -275,10 +278,17 @@ pub fn find_allocators(
             // The dynamic loader's private malloc serves only itself.
             continue;
         }
-        let data = match std::fs::read(lib) {
+        let data = match super::read_bounded(lib) {
             Ok(d) => d,
+            Err(DiscoveryError::Io { source, .. }) => {
+                warnings.push(format!(
+                    "cannot read mapped library {}: {source}",
+                    lib.display()
+                ));
+                continue;
+            }
             Err(e) => {
-                warnings.push(format!("cannot read mapped library {}: {e}", lib.display()));
+                warnings.push(format!("mapped library skipped: {e}"));
                 continue;
             }
         };
@@ -342,6 +352,7 @@ pub fn find_allocators(
 
     // 4. The global allocator, from what the shims reach.
     let global = decide_global(&votes, exe, &functions, &mut warnings);
+    super::check_budget(exe, &img)?;
 
     Ok(AllocatorImage {
         exe: exe.to_path_buf(),

@@ -229,3 +229,37 @@ fn inlined_allocation_in_the_dwarf_fixture_gets_its_source_line() {
         assert_eq!(stripped.lookup(addr), index.lookup(addr), "{addr:#x}");
     }
 }
+
+/// The fuzz target's entry point reads the same lines as the index built from the file:
+/// the fuzzer exercises the readers discovery runs, not a copy of them.
+#[test]
+fn the_fuzzing_entry_reads_what_the_file_index_reads() {
+    let full = dwarf_fixture("axum-app");
+    let img = Image::load(&full).expect("image");
+    let index = LineIndex::build(&img).expect("line tables");
+    let (start, end) = own_function(&img, "axum_app::state_leak::{{closure}}::{{closure}}");
+    let addrs: Vec<u64> = (start..end).step_by(16).collect();
+    let sections: Vec<(&str, Vec<u8>)> = [".debug_info", ".debug_abbrev", ".debug_line"]
+        .into_iter()
+        .chain([
+            ".debug_str",
+            ".debug_line_str",
+            ".debug_rnglists",
+            ".debug_ranges",
+        ])
+        .filter_map(|name| Some((name, img.section_data(name)?.into_owned())))
+        .collect();
+    let section = |name: &str| {
+        sections
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, data)| data.as_slice())
+    };
+    let from_file = addrs.iter().filter(|&&a| index.lookup(a).is_some()).count()
+        + line_locations(&img, &addrs).unwrap().len();
+    assert!(from_file > addrs.len(), "{from_file} of {}", addrs.len());
+    assert_eq!(
+        super::super::fuzzing::dwarf_lines(&section, &addrs),
+        from_file
+    );
+}

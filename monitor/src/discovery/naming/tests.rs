@@ -332,6 +332,11 @@ fn owners_and_mentions() {
     assert!(mentions_path("app::f::{{closure}}", "app::f"));
     assert!(mentions_path("app::f<X>::g", "app::f"));
     assert!(!mentions_path("app::foo::{{closure}}", "app::f"));
+    // Found by fuzzing (symbol_names): an empty path, and a retry one byte into a
+    // multi-byte character, sliced `name` out of bounds or inside a character.
+    assert!(!mentions_path("J", ""));
+    assert!(!mentions_path("aé", "é"));
+    assert!(mentions_path("aé::f<é>::{{closure}}", "é"));
 }
 
 #[test]

@@ -10,6 +10,7 @@ use object::{Object, ObjectSection};
 
 use super::*;
 
+mod bounds;
 mod debug_files;
 mod mutations;
 mod naming;

@@ -513,3 +513,46 @@ fn rejects_non_elf_and_missing_files() {
         "{not_elf:?}"
     );
 }
+
+/// One CIE (`CFA = rsp + 8`, return address at `CFA - 8`, absolute 8-byte pointers) and one
+/// FDE for `[pc, pc + len)`, as `.eh_frame` bytes.
+fn one_fde(pc: u64, len: u64) -> Vec<u8> {
+    let mut cie: Vec<u8> = vec![0, 0, 0, 0, 1, b'z', b'R', 0, 1, 0x78, 16, 1, 0x00];
+    cie.extend([0x0c, 7, 8, 0x90, 1]); // def_cfa rsp+8; offset r16 (ra) at cfa-8
+    cie.resize(20, 0); // DW_CFA_nop padding
+    let mut out = (cie.len() as u32).to_le_bytes().to_vec();
+    out.extend(cie);
+    let mut fde = (out.len() as u32 + 4).to_le_bytes().to_vec(); // back to the CIE
+    fde.extend(pc.to_le_bytes());
+    fde.extend(len.to_le_bytes());
+    fde.push(0); // no augmentation data
+    fde.resize(24, 0);
+    out.extend((fde.len() as u32).to_le_bytes());
+    out.extend(fde);
+    out.extend([0; 4]); // terminator
+    out
+}
+
+#[test]
+fn compiles_eh_frame_bytes() {
+    let (table, stats) =
+        super::compile_eh_frame(&one_fde(0x1000, 0x40), 0x100, &[(0x1000, 0x2000)]).unwrap();
+    assert_eq!(stats.fdes, 1, "{stats:?}");
+    assert_eq!(table.text_range, (0x1000, 0x1040));
+    let row = table.find(0x1010).expect("a row");
+    assert_eq!((row.cfa_reg, row.cfa_offset), (CFA_RSP, 8));
+    assert_eq!(table.find(0x1040).map(|r| r.cfa_reg), Some(CFA_END));
+}
+
+/// An FDE claiming a terabyte inside a section header that claims as much would have
+/// made the bucket index (a u32 per 4 KiB) 1 GiB, built by a quarter of a billion binary
+/// searches.
+#[test]
+fn an_fde_over_a_huge_code_span_is_refused() {
+    let err =
+        super::compile_eh_frame(&one_fde(0x1000, 1 << 40), 0x100, &[(0, u64::MAX)]).unwrap_err();
+    assert!(
+        matches!(err, super::EhFrameError::CodeSpanTooLarge { bytes, .. } if bytes == 1 << 40),
+        "{err:?}"
+    );
+}
