@@ -7,6 +7,7 @@ pub mod basic_auth;
 pub mod cert_reload;
 pub mod config_file;
 pub mod drain;
+pub mod health;
 pub mod heap;
 pub mod http;
 pub mod listener;

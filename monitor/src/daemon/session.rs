@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 
 use super::DaemonConfig;
 use super::drain;
+use super::health;
 use super::heap::{HeapMode, HeapTracker};
 use super::registry::{ProcessRegistry, analyze_process};
 use crate::analysis::Analyzer;
@@ -144,6 +145,7 @@ impl Session {
             analysis: Some(analysis.clone()),
             host: host.as_ref().map(|(_, stats)| stats.clone()),
             workloads: registry.workloads(),
+            health: Arc::default(),
         };
         Ok(Self {
             registry,
@@ -277,9 +279,21 @@ impl Session {
         restart
     }
 
-    /// Samples the ledgers and judges every site again.
-    pub fn sample(&self) {
+    /// Samples the ledgers and judges every site again, leaving out of judgement the
+    /// sites of processes whose figures are incomplete (see `state::health`).
+    pub fn sample(&mut self) {
         let t = self.started.elapsed().as_secs_f64();
+        self.check_health(t);
+        let degraded = self
+            .sources
+            .health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .all();
+        self.analysis
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_degraded(degraded);
         let tasks = self
             .sources
             .ledger
@@ -296,6 +310,18 @@ impl Session {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .observe(t, &tasks, &heap);
+    }
+
+    /// Takes in what was lost since the last sample (see `daemon::health`).
+    fn check_health(&mut self, t: f64) {
+        let window = self
+            .analysis
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config()
+            .thresholds
+            .window;
+        health::observe_losses(&self.sources, t, window);
     }
 
     /// Detaches everything; the session is over.

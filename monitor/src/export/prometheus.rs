@@ -20,6 +20,7 @@ use super::Sources;
 use crate::analysis::Analyzer;
 use crate::bpf::counters::KernelCounters;
 use crate::state::heap::HeapLedger;
+use crate::state::tasks::TaskLedger;
 use crate::targets::procfs::monotonic_ns;
 use crate::targets::workload::Workloads;
 
@@ -150,6 +151,7 @@ impl Collector for TaskCollector {
                 )
             }),
         )?;
+        encode_health(&mut encoder, &self.0, &ledger)?;
         let stream = ledger.stream.stats;
         let attached = ledger.attached_processes() as i64;
         drop(ledger);
@@ -318,6 +320,44 @@ impl Collector for TaskCollector {
     }
 }
 
+/// Which processes' figures are incomplete and why, and the re-placements of silent probes.
+fn encode_health(
+    encoder: &mut DescriptorEncoder,
+    sources: &Sources,
+    ledger: &TaskLedger,
+) -> std::fmt::Result {
+    let health = sources.health.lock().unwrap_or_else(|e| e.into_inner());
+    let mut degraded = Vec::new();
+    let mut reattaches = Vec::new();
+    for p in ledger.processes() {
+        let labels = process_labels(&sources.workloads, p.pid, &p.exe);
+        for d in health.degraded(p.pid) {
+            let mut labels = labels.clone();
+            labels.push(("reason", d.reason.as_str().to_string()));
+            degraded.push((labels, ConstGauge::new(1)));
+        }
+        reattaches.push((labels, ConstCounter::new(health.reattaches(p.pid))));
+    }
+    family(
+        encoder,
+        "leakscope_process_degraded",
+        "Present (1) while this process's figures are incomplete, by reason: task or heap \
+         events lost within the verdict window, allocations untracked, or probes silent \
+         while tokio spawns tasks. Its affected sites are cannot_judge meanwhile; \
+         /api/v1/tasks has the evidence.",
+        MetricType::Gauge,
+        degraded,
+    )?;
+    family(
+        encoder,
+        "leakscope_probe_reattaches",
+        "Times this process's task hooks were placed again because they delivered no event \
+         while tokio's task id counter advanced.",
+        MetricType::Counter,
+        reattaches,
+    )
+}
+
 /// The verdicts: a suspect series per leak (present only while it is one), and every
 /// judged site's growth.
 fn encode_verdicts(
@@ -471,7 +511,6 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::state::tasks::TaskLedger;
 
     #[test]
     fn empty_ledger_still_exports_self_metrics_with_help() {
@@ -483,6 +522,7 @@ mod tests {
             analysis: None,
             host: None,
             workloads: Workloads::default(),
+            health: Default::default(),
         };
         let text = render(&sources);
         for family in [

@@ -84,6 +84,9 @@ pub struct ProcessTasks {
     /// in (so their first events find it), but only counts as attached once they are: a
     /// client that waits for `leakscope_attached_processes` must not act before events flow.
     pub probes_ready: bool,
+    /// Task events received from this process (the silent-probe check compares it with
+    /// tokio's own task id counter).
+    pub events: u64,
 }
 
 impl ProcessTasks {
@@ -105,6 +108,7 @@ impl ProcessTasks {
             first_task_id_after_attach: None,
             seen_spawned_before_attach: 0,
             probes_ready: false,
+            events: 0,
         }
     }
 
@@ -272,6 +276,7 @@ impl TaskLedger {
     pub fn add_process(&mut self, mut process: ProcessTasks) {
         for event in self.pending.take(process.pid) {
             if let Some(kind) = TaskEventKind::from_u32(event.kind) {
+                process.events += 1;
                 process.apply(&event, kind);
             }
         }
@@ -315,6 +320,8 @@ impl TaskLedger {
                 exe: p.exe.clone(),
                 attached: p.probes_ready,
                 labels: Default::default(),
+                degraded: Vec::new(),
+                probe_reattaches: 0,
             })
             .collect();
         rows.sort_by_key(|r| r.pid);
@@ -328,7 +335,10 @@ impl TaskLedger {
             return;
         };
         match self.processes.get_mut(&event.pid) {
-            Some(process) => process.apply(event, kind),
+            Some(process) => {
+                process.events += 1;
+                process.apply(event, kind);
+            }
             None => {
                 if !self.pending.hold(event) {
                     self.stream.ignore(1);
