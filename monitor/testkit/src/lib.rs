@@ -134,10 +134,23 @@ pub fn start_daemon_until(
     leakscope: &Path,
     args: &[String],
     log: Stdio,
+    ready: impl FnMut(SocketAddr) -> Result<(), String>,
+) -> Result<(Proc, SocketAddr), String> {
+    start_daemon_with_env(leakscope, args, &[], log, ready)
+}
+
+/// [`start_daemon_until`], with `env` added to the daemon's environment (test-only
+/// settings such as `LEAKSCOPE_TEST_RING_BYTES`).
+pub fn start_daemon_with_env(
+    leakscope: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+    log: Stdio,
     mut ready: impl FnMut(SocketAddr) -> Result<(), String>,
 ) -> Result<(Proc, SocketAddr), String> {
     let listen = free_loopback_addr()?;
     let child = Command::new(leakscope)
+        .envs(env.iter().copied())
         .arg("daemon")
         .args(args)
         .arg("--listen")
