@@ -192,3 +192,81 @@ fn a_full_outstanding_map_is_counted_and_degrades_the_heap_verdicts() {
         ))
     });
 }
+
+/// A process whose task events stop arriving (simulated where they arrive: the drain drops
+/// its pid's events, `LEAKSCOPE_TEST_SILENT_PID`) while tokio spawns tasks in it: idle, it
+/// is left alone (an idle service spawns nothing); under load its hooks are placed again
+/// once (counted in `leakscope_probe_reattaches_total` and the API), and, still silent, it
+/// is degraded with reason `silent_probes`, not shown as a healthy process with no tasks.
+#[test]
+fn silent_probes_are_placed_again_then_the_process_is_degraded() {
+    if !ebpf_available("silent_probes_are_placed_again_then_the_process_is_degraded") {
+        return;
+    }
+    let mut app = OneTaskType::start();
+    let pid = app.pid();
+    let mut args: Vec<String> = vec!["--pid".into(), pid.to_string()];
+    args.extend(VERDICT_ARGS.iter().map(|a| a.to_string()));
+    let (_daemon, daemon) =
+        start_daemon_env(&args, &[("LEAKSCOPE_TEST_SILENT_PID", &pid.to_string())]);
+    wait_attached(daemon, pid);
+    let process = || {
+        Client::new(daemon)
+            .tasks()
+            .expect("GET /api/v1/tasks")
+            .processes
+            .into_iter()
+            .find(|p| p.pid == pid)
+            .expect("the process is listed")
+    };
+    // Idle for six checks (one per 0.5 s sample): silent, but tokio spawns nothing.
+    let idle_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < idle_until {
+        let p = process();
+        assert!(p.degraded.is_empty() && p.probe_reattaches == 0, "{p:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let placed_again = eventually("the hooks placed again once", DEADLINE, || {
+        app.command("done 20");
+        let p = process();
+        (p.probe_reattaches == 1)
+            .then_some(p)
+            .ok_or(format!("{:?}", process()))
+    });
+    assert!(placed_again.degraded.is_empty(), "{placed_again:?}");
+    eventually("degraded: silent_probes", DEADLINE, || {
+        app.command("done 20");
+        let samples = scrape(daemon);
+        let pid_label = pid.to_string();
+        let degraded = sum(
+            &samples,
+            "leakscope_process_degraded",
+            &[("pid", &pid_label), ("reason", "silent_probes")],
+        );
+        let reattaches = sum(
+            &samples,
+            "leakscope_probe_reattaches_total",
+            &[("pid", &pid_label)],
+        );
+        let p = process();
+        let reasons: Vec<_> = p.degraded.iter().map(|d| d.reason).collect();
+        (degraded == 1.0 && reattaches == 1.0 && reasons == [DegradedReason::SilentProbes])
+            .then_some(())
+            .ok_or(format!(
+                "degraded metric {degraded}, reattaches {reattaches}, API {:?}",
+                p.degraded
+            ))
+    });
+    let samples = scrape(daemon);
+    let lost = sum(&samples, "leakscope_events_lost_total", &[]);
+    assert_eq!(lost, 0.0, "the simulated silence is not a loss");
+    // The hooks placed again do fire: their events reach the drain (which drops them).
+    let before = sum(&samples, "leakscope_events_total", &[]);
+    app.command("done 20");
+    eventually("the new hooks' events received", DEADLINE, || {
+        let events = sum(&scrape(daemon), "leakscope_events_total", &[]);
+        (events >= before + 40.0)
+            .then_some(())
+            .ok_or(format!("{events} events, {before} before 20 tasks ran"))
+    });
+}

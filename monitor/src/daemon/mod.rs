@@ -14,6 +14,7 @@ pub mod listener;
 pub mod registry;
 pub mod report;
 pub mod session;
+pub mod silence;
 pub mod tls;
 pub mod web_config;
 

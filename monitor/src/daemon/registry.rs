@@ -469,6 +469,36 @@ impl ProcessRegistry {
         }
     }
 
+    /// Places `pid`'s task hooks again (the silent-probe check found them delivering
+    /// nothing while tokio spawned tasks): the old links are detached first, so a hook that
+    /// did work is not counted twice meanwhile. Its heap probes and its state stay. For an
+    /// `--exe` target the hooks are the executable's, shared by its processes: those are
+    /// placed again.
+    pub fn reattach_task_hooks(&mut self, pid: u32) -> anyhow::Result<()> {
+        let process = self
+            .attached
+            .get_mut(&pid)
+            .with_context(|| format!("pid {pid} is not attached"))?;
+        let exe = process.info.exe;
+        let image = self.images[&exe].clone();
+        if let Some((links, placed)) = self.exe_links.remove(&exe) {
+            self.probes.detach(links);
+            let path = process.info.exe_link();
+            let links = self.probes.attach_tasks(&image, &path, None)?;
+            self.exe_links.insert(exe, (links, placed));
+            return Ok(());
+        }
+        let task_links = plan::task_points(&image)?.len().min(process.links.len());
+        let old: Vec<AttachedLink> = process.links.drain(..task_links).collect();
+        self.probes.detach(old);
+        let mut links = self
+            .probes
+            .attach_tasks(&image, &process.info.exe_link(), Some(pid))?;
+        links.append(&mut process.links);
+        process.links = links;
+        Ok(())
+    }
+
     /// Detaches every probe, of every process and executable, at once (at shutdown).
     pub fn detach_all(&mut self) {
         let mut links: Vec<AttachedLink> = self

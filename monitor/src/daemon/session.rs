@@ -18,6 +18,7 @@ use super::drain;
 use super::health;
 use super::heap::{HeapMode, HeapTracker};
 use super::registry::{ProcessRegistry, analyze_process};
+use super::silence;
 use crate::analysis::Analyzer;
 use crate::bpf::counters::ProbeStats;
 use crate::bpf::loader::{HeapMaps, Probes};
@@ -44,6 +45,7 @@ pub struct Session {
     /// periodic scans still find new processes then).
     execs: Option<RingReader>,
     started: Instant,
+    silence: silence::SilenceWatch,
 }
 
 impl Session {
@@ -156,6 +158,7 @@ impl Session {
             drain,
             execs: Some(execs),
             started: Instant::now(),
+            silence: silence::SilenceWatch::default(),
         })
     }
 
@@ -312,7 +315,8 @@ impl Session {
             .observe(t, &tasks, &heap);
     }
 
-    /// Takes in what was lost since the last sample (see `daemon::health`).
+    /// Takes in what was lost since the last sample (see `daemon::health`), and checks for
+    /// silent probes (`daemon::silence`).
     fn check_health(&mut self, t: f64) {
         let window = self
             .analysis
@@ -322,6 +326,7 @@ impl Session {
             .thresholds
             .window;
         health::observe_losses(&self.sources, t, window);
+        silence::check_all(&mut self.silence, &mut self.registry, &self.sources, t);
     }
 
     /// Detaches everything; the session is over.

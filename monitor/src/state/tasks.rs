@@ -132,6 +132,14 @@ impl ProcessTasks {
             .map(|&i| self.labels.get(i).0.as_str())
     }
 
+    /// Where tokio's next task id (`Id::next::NEXT_ID`) lives in the process, if the binary
+    /// has such a counter leakscope knows.
+    pub fn task_id_counter(&self) -> Option<u64> {
+        self.image
+            .next_task_id
+            .map(|link| link.wrapping_add(self.load_bias))
+    }
+
     pub fn image(&self) -> &TargetImage {
         &self.image
     }
