@@ -190,6 +190,7 @@ impl ProcessRegistry {
         let mut process = ProcessTasks::new(pid, info.exe_name(), image.clone(), load_bias);
         process.first_task_id_after_attach =
             self.first_task_id_after_attach(&info, &image, load_bias, scope);
+        say_tasks_before_attach(pid, process.first_task_id_after_attach);
         self.ledger
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -513,6 +514,22 @@ impl ProcessRegistry {
     /// Processes attached now.
     pub fn attached(&self) -> usize {
         self.attached.len()
+    }
+}
+
+/// Says how many tasks process `pid` had spawned before this attach (tokio ids start at 1),
+/// when it is not a fresh start: after leakscope itself restarted, or attached late, its
+/// counts start again from zero here, and the log should say so.
+fn say_tasks_before_attach(pid: u32, first_task_id_after_attach: Option<u64>) {
+    if let Some(before) = first_task_id_after_attach.and_then(|next| next.checked_sub(1))
+        && before > 0
+    {
+        info!(
+            "pid {pid}: {before} tasks were spawned before this attach (leakscope restarted or \
+             attached late): alive counts start from zero now; first polls of those tasks \
+             count in leakscope_tasks_seen_before_attach_total, their completions in \
+             leakscope_tasks_completed_untracked_total"
+        );
     }
 }
 

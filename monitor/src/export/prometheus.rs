@@ -151,6 +151,22 @@ impl Collector for TaskCollector {
                 )
             }),
         )?;
+        family(
+            &mut encoder,
+            "leakscope_tasks_spawned_before_attach",
+            "Tasks tokio had spawned in this process before leakscope attached (from its task \
+             id counter; absent when that is unknown or every task was seen from exec): \
+             after leakscope restarts, alive counts start again from zero and this says how \
+             many tasks came before.",
+            MetricType::Gauge,
+            ledger.processes().filter_map(|p| {
+                let before = p.first_task_id_after_attach?.checked_sub(1)?;
+                Some((
+                    process_labels(&self.0.workloads, p.pid, &p.exe),
+                    ConstGauge::new(before as i64),
+                ))
+            }),
+        )?;
         encode_health(&mut encoder, &self.0, &ledger)?;
         let stream = ledger.stream.stats;
         let attached = ledger.attached_processes() as i64;
