@@ -157,6 +157,14 @@ impl OneTaskType {
         assert_eq!(line.trim(), "ok", "after {command}");
     }
 
+    /// The next line the process prints (after an exec, the new program's).
+    pub fn read_line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line
+    }
+
     /// Sends `command` without waiting for an answer (an exec gives none).
     pub fn send(&mut self, command: &str) {
         use std::io::Write;
