@@ -1,10 +1,11 @@
-//! Project tasks: `cargo xtask setup | fixtures | test | bench | demo`.
+//! Project tasks: `cargo xtask setup | fixtures | test | bench | demo | soak`.
 //!
 //! Everything a fresh machine needs is installed from here (nothing done by hand survives a
 //! new machine), and `test` is exactly what CI runs.
 
 mod bench;
 mod demo;
+mod soak;
 mod util;
 
 use std::path::{Path, PathBuf};
@@ -23,12 +24,13 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Task {
     /// Install what building and testing leakscope needs: nightly rust-src, bpf-linker,
-    /// the Debian packages the tests drive (prometheus, tmux, systemd-analyze) and
+    /// the Debian packages the tests drive (prometheus, tmux, systemd-analyze, bpftool) and
     /// kubernetes-validate (pip). Idempotent.
     Setup,
     /// Build the fixture programs (release profile) the tests and the demo run.
     Fixtures,
-    /// fmt check, clippy, unit and eBPF integration tests (what CI runs).
+    /// fmt check, clippy, unit and eBPF integration tests, then a 2-minute soak (what CI
+    /// runs; the soak is left out when a test filter is given).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -47,6 +49,13 @@ enum Task {
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
+    /// The fixture under bounded load while daemons attach, detach, get SIGKILLed and
+    /// restart on it in a loop: no crash, identical answers, flat daemon RSS, no BPF
+    /// program or link left behind; prints a summary.
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,6 +70,11 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             fixtures()?;
             demo::demo(seconds)
+        }
+        Task::Soak { minutes } => {
+            setup()?;
+            fixtures()?;
+            soak::soak(minutes)
         }
         Task::Bench { rounds } => {
             setup()?;
@@ -150,12 +164,13 @@ fn setup() -> anyhow::Result<()> {
 
 /// Outside tools the tests drive, as (command, Debian package): promtool and a real
 /// Prometheus for the alert rules, tmux for `leakscope top`'s screen, systemd-analyze for
-/// the unit file.
-const DEBIAN_TOOLS: [(&str, &str); 4] = [
+/// the unit file, bpftool for the soak's check that no BPF program or link outlives a daemon.
+const DEBIAN_TOOLS: [(&str, &str); 5] = [
     ("promtool", "prometheus"),
     ("prometheus", "prometheus"),
     ("tmux", "tmux"),
     ("systemd-analyze", "systemd"),
+    ("bpftool", "bpftool"),
 ];
 
 fn on_path(command: &str) -> bool {
@@ -338,5 +353,12 @@ fn test(cargo_test_args: &[String]) -> anyhow::Result<()> {
         .context("formatting differs: run `cargo fmt --all`")?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     fixtures()?;
-    run(cargo().args(["test"]).args(cargo_test_args))
+    run(cargo().args(["test"]).args(cargo_test_args))?;
+    if !cargo_test_args.is_empty() {
+        eprintln!("xtask: a test filter was given: the soak is left out");
+        return Ok(());
+    }
+    // Churn as a long-running host sees it, in 2 minutes (about 20 daemons started and
+    // ended); `cargo xtask soak --minutes N` runs longer.
+    soak::soak(2.0)
 }
