@@ -69,14 +69,20 @@ impl SilenceWatch {
             return Action::None;
         };
         if next_id < before.next_id || events < before.events {
-            // Another program under this pid (it exec'd and was attached again): start over.
+            // Another program under this pid (it exec'd and was attached again): start over,
+            // and what was said of the old program's probes no longer holds.
+            let was_silent = before.silent;
             *before = Seen {
                 next_id,
                 events,
                 reattached: false,
                 silent: false,
             };
-            return Action::None;
+            return if was_silent {
+                Action::Recovered
+            } else {
+                Action::None
+            };
         }
         let spawned = next_id - before.next_id;
         let received = events.saturating_sub(before.events);
@@ -218,5 +224,16 @@ mod tests {
         watch.retain(|_| false);
         assert_eq!(watch.check(7, 5, 0), Action::None);
         assert_eq!(watch.check(7, 50, 0), Action::Reattach { spawned: 45 });
+    }
+
+    #[test]
+    fn another_program_under_the_pid_is_not_the_silent_one() {
+        let mut watch = SilenceWatch::default();
+        watch.check(7, 100, 3);
+        watch.check(7, 200, 3);
+        assert_eq!(watch.check(7, 300, 3), Action::Degrade { spawned: 100 });
+        // It exec'd: a new counter and a new ledger entry.
+        assert_eq!(watch.check(7, 4, 0), Action::Recovered);
+        assert_eq!(watch.check(7, 40, 0), Action::Reattach { spawned: 36 });
     }
 }
