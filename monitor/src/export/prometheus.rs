@@ -465,7 +465,9 @@ fn encode_heap(
     family(
         encoder,
         "leakscope_heap_allocated_bytes",
-        "Bytes allocated since attach.",
+        "Bytes allocated since attach, of the allocations tracked: those counted in \
+         leakscope_heap_untracked_allocations_total are not in it, and the process is \
+         degraded (heap_untracked) while they happen.",
         MetricType::Counter,
         per_process(&|p| p.scaled_totals().allocated_bytes),
     )?;
