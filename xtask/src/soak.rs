@@ -111,6 +111,12 @@ pub fn soak(minutes: f64) -> anyhow::Result<()> {
         }
         load.check()?;
         cycle += 1;
+        eprintln!(
+            "soak: {:.1} min: {cycle} churn daemons ended, fixture alive, answers identical, \
+             steady daemon RSS {:.1} MiB",
+            started.elapsed().as_secs_f64() / 60.0,
+            rss.last().map_or(0.0, |(_, kib)| kib / 1024.0),
+        );
     }
     rss.push((started.elapsed().as_secs_f64(), rss_kib(steady_pid)?));
     let steady_tasks = steady_client.tasks()?;

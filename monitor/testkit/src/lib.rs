@@ -223,7 +223,13 @@ pub fn stream_then_disconnect(addr: SocketAddr, path: &str) -> std::io::Result<(
     let mut buf = [0u8; 256];
     let mut seen = Vec::new();
     while !String::from_utf8_lossy(&seen).contains("data") {
-        let n = stream.read(&mut buf)?;
+        // A signal interrupts a socket read with a timeout with EINTR even under
+        // SA_RESTART (seen once in a 12-minute soak, sender unknown): read again, as
+        // `read_exact` would.
+        let n = match stream.read(&mut buf) {
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => other?,
+        };
         if n == 0 {
             return Err(std::io::Error::other(format!(
                 "stream {path} closed before sending data"
