@@ -74,7 +74,7 @@ fn main() -> anyhow::Result<()> {
         Task::Soak { minutes } => {
             setup()?;
             fixtures()?;
-            soak::soak(minutes)
+            soak::soak(minutes, soak::Build::Release)
         }
         Task::Bench { rounds } => {
             setup()?;
@@ -358,7 +358,8 @@ fn test(cargo_test_args: &[String]) -> anyhow::Result<()> {
         eprintln!("xtask: a test filter was given: the soak is left out");
         return Ok(());
     }
-    // Churn as a long-running host sees it, in 2 minutes (about 20 daemons started and
-    // ended); `cargo xtask soak --minutes N` runs longer.
-    soak::soak(2.0)
+    // Churn as a long-running host sees it, in 2 minutes (about 16 daemons started and
+    // ended), with the daemon the tests just built; `cargo xtask soak --minutes N` runs the
+    // release build, longer.
+    soak::soak(2.0, soak::Build::Debug)
 }

@@ -59,12 +59,31 @@ const FREED_WITHIN: Duration = Duration::from_secs(30);
 /// (status, body) of a request.
 type Answer = (u16, String);
 
-pub fn soak(minutes: f64) -> anyhow::Result<()> {
+/// Which build of the daemon soaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Build {
+    /// The release build, as deployed (`cargo xtask soak`).
+    Release,
+    /// The debug build `cargo test` just made (`cargo xtask test`: a release build of the
+    /// daemon would add minutes to CI; the debug one is slower per event, which only makes
+    /// the soak harder).
+    Debug,
+}
+
+pub fn soak(minutes: f64, build: Build) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the soak loads eBPF programs: run it as root (e.g. `sudo -E cargo xtask soak`)");
     }
-    crate::run(cargo().args(["build", "--release", "-p", "monitor"]))?;
-    let leakscope = workspace_root().join("target/release/leakscope");
+    let leakscope = match build {
+        Build::Release => {
+            crate::run(cargo().args(["build", "--release", "-p", "monitor"]))?;
+            workspace_root().join("target/release/leakscope")
+        }
+        Build::Debug => {
+            crate::run(cargo().args(["build", "-p", "monitor"]))?;
+            workspace_root().join("target/debug/leakscope")
+        }
+    };
     let fixture = fixture_paths().axum_app;
     let duration = Duration::from_secs_f64(minutes * 60.0);
 
