@@ -200,7 +200,7 @@ impl Analyzer {
             let incomplete = self
                 .degraded
                 .get(&key.0)
-                .map(|reasons| verdict::incomplete(reasons, key.1))
+                .map(|reasons| verdict::incomplete(reasons, key.1, key.2.starts_with(TASK_CELL)))
                 .unwrap_or_default();
             let judgement = match key.1 {
                 _ if !incomplete.is_empty() => verdict::cannot_judge(incomplete),

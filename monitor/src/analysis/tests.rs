@@ -122,7 +122,10 @@ fn a_process_that_lost_events_is_not_judged_from_them() {
     analyzer.observe(
         60.0,
         &[task_row(LEAK, 120, 120, 0)],
-        &[heap_row(STATE, STATE, 262_144 * 60)],
+        &[
+            heap_row(&format!("{TASK_CELL}{LEAK}"), "none", 120 * 512),
+            heap_row(STATE, STATE, 262_144 * 60),
+        ],
     );
     let sites = analyzer.sites();
     let leak = sites.sites.iter().find(|v| v.site == LEAK).unwrap();
@@ -135,6 +138,11 @@ fn a_process_that_lost_events_is_not_judged_from_them() {
     );
     let state = sites.sites.iter().find(|v| v.site == STATE).unwrap();
     assert_eq!(state.verdict, Verdict::Suspect, "{state:?}");
+    // The leaked tasks' cells are named after their task site: not judged either, rather
+    // than paged on their own while their task site cannot be.
+    let cell = format!("{TASK_CELL}{LEAK}");
+    let cell = sites.sites.iter().find(|v| v.site == cell).unwrap();
+    assert_eq!(cell.verdict, Verdict::CannotJudge, "{cell:?}");
     // Once the process's figures are whole again, the site is judged again.
     analyzer.set_degraded(HashMap::new());
     analyzer.observe(

@@ -136,11 +136,14 @@ fn warming_up(samples: &VecDeque<Sample>, limits: &Thresholds) -> Option<Judgeme
 }
 
 /// The reasons among `reasons` (a process's degradations) that make a `kind` site's window
-/// incomplete, in words ("" when none does).
-pub fn incomplete(reasons: &[Degradation], kind: SiteKind) -> String {
+/// incomplete, in words ("" when none does). A heap site named after a task (`task_cell`:
+/// the cells of a spawn site's tasks) owes its name to task events, and its folding into a
+/// task suspect to that site's verdict: lost task events make it incomplete too, or the
+/// leaked tasks' cells would be paged on their own while their task site cannot be judged.
+pub fn incomplete(reasons: &[Degradation], kind: SiteKind, task_cell: bool) -> String {
     reasons
         .iter()
-        .filter(|d| d.reason.affects(kind))
+        .filter(|d| d.reason.affects(kind) || (task_cell && d.reason.affects(SiteKind::Task)))
         .map(|d| format!("{}: {}", d.reason.as_str(), d.detail))
         .collect::<Vec<_>>()
         .join("; ")
