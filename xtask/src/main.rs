@@ -55,6 +55,10 @@ enum Task {
     Soak {
         #[arg(long, default_value_t = 10.0)]
         minutes: f64,
+        /// Soak the debug build of the daemon (as `cargo xtask test` does) instead of the
+        /// release build.
+        #[arg(long)]
+        debug: bool,
     },
 }
 
@@ -71,10 +75,15 @@ fn main() -> anyhow::Result<()> {
             fixtures()?;
             demo::demo(seconds)
         }
-        Task::Soak { minutes } => {
+        Task::Soak { minutes, debug } => {
             setup()?;
             fixtures()?;
-            soak::soak(minutes, soak::Build::Release)
+            let build = if debug {
+                soak::Build::Debug
+            } else {
+                soak::Build::Release
+            };
+            soak::soak(minutes, build)
         }
         Task::Bench { rounds } => {
             setup()?;
