@@ -38,7 +38,7 @@ fn sighup_applies_new_rules_and_a_bad_file_keeps_the_running_ones() {
             "--rescan-seconds".into(),
             "0.2".into(),
         ],
-        Some(&std::fs::File::create(&log).unwrap()),
+        leakscope_testkit::DaemonLog::File(&std::fs::File::create(&log).unwrap()),
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let addr = client.addr;

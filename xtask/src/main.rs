@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | fixtures | test | fuzz | bench | demo`.
+//! Project tasks: `cargo xtask setup | fixtures | test | fuzz | bench | demo | soak`.
 //!
 //! Everything a fresh machine needs is installed from here (nothing done by hand survives a
 //! new machine), and `test` is exactly what CI runs.
@@ -7,6 +7,7 @@ mod bench;
 mod bench_host;
 mod demo;
 mod fuzz;
+mod soak;
 mod util;
 
 use std::path::{Path, PathBuf};
@@ -25,13 +26,13 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Task {
     /// Install what building and testing leakscope needs: nightly rust-src, bpf-linker,
-    /// cargo-fuzz, the Debian packages the tests drive (prometheus, tmux, systemd-analyze),
-    /// kubernetes-validate and checkov (pip). Idempotent.
+    /// cargo-fuzz, the Debian packages the tests drive (prometheus, tmux, systemd-analyze,
+    /// bpftool), kubernetes-validate and checkov (pip). Idempotent.
     Setup,
     /// Build the fixture programs (release profile) the tests and the demo run.
     Fixtures,
     /// fmt check, clippy, unit and eBPF integration tests, then each fuzz target for 20 s
-    /// (what CI runs; a filtered run skips the fuzzing).
+    /// and a 2-minute soak (what CI runs; a filtered run skips the fuzzing and the soak).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -68,6 +69,17 @@ enum Task {
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
+    /// The fixture under bounded load while daemons attach, detach, get SIGKILLed and
+    /// restart on it in a loop: no crash, identical answers, flat daemon RSS, no BPF
+    /// program or link left behind; prints a summary.
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Soak the debug build of the daemon (as `cargo xtask test` does) instead of the
+        /// release build.
+        #[arg(long)]
+        debug: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -96,6 +108,16 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             fixtures()?;
             demo::demo(seconds)
+        }
+        Task::Soak { minutes, debug } => {
+            setup()?;
+            fixtures()?;
+            let build = if debug {
+                soak::Build::Debug
+            } else {
+                soak::Build::Release
+            };
+            soak::soak(minutes, build)
         }
         Task::Bench { rounds, host } => {
             setup()?;
@@ -190,12 +212,13 @@ fn setup() -> anyhow::Result<()> {
 
 /// Outside tools the tests drive, as (command, Debian package): promtool and a real
 /// Prometheus for the alert rules, tmux for `leakscope top`'s screen, systemd-analyze for
-/// the unit file.
-const DEBIAN_TOOLS: [(&str, &str); 4] = [
+/// the unit file, bpftool for the soak's check that no BPF program or link outlives a daemon.
+const DEBIAN_TOOLS: [(&str, &str); 5] = [
     ("promtool", "prometheus"),
     ("prometheus", "prometheus"),
     ("tmux", "tmux"),
     ("systemd-analyze", "systemd"),
+    ("bpftool", "bpftool"),
 ];
 
 fn on_path(command: &str) -> bool {
@@ -412,9 +435,15 @@ fn test(cargo_test_args: &[String]) -> anyhow::Result<()> {
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     fixtures()?;
     run(cargo().args(["test"]).args(cargo_test_args))?;
-    // A filtered run is someone iterating on a few tests: the fuzzers are not theirs.
-    if cargo_test_args.is_empty() {
-        fuzz::fuzz(FUZZ_SECONDS_IN_TEST, None, fuzz::Corpus::SeedsOnly)?;
+    // A filtered run is someone iterating on a few tests: the fuzzers and the soak are not
+    // theirs.
+    if !cargo_test_args.is_empty() {
+        eprintln!("xtask: a test filter was given: the fuzzing and the soak are left out");
+        return Ok(());
     }
-    Ok(())
+    fuzz::fuzz(FUZZ_SECONDS_IN_TEST, None, fuzz::Corpus::SeedsOnly)?;
+    // Churn as a long-running host sees it, in 2 minutes (about 16 daemons started and
+    // ended), with the daemon the tests just built; `cargo xtask soak --minutes N` runs the
+    // release build, longer.
+    soak::soak(2.0, soak::Build::Debug)
 }

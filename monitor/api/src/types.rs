@@ -43,7 +43,7 @@ pub struct SiteSnapshot {
 }
 
 /// One watched process.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProcessSummary {
     pub pid: u32,
     pub exe: String,
@@ -53,6 +53,65 @@ pub struct ProcessSummary {
     /// `namespace`, `pod`, `container`): the same labels as its Prometheus series.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Why its figures cannot be trusted right now (empty when they can): while any of
+    /// these holds, its sites are `cannot_judge`, never suspects.
+    #[serde(default)]
+    pub degraded: Vec<Degradation>,
+    /// Times its task hooks were placed again because they delivered nothing while tokio
+    /// spawned tasks in it (see [`DegradedReason::SilentProbes`]).
+    #[serde(default)]
+    pub probe_reattaches: u64,
+}
+
+/// Why a process's figures are incomplete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DegradedReason {
+    /// Task events were lost (the task ring was full) within the verdict window. The
+    /// kernel counts losses per CPU, not per process, so every process whose task events
+    /// share that ring is marked.
+    TaskEventsLost,
+    /// Heap events were lost (the heap ring was full) within the verdict window.
+    HeapEventsLost,
+    /// Allocations went untracked within the verdict window: the kernel's map of
+    /// outstanding blocks (`--heap-max-blocks`) or of pending allocations was full.
+    HeapUntracked,
+    /// tokio spawned tasks in the process (its task id counter advanced) but its probes
+    /// delivered no event, even after they were placed again.
+    SilentProbes,
+}
+
+impl DegradedReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TaskEventsLost => "task_events_lost",
+            Self::HeapEventsLost => "heap_events_lost",
+            Self::HeapUntracked => "heap_untracked",
+            Self::SilentProbes => "silent_probes",
+        }
+    }
+
+    /// Whether the figures of sites of `kind` rest on what this reason made incomplete.
+    pub fn affects(self, kind: SiteKind) -> bool {
+        match self {
+            Self::TaskEventsLost => kind == SiteKind::Task,
+            Self::HeapEventsLost | Self::HeapUntracked => kind == SiteKind::Heap,
+            Self::SilentProbes => true,
+        }
+    }
+}
+
+/// One reason a process's figures are incomplete, with the evidence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Degradation {
+    pub reason: DegradedReason,
+    /// The evidence and what to do, in plain words.
+    pub detail: String,
+    /// How many: events lost, allocations untracked, or silent checks, while it lasted.
+    pub count: u64,
+    /// Seconds since the daemon started when this was first and last seen.
+    pub since: f64,
+    pub last_seen: f64,
 }
 
 /// One row of the heap table: live memory of one (callsite, task site) of one process.

@@ -16,7 +16,7 @@ pub mod verdict;
 use std::collections::{HashMap, HashSet};
 
 use leakscope_api::types::{
-    HeapGroupSnapshot, HistorySample, SiteKind, SiteSnapshot, SiteVerdict, Verdict,
+    Degradation, HeapGroupSnapshot, HistorySample, SiteKind, SiteSnapshot, SiteVerdict, Verdict,
     VerdictsResponse,
 };
 
@@ -84,6 +84,9 @@ pub struct Analyzer {
     latest: HashMap<SiteKey, Latest>,
     suspect_since: HashMap<SiteKey, f64>,
     verdicts: Vec<SiteVerdict>,
+    /// Processes whose figures are incomplete now (`state::health`): their affected sites
+    /// are not judged.
+    degraded: HashMap<u32, Vec<Degradation>>,
 }
 
 impl Analyzer {
@@ -94,7 +97,14 @@ impl Analyzer {
             latest: HashMap::new(),
             suspect_since: HashMap::new(),
             verdicts: Vec::new(),
+            degraded: HashMap::new(),
         }
+    }
+
+    /// The processes whose figures are incomplete, for the next judgement: a site is never
+    /// called a suspect (nor ok) from a window in which its process lost events.
+    pub fn set_degraded(&mut self, degraded: HashMap<u32, Vec<Degradation>>) {
+        self.degraded = degraded;
     }
 
     pub fn config(&self) -> &AnalysisConfig {
@@ -187,7 +197,13 @@ impl Analyzer {
             let Some(samples) = self.histories.get(key) else {
                 continue;
             };
+            let incomplete = self
+                .degraded
+                .get(&key.0)
+                .map(|reasons| verdict::incomplete(reasons, key.1, key.2.starts_with(TASK_CELL)))
+                .unwrap_or_default();
             let judgement = match key.1 {
+                _ if !incomplete.is_empty() => verdict::cannot_judge(incomplete),
                 SiteKind::Task => judge_tasks(
                     samples,
                     latest.completion_hooked,

@@ -104,3 +104,57 @@ fn sites_of_an_exited_process_are_forgotten() {
     assert!(analyzer.sites().sites.is_empty());
     assert_eq!(analyzer.samples_held(), 0);
 }
+
+/// A process that lost task events in the window has its task sites judged `cannot_judge`
+/// with the reason, never suspects; its heap sites, whose stream lost nothing, are judged.
+#[test]
+fn a_process_that_lost_events_is_not_judged_from_them() {
+    use leakscope_api::types::{Degradation, DegradedReason};
+    let mut analyzer = analyzer_after_a_minute();
+    let lost = Degradation {
+        reason: DegradedReason::TaskEventsLost,
+        detail: "12 task events lost".into(),
+        count: 12,
+        since: 55.0,
+        last_seen: 59.0,
+    };
+    analyzer.set_degraded(HashMap::from([(7, vec![lost])]));
+    analyzer.observe(
+        60.0,
+        &[task_row(LEAK, 120, 120, 0)],
+        &[
+            heap_row(&format!("{TASK_CELL}{LEAK}"), "none", 120 * 512),
+            heap_row(STATE, STATE, 262_144 * 60),
+        ],
+    );
+    let sites = analyzer.sites();
+    let leak = sites.sites.iter().find(|v| v.site == LEAK).unwrap();
+    assert_eq!(leak.verdict, Verdict::CannotJudge, "{leak:?}");
+    assert!(
+        leak.reason
+            .contains("task_events_lost: 12 task events lost"),
+        "{}",
+        leak.reason
+    );
+    let state = sites.sites.iter().find(|v| v.site == STATE).unwrap();
+    assert_eq!(state.verdict, Verdict::Suspect, "{state:?}");
+    // The leaked tasks' cells are named after their task site: not judged either, rather
+    // than paged on their own while their task site cannot be.
+    let cell = format!("{TASK_CELL}{LEAK}");
+    let cell = sites.sites.iter().find(|v| v.site == cell).unwrap();
+    assert_eq!(cell.verdict, Verdict::CannotJudge, "{cell:?}");
+    // Once the process's figures are whole again, the site is judged again.
+    analyzer.set_degraded(HashMap::new());
+    analyzer.observe(
+        61.0,
+        &[task_row(LEAK, 122, 122, 0)],
+        &[heap_row(STATE, STATE, 262_144 * 61)],
+    );
+    let leak = analyzer
+        .sites()
+        .sites
+        .into_iter()
+        .find(|v| v.site == LEAK)
+        .unwrap();
+    assert_eq!(leak.verdict, Verdict::Suspect, "{leak:?}");
+}

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 
-use leakscope_api::types::{LeakPattern, Verdict};
+use leakscope_api::types::{Degradation, LeakPattern, SiteKind, Verdict};
 
 use super::history::Sample;
 use super::stats::{mann_kendall, theil_sen};
@@ -133,6 +133,33 @@ fn warming_up(samples: &VecDeque<Sample>, limits: &Thresholds) -> Option<Judgeme
         remedy: None,
         growth_per_second: 0.0,
     })
+}
+
+/// The reasons among `reasons` (a process's degradations) that make a `kind` site's window
+/// incomplete, in words ("" when none does). A heap site named after a task (`task_cell`:
+/// the cells of a spawn site's tasks) owes its name to task events, and its folding into a
+/// task suspect to that site's verdict: lost task events make it incomplete too, or the
+/// leaked tasks' cells would be paged on their own while their task site cannot be judged.
+pub fn incomplete(reasons: &[Degradation], kind: SiteKind, task_cell: bool) -> String {
+    reasons
+        .iter()
+        .filter(|d| d.reason.affects(kind) || (task_cell && d.reason.affects(SiteKind::Task)))
+        .map(|d| format!("{}: {}", d.reason.as_str(), d.detail))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Not judged: the site's process lost data within the window (`why`). A count built from
+/// incomplete events can look like a leak (completions lost) or hide one (spawns lost).
+pub fn cannot_judge(why: String) -> Judgement {
+    Judgement {
+        verdict: Verdict::CannotJudge,
+        score: 0.0,
+        pattern: None,
+        reason: format!("its process's figures are incomplete in this window ({why})"),
+        remedy: None,
+        growth_per_second: 0.0,
+    }
 }
 
 /// Judges a task site from its samples (value = alive tasks).

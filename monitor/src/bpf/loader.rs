@@ -43,6 +43,29 @@ pub enum ProbeError {
     },
     #[error(transparent)]
     Plan(#[from] PlanError),
+    #[error(
+        "{RING_BYTES_ENV}={0:?} is not a ring size: give a power of two of at least 4096 \
+         (bytes), or unset it (it is for tests that overflow the rings on purpose)"
+    )]
+    RingSize(String),
+}
+
+/// Test-only: when set, the task and heap ring buffers are created with this many bytes
+/// instead of `monitor_common::RINGBUF_BYTES`/`HEAP_RINGBUF_BYTES`, so a test can overflow
+/// them under a load the daemon otherwise keeps up with, and check that the loss is counted
+/// and no verdict is made from what is left.
+pub const RING_BYTES_ENV: &str = "LEAKSCOPE_TEST_RING_BYTES";
+
+/// The ring size [`RING_BYTES_ENV`] asks for, if set. A ring buffer's size must be a power
+/// of two and a multiple of the page size (the kernel refuses others).
+fn ring_bytes_override() -> Result<Option<u32>, ProbeError> {
+    let Ok(value) = std::env::var(RING_BYTES_ENV) else {
+        return Ok(None);
+    };
+    match value.trim().parse::<u32>() {
+        Ok(bytes) if bytes.is_power_of_two() && bytes >= 4096 => Ok(Some(bytes)),
+        _ => Err(ProbeError::RingSize(value)),
+    }
 }
 
 impl From<ProgramError> for ProbeError {
@@ -71,6 +94,14 @@ pub enum HeapMaps {
 impl Probes {
     pub fn load(heap: HeapMaps) -> Result<Self, ProbeError> {
         let mut loader = EbpfLoader::new();
+        if let Some(bytes) = ring_bytes_override()? {
+            log::warn!(
+                "{RING_BYTES_ENV}: task and heap ring buffers of {bytes} bytes (a test setting: \
+                 events will be lost under load)"
+            );
+            loader.map_max_entries(map::TASK_EVENTS, bytes);
+            loader.map_max_entries(map::HEAP_EVENTS, bytes);
+        }
         match heap {
             HeapMaps::Off => {
                 for (name, entries) in map::HEAP_ONLY_MINIMUM {

@@ -15,6 +15,21 @@ use crate::state::tasks::TaskLedger;
 /// so the rings are also drained this often.
 const DRAIN_PERIOD: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// Test-only: the task events of this pid are received (their sequence numbers count, so
+/// nothing looks lost) but not applied, as if its probes had gone silent; the silent-probe
+/// check (`daemon::silence`) must then notice.
+pub const SILENT_PID_ENV: &str = "LEAKSCOPE_TEST_SILENT_PID";
+
+/// The pid [`SILENT_PID_ENV`] names, read once.
+fn silenced_pid() -> Option<u32> {
+    static PID: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *PID.get_or_init(|| {
+        let pid = std::env::var(SILENT_PID_ENV).ok()?.trim().parse().ok()?;
+        log::warn!("{SILENT_PID_ENV}: the task events of pid {pid} are dropped (a test setting)");
+        Some(pid)
+    })
+}
+
 /// The heap side of the drain, when heap tracking is on.
 pub struct HeapStream {
     pub ring: RingBuf<MapData>,
@@ -106,6 +121,9 @@ fn drain_tasks(
 ) {
     while let Some(record) = ring.next() {
         match decode::<TaskEvent>(&record) {
+            Some(event) if silenced_pid() == Some(event.pid) => {
+                tasks.stream.receive(event.cpu, event.seq);
+            }
             Some(event) => {
                 tasks.apply(&event);
                 if matches!(

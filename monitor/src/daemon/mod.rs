@@ -7,12 +7,14 @@ pub mod basic_auth;
 pub mod cert_reload;
 pub mod config_file;
 pub mod drain;
+pub mod health;
 pub mod heap;
 pub mod http;
 pub mod listener;
 pub mod registry;
 pub mod report;
 pub mod session;
+pub mod silence;
 pub mod tls;
 pub mod web_config;
 

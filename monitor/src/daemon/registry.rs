@@ -202,6 +202,7 @@ impl ProcessRegistry {
         let mut process = ProcessTasks::new(pid, info.exe_name(), image.clone(), load_bias);
         process.first_task_id_after_attach =
             self.first_task_id_after_attach(&info, &image, load_bias, scope);
+        say_tasks_before_attach(pid, process.first_task_id_after_attach);
         self.ledger
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -541,6 +542,36 @@ impl ProcessRegistry {
         self.detach_unused_executables();
     }
 
+    /// Places `pid`'s task hooks again (the silent-probe check found them delivering
+    /// nothing while tokio spawned tasks): the old links are detached first, so a hook that
+    /// did work is not counted twice meanwhile. Its heap probes and its state stay. For an
+    /// `--exe` target the hooks are the executable's, shared by its processes: those are
+    /// placed again.
+    pub fn reattach_task_hooks(&mut self, pid: u32) -> anyhow::Result<()> {
+        let process = self
+            .attached
+            .get_mut(&pid)
+            .with_context(|| format!("pid {pid} is not attached"))?;
+        let exe = process.info.exe;
+        let image = self.images[&exe].clone();
+        if let Some((links, placed)) = self.exe_links.remove(&exe) {
+            self.probes.detach(links);
+            let path = process.info.exe_link();
+            let links = self.probes.attach_tasks(&image, &path, None)?;
+            self.exe_links.insert(exe, (links, placed));
+            return Ok(());
+        }
+        let task_links = plan::task_points(&image)?.len().min(process.links.len());
+        let old: Vec<AttachedLink> = process.links.drain(..task_links).collect();
+        self.probes.detach(old);
+        let mut links = self
+            .probes
+            .attach_tasks(&image, &process.info.exe_link(), Some(pid))?;
+        links.append(&mut process.links);
+        process.links = links;
+        Ok(())
+    }
+
     /// Detaches every probe, of every process and executable, at once (at shutdown).
     pub fn detach_all(&mut self) {
         let mut links: Vec<AttachedLink> = self
@@ -555,6 +586,22 @@ impl ProcessRegistry {
     /// Processes attached now.
     pub fn attached(&self) -> usize {
         self.attached.len()
+    }
+}
+
+/// Says how many tasks process `pid` had spawned before this attach (tokio ids start at 1),
+/// when it is not a fresh start: after leakscope itself restarted, or attached late, its
+/// counts start again from zero here, and the log should say so.
+fn say_tasks_before_attach(pid: u32, first_task_id_after_attach: Option<u64>) {
+    if let Some(before) = first_task_id_after_attach.and_then(|next| next.checked_sub(1))
+        && before > 0
+    {
+        info!(
+            "pid {pid}: {before} tasks were spawned before this attach (leakscope restarted or \
+             attached late): alive counts start from zero now; first polls of those tasks \
+             count in leakscope_tasks_seen_before_attach_total, their completions in \
+             leakscope_tasks_completed_untracked_total"
+        );
     }
 }
 

@@ -15,8 +15,10 @@ use tokio::task::JoinHandle;
 
 use super::DaemonConfig;
 use super::drain;
+use super::health;
 use super::heap::{HeapMode, HeapTracker};
 use super::registry::{ProcessRegistry, analyze_process};
+use super::silence;
 use crate::analysis::Analyzer;
 use crate::bpf::counters::ProbeStats;
 use crate::bpf::loader::{HeapMaps, Probes};
@@ -43,6 +45,7 @@ pub struct Session {
     /// periodic scans still find new processes then).
     execs: Option<RingReader>,
     started: Instant,
+    silence: silence::SilenceWatch,
 }
 
 impl Session {
@@ -145,6 +148,7 @@ impl Session {
             analysis: Some(analysis.clone()),
             host: host.as_ref().map(|(_, stats)| stats.clone()),
             workloads: registry.workloads(),
+            health: Arc::default(),
         };
         Ok(Self {
             registry,
@@ -155,6 +159,7 @@ impl Session {
             drain,
             execs: Some(execs),
             started: Instant::now(),
+            silence: silence::SilenceWatch::default(),
         })
     }
 
@@ -279,9 +284,21 @@ impl Session {
         restart
     }
 
-    /// Samples the ledgers and judges every site again.
-    pub fn sample(&self) {
+    /// Samples the ledgers and judges every site again, leaving out of judgement the
+    /// sites of processes whose figures are incomplete (see `state::health`).
+    pub fn sample(&mut self) {
         let t = self.started.elapsed().as_secs_f64();
+        self.check_health(t);
+        let degraded = self
+            .sources
+            .health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .all();
+        self.analysis
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_degraded(degraded);
         let tasks = self
             .sources
             .ledger
@@ -298,6 +315,20 @@ impl Session {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .observe(t, &tasks, &heap);
+    }
+
+    /// Takes in what was lost since the last sample (see `daemon::health`), and checks for
+    /// silent probes (`daemon::silence`).
+    fn check_health(&mut self, t: f64) {
+        let window = self
+            .analysis
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config()
+            .thresholds
+            .window;
+        health::observe_losses(&self.sources, t, window);
+        silence::check_all(&mut self.silence, &mut self.registry, &self.sources, t);
     }
 
     /// Detaches everything; the session is over.

@@ -22,6 +22,7 @@ fn labels_of(sources: &Sources, pid: u32) -> BTreeMap<String, String> {
 /// `GET /api/v1/tasks`.
 pub fn tasks(sources: &Sources) -> TasksResponse {
     let ledger = sources.ledger.lock().unwrap_or_else(|e| e.into_inner());
+    let health = sources.health.lock().unwrap_or_else(|e| e.into_inner());
     TasksResponse {
         sites: ledger.snapshot(monotonic_ns()),
         stream: ledger.stream.stats,
@@ -31,6 +32,8 @@ pub fn tasks(sources: &Sources) -> TasksResponse {
             .into_iter()
             .map(|mut p| {
                 p.labels = labels_of(sources, p.pid);
+                p.degraded = health.degraded(p.pid);
+                p.probe_reattaches = health.reattaches(p.pid);
                 p
             })
             .collect(),

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::analysis::Analyzer;
 use crate::bpf::counters::{KernelCounters, ProbeStats};
+use crate::state::health::Health;
 use crate::state::heap::HeapLedger;
 use crate::state::tasks::TaskLedger;
 use crate::targets::HostScanStats;
@@ -32,6 +33,9 @@ pub struct Sources {
     pub host: Option<Arc<Mutex<HostScanStats>>>,
     /// The unit, container and pod of each attached process.
     pub workloads: Workloads,
+    /// Which processes' figures are incomplete now, and why. Locked after the ledger when
+    /// both are.
+    pub health: Arc<Mutex<Health>>,
 }
 
 impl std::fmt::Debug for Sources {

@@ -2,9 +2,11 @@
 //! and counts what it drops.
 //!
 //! `tasks` and `heap` are independent ledgers; `attribution` ties heap blocks to tasks, and
-//! `stream`, `intern` and `pending` are the bookkeeping both share.
+//! `stream`, `intern` and `pending` are the bookkeeping both share; `health` says which
+//! processes' figures are incomplete now (events lost, probes silent).
 
 pub mod attribution;
+pub mod health;
 pub mod heap;
 pub mod intern;
 pub mod pending;

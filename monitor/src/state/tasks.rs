@@ -84,6 +84,9 @@ pub struct ProcessTasks {
     /// in (so their first events find it), but only counts as attached once they are: a
     /// client that waits for `leakscope_attached_processes` must not act before events flow.
     pub probes_ready: bool,
+    /// Task events received from this process (the silent-probe check compares it with
+    /// tokio's own task id counter).
+    pub events: u64,
 }
 
 impl ProcessTasks {
@@ -111,6 +114,7 @@ impl ProcessTasks {
             first_task_id_after_attach: None,
             seen_spawned_before_attach: 0,
             probes_ready: false,
+            events: 0,
         }
     }
 
@@ -132,6 +136,14 @@ impl ProcessTasks {
         self.site_by_task_id
             .get(&task_id)
             .map(|&i| self.labels.get(i).0.as_str())
+    }
+
+    /// Where tokio's next task id (`Id::next::NEXT_ID`) lives in the process, if the binary
+    /// has such a counter leakscope knows.
+    pub fn task_id_counter(&self) -> Option<u64> {
+        self.image
+            .next_task_id
+            .map(|link| link.wrapping_add(self.load_bias))
     }
 
     pub fn image(&self) -> &TargetImage {
@@ -278,6 +290,7 @@ impl TaskLedger {
     pub fn add_process(&mut self, mut process: ProcessTasks) {
         for event in self.pending.take(process.pid) {
             if let Some(kind) = TaskEventKind::from_u32(event.kind) {
+                process.events += 1;
                 process.apply(&event, kind);
             }
         }
@@ -321,6 +334,8 @@ impl TaskLedger {
                 exe: p.exe.clone(),
                 attached: p.probes_ready,
                 labels: Default::default(),
+                degraded: Vec::new(),
+                probe_reattaches: 0,
             })
             .collect();
         rows.sort_by_key(|r| r.pid);
@@ -334,7 +349,10 @@ impl TaskLedger {
             return;
         };
         match self.processes.get_mut(&event.pid) {
-            Some(process) => process.apply(event, kind),
+            Some(process) => {
+                process.events += 1;
+                process.apply(event, kind);
+            }
             None => {
                 if !self.pending.hold(event) {
                     self.stream.ignore(1);

@@ -106,39 +106,73 @@ pub fn free_loopback_addr() -> Result<SocketAddr, String> {
         .map_err(|e| format!("no free loopback port: {e}"))
 }
 
+/// Where a daemon started by these helpers logs (its stderr).
+#[derive(Debug, Clone, Copy)]
+pub enum DaemonLog<'a> {
+    /// The caller's stderr (a test's output).
+    Inherit,
+    Discard,
+    /// Appended to this file.
+    File(&'a std::fs::File),
+}
+
+impl DaemonLog<'_> {
+    fn stdio(self) -> Result<Stdio, String> {
+        Ok(match self {
+            Self::Inherit => Stdio::inherit(),
+            Self::Discard => Stdio::null(),
+            Self::File(file) => Stdio::from(file.try_clone().map_err(|e| e.to_string())?),
+        })
+    }
+}
+
 /// Starts `leakscope daemon ARGS --listen <free port>` and waits until `/healthz` answers;
 /// fails if the daemon exits first (probes refused, bad target) or does not answer in 30 s.
 pub fn start_daemon(leakscope: &Path, args: &[String]) -> Result<(Proc, Client), String> {
-    start_daemon_logging(leakscope, args, None)
+    start_daemon_logging(leakscope, args, DaemonLog::Inherit)
 }
 
-/// [`start_daemon`], with the daemon's log (its stderr) going to `log` (inherited when
-/// `None`).
+/// [`start_daemon`], with the daemon's log (its stderr) going to `log`.
 pub fn start_daemon_logging(
     leakscope: &Path,
     args: &[String],
-    log: Option<&std::fs::File>,
+    log: DaemonLog<'_>,
 ) -> Result<(Proc, Client), String> {
-    let (daemon, listen) = start_daemon_until(leakscope, args, log, |listen| {
-        match Client::new(listen).get("/healthz") {
-            Ok((200, _)) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })?;
+    let (daemon, listen) = start_daemon_until(leakscope, args, log, healthz_answers)?;
     Ok((daemon, Client::new(listen)))
 }
 
-/// Starts `leakscope daemon ARGS --listen <free port>`, its log (stderr) going to `log`, and
-/// waits until `ready(address)` (a daemon behind TLS is not asked in plain HTTP); fails if
-/// the daemon exits first or is not ready in 30 s.
+/// The readiness of a daemon without TLS: `/healthz` answers 200.
+pub fn healthz_answers(listen: SocketAddr) -> Result<(), String> {
+    match Client::new(listen).get("/healthz") {
+        Ok((200, _)) => Ok(()),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+/// Starts `leakscope daemon ARGS --listen <free port>`, its log going to `log`, and waits
+/// until `ready(address)` (a daemon behind TLS is not asked in plain HTTP).
+pub fn start_daemon_until(
+    leakscope: &Path,
+    args: &[String],
+    log: DaemonLog<'_>,
+    ready: impl FnMut(SocketAddr) -> Result<(), String>,
+) -> Result<(Proc, SocketAddr), String> {
+    start_daemon_with_env(leakscope, args, &[], log, ready)
+}
+
+/// [`start_daemon_until`], with `env` added to the daemon's environment (test-only
+/// settings such as `LEAKSCOPE_TEST_RING_BYTES`); fails if the daemon exits first or is
+/// not ready in 30 s.
 ///
 /// The port is free when chosen but may be taken before the daemon binds it (tests run in
 /// parallel): a daemon that exits is started again on another port, twice at most; its
 /// last failure is the error.
-pub fn start_daemon_until(
+pub fn start_daemon_with_env(
     leakscope: &Path,
     args: &[String],
-    log: Option<&std::fs::File>,
+    env: &[(&str, &str)],
+    log: DaemonLog<'_>,
     mut ready: impl FnMut(SocketAddr) -> Result<(), String>,
 ) -> Result<(Proc, SocketAddr), String> {
     const ATTEMPTS: usize = 3;
@@ -146,17 +180,14 @@ pub fn start_daemon_until(
     loop {
         attempt += 1;
         let listen = free_loopback_addr()?;
-        let stderr = match log {
-            Some(file) => Stdio::from(file.try_clone().map_err(|e| e.to_string())?),
-            None => Stdio::inherit(),
-        };
         let child = Command::new(leakscope)
+            .envs(env.iter().copied())
             .arg("daemon")
             .args(args)
             .arg("--listen")
             .arg(listen.to_string())
             .stdout(Stdio::inherit())
-            .stderr(stderr)
+            .stderr(log.stdio()?)
             .spawn()
             .map_err(|e| format!("starting {}: {e}", leakscope.display()))?;
         let mut daemon = Proc {
@@ -171,7 +202,7 @@ pub fn start_daemon_until(
                 }
                 return Err(format!(
                     "leakscope daemon exited early with {status} ({attempt} attempts): its \
-                     log above says why"
+                     log says why"
                 ));
             }
             match ready(listen) {
@@ -233,7 +264,13 @@ pub fn stream_then_disconnect(addr: SocketAddr, path: &str) -> std::io::Result<(
     let mut buf = [0u8; 256];
     let mut seen = Vec::new();
     while !String::from_utf8_lossy(&seen).contains("data") {
-        let n = stream.read(&mut buf)?;
+        // A signal interrupts a socket read with a timeout with EINTR even under
+        // SA_RESTART (seen once in a 12-minute soak, sender unknown): read again, as
+        // `read_exact` would.
+        let n = match stream.read(&mut buf) {
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => other?,
+        };
         if n == 0 {
             return Err(std::io::Error::other(format!(
                 "stream {path} closed before sending data"

@@ -80,8 +80,93 @@ pub fn start_daemon_until(
 ) -> (Proc, SocketAddr) {
     let mut args = args.to_vec();
     args.extend(["--rescan-seconds".to_string(), "0.2".to_string()]);
-    kit::start_daemon_until(env!("CARGO_BIN_EXE_leakscope").as_ref(), &args, None, ready)
-        .unwrap_or_else(|e| panic!("{e}"))
+    kit::start_daemon_until(
+        env!("CARGO_BIN_EXE_leakscope").as_ref(),
+        &args,
+        kit::DaemonLog::Inherit,
+        ready,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Starts `leakscope daemon` with `args` (rescanning every 0.2 s) and `env` added to its
+/// environment, and waits until /healthz answers.
+pub fn start_daemon_env(args: &[String], env: &[(&str, &str)]) -> (Proc, SocketAddr) {
+    let mut args = args.to_vec();
+    args.extend(["--rescan-seconds".to_string(), "0.2".to_string()]);
+    kit::start_daemon_with_env(
+        env!("CARGO_BIN_EXE_leakscope").as_ref(),
+        &args,
+        env,
+        kit::DaemonLog::Inherit,
+        kit::healthz_answers,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The `one-task-type` fixture, driven by its stdin commands (`leak N`, `done N`, `tick N`,
+/// `exec PATH ARGS...`), each answered `ok` (an exec answers nothing: the program is gone).
+pub struct OneTaskType {
+    pub app: Proc,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl OneTaskType {
+    /// The spawn site of all its tasks.
+    pub const SITE: &'static str = "one_task_type::main::{{closure}}::{{closure}}::{{closure}}";
+
+    pub fn start() -> Self {
+        Self::start_binary(&fixture("one-task-type"))
+    }
+
+    /// Starts `binary` (a copy of the fixture, or the fixture itself) and waits for `ready`.
+    pub fn start_binary(binary: &Path) -> Self {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(binary)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        let app = Proc {
+            child,
+            name: binary.display().to_string(),
+        };
+        Self { app, stdin, stdout }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.app.pid()
+    }
+
+    /// Sends `command` and waits for its `ok`.
+    pub fn command(&mut self, command: &str) {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{command}").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ok", "after {command}");
+    }
+
+    /// The next line the process prints (after an exec, the new program's).
+    pub fn read_line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line
+    }
+
+    /// Sends `command` without waiting for an answer (an exec gives none).
+    pub fn send(&mut self, command: &str) {
+        use std::io::Write;
+        writeln!(self.stdin, "{command}").unwrap();
+    }
 }
 
 /// A daemon watching `pid` with `extra` arguments, once the process is attached.
