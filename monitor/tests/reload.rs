@@ -9,9 +9,12 @@ use std::time::Duration;
 use leakscope_testkit::types::TasksResponse;
 use support::*;
 
-fn attached(daemon: std::net::SocketAddr) -> Vec<u32> {
-    let tasks: TasksResponse = Client::new(daemon).tasks().expect("/api/v1/tasks");
-    tasks.processes.iter().map(|p| p.pid).collect()
+/// The pids the daemon lists (an error, polled again, while it is busy detaching).
+fn attached(daemon: std::net::SocketAddr) -> Result<Vec<u32>, String> {
+    let tasks: TasksResponse = Client::new(daemon)
+        .tasks()
+        .map_err(|e| format!("/api/v1/tasks: {e}"))?;
+    Ok(tasks.processes.iter().map(|p| p.pid).collect())
 }
 
 #[test]
@@ -55,7 +58,7 @@ fn sighup_applies_new_rules_and_a_bad_file_keeps_the_running_ones() {
         "the excluded service is detached",
         Duration::from_secs(10),
         || {
-            let pids = attached(addr);
+            let pids = attached(addr)?;
             (!pids.contains(&service.pid()))
                 .then_some(())
                 .ok_or(format!("attached: {pids:?}"))

@@ -4,7 +4,8 @@ use std::sync::{Arc, Mutex};
 
 use aya::maps::{MapData, RingBuf};
 use monitor_common::heap::HeapEvent;
-use monitor_common::{TaskEvent, TaskEventKind};
+use monitor_common::{ExecEvent, TaskEvent, TaskEventKind};
+use tokio::sync::mpsc::UnboundedSender;
 
 use crate::bpf::ring::{RingReader, decode};
 use crate::state::attribution::claim_task_cells;
@@ -36,18 +37,32 @@ pub struct HeapStream {
     pub ledger: Arc<Mutex<HeapLedger>>,
 }
 
+/// Execs, as the kernel reports them: read by the drain in order with the task events, and
+/// passed on to whoever follows processes (`Session`).
+pub struct ExecStream {
+    pub ring: RingBuf<MapData>,
+    pub notify: UnboundedSender<u32>,
+}
+
 /// Applies every task (and heap) event to its ledger until a ring's fd fails.
 ///
 /// Tasks are drained first on every wakeup: a task's spawn event is written before any of
 /// its allocations can happen, so draining the task ring first means an allocation's task
 /// id always finds its spawn site. Locks tasks before heap, the order every reader of both
 /// uses.
+///
+/// An exec ends its process's old program: its events stop counting for that program at
+/// the exec, and what the new program does is held until the daemon registers it (see
+/// [`apply_in_order`]).
 pub async fn drain(
     task_ring: RingBuf<MapData>,
     tasks: Arc<Mutex<TaskLedger>>,
     heap: Option<HeapStream>,
+    execs: ExecStream,
 ) -> std::io::Result<()> {
     let mut task_reader = RingReader::new(task_ring)?;
+    let mut exec_reader = RingReader::new(execs.ring)?;
+    let notify = execs.notify;
     let (mut heap_reader, heap_ledger) = match heap {
         Some(h) => (Some(RingReader::new(h.ring)?), Some(h.ledger)),
         None => (None, None),
@@ -56,30 +71,38 @@ pub async fn drain(
     loop {
         tokio::select! {
             ready = task_reader.readable() => ready?,
+            ready = exec_reader.readable() => ready?,
             ready = async { heap_reader.as_mut().expect("guarded").readable().await },
                 if heap_reader.is_some() => ready?,
             _ = tick.tick() => {}
         }
         let mut tasks = tasks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rings = TaskRings {
+            tasks: task_reader.ring(),
+            execs: exec_reader.ring(),
+            notify: &notify,
+        };
         match (&mut heap_reader, &heap_ledger) {
             (Some(heap_reader), Some(heap)) => {
                 let mut heap = heap.lock().unwrap_or_else(|e| e.into_inner());
-                drain_both(
-                    task_reader.ring(),
-                    heap_reader.ring(),
-                    &mut tasks,
-                    &mut heap,
-                );
+                drain_both(&mut rings, heap_reader.ring(), &mut tasks, &mut heap);
             }
             _ => {
-                drain_tasks(task_reader.ring(), &mut tasks, |_, _| {});
+                drain_tasks(&mut rings, &mut tasks, |_, _| {});
             }
         }
     }
 }
 
+/// The task ring and the exec ring, drained together.
+struct TaskRings<'a> {
+    tasks: &'a mut RingBuf<MapData>,
+    execs: &'a mut RingBuf<MapData>,
+    notify: &'a UnboundedSender<u32>,
+}
+
 fn drain_both(
-    task_ring: &mut RingBuf<MapData>,
+    task_ring: &mut TaskRings<'_>,
     heap_ring: &mut RingBuf<MapData>,
     tasks: &mut TaskLedger,
     heap: &mut HeapLedger,
@@ -103,37 +126,125 @@ fn drain_both(
 
 /// [`drain_tasks`], then the cells of the tasks just spawned (see
 /// `state::attribution::claim_task_cells`).
-fn drain_tasks_for_heap(
-    ring: &mut RingBuf<MapData>,
-    tasks: &mut TaskLedger,
-    heap: &mut HeapLedger,
-) {
+fn drain_tasks_for_heap(ring: &mut TaskRings<'_>, tasks: &mut TaskLedger, heap: &mut HeapLedger) {
     let mut spawned = Vec::new();
     drain_tasks(ring, tasks, |pid, header| spawned.push((pid, header)));
     claim_task_cells(tasks, heap, &spawned);
 }
 
-/// Applies every waiting task event, calling `on_spawn(pid, header)` after each spawn.
-fn drain_tasks(
-    ring: &mut RingBuf<MapData>,
-    tasks: &mut TaskLedger,
-    mut on_spawn: impl FnMut(u32, u64),
-) {
-    while let Some(record) = ring.next() {
+/// Applies every waiting task event, calling `on_spawn(pid, header)` after each spawn, with
+/// the execs in their place among them.
+fn drain_tasks(rings: &mut TaskRings<'_>, tasks: &mut TaskLedger, on_spawn: impl FnMut(u32, u64)) {
+    let mut events = Vec::new();
+    while let Some(record) = rings.tasks.next() {
         match decode::<TaskEvent>(&record) {
-            Some(event) if silenced_pid() == Some(event.pid) => {
-                tasks.stream.receive(event.cpu, event.seq);
-            }
-            Some(event) => {
-                tasks.apply(&event);
-                if matches!(
-                    TaskEventKind::from_u32(event.kind),
-                    Some(TaskEventKind::Spawn | TaskEventKind::FirstPoll)
-                ) {
-                    on_spawn(event.pid, event.header);
-                }
-            }
+            Some(event) => events.push(event),
             None => tasks.stream.ignore(1),
         }
+    }
+    // Read after the task ring: an exec is written before its new program runs, so the
+    // exec behind any task event read above is already in its ring.
+    let mut execs = Vec::new();
+    while let Some(record) = rings.execs.next() {
+        if let Some(exec) = decode::<ExecEvent>(&record) {
+            execs.push(exec);
+        }
+    }
+    apply_in_order(&events, &execs, tasks, on_spawn, |pid| {
+        // The receiver is gone only when the session is: nothing to tell then.
+        let _ = rings.notify.send(pid);
+    });
+}
+
+/// Applies `events` with `execs` (each in kernel order) interleaved by time. At an exec the
+/// process's old program ends: it is dropped from the ledger before the first event that
+/// follows the exec, so what the new program does (its startup tasks, before the daemon has
+/// even looked at it) is held for it as for any process not registered yet, never counted
+/// under the old program. `exec_seen(pid)` is called for every exec.
+fn apply_in_order(
+    events: &[TaskEvent],
+    execs: &[ExecEvent],
+    tasks: &mut TaskLedger,
+    mut on_spawn: impl FnMut(u32, u64),
+    mut exec_seen: impl FnMut(u32),
+) {
+    let mut execs = execs.iter().peekable();
+    for event in events {
+        while let Some(exec) = execs.next_if(|exec| exec.ktime_ns <= event.ktime_ns) {
+            tasks.remove_process(exec.pid);
+            exec_seen(exec.pid);
+        }
+        if silenced_pid() == Some(event.pid) {
+            tasks.stream.receive(event.cpu, event.seq);
+            continue;
+        }
+        tasks.apply(event);
+        if matches!(
+            TaskEventKind::from_u32(event.kind),
+            Some(TaskEventKind::Spawn | TaskEventKind::FirstPoll)
+        ) {
+            on_spawn(event.pid, event.header);
+        }
+    }
+    for exec in execs {
+        tasks.remove_process(exec.pid);
+        exec_seen(exec.pid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::discovery::TargetImage;
+    use crate::state::tasks::ProcessTasks;
+
+    fn spawn(ktime_ns: u64, seq: u64) -> TaskEvent {
+        TaskEvent {
+            ktime_ns,
+            seq,
+            header: 0x1000 * seq,
+            vtable: 0x40,
+            pid: 7,
+            tid: 7,
+            cpu: 0,
+            kind: TaskEventKind::Spawn as u32,
+            task_id: seq,
+        }
+    }
+
+    fn process() -> ProcessTasks {
+        ProcessTasks::new(7, "app".into(), Arc::new(TargetImage::default()), 0)
+    }
+
+    /// What a program does after its process execs another is held for the new program,
+    /// never counted under the old one, even when both arrive in one batch.
+    #[test]
+    fn an_exec_ends_the_old_programs_count_before_the_new_programs_events() {
+        let mut tasks = TaskLedger::new();
+        tasks.add_process(process());
+        let exec = ExecEvent {
+            ktime_ns: 20,
+            pid: 7,
+            _pad: 0,
+        };
+        let mut seen = Vec::new();
+        apply_in_order(
+            &[spawn(10, 1), spawn(30, 2), spawn(40, 3)],
+            &[exec],
+            &mut tasks,
+            |_, _| {},
+            |pid| seen.push(pid),
+        );
+        assert_eq!(seen, [7]);
+        assert!(
+            tasks.process(7).is_none(),
+            "the old program's state is gone"
+        );
+        // Registered again (the new program): the two spawns after the exec are its own.
+        tasks.add_process(process());
+        let spawned: u64 = tasks.snapshot(50).iter().map(|row| row.spawned).sum();
+        assert_eq!(spawned, 2);
     }
 }

@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use log::warn;
-use monitor_common::ExecEvent;
 use tokio::task::JoinHandle;
 
 use super::DaemonConfig;
@@ -23,13 +22,13 @@ use crate::analysis::Analyzer;
 use crate::bpf::counters::ProbeStats;
 use crate::bpf::loader::{HeapMaps, Probes};
 use crate::bpf::preflight;
-use crate::bpf::ring::{RingReader, decode};
 use crate::discovery;
 use crate::export::Sources;
 use crate::state::heap::HeapLedger;
 use crate::state::tasks::TaskLedger;
 use crate::targets::procfs;
 use crate::targets::{ExeTargets, HostScan, HostScanStats};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 /// How often a process seen at exec is checked for its dynamic loader being done.
 const FRESH_POLL: std::time::Duration = std::time::Duration::from_millis(10);
@@ -41,9 +40,9 @@ pub struct Session {
     sources: Sources,
     analysis: Arc<Mutex<Analyzer>>,
     drain: JoinHandle<std::io::Result<()>>,
-    /// Every exec on the host, as the kernel reports it; `None` once its fd failed (the
-    /// periodic scans still find new processes then).
-    execs: Option<RingReader>,
+    /// Every exec on the host, as the kernel reports it, passed on by the drain (which
+    /// reads them in order with the task events).
+    execs: UnboundedReceiver<u32>,
     started: Instant,
     silence: silence::SilenceWatch,
 }
@@ -93,7 +92,11 @@ impl Session {
         })?;
         let ring = probes.take_events()?;
         probes.watch_execs()?;
-        let execs = RingReader::new(probes.take_exec_events()?)?;
+        let (exec_notify, execs) = tokio::sync::mpsc::unbounded_channel();
+        let exec_stream = drain::ExecStream {
+            ring: probes.take_exec_events()?,
+            notify: exec_notify,
+        };
         let kernel = Arc::new(probes.take_counters()?);
         let ledger = Arc::new(Mutex::new(TaskLedger::new()));
         let heap = match config.heap {
@@ -109,7 +112,7 @@ impl Session {
         let heap_tracker = heap
             .as_ref()
             .map(|h| HeapTracker::new(h.ledger.clone(), config.heap));
-        let drain = tokio::spawn(drain::drain(ring, ledger.clone(), heap));
+        let drain = tokio::spawn(drain::drain(ring, ledger.clone(), heap, exec_stream));
         let heap_ledger = heap_tracker.as_ref().map(|h| h.ledger.clone());
         let probe_stats = if config.probe_stats {
             Some(Arc::new(ProbeStats::enable(&probes)?))
@@ -157,7 +160,7 @@ impl Session {
             sources,
             analysis,
             drain,
-            execs: Some(execs),
+            execs,
             started: Instant::now(),
             silence: silence::SilenceWatch::default(),
         })
@@ -188,12 +191,10 @@ impl Session {
         rescan: &mut tokio::time::Interval,
     ) -> Result<(), String> {
         let fresh = self.has_fresh();
-        let execs = self.execs.as_mut().map(|reader| reader.readable());
+
         tokio::select! {
             _ = rescan.tick() => self.rescan(),
-            ready = async { execs.expect("guarded").await }, if execs.is_some() => {
-                self.take_execs(ready);
-            }
+            Some(pid) = self.execs.recv() => self.take_execs(pid),
             () = tokio::time::sleep(FRESH_POLL), if fresh => self.attach_fresh(),
             result = &mut self.drain => {
                 return Err(match result {
@@ -206,23 +207,10 @@ impl Session {
         Ok(())
     }
 
-    /// Takes in the execs the kernel reported (`ready`: the exec ring's readiness).
-    fn take_execs(&mut self, ready: std::io::Result<()>) {
-        let Some(reader) = &mut self.execs else {
-            return;
-        };
-        if let Err(err) = ready {
-            warn!("the exec ring failed ({err}); new processes are found by the periodic scan");
-            self.execs = None;
-            return;
-        }
-        let mut pids = Vec::new();
-        while let Some(record) = reader.ring().next() {
-            if let Some(event) = decode::<ExecEvent>(&record) {
-                pids.push(event.pid);
-            }
-        }
-        for pid in pids {
+    /// Takes in the exec of `pid` and every other one waiting.
+    fn take_execs(&mut self, pid: u32) {
+        self.registry.exec_seen(pid);
+        while let Ok(pid) = self.execs.try_recv() {
             self.registry.exec_seen(pid);
         }
         self.attach_fresh();
