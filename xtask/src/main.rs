@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_host;
+mod bench_tools;
 mod demo;
 mod util;
 
@@ -26,7 +27,12 @@ enum Task {
     /// Install what building and testing leakscope needs: nightly rust-src, bpf-linker,
     /// the Debian packages the tests drive (prometheus, tmux, systemd-analyze),
     /// kubernetes-validate and checkov (pip). Idempotent.
-    Setup,
+    Setup {
+        /// Also what `bench --http` drives: wrk, bcc's memleak (bpfcc-tools) and the kernel
+        /// headers memleak compiles against (Debian's closest, linked under /lib/modules).
+        #[arg(long)]
+        bench: bool,
+    },
     /// Build the fixture programs (release profile) the tests and the demo run.
     Fixtures,
     /// fmt check, clippy, unit and eBPF integration tests (what CI runs).
@@ -55,7 +61,19 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Task::Setup => setup(),
+        Task::Setup { bench } => {
+            setup()?;
+            if bench {
+                match bench_tools::setup_bench()? {
+                    Ok(headers) => eprintln!("xtask: {headers}"),
+                    Err(reason) => eprintln!(
+                        "xtask: memleak cannot run here, `bench --http` will leave its column \
+                         empty: {reason}"
+                    ),
+                }
+            }
+            Ok(())
+        }
         Task::Fixtures => {
             setup()?;
             fixtures()
@@ -166,7 +184,7 @@ const DEBIAN_TOOLS: [(&str, &str); 4] = [
     ("systemd-analyze", "systemd"),
 ];
 
-fn on_path(command: &str) -> bool {
+pub fn on_path(command: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(command).is_file()))
 }
