@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_host;
+mod bench_http;
 mod bench_tools;
 mod demo;
 mod util;
@@ -44,12 +45,21 @@ enum Task {
     /// Overhead of the hooks: task and heap microbenchmarks, baseline vs monitored, side by
     /// side.
     Bench {
-        /// Alternating rounds per comparison; the report gives medians.
-        #[arg(long, default_value_t = 5)]
-        rounds: usize,
-        /// Only host-wide mode at scale: 50 services found, attached and held in memory.
+        /// Alternating rounds per comparison; the report gives medians (default 5, with
+        /// `--http` 3).
         #[arg(long)]
+        rounds: Option<usize>,
+        /// Only host-wide mode at scale: 50 services found, attached and held in memory.
+        #[arg(long, conflicts_with = "http")]
         host: bool,
+        /// Only the HTTP benchmark: the axum fixture under wrk, unmonitored and under each
+        /// monitor (task hooks, heap exact/sampled, bcc memleak); writes
+        /// target/bench/summary.{json,md,svg}.
+        #[arg(long)]
+        http: bool,
+        /// With --http: one round of 5 s runs (about 5 minutes) instead of 10 s runs.
+        #[arg(long, requires = "http")]
+        quick: bool,
     },
     /// Run a leaky fixture under load with leakscope attached and show the suspects.
     Demo {
@@ -84,14 +94,25 @@ fn main() -> anyhow::Result<()> {
             fixtures()?;
             demo::demo(seconds)
         }
-        Task::Bench { rounds, host } => {
+        Task::Bench {
+            rounds,
+            host,
+            http,
+            quick,
+        } => {
             setup()?;
             fixtures()?;
+            if http {
+                return bench_http::http_bench(bench_http::Options {
+                    quick,
+                    rounds: rounds.unwrap_or(3),
+                });
+            }
             if host {
                 run(cargo().args(["build", "--release", "-p", "monitor"]))?;
                 return bench_host::host_bench(&workspace_root().join("target/release/leakscope"));
             }
-            bench::bench(rounds.max(1))
+            bench::bench(rounds.unwrap_or(5).max(1))
         }
     }
 }
@@ -125,7 +146,7 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace_root());
     cmd
