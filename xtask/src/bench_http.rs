@@ -3,6 +3,8 @@
 //! task, one allocating like a JSON handler) to `wrk` over loopback, with keep-alive and with
 //! a connection per request, unmonitored and under each monitor: leakscope's task hooks,
 //! `--heap exact`, `--heap sampled`, and bcc's `memleak -p` for comparison.
+//! A second unmonitored service is measured like the others: its ratio to the first is the
+//! noise of the run.
 //!
 //! The service and the monitor share CPU 0 and wrk has CPU 1, so the monitor's own work is
 //! paid from the service's core, as on a busy host. Each round starts a fresh service per
@@ -78,6 +80,9 @@ impl Conn {
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Config {
     Baseline,
+    /// A second unmonitored service, measured like the others: its ratio to the baseline is
+    /// the noise of the run (an A/A comparison).
+    Control,
     Tasks,
     Heap,
     HeapSampled,
@@ -85,8 +90,9 @@ enum Config {
 }
 
 impl Config {
-    const ALL: [Config; 5] = [
+    const ALL: [Config; 6] = [
         Config::Baseline,
+        Config::Control,
         Config::Tasks,
         Config::Heap,
         Config::HeapSampled,
@@ -96,6 +102,7 @@ impl Config {
     fn key(self) -> &'static str {
         match self {
             Config::Baseline => "baseline",
+            Config::Control => "baseline_repeat",
             Config::Tasks => "tasks",
             Config::Heap => "heap",
             Config::HeapSampled => "heap_sampled",
@@ -105,6 +112,7 @@ impl Config {
     fn label(self) -> &'static str {
         match self {
             Config::Baseline => "baseline",
+            Config::Control => "2nd unmonitored",
             Config::Tasks => "task hooks",
             Config::Heap => "--heap exact",
             Config::HeapSampled => "--heap sampled",
@@ -117,7 +125,7 @@ impl Config {
             Config::Tasks => Some(&[]),
             Config::Heap => Some(&["--heap", "exact"]),
             Config::HeapSampled => Some(&["--heap", "sampled"]),
-            Config::Baseline | Config::Memleak => None,
+            Config::Baseline | Config::Control | Config::Memleak => None,
         }
     }
 }
@@ -370,7 +378,7 @@ impl Bench {
             .context("starting the axum fixture on CPU 0")?;
         let pid = service.pid();
         let monitor = match config {
-            Config::Baseline => Monitor::None,
+            Config::Baseline | Config::Control => Monitor::None,
             Config::Memleak => Monitor::Memleak {
                 process: start_memleak(&self.out, pid)?,
             },
@@ -633,6 +641,15 @@ struct Summary {
 }
 
 /// The configurations compared with the baseline, in column order.
+const COMPARED: [Config; 5] = [
+    Config::Control,
+    Config::Tasks,
+    Config::Heap,
+    Config::HeapSampled,
+    Config::Memleak,
+];
+
+/// The configurations with a monitor.
 const MONITORED: [Config; 4] = [
     Config::Tasks,
     Config::Heap,
@@ -649,7 +666,7 @@ impl Summary {
 
     fn ratios(&self, route: usize, conn: Conn) -> Value {
         let mut ratios = serde_json::Map::new();
-        for config in MONITORED {
+        for config in COMPARED {
             ratios.insert(
                 config.key().into(),
                 ratio(&self.results, config, route, conn)
@@ -763,7 +780,7 @@ impl Summary {
                     .map(|run| run.errors)
                     .sum();
                 // Each round's own ratio, for the spread behind the medians.
-                let per_round: serde_json::Map<String, Value> = MONITORED
+                let per_round: serde_json::Map<String, Value> = COMPARED
                     .iter()
                     .map(|c| {
                         let ratios: Vec<Value> =
@@ -843,20 +860,21 @@ impl Summary {
             self.wall_seconds
         ));
         md.push_str(
-            "| route | connections | baseline req/s | task hooks | `--heap exact` | \
-             `--heap sampled` | heap adaptive | task census | bcc `memleak -p` |\n\
-             |---|---|---|---|---|---|---|---|---|\n",
+            "| route | connections | baseline req/s | 2nd unmonitored copy (noise) | task hooks | \
+             `--heap exact` | `--heap sampled` | heap adaptive | task census | bcc `memleak -p` |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n",
         );
         for (index, route) in ROUTES.iter().enumerate() {
             for conn in Conn::ALL {
                 let r = |c| cell(ratio(&self.results, c, index, conn));
                 md.push_str(&format!(
-                    "| `{}` ({}) | {} | {} | {} | {} | {} | n/a | n/a | {} |\n",
+                    "| `{}` ({}) | {} | {} | {} | {} | {} | {} | n/a | n/a | {} |\n",
                     route.path,
                     route.what,
                     conn.label(),
                     median_rps(&self.results, Config::Baseline, index, conn)
                         .map_or("–".into(), |x| format!("{x:.0}")),
+                    r(Config::Control),
                     r(Config::Tasks),
                     r(Config::Heap),
                     r(Config::HeapSampled),
@@ -879,7 +897,9 @@ impl Summary {
             ));
         }
         md.push_str(&format!(
-            "\nCPU per event: the monitor's utime+stime (/proc, 10 ms ticks) over all runs, \
+            "\n2nd unmonitored copy: another service without a monitor, measured like the \
+             others; its distance from 1.00 is the noise of this run. \
+             CPU per event: the monitor's utime+stime (/proc, 10 ms ticks) over all runs, \
              divided by `leakscope_events_total` + `leakscope_heap_events_total` over them. \
              memleak: {}. {}\n",
             self.memleak_note,
@@ -897,6 +917,7 @@ impl Summary {
         use plotters::prelude::*;
         let groups: Vec<(usize, Conn)> = Self::all_runs();
         let colors = [
+            RGBColor(0x99, 0x99, 0x99),
             RGBColor(0x1f, 0x77, 0xb4),
             RGBColor(0xff, 0x7f, 0x0e),
             RGBColor(0x2c, 0xa0, 0x2c),
@@ -940,8 +961,8 @@ impl Summary {
                 Text::new(conn.label().to_string(), (x, 1.25), label_style.clone()),
             ])?;
         }
-        let width = 0.8 / MONITORED.len() as f64;
-        for (i, config) in MONITORED.iter().enumerate() {
+        let width = 0.8 / COMPARED.len() as f64;
+        for (i, config) in COMPARED.iter().enumerate() {
             let color = colors[i];
             let bars: Vec<(f64, f64)> = groups
                 .iter()
@@ -1045,10 +1066,11 @@ Transfer/sec:     20.00KB
         let json = summary.json();
         assert_eq!(json["ratios"]["heap_adaptive"], Value::Null);
         assert_eq!(json["ratios"]["memleak"], Value::Null);
-        assert_eq!(json["ratios"]["tasks"], json!(0.5));
+        assert_eq!(json["ratios"]["baseline_repeat"], json!(0.5));
+        assert_eq!(json["ratios"]["tasks"], json!(0.333));
         assert_eq!(
             json["routes"]["json"]["close"]["ratios"]["heap"],
-            json!(0.333)
+            json!(0.25)
         );
         assert_eq!(json["daemon"]["tasks"]["cpu_ns_per_event"], json!(500.0));
         assert!(summary.markdown().contains("| `/json`"));
