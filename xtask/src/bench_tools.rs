@@ -103,7 +103,12 @@ fn closest_headers(search: &str, flavour: &str, running: &str) -> Option<String>
 pub fn kernel_headers() -> anyhow::Result<String> {
     let release = kernel_release();
     let modules = PathBuf::from("/lib/modules").join(&release);
-    if modules.join("build/include/linux").is_dir() {
+    // Debian splits headers: the flavour's `build` has the config and generated files, the
+    // `-common` tree (`source`) has `include/linux`.
+    let present = modules.join("build/Makefile").is_file()
+        && (modules.join("build/include/linux").is_dir()
+            || modules.join("source/include/linux").is_dir());
+    if present {
         return Ok(format!(
             "kernel headers: {} (present)",
             std::fs::canonicalize(modules.join("build"))
