@@ -160,7 +160,7 @@ struct Profile {
 }
 
 /// User + system CPU time of process `pid` so far, from `/proc/PID/stat`.
-fn process_cpu_ns(pid: u32) -> anyhow::Result<u64> {
+pub fn process_cpu_ns(pid: u32) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command (which may hold spaces) start with the state, field 3;
     // utime and stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).

@@ -15,7 +15,7 @@ use crate::workspace_root;
 const SERVICES: usize = 50;
 
 /// Resident memory of process `pid`, in MiB.
-fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+pub fn rss_mib(pid: u32) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()

@@ -5,6 +5,8 @@
 
 mod bench;
 mod bench_host;
+mod bench_http;
+mod bench_tools;
 mod demo;
 mod fuzz;
 mod soak;
@@ -28,7 +30,12 @@ enum Task {
     /// Install what building and testing leakscope needs: nightly rust-src, bpf-linker,
     /// cargo-fuzz, the Debian packages the tests drive (prometheus, tmux, systemd-analyze,
     /// bpftool), kubernetes-validate and checkov (pip). Idempotent.
-    Setup,
+    Setup {
+        /// Also what `bench --http` drives: wrk, bcc's memleak (bpfcc-tools) and the kernel
+        /// headers memleak compiles against (Debian's closest, linked under /lib/modules).
+        #[arg(long)]
+        bench: bool,
+    },
     /// Build the fixture programs (release profile) the tests and the demo run.
     Fixtures,
     /// fmt check, clippy, unit and eBPF integration tests, then each fuzz target for 20 s
@@ -56,12 +63,21 @@ enum Task {
     /// Overhead of the hooks: task and heap microbenchmarks, baseline vs monitored, side by
     /// side.
     Bench {
-        /// Alternating rounds per comparison; the report gives medians.
-        #[arg(long, default_value_t = 5)]
-        rounds: usize,
-        /// Only host-wide mode at scale: 50 services found, attached and held in memory.
+        /// Alternating rounds per comparison; the report gives medians (default 5, with
+        /// `--http` 3).
         #[arg(long)]
+        rounds: Option<usize>,
+        /// Only host-wide mode at scale: 50 services found, attached and held in memory.
+        #[arg(long, conflicts_with = "http")]
         host: bool,
+        /// Only the HTTP benchmark: the axum fixture under wrk, unmonitored and under each
+        /// monitor (task hooks, heap exact/sampled, bcc memleak); writes
+        /// target/bench/summary.{json,md,svg}.
+        #[arg(long)]
+        http: bool,
+        /// With --http: one round of 5 s runs (about 5 minutes) instead of 10 s runs.
+        #[arg(long, requires = "http")]
+        quick: bool,
     },
     /// Run a leaky fixture under load with leakscope attached and show the suspects.
     Demo {
@@ -84,7 +100,19 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Task::Setup => setup(),
+        Task::Setup { bench } => {
+            setup()?;
+            if bench {
+                match bench_tools::setup_bench()? {
+                    Ok(headers) => eprintln!("xtask: {headers}"),
+                    Err(reason) => eprintln!(
+                        "xtask: memleak cannot run here, `bench --http` will leave its column \
+                         empty: {reason}"
+                    ),
+                }
+            }
+            Ok(())
+        }
         Task::Fixtures => {
             setup()?;
             fixtures()
@@ -119,14 +147,25 @@ fn main() -> anyhow::Result<()> {
             };
             soak::soak(minutes, build)
         }
-        Task::Bench { rounds, host } => {
+        Task::Bench {
+            rounds,
+            host,
+            http,
+            quick,
+        } => {
             setup()?;
             fixtures()?;
+            if http {
+                return bench_http::http_bench(bench_http::Options {
+                    quick,
+                    rounds: rounds.unwrap_or(3),
+                });
+            }
             if host {
                 run(cargo().args(["build", "--release", "-p", "monitor"]))?;
                 return bench_host::host_bench(&workspace_root().join("target/release/leakscope"));
             }
-            bench::bench(rounds.max(1))
+            bench::bench(rounds.unwrap_or(5).max(1))
         }
     }
 }
@@ -160,7 +199,7 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace_root());
     cmd
@@ -221,7 +260,7 @@ const DEBIAN_TOOLS: [(&str, &str); 5] = [
     ("bpftool", "bpftool"),
 ];
 
-fn on_path(command: &str) -> bool {
+pub fn on_path(command: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(command).is_file()))
 }

@@ -1,0 +1,1086 @@
+//! `cargo xtask bench --http [--quick]`: what leakscope costs an HTTP service, as an operator
+//! would measure it. The axum fixture serves three routes (a cheap one, one spawning a short
+//! task, one allocating like a JSON handler) to `wrk` over loopback, with keep-alive and with
+//! a connection per request, unmonitored and under each monitor: leakscope's task hooks,
+//! `--heap exact`, `--heap sampled`, and bcc's `memleak -p` for comparison.
+//! A second unmonitored service is measured like the others: its ratio to the first is the
+//! noise of the run.
+//!
+//! The service and the monitor share CPU 0 and wrk has CPU 1, so the monitor's own work is
+//! paid from the service's core, as on a busy host. Each round starts a fresh service per
+//! configuration, all at once, and measures each route and connection mode under every
+//! configuration back to back, rotating which goes first, so drift from other work on the
+//! machine hits all alike. The report gives medians of requests per second and their ratio
+//! to the unmonitored service in the same run, the daemon's CPU per event and its resident
+//! memory. Numbers are printed and written to `target/bench/summary.{json,md,svg}`;
+//! nothing asserts on them.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail};
+use leakscope_testkit::{
+    DaemonLog, Proc, poll, start_daemon_logging, start_fixture, wait_attached,
+};
+use serde_json::{Value, json};
+
+use crate::bench::process_cpu_ns;
+use crate::bench_host::rss_mib;
+use crate::util::{Client, metric};
+use crate::workspace_root;
+
+/// A route of the axum fixture and what it does per request.
+struct Route {
+    key: &'static str,
+    path: &'static str,
+    what: &'static str,
+}
+
+const ROUTES: [Route; 3] = [
+    Route {
+        key: "hello",
+        path: "/healthz",
+        what: "no task, no allocation of its own",
+    },
+    Route {
+        key: "spawn",
+        path: "/ok/awaited",
+        what: "spawns a short task and awaits it",
+    },
+    Route {
+        key: "json",
+        path: "/json",
+        what: "about 50 allocations, serialized as JSON",
+    },
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Conn {
+    KeepAlive,
+    Close,
+}
+
+impl Conn {
+    const ALL: [Conn; 2] = [Conn::KeepAlive, Conn::Close];
+    fn key(self) -> &'static str {
+        match self {
+            Conn::KeepAlive => "keep_alive",
+            Conn::Close => "close",
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Conn::KeepAlive => "keep-alive",
+            Conn::Close => "connection per request",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Config {
+    Baseline,
+    /// A second unmonitored service, measured like the others: its ratio to the baseline is
+    /// the noise of the run (an A/A comparison).
+    Control,
+    Tasks,
+    Heap,
+    HeapSampled,
+    Memleak,
+}
+
+impl Config {
+    const ALL: [Config; 6] = [
+        Config::Baseline,
+        Config::Control,
+        Config::Tasks,
+        Config::Heap,
+        Config::HeapSampled,
+        Config::Memleak,
+    ];
+    /// Its key in `summary.json`.
+    fn key(self) -> &'static str {
+        match self {
+            Config::Baseline => "baseline",
+            Config::Control => "baseline_repeat",
+            Config::Tasks => "tasks",
+            Config::Heap => "heap",
+            Config::HeapSampled => "heap_sampled",
+            Config::Memleak => "memleak",
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Config::Baseline => "baseline",
+            Config::Control => "2nd unmonitored",
+            Config::Tasks => "task hooks",
+            Config::Heap => "--heap exact",
+            Config::HeapSampled => "--heap sampled",
+            Config::Memleak => "bcc memleak -p",
+        }
+    }
+    /// `leakscope daemon --pid P` arguments, for leakscope's configurations.
+    fn daemon_args(self) -> Option<&'static [&'static str]> {
+        match self {
+            Config::Tasks => Some(&[]),
+            Config::Heap => Some(&["--heap", "exact"]),
+            Config::HeapSampled => Some(&["--heap", "sampled"]),
+            Config::Baseline | Config::Control | Config::Memleak => None,
+        }
+    }
+}
+
+/// Columns the report carries for modes that do not exist yet, always `null`.
+const NOT_BUILT: [(&str, &str, &str); 2] = [
+    (
+        "heap_adaptive",
+        "heap adaptive",
+        "not built yet: heap tracking that attaches for bounded windows when cheap signals \
+         (RSS, brk/mmap) call for it",
+    ),
+    (
+        "task_census",
+        "task census",
+        "not built yet: counting live tasks without per-spawn hooks",
+    ),
+];
+
+const WRK_THREADS: u32 = 1;
+const WRK_CONNECTIONS: u32 = 32;
+
+/// One wrk run as wrk reports it, and the monitor's work over it.
+#[derive(Clone, Default)]
+struct Run {
+    rps: f64,
+    p50_us: Option<f64>,
+    p99_us: Option<f64>,
+    /// Socket errors (connect, read, write, timeout) and responses other than 2xx/3xx.
+    errors: u64,
+    /// CPU time of the monitor process over the run.
+    monitor_cpu_ns: Option<u64>,
+    /// Events leakscope read over the run (`leakscope_events_total` +
+    /// `leakscope_heap_events_total`).
+    events: Option<u64>,
+}
+
+/// A monitor attached to the service.
+enum Monitor {
+    None,
+    Leakscope { daemon: Proc, client: Client },
+    Memleak { process: Proc },
+}
+
+impl Monitor {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Monitor::None => None,
+            Monitor::Leakscope { daemon, .. } => Some(daemon.pid()),
+            Monitor::Memleak { process } => Some(process.pid()),
+        }
+    }
+    fn events(&self) -> Option<u64> {
+        match self {
+            Monitor::Leakscope { client, .. } => Some(
+                (metric(client, "leakscope_events_total").unwrap_or(0.0)
+                    + metric(client, "leakscope_heap_events_total").unwrap_or(0.0))
+                    as u64,
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// Pins process `pid` and all its threads to CPU `cpu`; threads it starts later inherit it.
+fn pin(pid: u32, cpu: u32) -> anyhow::Result<()> {
+    crate::output(Command::new("taskset").args([
+        "--all-tasks",
+        "--cpu-list",
+        "--pid",
+        &cpu.to_string(),
+        &pid.to_string(),
+    ]))
+    .map(|_| ())
+    .with_context(|| format!("pinning pid {pid} to CPU {cpu} (taskset, util-linux)"))
+}
+
+/// The sitecustomize that makes Debian bookworm's bcc 0.26 attach uprobes on recent kernels.
+const BCC_SHIM: &str = r#"# Written by `cargo xtask bench --http` for memleak-bpfcc only (PYTHONPATH).
+# bcc 0.26's Python binding declares bpf_attach_uprobe with 6 of the C function's 7 arguments
+# (iovisor/bcc#5236): ref_ctr_offset is whatever a register holds, and kernel 6.18 rejects
+# it with EINVAL ("Failed to attach BPF to uprobe"). Pass 0, as C callers without USDT do.
+import ctypes as ct
+try:
+    from bcc import libbcc as _libbcc
+    _attach = _libbcc.lib.bpf_attach_uprobe
+    _attach.argtypes = [ct.c_int, ct.c_int, ct.c_char_p, ct.c_char_p, ct.c_ulonglong,
+                        ct.c_int, ct.c_uint32]
+    def _with_ref_ctr_offset(*args):
+        return _attach(*args, 0) if len(args) == 6 else _attach(*args)
+    _libbcc.lib.bpf_attach_uprobe = _with_ref_ctr_offset
+except Exception:
+    pass
+"#;
+
+/// Starts `memleak-bpfcc -p PID` (default 5 s report interval) and waits for its first report,
+/// which it prints once every probe is attached. Its BPF program is compiled at start, on
+/// both CPUs; it is pinned to CPU 0 once attached.
+fn start_memleak(out: &Path, pid: u32) -> anyhow::Result<Proc> {
+    let shim = out.join("bcc-shim");
+    std::fs::create_dir_all(&shim)?;
+    std::fs::write(shim.join("sitecustomize.py"), BCC_SHIM)?;
+    let log_path = out.join("memleak.log");
+    let log = File::create(&log_path)?;
+    let child = Command::new("memleak-bpfcc")
+        .args(["-p", &pid.to_string()])
+        .env("PYTHONPATH", &shim)
+        .env("PYTHONUNBUFFERED", "1")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting memleak-bpfcc (cargo xtask setup --bench installs it)")?;
+    let mut process = Proc {
+        child,
+        name: "memleak-bpfcc".into(),
+    };
+    let ready = poll(
+        "memleak's first report",
+        Duration::from_secs(240),
+        || -> Result<(), String> {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Some(status) = process.child.try_wait().map_err(|e| e.to_string())? {
+                return Err(format!("exited with {status}: {}", last_lines(&text)));
+            }
+            text.contains("Top 10 stacks")
+                .then_some(())
+                .ok_or_else(|| "no report yet".to_string())
+        },
+    );
+    if let Err(e) = ready {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        // A process that exited has said why; one still compiling has not.
+        let why = if process.child.try_wait()?.is_some() {
+            e
+        } else {
+            format!("{e} (log tail: {})", last_lines(&text))
+        };
+        bail!(
+            "memleak did not attach: {why} (full log: {})",
+            log_path.display()
+        );
+    }
+    pin(process.pid(), 0)?;
+    Ok(process)
+}
+
+/// The last meaningful lines of a log, without the compiler's warnings about kernel headers.
+fn last_lines(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty()
+                && !l.starts_with("In file included")
+                && !l.contains("warning:")
+                && !l.contains("note:")
+                && !l.starts_with('^')
+                && !l.starts_with('#')
+                && !l.starts_with("extern")
+                && !l.contains("#define")
+        })
+        .collect();
+    lines[lines.len().saturating_sub(3)..].join(" | ")
+}
+
+/// Parses wrk's durations: `123.45us`, `1.20ms`, `2.00s`, `1.00m`.
+fn wrk_duration_us(text: &str) -> Option<f64> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (value, unit) = text.split_at(split);
+    let value: f64 = value.parse().ok()?;
+    let scale = match unit {
+        "us" => 1.0,
+        "ms" => 1e3,
+        "s" => 1e6,
+        "m" => 60e6,
+        "h" => 3600e6,
+        _ => return None,
+    };
+    Some(value * scale)
+}
+
+/// Requests per second, latency percentiles and errors from wrk's `--latency` report.
+fn parse_wrk(out: &str) -> anyhow::Result<Run> {
+    let mut run = Run::default();
+    let mut rps = None;
+    for line in out.lines().map(str::trim) {
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            rps = v.trim().parse().ok();
+        } else if let Some(v) = line.strip_prefix("50%") {
+            run.p50_us = wrk_duration_us(v.trim());
+        } else if let Some(v) = line.strip_prefix("99%") {
+            run.p99_us = wrk_duration_us(v.trim());
+        } else if let Some(v) = line.strip_prefix("Socket errors:") {
+            run.errors += v
+                .split(',')
+                .filter_map(|kv| kv.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            run.errors += v.trim().parse::<u64>().unwrap_or(0);
+        }
+    }
+    run.rps = rps.with_context(|| format!("wrk printed no Requests/sec:\n{out}"))?;
+    Ok(run)
+}
+
+/// One wrk run on CPU 1 against `addr` + `path`.
+fn wrk(addr: std::net::SocketAddr, path: &str, conn: Conn, seconds: u64) -> anyhow::Result<Run> {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["--cpu-list", "1", "wrk"])
+        .arg(format!("--threads={WRK_THREADS}"))
+        .arg(format!("--connections={WRK_CONNECTIONS}"))
+        .arg(format!("--duration={seconds}s"))
+        .args(["--timeout=2s", "--latency"]);
+    if conn == Conn::Close {
+        cmd.args(["--header", "Connection: close"]);
+    }
+    cmd.arg(format!("http://{addr}{path}"));
+    parse_wrk(&crate::output(&mut cmd).context("running wrk (cargo xtask setup --bench)")?)
+}
+
+/// What one configuration measured in one round.
+struct ConfigRound {
+    runs: BTreeMap<(usize, Conn), Run>,
+    /// The monitor's resident memory after the last run.
+    monitor_rss_mib: Option<f64>,
+}
+
+struct Bench {
+    app: PathBuf,
+    leakscope: PathBuf,
+    out: PathBuf,
+    seconds: u64,
+}
+
+/// A service on CPU 0 with `config`'s monitor attached.
+struct Target {
+    config: Config,
+    addr: std::net::SocketAddr,
+    // Dropped in this order: the monitor first, then the service.
+    monitor: Monitor,
+    _service: Proc,
+}
+
+impl Bench {
+    /// Starts a fresh service on CPU 0, attaches `config`'s monitor and warms both up.
+    fn start(&self, config: Config) -> anyhow::Result<Target> {
+        let app = self.app.display().to_string();
+        let (service, addr) = start_fixture(Path::new("taskset"), &["--cpu-list", "0", &app])
+            .map_err(|e| anyhow!(e))
+            .context("starting the axum fixture on CPU 0")?;
+        let pid = service.pid();
+        let monitor = match config {
+            Config::Baseline | Config::Control => Monitor::None,
+            Config::Memleak => Monitor::Memleak {
+                process: start_memleak(&self.out, pid)?,
+            },
+            _ => {
+                let mut args = vec!["--pid".to_string(), pid.to_string()];
+                args.extend(
+                    config
+                        .daemon_args()
+                        .unwrap_or(&[])
+                        .iter()
+                        .map(|s| s.to_string()),
+                );
+                let log = File::create(self.out.join(format!("leakscope-{}.log", config.key())))?;
+                let (daemon, client) =
+                    start_daemon_logging(&self.leakscope, &args, DaemonLog::File(&log))
+                        .map_err(|e| anyhow!(e))?;
+                wait_attached(&client, pid).map_err(|e| anyhow!(e))?;
+                pin(daemon.pid(), 0)?;
+                Monitor::Leakscope { daemon, client }
+            }
+        };
+        // Warm up the service (and the monitor) on the cheap route; not measured.
+        wrk(addr, ROUTES[0].path, Conn::KeepAlive, 1)?;
+        Ok(Target {
+            config,
+            addr,
+            monitor,
+            _service: service,
+        })
+    }
+
+    /// One wrk run against `target`, with its monitor's CPU time and events over it.
+    fn measure(&self, target: &Target, route: &Route, conn: Conn) -> anyhow::Result<Run> {
+        let monitor = &target.monitor;
+        let cpu_before = monitor.pid().map(process_cpu_ns).transpose()?;
+        let events_before = monitor.events();
+        let mut run = wrk(target.addr, route.path, conn, self.seconds)?;
+        // Let the daemon read what the run left in the ring buffer.
+        if monitor.pid().is_some() {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        if let (Some(pid), Some(before)) = (monitor.pid(), cpu_before) {
+            run.monitor_cpu_ns = Some(process_cpu_ns(pid)?.saturating_sub(before));
+        }
+        if let (Some(after), Some(before)) = (monitor.events(), events_before) {
+            run.events = Some(after.saturating_sub(before));
+        }
+        eprintln!(
+            "  {:<12} {:<23} {:<15} {:>9.0} req/s{}{}",
+            route.path,
+            conn.label(),
+            target.config.label(),
+            run.rps,
+            run.events
+                .map(|e| format!(", {e} events"))
+                .unwrap_or_default(),
+            if run.errors > 0 {
+                format!(", {} errors", run.errors)
+            } else {
+                String::new()
+            }
+        );
+        Ok(run)
+    }
+}
+
+fn median(values: &[f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// All rounds' results, by configuration.
+type Results = BTreeMap<Config, Vec<ConfigRound>>;
+
+/// Median requests per second of `config` on a route and connection mode.
+fn median_rps(results: &Results, config: Config, route: usize, conn: Conn) -> Option<f64> {
+    let rps: Vec<f64> = results
+        .get(&config)?
+        .iter()
+        .filter_map(|r| r.runs.get(&(route, conn)).map(|run| run.rps))
+        .collect();
+    median(&rps)
+}
+
+fn ratio(results: &Results, config: Config, route: usize, conn: Conn) -> Option<f64> {
+    let base = median_rps(results, Config::Baseline, route, conn)?;
+    Some(median_rps(results, config, route, conn)? / base)
+}
+
+/// The monitor's CPU per event in a round: its CPU over all runs of the round divided by the
+/// events of all of them (clock ticks are 10 ms; the sum keeps that small).
+fn cpu_per_event_ns(round: &ConfigRound, runs: &[(usize, Conn)]) -> Option<f64> {
+    let (mut cpu, mut events) = (0u64, 0u64);
+    for key in runs {
+        let run = round.runs.get(key)?;
+        cpu += run.monitor_cpu_ns?;
+        events += run.events?;
+    }
+    (events > 0).then(|| cpu as f64 / events as f64)
+}
+
+fn opt(x: Option<f64>) -> Value {
+    x.map_or(Value::Null, |x| json!(round2(x)))
+}
+
+pub struct Options {
+    pub quick: bool,
+    pub rounds: usize,
+}
+
+pub fn http_bench(options: Options) -> anyhow::Result<()> {
+    let started = Instant::now();
+    if !crate::util::is_root() {
+        bail!("the HTTP benchmark loads eBPF programs: run it as root");
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        bail!(
+            "the HTTP benchmark pins the service to CPU 0 and wrk to CPU 1: it needs 2 CPUs, \
+             this machine has {cpus}"
+        );
+    }
+    let memleak_setup = crate::bench_tools::setup_bench()?;
+    let (rounds, seconds) = if options.quick {
+        (1, 5)
+    } else {
+        (options.rounds.max(1), 10)
+    };
+    crate::run(crate::cargo().args(["build", "--release", "-p", "monitor"]))?;
+    let root = workspace_root();
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    let bench = Bench {
+        app: crate::fixture_paths().axum_app,
+        leakscope: root.join("target/release/leakscope"),
+        out: out.clone(),
+        seconds,
+    };
+    let load_start = load_average();
+    let pinning = format!(
+        "service (axum-app, 2 tokio workers) and monitor (pinned once attached) on CPU 0; \
+         wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} on CPU 1 (taskset); loopback"
+    );
+    eprintln!(
+        "xtask: HTTP benchmark, {rounds} round(s) of {seconds} s per run; {pinning}; load \
+         average {load_start} on {cpus} CPUs"
+    );
+    let mut memleak_note = match &memleak_setup {
+        Ok(headers) => format!("{headers}; bcc 0.26 run with a shim for iovisor/bcc#5236"),
+        Err(reason) => format!("memleak cannot run here: {reason}"),
+    };
+    let mut memleak_ok = memleak_setup.is_ok();
+    let mut results: Results = BTreeMap::new();
+    let cells: Vec<(usize, Conn)> = Summary::all_runs();
+    for round in 0..rounds {
+        eprintln!(
+            "xtask: round {} of {rounds}: starting a service per configuration",
+            round + 1
+        );
+        // Every configuration's service is up at once (idle ones cost next to nothing), so
+        // each route is measured under all of them back to back: drift from other work on
+        // the machine hits them alike.
+        let mut targets = Vec::new();
+        for config in Config::ALL {
+            if config == Config::Memleak && !memleak_ok {
+                continue;
+            }
+            match bench.start(config) {
+                Ok(target) => targets.push(target),
+                Err(e) if config == Config::Memleak => {
+                    eprintln!("xtask: memleak left out: {e:#}");
+                    memleak_note = format!("memleak could not run on this kernel: {e:#}");
+                    memleak_ok = false;
+                }
+                Err(e) => return Err(e.context(format!("starting {}", config.label()))),
+            }
+        }
+        let mut measured: Vec<ConfigRound> = targets
+            .iter()
+            .map(|_| ConfigRound {
+                runs: BTreeMap::new(),
+                monitor_rss_mib: None,
+            })
+            .collect();
+        for (c, &(index, conn)) in cells.iter().enumerate() {
+            // Rotate which configuration goes first, cell by cell and round by round.
+            let n = targets.len();
+            for k in 0..n {
+                let t = (k + c + round * cells.len()) % n;
+                let run = bench.measure(&targets[t], &ROUTES[index], conn)?;
+                measured[t].runs.insert((index, conn), run);
+            }
+        }
+        for (target, m) in targets.iter().zip(&mut measured) {
+            m.monitor_rss_mib = target.monitor.pid().map(rss_mib).transpose()?;
+        }
+        for (target, m) in targets.into_iter().zip(measured) {
+            results.entry(target.config).or_default().push(m);
+        }
+    }
+    let load_end = load_average();
+    let summary = Summary {
+        results,
+        rounds,
+        seconds,
+        pinning,
+        load_start,
+        load_end,
+        cpus,
+        memleak_note,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        quick: options.quick,
+    };
+    let json = summary.json();
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_string_pretty(&json)? + "\n",
+    )?;
+    let markdown = summary.markdown();
+    std::fs::write(out.join("summary.md"), &markdown)?;
+    summary.svg(&out.join("summary.svg"))?;
+    println!("\n{markdown}");
+    println!(
+        "written: {} (.md, .svg); wall time {:.0} s",
+        out.join("summary.json").display(),
+        summary.wall_seconds
+    );
+    Ok(())
+}
+
+struct Summary {
+    results: Results,
+    rounds: usize,
+    seconds: u64,
+    pinning: String,
+    load_start: String,
+    load_end: String,
+    cpus: usize,
+    memleak_note: String,
+    wall_seconds: f64,
+    quick: bool,
+}
+
+/// The configurations compared with the baseline, in column order.
+const COMPARED: [Config; 5] = [
+    Config::Control,
+    Config::Tasks,
+    Config::Heap,
+    Config::HeapSampled,
+    Config::Memleak,
+];
+
+/// The configurations with a monitor.
+const MONITORED: [Config; 4] = [
+    Config::Tasks,
+    Config::Heap,
+    Config::HeapSampled,
+    Config::Memleak,
+];
+
+impl Summary {
+    fn all_runs() -> Vec<(usize, Conn)> {
+        (0..ROUTES.len())
+            .flat_map(|r| Conn::ALL.map(|c| (r, c)))
+            .collect()
+    }
+
+    fn ratios(&self, route: usize, conn: Conn) -> Value {
+        let mut ratios = serde_json::Map::new();
+        for config in COMPARED {
+            ratios.insert(
+                config.key().into(),
+                ratio(&self.results, config, route, conn)
+                    .map_or(Value::Null, |r| json!((r * 1000.0).round() / 1000.0)),
+            );
+        }
+        for (key, _, _) in NOT_BUILT {
+            ratios.insert(key.into(), Value::Null);
+        }
+        Value::Object(ratios)
+    }
+
+    fn rps(&self, route: usize, conn: Conn) -> Value {
+        let mut rps = serde_json::Map::new();
+        for config in Config::ALL {
+            rps.insert(
+                config.key().into(),
+                opt(median_rps(&self.results, config, route, conn).map(f64::round)),
+            );
+        }
+        for (key, _, _) in NOT_BUILT {
+            rps.insert(key.into(), Value::Null);
+        }
+        Value::Object(rps)
+    }
+
+    /// Per monitor: CPU per event, events and resident memory (medians over rounds).
+    fn daemon(&self) -> Value {
+        let runs = Self::all_runs();
+        let mut daemon = serde_json::Map::new();
+        for config in MONITORED {
+            let Some(rounds) = self.results.get(&config) else {
+                daemon.insert(config.key().into(), Value::Null);
+                continue;
+            };
+            let per_event: Vec<f64> = rounds
+                .iter()
+                .filter_map(|r| cpu_per_event_ns(r, &runs))
+                .collect();
+            let rss: Vec<f64> = rounds.iter().filter_map(|r| r.monitor_rss_mib).collect();
+            let cpu_share: Vec<f64> = rounds
+                .iter()
+                .map(|r| {
+                    let cpu: u64 = r.runs.values().filter_map(|run| run.monitor_cpu_ns).sum();
+                    cpu as f64 / (runs.len() as f64 * self.seconds as f64 * 1e9) * 100.0
+                })
+                .collect();
+            let events: Vec<f64> = rounds
+                .iter()
+                .map(|r| r.runs.values().filter_map(|run| run.events).sum::<u64>() as f64)
+                .collect();
+            let mut entry = json!({
+                "cpu_ns_per_event": opt(median(&per_event)),
+                "cpu_percent_of_a_core_under_load": opt(median(&cpu_share)),
+                "rss_mib_at_end": opt(median(&rss)),
+            });
+            if config != Config::Memleak {
+                entry["events_per_round"] = opt(median(&events));
+            }
+            daemon.insert(config.key().into(), entry);
+        }
+        Value::Object(daemon)
+    }
+
+    fn json(&self) -> Value {
+        let mut routes = serde_json::Map::new();
+        for (index, route) in ROUTES.iter().enumerate() {
+            let mut entry = serde_json::Map::new();
+            entry.insert("path".into(), json!(route.path));
+            entry.insert("what".into(), json!(route.what));
+            for conn in Conn::ALL {
+                let runs = [(index, conn)];
+                let per_event: serde_json::Map<String, Value> = MONITORED
+                    .iter()
+                    .filter(|c| **c != Config::Memleak)
+                    .map(|c| {
+                        let values: Vec<f64> = self
+                            .results
+                            .get(c)
+                            .map(|rounds| {
+                                rounds
+                                    .iter()
+                                    .filter_map(|r| cpu_per_event_ns(r, &runs))
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        (c.key().to_string(), opt(median(&values)))
+                    })
+                    .collect();
+                let p99: serde_json::Map<String, Value> = Config::ALL
+                    .iter()
+                    .map(|c| {
+                        let values: Vec<f64> = self
+                            .results
+                            .get(c)
+                            .map(|rounds| {
+                                rounds
+                                    .iter()
+                                    .filter_map(|r| r.runs.get(&(index, conn))?.p99_us)
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        (c.key().to_string(), opt(median(&values)))
+                    })
+                    .collect();
+                let errors: u64 = self
+                    .results
+                    .values()
+                    .flatten()
+                    .filter_map(|r| r.runs.get(&(index, conn)))
+                    .map(|run| run.errors)
+                    .sum();
+                // Each round's own ratio, for the spread behind the medians.
+                let per_round: serde_json::Map<String, Value> = COMPARED
+                    .iter()
+                    .map(|c| {
+                        let ratios: Vec<Value> =
+                            match (self.results.get(c), self.results.get(&Config::Baseline)) {
+                                (Some(m), Some(b)) => m
+                                    .iter()
+                                    .zip(b)
+                                    .filter_map(|(m, b)| {
+                                        let m = m.runs.get(&(index, conn))?.rps;
+                                        let b = b.runs.get(&(index, conn))?.rps;
+                                        Some(json!((m / b * 1000.0).round() / 1000.0))
+                                    })
+                                    .collect(),
+                                _ => Vec::new(),
+                            };
+                        (c.key().to_string(), Value::Array(ratios))
+                    })
+                    .collect();
+                entry.insert(
+                    conn.key().into(),
+                    json!({
+                        "ratios": self.ratios(index, conn),
+                        "ratios_per_round": per_round,
+                        "rps": self.rps(index, conn),
+                        "p99_latency_us": p99,
+                        "daemon_cpu_ns_per_event": per_event,
+                        "wrk_errors": errors,
+                    }),
+                );
+            }
+            routes.insert(route.key.into(), Value::Object(entry));
+        }
+        let not_built: serde_json::Map<String, Value> = NOT_BUILT
+            .iter()
+            .map(|(key, _, note)| (key.to_string(), json!(note)))
+            .collect();
+        json!({
+            "ratios": self.ratios(0, Conn::KeepAlive),
+            "rps": self.rps(0, Conn::KeepAlive),
+            "headline": format!("{} ({}), keep-alive: requests per second relative to the \
+                                 unmonitored service, medians", ROUTES[0].path, ROUTES[0].key),
+            "daemon": self.daemon(),
+            "routes": routes,
+            "memleak": {
+                "ran": self.results.contains_key(&Config::Memleak),
+                "note": self.memleak_note,
+            },
+            "not_built": not_built,
+            "setup": {
+                "quick": self.quick,
+                "rounds": self.rounds,
+                "seconds_per_run": self.seconds,
+                "pinning": self.pinning,
+                "cpus": self.cpus,
+                "kernel": crate::bench_tools::kernel_release(),
+                "load_average_start": self.load_start,
+                "load_average_end": self.load_end,
+                "wall_seconds": self.wall_seconds.round(),
+            },
+        })
+    }
+
+    fn markdown(&self) -> String {
+        let cell = |x: Option<f64>| x.map_or("–".to_string(), |x| format!("{x:.2}"));
+        let mut md = String::new();
+        md.push_str(&format!(
+            "Requests per second relative to the unmonitored service (median of {} round(s), \
+             {} s per run, {}). {}. Load average {} at the start, {} at the end ({} CPUs); \
+             wall time {:.0} s.\n\n",
+            self.rounds,
+            self.seconds,
+            if self.quick { "`--quick`" } else { "full" },
+            self.pinning,
+            self.load_start,
+            self.load_end,
+            self.cpus,
+            self.wall_seconds
+        ));
+        md.push_str(
+            "| route | connections | baseline req/s | 2nd unmonitored copy (noise) | task hooks | \
+             `--heap exact` | `--heap sampled` | heap adaptive | task census | bcc `memleak -p` |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for (index, route) in ROUTES.iter().enumerate() {
+            for conn in Conn::ALL {
+                let r = |c| cell(ratio(&self.results, c, index, conn));
+                md.push_str(&format!(
+                    "| `{}` ({}) | {} | {} | {} | {} | {} | {} | n/a | n/a | {} |\n",
+                    route.path,
+                    route.what,
+                    conn.label(),
+                    median_rps(&self.results, Config::Baseline, index, conn)
+                        .map_or("–".into(), |x| format!("{x:.0}")),
+                    r(Config::Control),
+                    r(Config::Tasks),
+                    r(Config::Heap),
+                    r(Config::HeapSampled),
+                    r(Config::Memleak),
+                ));
+            }
+        }
+        md.push_str("\n| monitor | CPU per event | CPU under load | resident memory at the end |\n|---|---|---|---|\n");
+        let daemon = self.daemon();
+        for config in MONITORED {
+            let d = &daemon[config.key()];
+            let field = |k: &str| d.get(k).and_then(Value::as_f64);
+            md.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                config.label(),
+                field("cpu_ns_per_event").map_or("–".into(), |x| format!("{x:.0} ns")),
+                field("cpu_percent_of_a_core_under_load")
+                    .map_or("–".into(), |x| format!("{x:.1} % of a core")),
+                field("rss_mib_at_end").map_or("–".into(), |x| format!("{x:.1} MiB")),
+            ));
+        }
+        md.push_str(&format!(
+            "\n2nd unmonitored copy: another service without a monitor, measured like the \
+             others; its distance from 1.00 is the noise of this run. \
+             CPU per event: the monitor's utime+stime (/proc, 10 ms ticks) over all runs, \
+             divided by `leakscope_events_total` + `leakscope_heap_events_total` over them. \
+             memleak: {}. {}\n",
+            self.memleak_note,
+            NOT_BUILT
+                .iter()
+                .map(|(_, label, note)| format!("{label}: {note}."))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
+        md
+    }
+
+    /// A grouped bar chart: per route and connection mode, each monitor's throughput ratio.
+    fn svg(&self, path: &Path) -> anyhow::Result<()> {
+        use plotters::prelude::*;
+        let groups: Vec<(usize, Conn)> = Self::all_runs();
+        let colors = [
+            RGBColor(0x99, 0x99, 0x99),
+            RGBColor(0x1f, 0x77, 0xb4),
+            RGBColor(0xff, 0x7f, 0x0e),
+            RGBColor(0x2c, 0xa0, 0x2c),
+            RGBColor(0xd6, 0x27, 0x28),
+        ];
+        let root = SVGBackend::new(path, (1000, 520)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "leakscope HTTP benchmark: requests/s relative to the unmonitored service",
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .y_label_area_size(50)
+            .x_label_area_size(10)
+            .build_cartesian_2d(0f64..groups.len() as f64, 0f64..1.7)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(0)
+            .y_desc("ratio to baseline")
+            .draw()?;
+        chart.draw_series(std::iter::once(PathElement::new(
+            vec![(0.0, 1.0), (groups.len() as f64, 1.0)],
+            BLACK.mix(0.4),
+        )))?;
+        let centered = plotters::style::text_anchor::Pos::new(
+            plotters::style::text_anchor::HPos::Center,
+            plotters::style::text_anchor::VPos::Center,
+        );
+        let label_style = TextStyle::from(("sans-serif", 12).into_font()).pos(centered);
+        let value_style = TextStyle::from(("sans-serif", 10).into_font()).pos(centered);
+        for (g, (route, conn)) in groups.iter().enumerate() {
+            let x = g as f64 + 0.5;
+            chart.draw_series([
+                Text::new(
+                    ROUTES[*route].path.to_string(),
+                    (x, 1.32),
+                    label_style.clone(),
+                ),
+                Text::new(conn.label().to_string(), (x, 1.25), label_style.clone()),
+            ])?;
+        }
+        let width = 0.8 / COMPARED.len() as f64;
+        for (i, config) in COMPARED.iter().enumerate() {
+            let color = colors[i];
+            let bars: Vec<(f64, f64)> = groups
+                .iter()
+                .enumerate()
+                .filter_map(|(g, (route, conn))| {
+                    let r = ratio(&self.results, *config, *route, *conn)?;
+                    Some((g as f64 + 0.1 + i as f64 * width, r))
+                })
+                .collect();
+            chart
+                .draw_series(bars.iter().map(|&(x, r)| {
+                    Rectangle::new([(x, 0.0), (x + width * 0.9, r.min(1.12))], color.filled())
+                }))?
+                .label(config.label())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
+                });
+            chart.draw_series(bars.iter().map(|&(x, r)| {
+                Text::new(
+                    format!("{r:.2}"),
+                    (x + width * 0.45, r.min(1.12) + 0.03),
+                    value_style.clone(),
+                )
+            }))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK.mix(0.3))
+            .draw()?;
+        root.present()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_wrk_reports() {
+        let out = "Running 5s test @ http://127.0.0.1:1/healthz
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   210.50us  100.00us   5.00ms   90.00%
+  Latency Distribution
+     50%  180.00us
+     75%  250.00us
+     90%  300.00us
+     99%    1.20ms
+  1000 requests in 5.00s, 100.00KB read
+  Socket errors: connect 0, read 3, write 0, timeout 2
+  Non-2xx or 3xx responses: 4
+Requests/sec:  200000.50
+Transfer/sec:     20.00KB
+";
+        let run = parse_wrk(out).unwrap();
+        assert_eq!(run.rps, 200000.5);
+        assert_eq!(run.p50_us, Some(180.0));
+        assert_eq!(run.p99_us, Some(1200.0));
+        assert_eq!(run.errors, 9);
+        assert!(parse_wrk("nothing").is_err());
+    }
+
+    /// A summary from made-up runs, memleak missing: the files render and the columns not
+    /// built are `null`.
+    #[test]
+    fn writes_the_summary() {
+        let mut results = Results::new();
+        for (i, config) in Config::ALL.iter().take(4).enumerate() {
+            let runs = Summary::all_runs()
+                .into_iter()
+                .map(|cell| {
+                    let run = Run {
+                        rps: 1000.0 / (i + 1) as f64 * if cell.0 == 0 { 1.3 } else { 1.0 },
+                        monitor_cpu_ns: (i > 0).then_some(10_000_000),
+                        events: (i > 0).then_some(20_000),
+                        ..Run::default()
+                    };
+                    (cell, run)
+                })
+                .collect();
+            results.entry(*config).or_default().push(ConfigRound {
+                runs,
+                monitor_rss_mib: (i > 0).then_some(20.0),
+            });
+        }
+        let summary = Summary {
+            results,
+            rounds: 1,
+            seconds: 5,
+            pinning: "test".into(),
+            load_start: "0 0 0".into(),
+            load_end: "0 0 0".into(),
+            cpus: 2,
+            memleak_note: "not run in this test".into(),
+            wall_seconds: 1.0,
+            quick: true,
+        };
+        let json = summary.json();
+        assert_eq!(json["ratios"]["heap_adaptive"], Value::Null);
+        assert_eq!(json["ratios"]["memleak"], Value::Null);
+        assert_eq!(json["ratios"]["baseline_repeat"], json!(0.5));
+        assert_eq!(json["ratios"]["tasks"], json!(0.333));
+        assert_eq!(
+            json["routes"]["json"]["close"]["ratios"]["heap"],
+            json!(0.25)
+        );
+        assert_eq!(json["daemon"]["tasks"]["cpu_ns_per_event"], json!(500.0));
+        assert!(summary.markdown().contains("| `/json`"));
+        let svg = std::env::temp_dir().join(format!("xtask-summary-{}.svg", std::process::id()));
+        summary.svg(&svg).unwrap();
+        let text = std::fs::read_to_string(&svg).unwrap();
+        assert!(text.contains("--heap sampled"));
+        let _ = std::fs::remove_file(&svg);
+    }
+}
