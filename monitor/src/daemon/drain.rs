@@ -41,7 +41,7 @@ pub struct HeapStream {
 /// passed on to whoever follows processes (`Session`).
 pub struct ExecStream {
     pub ring: RingBuf<MapData>,
-    pub notify: UnboundedSender<u32>,
+    pub notify: UnboundedSender<ExecEvent>,
 }
 
 /// Applies every task (and heap) event to its ledger until a ring's fd fails.
@@ -98,7 +98,7 @@ pub async fn drain(
 struct TaskRings<'a> {
     tasks: &'a mut RingBuf<MapData>,
     execs: &'a mut RingBuf<MapData>,
-    notify: &'a UnboundedSender<u32>,
+    notify: &'a UnboundedSender<ExecEvent>,
 }
 
 fn drain_both(
@@ -150,9 +150,9 @@ fn drain_tasks(rings: &mut TaskRings<'_>, tasks: &mut TaskLedger, on_spawn: impl
             execs.push(exec);
         }
     }
-    apply_in_order(&events, &execs, tasks, on_spawn, |pid| {
+    apply_in_order(&events, &execs, tasks, on_spawn, |exec| {
         // The receiver is gone only when the session is: nothing to tell then.
-        let _ = rings.notify.send(pid);
+        let _ = rings.notify.send(exec);
     });
 }
 
@@ -160,19 +160,19 @@ fn drain_tasks(rings: &mut TaskRings<'_>, tasks: &mut TaskLedger, on_spawn: impl
 /// process's old program ends: it is dropped from the ledger before the first event that
 /// follows the exec, so what the new program does (its startup tasks, before the daemon has
 /// even looked at it) is held for it as for any process not registered yet, never counted
-/// under the old program. `exec_seen(pid)` is called for every exec.
+/// under the old program. `exec_seen` is called for every exec.
 fn apply_in_order(
     events: &[TaskEvent],
     execs: &[ExecEvent],
     tasks: &mut TaskLedger,
     mut on_spawn: impl FnMut(u32, u64),
-    mut exec_seen: impl FnMut(u32),
+    mut exec_seen: impl FnMut(ExecEvent),
 ) {
     let mut execs = execs.iter().peekable();
     for event in events {
         while let Some(exec) = execs.next_if(|exec| exec.ktime_ns <= event.ktime_ns) {
-            tasks.remove_process(exec.pid);
-            exec_seen(exec.pid);
+            tasks.exec(exec.pid, exec.ktime_ns);
+            exec_seen(*exec);
         }
         if silenced_pid() == Some(event.pid) {
             tasks.stream.receive(event.cpu, event.seq);
@@ -187,8 +187,8 @@ fn apply_in_order(
         }
     }
     for exec in execs {
-        tasks.remove_process(exec.pid);
-        exec_seen(exec.pid);
+        tasks.exec(exec.pid, exec.ktime_ns);
+        exec_seen(*exec);
     }
 }
 
@@ -235,7 +235,7 @@ mod tests {
             &[exec],
             &mut tasks,
             |_, _| {},
-            |pid| seen.push(pid),
+            |exec| seen.push(exec.pid),
         );
         assert_eq!(seen, [7]);
         assert!(

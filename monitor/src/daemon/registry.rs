@@ -25,6 +25,8 @@ use crate::targets::{self, ExeTargets, HostScan, HostScanStats, mentions_tokio};
 struct AttachedProcess {
     info: ProcessInfo,
     links: Vec<AttachedLink>,
+    /// CLOCK_MONOTONIC when it was registered (see `ProcessTasks::registered_ns`).
+    registered_ns: u64,
 }
 
 /// Processes the daemon is attached to, keyed by pid, with their analysed executables
@@ -200,6 +202,8 @@ impl ProcessRegistry {
         // Registered before the probes go in, so the first events already find their process;
         // tasks spawned until now are told apart by their ids.
         let mut process = ProcessTasks::new(pid, info.exe_name(), image.clone(), load_bias);
+        let registered_ns = procfs::monotonic_ns();
+        process.registered_ns = registered_ns;
         process.first_task_id_after_attach =
             self.first_task_id_after_attach(&info, &image, load_bias, scope);
         say_tasks_before_attach(pid, process.first_task_id_after_attach);
@@ -253,7 +257,14 @@ impl ProcessRegistry {
                     exe_wide,
                     image.vtables.len()
                 );
-                self.attached.insert(pid, AttachedProcess { info, links });
+                self.attached.insert(
+                    pid,
+                    AttachedProcess {
+                        info,
+                        links,
+                        registered_ns,
+                    },
+                );
                 Ok(())
             }
             Err(err) => {
@@ -330,8 +341,14 @@ impl ProcessRegistry {
     /// old program's probes and state go (its pid and start time stay the same across
     /// exec, so only this tells the new program from the old); either way it is looked at
     /// again by [`ProcessRegistry::attach_fresh`] as soon as its loader is done.
-    pub fn exec_seen(&mut self, pid: u32) {
-        if self.attached.contains_key(&pid) {
+    pub fn exec_seen(&mut self, pid: u32, ktime_ns: u64) {
+        // An exec reported after this program was registered is its own start: nothing to
+        // undo (a scan can attach a new process before its exec's report comes through).
+        let before = self
+            .attached
+            .get(&pid)
+            .is_some_and(|p| p.registered_ns <= ktime_ns);
+        if before {
             self.detach(pid);
             info!("pid {pid} exec'd a new program: detached from the old one and forgot its tasks");
         }

@@ -28,6 +28,7 @@ use crate::state::heap::HeapLedger;
 use crate::state::tasks::TaskLedger;
 use crate::targets::procfs;
 use crate::targets::{ExeTargets, HostScan, HostScanStats};
+use monitor_common::ExecEvent;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// How often a process seen at exec is checked for its dynamic loader being done.
@@ -42,7 +43,7 @@ pub struct Session {
     drain: JoinHandle<std::io::Result<()>>,
     /// Every exec on the host, as the kernel reports it, passed on by the drain (which
     /// reads them in order with the task events).
-    execs: UnboundedReceiver<u32>,
+    execs: UnboundedReceiver<ExecEvent>,
     started: Instant,
     silence: silence::SilenceWatch,
 }
@@ -194,7 +195,7 @@ impl Session {
 
         tokio::select! {
             _ = rescan.tick() => self.rescan(),
-            Some(pid) = self.execs.recv() => self.take_execs(pid),
+            Some(exec) = self.execs.recv() => self.take_execs(exec),
             () = tokio::time::sleep(FRESH_POLL), if fresh => self.attach_fresh(),
             result = &mut self.drain => {
                 return Err(match result {
@@ -207,11 +208,11 @@ impl Session {
         Ok(())
     }
 
-    /// Takes in the exec of `pid` and every other one waiting.
-    fn take_execs(&mut self, pid: u32) {
-        self.registry.exec_seen(pid);
-        while let Ok(pid) = self.execs.try_recv() {
-            self.registry.exec_seen(pid);
+    /// Takes in `exec` and every other one waiting.
+    fn take_execs(&mut self, exec: ExecEvent) {
+        self.registry.exec_seen(exec.pid, exec.ktime_ns);
+        while let Ok(exec) = self.execs.try_recv() {
+            self.registry.exec_seen(exec.pid, exec.ktime_ns);
         }
         self.attach_fresh();
     }

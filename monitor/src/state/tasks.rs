@@ -87,6 +87,9 @@ pub struct ProcessTasks {
     /// Task events received from this process (the silent-probe check compares it with
     /// tokio's own task id counter).
     pub events: u64,
+    /// CLOCK_MONOTONIC (the kernel's event time) when the process was registered: an exec
+    /// reported with an earlier time happened before, to the program registered here.
+    pub registered_ns: u64,
 }
 
 impl ProcessTasks {
@@ -114,6 +117,7 @@ impl ProcessTasks {
             first_task_id_after_attach: None,
             seen_spawned_before_attach: 0,
             probes_ready: false,
+            registered_ns: 0,
             events: 0,
         }
     }
@@ -301,6 +305,18 @@ impl TaskLedger {
     pub fn expire_pending(&mut self, now_ktime_ns: u64, is_alive: impl Fn(u32) -> bool) {
         self.stream
             .ignore(self.pending.expire(now_ktime_ns, is_alive));
+    }
+
+    /// Process `pid` exec'd at `ktime_ns`: the program registered before then is over and
+    /// forgotten; one registered since is the new program and stays.
+    pub fn exec(&mut self, pid: u32, ktime_ns: u64) {
+        if self
+            .processes
+            .get(&pid)
+            .is_some_and(|p| p.registered_ns <= ktime_ns)
+        {
+            self.processes.remove(&pid);
+        }
     }
 
     /// Forget a process (it exited or was detached): its sites leave the exports.
