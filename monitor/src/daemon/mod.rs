@@ -10,6 +10,7 @@ pub mod drain;
 pub mod health;
 pub mod heap;
 pub mod http;
+pub mod judge;
 pub mod listener;
 pub mod registry;
 pub mod report;

@@ -1,25 +1,29 @@
 //! The processes the daemon is attached to: attaching one registers it with every ledger,
 //! places its task and heap probes and marks it ready, all in one step (undone as a whole on
-//! failure); detaching undoes the same in one step when it exits.
+//! failure); detaching undoes the same in one step when it exits. Host-wide mode's side
+//! (judging, selecting, limits) is in `host`.
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+mod host;
+
 use anyhow::Context as _;
-use log::{debug, info, warn};
+use log::{info, warn};
 
 use super::heap::HeapTracker;
+use super::judge::{Judge, analyze_process};
 use crate::bpf::attach::AttachedLink;
 use crate::bpf::loader::Probes;
 use crate::bpf::plan;
 use crate::discovery::{self, TargetImage};
 use crate::state::tasks::{ProcessTasks, TaskLedger};
 use crate::targets::procfs::{self, ExeIdentity, ProcessInfo};
-use crate::targets::workload::{self, NodeFiles, Workload, Workloads};
-use crate::targets::{self, ExeTargets, HostScan, HostScanStats, mentions_tokio};
+use crate::targets::workload::{self, NodeFiles, Workloads};
+use crate::targets::{self, ExeTargets, HostScan, HostScanStats};
+use host::Consideration;
 
 /// A process the daemon is attached to, and its probes.
 struct AttachedProcess {
@@ -50,6 +54,8 @@ pub struct ProcessRegistry {
     fresh: HashMap<u32, Instant>,
     /// Host-wide mode: processes (pid, start time) left alone by `--include`/`--exclude`.
     excluded: HashSet<(u32, u64)>,
+    /// Host-wide mode: judges new executables off the daemon's loop.
+    judge: Judge,
     /// Host-wide mode: executables whose task hooks it placed (removed again when none of
     /// their processes is attached; `--exe` targets' stay).
     host_executables: HashSet<ExeIdentity>,
@@ -58,15 +64,6 @@ pub struct ProcessRegistry {
     /// Host-wide mode: processes (pid, start time) not attached because `max_processes`
     /// were; tried again when one exits.
     over_limit: HashSet<(u32, u64)>,
-}
-
-/// What host-wide mode made of one process.
-enum Consideration {
-    Attached,
-    /// A tokio service whose loader is not done yet: tried again later.
-    NotSettled,
-    /// Attached already, not a tokio service, or failed (each said once).
-    Skipped,
 }
 
 /// Where task hooks are placed for a process.
@@ -105,6 +102,7 @@ impl ProcessRegistry {
             max_processes,
             over_limit: HashSet::new(),
             host_executables: HashSet::new(),
+            judge: Judge::default(),
         }
     }
 
@@ -305,23 +303,6 @@ impl ProcessRegistry {
             .expire_pending(procfs::monotonic_ns(), procfs::pid_exists);
     }
 
-    /// Removes the task hooks host-wide mode placed on executables none of whose processes
-    /// is attached any more.
-    fn detach_unused_executables(&mut self) {
-        let unused: Vec<ExeIdentity> = self
-            .host_executables
-            .iter()
-            .filter(|exe| !self.attached.values().any(|p| p.info.exe == **exe))
-            .copied()
-            .collect();
-        for exe in unused {
-            self.host_executables.remove(&exe);
-            if let Some((links, _)) = self.exe_links.remove(&exe) {
-                self.probes.detach(links);
-            }
-        }
-    }
-
     /// Drops process `pid`'s probes and state (it exited, or exec'd another program).
     fn detach(&mut self, pid: u32) {
         if let Some(process) = self.attached.remove(&pid) {
@@ -372,34 +353,47 @@ impl ProcessRegistry {
         exes: &ExeTargets,
         host: Option<(&HostScan, &Mutex<HostScanStats>)>,
     ) {
+        self.take_judgements();
         let fresh: Vec<(u32, Instant)> = self.fresh.iter().map(|(&p, &t)| (p, t)).collect();
         for (pid, seen) in fresh {
-            let settled_or_gone = match procfs::process_info(pid) {
-                Err(_) => true,
+            // Done with it (attached, or not to be), or still waiting, and for what.
+            let outcome = match procfs::process_info(pid) {
+                Err(_) => Consideration::Skipped,
                 Ok(process) if exes.contains(process.exe) => {
                     let image = self.images[&process.exe].clone();
-                    let settled = targets::settled(&process, &image.needed_libraries);
-                    if settled && let Err(err) = self.attach_exe_process(pid) {
+                    if !targets::settled(&process, &image.needed_libraries) {
+                        Consideration::NotSettled
+                    } else if let Err(err) = self.attach_exe_process(pid) {
                         warn!("{err:#}");
+                        Consideration::Skipped
+                    } else {
+                        Consideration::Attached
                     }
-                    settled
                 }
-                Ok(_) => match host {
-                    Some((host, stats)) => match host.candidate(pid) {
-                        Some(process) => {
+                Ok(_) => {
+                    match host.and_then(|(host, stats)| Some((host, stats, host.candidate(pid)?))) {
+                        Some((host, stats, process)) => {
                             let outcome = self.consider(host, process);
-                            if let Consideration::Attached = outcome {
+                            if outcome == Consideration::Attached {
                                 let mut stats = stats.lock().unwrap_or_else(|e| e.into_inner());
                                 stats.last_exec_to_attach_seconds = seen.elapsed().as_secs_f64();
                             }
-                            !matches!(outcome, Consideration::NotSettled)
+                            outcome
                         }
-                        None => true,
-                    },
-                    None => true,
-                },
+                        None => Consideration::Skipped,
+                    }
+                }
             };
-            if settled_or_gone || seen.elapsed() > targets::SETTLE_BEFORE_ATTACH {
+            // A loader that takes long is left to the periodic scans; a judgement is waited
+            // for as long as it may take.
+            let wait = match outcome {
+                Consideration::NotSettled => targets::SETTLE_BEFORE_ATTACH,
+                Consideration::Judging => {
+                    discovery::ANALYSIS_BUDGET + targets::SETTLE_BEFORE_ATTACH
+                }
+                Consideration::Attached | Consideration::Skipped => std::time::Duration::ZERO,
+            };
+            if seen.elapsed() >= wait {
                 self.fresh.remove(&pid);
             }
         }
@@ -419,144 +413,6 @@ impl ProcessRegistry {
                 warn!("{err:#}");
             }
         }
-    }
-
-    /// Host-wide mode: attaches to the settled tokio processes of `host` not attached yet.
-    /// An executable found not to be a tokio service, or a process that could not be
-    /// attached, is not tried again (the latter until it restarts: pid and start time).
-    pub fn scan_host(&mut self, host: &HostScan, stats: &Mutex<HostScanStats>) {
-        let started = Instant::now();
-        for process in host.candidates() {
-            self.consider(host, process);
-        }
-        let mut stats = stats.lock().unwrap_or_else(|e| e.into_inner());
-        stats.scans += 1;
-        stats.last_scan_seconds = started.elapsed().as_secs_f64();
-        stats.executables_skipped.clear();
-        for reason in self.not_services.values() {
-            *stats.executables_skipped.entry(reason).or_default() += 1;
-        }
-        stats.processes = [
-            ("watched", self.attached.len()),
-            ("excluded", self.excluded.len()),
-            ("failed", self.failed.len()),
-            ("over_limit", self.over_limit.len()),
-        ]
-        .into_iter()
-        .map(|(state, n)| (state, n as u64))
-        .collect();
-    }
-
-    /// Host-wide mode: attaches `process` if it is a settled tokio service not attached yet.
-    fn consider(&mut self, host: &HostScan, process: ProcessInfo) -> Consideration {
-        let key = (process.pid, process.start_time);
-        if self.attached.contains_key(&process.pid)
-            || self.not_services.contains_key(&process.exe)
-            || self.failed.contains(&key)
-            || self.excluded.contains(&key)
-            || self.over_limit.contains(&key)
-        {
-            return Consideration::Skipped;
-        }
-        let workload = if host.selection.needs_workload() {
-            workload::of_process(process.pid, &self.node)
-        } else {
-            Workload::default()
-        };
-        if let Err(rule) = host
-            .selection
-            .admits(&process.exe_path.to_string_lossy(), &workload)
-        {
-            match rule {
-                Some(rule) => debug!("pid {}: excluded by {rule}", process.pid),
-                None => debug!("pid {}: matches no --include rule", process.pid),
-            }
-            self.excluded.insert(key);
-            return Consideration::Skipped;
-        }
-        let image = match self.images.entry(process.exe) {
-            Entry::Occupied(entry) => entry.get().clone(),
-            Entry::Vacant(entry) => {
-                if !mentions_tokio(&process.exe_link()) {
-                    debug!(
-                        "{}: not a tokio service, not watched",
-                        process.exe_path.display()
-                    );
-                    self.not_services.insert(process.exe, "not_tokio");
-                    return Consideration::Skipped;
-                }
-                // A tokio binary whose tasks cannot be found is said once, with why: the
-                // operator expects it watched.
-                let analysed = analyze_process(&process).and_then(|image| {
-                    plan::task_points(&image)
-                        .with_context(|| format!("{}", process.exe_path.display()))?;
-                    Ok(image)
-                });
-                match analysed {
-                    Ok(image) => entry.insert(Arc::new(image)).clone(),
-                    Err(err) => {
-                        warn!("{err:#}; its processes are not watched");
-                        self.not_services.insert(process.exe, "not_analysable");
-                        return Consideration::Skipped;
-                    }
-                }
-            }
-        };
-        if !targets::settled(&process, &image.needed_libraries) {
-            return Consideration::NotSettled;
-        }
-        if self.attached.len() >= self.max_processes {
-            warn!(
-                "pid {} ({}): not watched, {} processes are (--max-processes); it is tried \
-                 again when one exits",
-                process.pid,
-                process.exe_path.display(),
-                self.max_processes
-            );
-            self.over_limit.insert(key);
-            return Consideration::Skipped;
-        }
-        // Task hooks go on the executable, once, for all its processes: the kernel
-        // unregisters uprobes one at a time (~80 ms each, under a global lock), so fifty
-        // replicas of a service must not mean fifty sets of hooks to remove.
-        if !self.exe_links.contains_key(&process.exe)
-            && let Err(err) = self.watch_executable(&process.exe_link(), process.exe)
-        {
-            warn!("{err:#}");
-            self.failed.insert(key);
-            return Consideration::Skipped;
-        }
-        self.host_executables.insert(process.exe);
-        match self.attach_with(process.pid, TaskHookScope::Executable) {
-            Ok(()) => Consideration::Attached,
-            Err(err) => {
-                warn!("{err:#}");
-                self.failed.insert((process.pid, process.start_time));
-                Consideration::Skipped
-            }
-        }
-    }
-
-    /// Host-wide mode, after the rules changed: every process is judged again, and those
-    /// attached that the rules no longer admit are detached.
-    pub fn reselect(&mut self, host: &HostScan) {
-        self.excluded.clear();
-        let dropped: Vec<u32> = self
-            .attached
-            .values()
-            .filter(|p| {
-                let workload = self.workloads.get(p.info.pid);
-                host.selection
-                    .admits(&p.info.exe_path.to_string_lossy(), &workload)
-                    .is_err()
-            })
-            .map(|p| p.info.pid)
-            .collect();
-        for pid in dropped {
-            self.detach(pid);
-            info!("pid {pid}: no longer selected by --include/--exclude: detached");
-        }
-        self.detach_unused_executables();
     }
 
     /// Places `pid`'s task hooks again (the silent-probe check found them delivering
@@ -620,15 +476,4 @@ fn say_tasks_before_attach(pid: u32, first_task_id_after_attach: Option<u64>) {
              leakscope_tasks_completed_untracked_total"
         );
     }
-}
-
-/// Analyses a process's executable, saying which process on failure.
-pub fn analyze_process(process: &ProcessInfo) -> anyhow::Result<TargetImage> {
-    discovery::analyze(&process.exe_link()).with_context(|| {
-        format!(
-            "analysing {} (pid {})",
-            process.exe_path.display(),
-            process.pid
-        )
-    })
 }
