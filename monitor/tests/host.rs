@@ -20,11 +20,10 @@ fn all_watches_every_tokio_service_and_nothing_else() {
     let sleep = dir.join("sleep");
     std::fs::copy("/bin/sleep", &sleep).expect("copying /bin/sleep");
     let other = Proc {
-        child: Command::new(&sleep)
-            .arg("120")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("starting sleep"),
+        child: leakscope_testkit::spawn_fresh_copy(
+            Command::new(&sleep).arg("120").stdout(Stdio::null()),
+        )
+        .expect("starting sleep"),
         name: "sleep".into(),
     };
     let (before, _) = start_fixture(&fixture("axum-app"), &[]);

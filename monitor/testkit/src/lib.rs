@@ -69,13 +69,25 @@ impl Drop for Proc {
     }
 }
 
+/// Spawns `command`, again while its executable is "busy": a test that has just copied a
+/// fixture cannot exec the copy while another thread's fork still holds the copy's write
+/// descriptor, until that child execs (ETXTBSY; rust-lang/rust#114554).
+pub fn spawn_fresh_copy(command: &mut Command) -> std::io::Result<Child> {
+    const ETXTBSY: i32 = 26;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match command.spawn() {
+            Err(e) if e.raw_os_error() == Some(ETXTBSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Starts a fixture server and waits for its "listening on ADDR" line.
 pub fn start_fixture(binary: &Path, args: &[&str]) -> Result<(Proc, SocketAddr), String> {
-    let mut child = Command::new(binary)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
+    let mut child = spawn_fresh_copy(Command::new(binary).args(args).stdout(Stdio::piped()))
         .map_err(|e| format!("starting {}: {e}", binary.display()))?;
     let stdout = child.stdout.take();
     let proc = Proc {
