@@ -77,7 +77,7 @@ fn one_mode(
     let expected = (SERVICES * 100) as f64;
     let alive = |client: &Client| -> Result<f64, String> {
         let samples = client.metrics().map_err(|e| e.to_string())?;
-        Ok(leakscope_testkit::openmetrics::sum(
+        Ok(crate::util::sum(
             &samples,
             "leakscope_tasks_alive",
             &[("site", "axum_app::leak_forever::{{closure}}::{{closure}}")],

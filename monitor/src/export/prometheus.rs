@@ -74,6 +74,31 @@ fn site_labels(
     labels
 }
 
+/// One gauge per key, labelled `label=key`, its value from `counts` (0 for a key absent):
+/// every key is exported, so a state with nothing in it reads 0, not "no data".
+fn keyed_gauges<const N: usize>(
+    label: &'static str,
+    keys: [&'static str; N],
+    counts: &std::collections::BTreeMap<&'static str, u64>,
+) -> [(Labels, ConstGauge); N] {
+    keys.map(|key| {
+        let n = counts.get(key).copied().unwrap_or(0);
+        (vec![(label, key.to_string())], ConstGauge::new(n as i64))
+    })
+}
+
+/// A process's counters of what its bounds kept out, one per `bound` label.
+fn bound_counters<const N: usize>(
+    process: &Labels,
+    bounds: [(&'static str, u64); N],
+) -> [(Labels, ConstCounter); N] {
+    bounds.map(|(bound, n)| {
+        let mut labels = process.clone();
+        labels.push(("bound", bound.to_string()));
+        (labels, ConstCounter::new(n))
+    })
+}
+
 /// A counter family with one unlabelled sample.
 fn scalar(value: u64) -> [(Labels, ConstCounter); 1] {
     [(Labels::new(), ConstCounter::new(value))]
@@ -161,16 +186,15 @@ impl Collector for TaskCollector {
              while live (bound=\"missed_completions\").",
             MetricType::Counter,
             ledger.processes().flat_map(|p| {
-                [
-                    ("sites", p.sites_folded()),
-                    ("live_tasks", p.spawned_untracked),
-                    ("missed_completions", p.completions_missed),
-                ]
-                .map(|(bound, n)| {
-                    let mut labels = process_labels(&self.0.workloads, p.pid, &p.exe);
-                    labels.push(("bound", bound.to_string()));
-                    (labels, ConstCounter::new(n))
-                })
+                let labels = process_labels(&self.0.workloads, p.pid, &p.exe);
+                bound_counters(
+                    &labels,
+                    [
+                        ("sites", p.sites_folded()),
+                        ("live_tasks", p.spawned_untracked),
+                        ("missed_completions", p.completions_missed),
+                    ],
+                )
             }),
         )?;
         family(
@@ -313,13 +337,11 @@ impl Collector for TaskCollector {
                 "Executables not watched (each judged once), by reason: not_tokio, or \
                  not_analysable (tokio, but its tasks cannot be found; the log says why).",
                 MetricType::Gauge,
-                ["not_tokio", "not_analysable"].map(|reason| {
-                    let n = host.executables_skipped.get(reason).copied().unwrap_or(0);
-                    (
-                        vec![("reason", reason.to_string())],
-                        ConstGauge::new(n as i64),
-                    )
-                }),
+                keyed_gauges(
+                    "reason",
+                    ["not_tokio", "not_analysable"],
+                    &host.executables_skipped,
+                ),
             )?;
             family(
                 &mut encoder,
@@ -327,13 +349,11 @@ impl Collector for TaskCollector {
                 "Tokio services running now, by state: watched, excluded (--include/--exclude), \
                  failed (attaching failed; the log says why), over_limit (--max-processes).",
                 MetricType::Gauge,
-                ["watched", "excluded", "failed", "over_limit"].map(|state| {
-                    let n = host.processes.get(state).copied().unwrap_or(0);
-                    (
-                        vec![("state", state.to_string())],
-                        ConstGauge::new(n as i64),
-                    )
-                }),
+                keyed_gauges(
+                    "state",
+                    ["watched", "excluded", "failed", "over_limit"],
+                    &host.processes,
+                ),
             )?;
             family(
                 &mut encoder,
@@ -509,15 +529,14 @@ fn encode_heap(
          allocations not tracked once four million blocks were live (bound=\"blocks\").",
         MetricType::Counter,
         heap.processes().flat_map(|p| {
-            [
-                ("groups", p.groups_folded()),
-                ("blocks", p.totals.blocks_dropped),
-            ]
-            .map(|(bound, n)| {
-                let mut labels = process_labels(workloads, p.pid, &p.exe);
-                labels.push(("bound", bound.to_string()));
-                (labels, ConstCounter::new(n))
-            })
+            let labels = process_labels(workloads, p.pid, &p.exe);
+            bound_counters(
+                &labels,
+                [
+                    ("groups", p.groups_folded()),
+                    ("blocks", p.totals.blocks_dropped),
+                ],
+            )
         }),
     )?;
     family(
