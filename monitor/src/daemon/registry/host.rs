@@ -50,7 +50,7 @@ impl ProcessRegistry {
         let started = Instant::now();
         self.take_judgements();
         for process in host.candidates() {
-            self.consider(host, process);
+            self.consider(host, stats, process);
         }
         let mut stats = stats.lock().unwrap_or_else(|e| e.into_inner());
         stats.scans += 1;
@@ -92,7 +92,12 @@ impl ProcessRegistry {
     }
 
     /// Host-wide mode: attaches `process` if it is a settled tokio service not attached yet.
-    pub(super) fn consider(&mut self, host: &HostScan, process: ProcessInfo) -> Consideration {
+    pub(super) fn consider(
+        &mut self,
+        host: &HostScan,
+        stats: &Mutex<HostScanStats>,
+        process: ProcessInfo,
+    ) -> Consideration {
         let key = (process.pid, process.start_time);
         if self.attached.contains_key(&process.pid)
             || self.not_services.contains_key(&process.exe)
@@ -102,15 +107,15 @@ impl ProcessRegistry {
         {
             return Consideration::Skipped;
         }
-        let workload = if host.selection.needs_workload() {
-            workload::of_process(process.pid, &self.node)
-        } else {
-            Workload::default()
-        };
-        if let Err(rule) = host
+        // Learned here only when a rule needs it, and then kept for the labels.
+        let workload = host
             .selection
-            .admits(&process.exe_path.to_string_lossy(), &workload)
-        {
+            .needs_workload()
+            .then(|| workload::of_process(process.pid, &self.node));
+        if let Err(rule) = host.selection.admits(
+            &process.exe_path.to_string_lossy(),
+            workload.as_ref().unwrap_or(&Workload::default()),
+        ) {
             match rule {
                 Some(rule) => debug!("pid {}: excluded by {rule}", process.pid),
                 None => debug!("pid {}: matches no --include rule", process.pid),
@@ -149,8 +154,18 @@ impl ProcessRegistry {
             return Consideration::Skipped;
         }
         self.host_executables.insert(process.exe);
-        match self.attach_with(process.pid, TaskHookScope::Executable) {
-            Ok(()) => Consideration::Attached,
+        match self.attach_with(process.pid, TaskHookScope::Executable, workload) {
+            Ok(()) => {
+                // Seen at exec: how long from there, whichever path (the exec's report or a
+                // periodic scan) got to it first.
+                if let Some(seen) = self.fresh.remove(&process.pid) {
+                    stats
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .last_exec_to_attach_seconds = seen.elapsed().as_secs_f64();
+                }
+                Consideration::Attached
+            }
             Err(err) => {
                 warn!("{err:#}");
                 self.failed.insert((process.pid, process.start_time));

@@ -21,7 +21,7 @@ use crate::bpf::plan;
 use crate::discovery::{self, TargetImage};
 use crate::state::tasks::{ProcessTasks, TaskLedger};
 use crate::targets::procfs::{self, ExeIdentity, ProcessInfo};
-use crate::targets::workload::{self, NodeFiles, Workloads};
+use crate::targets::workload::{self, NodeFiles, Workload, Workloads};
 use crate::targets::{self, ExeTargets, HostScan, HostScanStats};
 use host::Consideration;
 
@@ -129,7 +129,7 @@ impl ProcessRegistry {
         let info = procfs::process_info(pid)?;
         let image = self.image_for(&info)?;
         targets::wait_settled(&info, &image.needed_libraries);
-        self.attach_with(pid, TaskHookScope::Process)
+        self.attach_with(pid, TaskHookScope::Process, None)
     }
 
     /// Places the task hooks of an `--exe` target on its file: a uprobe lives on the file's
@@ -186,10 +186,16 @@ impl ProcessRegistry {
     /// Registers `pid`, a process of an `--exe` target (its task hooks are on the
     /// executable already), and places its heap probes.
     fn attach_exe_process(&mut self, pid: u32) -> anyhow::Result<()> {
-        self.attach_with(pid, TaskHookScope::Executable)
+        self.attach_with(pid, TaskHookScope::Executable, None)
     }
 
-    fn attach_with(&mut self, pid: u32, scope: TaskHookScope) -> anyhow::Result<()> {
+    /// `workload`: the process's, when the caller has learned it already.
+    fn attach_with(
+        &mut self,
+        pid: u32,
+        scope: TaskHookScope,
+        workload: Option<Workload>,
+    ) -> anyhow::Result<()> {
         if self.attached.contains_key(&pid) {
             return Ok(());
         }
@@ -236,7 +242,7 @@ impl ProcessRegistry {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .mark_probes_ready(pid);
-                let workload = workload::of_process(pid, &self.node);
+                let workload = workload.unwrap_or_else(|| workload::of_process(pid, &self.node));
                 let labels = workload.labels();
                 self.workloads.set(pid, workload);
                 let exe_wide = self
@@ -372,14 +378,7 @@ impl ProcessRegistry {
                 }
                 Ok(_) => {
                     match host.and_then(|(host, stats)| Some((host, stats, host.candidate(pid)?))) {
-                        Some((host, stats, process)) => {
-                            let outcome = self.consider(host, process);
-                            if outcome == Consideration::Attached {
-                                let mut stats = stats.lock().unwrap_or_else(|e| e.into_inner());
-                                stats.last_exec_to_attach_seconds = seen.elapsed().as_secs_f64();
-                            }
-                            outcome
-                        }
+                        Some((host, stats, process)) => self.consider(host, stats, process),
                         None => Consideration::Skipped,
                     }
                 }
