@@ -211,9 +211,19 @@ impl Session {
 
     /// Takes in `exec` and every other one waiting.
     fn take_execs(&mut self, exec: ExecEvent) {
-        self.registry.exec_seen(exec.pid, exec.ktime_ns);
-        while let Ok(exec) = self.execs.try_recv() {
-            self.registry.exec_seen(exec.pid, exec.ktime_ns);
+        let mut exec = Some(exec);
+        while let Some(ExecEvent { pid, ktime_ns, .. }) =
+            exec.take().or_else(|| self.execs.try_recv().ok())
+        {
+            // Attached by a periodic scan before the exec's report came in.
+            if let (Some(attached_after), Some((_, stats))) =
+                (self.registry.exec_seen(pid, ktime_ns), &self.host)
+            {
+                stats
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .last_exec_to_attach_seconds = attached_after.as_secs_f64();
+            }
         }
         self.attach_fresh();
     }

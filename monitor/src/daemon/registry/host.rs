@@ -3,7 +3,7 @@
 //! attached with task hooks shared by all processes of its executable.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
@@ -156,13 +156,16 @@ impl ProcessRegistry {
         self.host_executables.insert(process.exe);
         match self.attach_with(process.pid, TaskHookScope::Executable, workload) {
             Ok(()) => {
-                // Seen at exec: how long from there, whichever path (the exec's report or a
-                // periodic scan) got to it first.
-                if let Some(seen) = self.fresh.remove(&process.pid) {
+                // Seen at exec: how long from the kernel's exec, whichever path (the exec's
+                // report or a periodic scan) got to it first. A scan that attaches before
+                // the report comes in is measured by `exec_seen` instead.
+                if let Some((_, exec_ns)) = self.fresh.remove(&process.pid) {
+                    let registered_ns = self.attached[&process.pid].registered_ns;
                     stats
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .last_exec_to_attach_seconds = seen.elapsed().as_secs_f64();
+                        .last_exec_to_attach_seconds =
+                        Duration::from_nanos(registered_ns.saturating_sub(exec_ns)).as_secs_f64();
                 }
                 Consideration::Attached
             }

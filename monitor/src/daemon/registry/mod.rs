@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 mod host;
 
@@ -50,8 +50,9 @@ pub struct ProcessRegistry {
     /// The unit, container and pod of each attached process, for the exports' labels.
     workloads: Workloads,
     node: NodeFiles,
-    /// Processes seen at exec, waiting for their loader, and when they were seen.
-    fresh: HashMap<u32, Instant>,
+    /// Processes seen at exec, waiting for their loader: when the report came in, and
+    /// when the kernel ran the exec (CLOCK_MONOTONIC ns).
+    fresh: HashMap<u32, (Instant, u64)>,
     /// Host-wide mode: processes (pid, start time) left alone by `--include`/`--exclude`.
     excluded: HashSet<(u32, u64)>,
     /// Host-wide mode: judges new executables off the daemon's loop.
@@ -327,22 +328,32 @@ impl ProcessRegistry {
     /// Process `pid` exec'd (reported by the kernel as it happens): if it was attached, its
     /// old program's probes and state go (its pid and start time stay the same across
     /// exec, so only this tells the new program from the old); either way it is looked at
-    /// again by [`ProcessRegistry::attach_fresh`] as soon as its loader is done.
-    pub fn exec_seen(&mut self, pid: u32, ktime_ns: u64) {
-        // An exec reported after this program was registered is its own start: nothing to
-        // undo (a scan can attach a new process before its exec's report comes through).
-        let before = self
-            .attached
-            .get(&pid)
-            .is_some_and(|p| p.registered_ns <= ktime_ns);
-        if before {
-            self.detach(pid);
-            info!("pid {pid} exec'd a new program: detached from the old one and forgot its tasks");
+    /// again by [`ProcessRegistry::attach_fresh`] as soon as its loader is done. Returns
+    /// how long after the exec it was attached when that happened before this report.
+    pub fn exec_seen(&mut self, pid: u32, ktime_ns: u64) -> Option<Duration> {
+        let registered_ns = self.attached.get(&pid).map(|p| p.registered_ns);
+        match registered_ns {
+            // An exec reported after this program was registered is its own start: nothing
+            // to undo. A periodic scan got to it before the exec's report came through;
+            // exec to attach is still measured, from the kernel's clock.
+            Some(registered_ns) if registered_ns > ktime_ns => {
+                return Some(Duration::from_nanos(registered_ns - ktime_ns));
+            }
+            Some(_) => {
+                self.detach(pid);
+                info!(
+                    "pid {pid} exec'd a new program: detached from the old one and forgot its tasks"
+                );
+            }
+            None => {}
         }
         self.failed.retain(|&(failed_pid, _)| failed_pid != pid);
         self.excluded
             .retain(|&(excluded_pid, _)| excluded_pid != pid);
-        self.fresh.entry(pid).or_insert_with(Instant::now);
+        self.fresh
+            .entry(pid)
+            .or_insert_with(|| (Instant::now(), ktime_ns));
+        None
     }
 
     /// True while processes seen at exec wait for their loader.
@@ -360,7 +371,7 @@ impl ProcessRegistry {
         host: Option<(&HostScan, &Mutex<HostScanStats>)>,
     ) {
         self.take_judgements();
-        let fresh: Vec<(u32, Instant)> = self.fresh.iter().map(|(&p, &t)| (p, t)).collect();
+        let fresh: Vec<(u32, Instant)> = self.fresh.iter().map(|(&p, &(t, _))| (p, t)).collect();
         for (pid, seen) in fresh {
             // Done with it (attached, or not to be), or still waiting, and for what.
             let outcome = match procfs::process_info(pid) {
