@@ -2,6 +2,7 @@
 //! named processes, `--exe` targets every process running an executable, found as they
 //! start, and `--all` every tokio service on the host (`HostScan`).
 
+pub mod census;
 pub mod maps;
 pub mod procfs;
 pub mod select;
