@@ -43,6 +43,8 @@ fn main() {
             completed: 0,
             alive: 0,
             oldest_alive_seconds: 0.0,
+            alive_before_attach: 0,
+            oldest_alive_at_least: false,
             completion_hooked: true,
         })
         .collect();

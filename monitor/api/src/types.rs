@@ -35,8 +35,17 @@ pub struct SiteSnapshot {
     pub location: Option<String>,
     pub spawned: u64,
     pub completed: u64,
+    /// Alive now, including `alive_before_attach`.
     pub alive: u64,
+    /// Of `alive`, the tasks spawned before leakscope attached, found by the task census
+    /// (read from the runtime's own task lists).
+    #[serde(default)]
+    pub alive_before_attach: u64,
     pub oldest_alive_seconds: f64,
+    /// The oldest alive task was spawned before leakscope attached, so its age is not known:
+    /// `oldest_alive_seconds` counts from the attach and is a lower bound ("at least").
+    #[serde(default)]
+    pub oldest_alive_at_least: bool,
     /// Completions of this site's tasks are observed (a completion hook is reachable from
     /// every vtable of the site). When false, `alive` only grows and says nothing.
     pub completion_hooked: bool,

@@ -13,6 +13,8 @@ fn task_row(site: &str, alive: u64, spawned: u64, completed: u64) -> SiteSnapsho
         completed,
         alive,
         oldest_alive_seconds: 30.0,
+        alive_before_attach: 0,
+        oldest_alive_at_least: false,
         completion_hooked: true,
     }
 }

@@ -17,6 +17,11 @@ use super::intern::BoundedLabels;
 use super::pending::PendingEvents;
 use super::stream::EventStream;
 use crate::discovery::TargetImage;
+use crate::targets::census::CensusFigures;
+
+mod census;
+
+pub use census::CensusTarget;
 
 /// Live tasks tracked per process before new spawns are only counted, not tracked.
 pub const MAX_LIVE_TASKS_PER_PROCESS: usize = 1 << 20;
@@ -36,6 +41,8 @@ pub struct SpawnSite {
     pub completion_hooked: bool,
     pub spawned: u64,
     pub completed: u64,
+    /// Of `live`, tasks spawned before attach (found by the census).
+    alive_before_attach: u64,
     /// Live tasks ordered by spawn time, so the oldest is the first entry.
     live: BTreeSet<(u64, u64)>,
 }
@@ -48,8 +55,12 @@ pub type SiteLabel = (String, Option<String>);
 #[derive(Debug, Clone, Copy)]
 struct LiveTask {
     site: usize,
+    /// For a task spawned before attach (found by the census): the attach time, so its
+    /// age is a lower bound.
     spawned_ktime_ns: u64,
     task_id: Option<u64>,
+    /// Spawned before attach, found by the census: its completion is not this site's.
+    before_attach: bool,
 }
 
 /// What one attached process is running: its tasks by spawn site.
@@ -90,6 +101,14 @@ pub struct ProcessTasks {
     /// CLOCK_MONOTONIC (the kernel's event time) when the process was registered: an exec
     /// reported with an earlier time happened before, to the program registered here.
     pub registered_ns: u64,
+    /// What the task census of this process costs and could not read.
+    pub census: CensusFigures,
+    /// Tasks spawned before attach that a census found, then no longer found, without
+    /// their completion being seen (its event lost, or the task released another way).
+    pub census_vanished: u64,
+    /// Ids of tasks spawned before attach whose completion was seen, so a census that read
+    /// one just before it completed does not count it again (bounded).
+    completed_before_attach: census::RecentIds,
 }
 
 impl ProcessTasks {
@@ -119,6 +138,9 @@ impl ProcessTasks {
             probes_ready: false,
             registered_ns: 0,
             events: 0,
+            census: CensusFigures::default(),
+            census_vanished: 0,
+            completed_before_attach: census::RecentIds::default(),
         }
     }
 
@@ -175,6 +197,7 @@ impl ProcessTasks {
                 completion_hooked,
                 spawned: 0,
                 completed: 0,
+                alive_before_attach: 0,
                 live: BTreeSet::new(),
             });
         }
@@ -206,11 +229,8 @@ impl ProcessTasks {
             TaskEventKind::Spawn | TaskEventKind::FirstPoll => {
                 let site = self.site_for(event.vtable);
                 self.sites[site].spawned += 1;
-                if let Some(previous) = self.live.remove(&event.header) {
+                if self.forget_live(event.header).is_some() {
                     self.completions_missed += 1;
-                    self.sites[previous.site]
-                        .live
-                        .remove(&(previous.spawned_ktime_ns, event.header));
                 }
                 if self.live.len() >= MAX_LIVE_TASKS_PER_PROCESS {
                     self.spawned_untracked += 1;
@@ -230,15 +250,20 @@ impl ProcessTasks {
                         site,
                         spawned_ktime_ns: event.ktime_ns,
                         task_id: (event.task_id != 0).then_some(event.task_id),
+                        before_attach: false,
                     },
                 );
                 self.sites[site].live.insert((event.ktime_ns, event.header));
             }
-            TaskEventKind::Complete => match self.live.remove(&event.header) {
+            TaskEventKind::Complete => match self.forget_live(event.header) {
                 Some(task) => {
-                    let site = &mut self.sites[task.site];
-                    site.completed += 1;
-                    site.live.remove(&(task.spawned_ktime_ns, event.header));
+                    if task.before_attach {
+                        // Not spawned since attach: not this site's completion to count.
+                        self.completed_untracked += 1;
+                        self.completed_before_attach.insert(event.task_id);
+                    } else {
+                        self.sites[task.site].completed += 1;
+                    }
                     if let Some(id) = task.task_id {
                         self.completed_ids.push_back(id);
                         if self.completed_ids.len() > RETAINED_COMPLETED_IDS
@@ -248,9 +273,28 @@ impl ProcessTasks {
                         }
                     }
                 }
-                None => self.completed_untracked += 1,
+                None => {
+                    self.completed_untracked += 1;
+                    if self
+                        .first_task_id_after_attach
+                        .is_some_and(|first| event.task_id < first)
+                    {
+                        self.completed_before_attach.insert(event.task_id);
+                    }
+                }
             },
         }
+    }
+
+    /// Takes the live task at `header` out of its site.
+    fn forget_live(&mut self, header: u64) -> Option<LiveTask> {
+        let task = self.live.remove(&header)?;
+        let site = &mut self.sites[task.site];
+        site.live.remove(&(task.spawned_ktime_ns, header));
+        if task.before_attach {
+            site.alive_before_attach -= 1;
+        }
+        Some(task)
     }
 
     /// Per-site figures at `now_ktime_ns` (CLOCK_MONOTONIC, the clock BPF stamps events with).
@@ -266,6 +310,8 @@ impl ProcessTasks {
                 spawned: site.spawned,
                 completed: site.completed,
                 alive: site.live.len() as u64,
+                alive_before_attach: site.alive_before_attach,
+                oldest_alive_at_least: site.alive_before_attach > 0,
                 oldest_alive_seconds: site
                     .live
                     .first()
@@ -393,223 +439,4 @@ impl TaskLedger {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::discovery::{NamingMethod, TaskVtable};
-
-    fn image() -> Arc<TargetImage> {
-        let vtable = |vaddr: u64, site: &str| TaskVtable {
-            vaddr,
-            site: site.to_string(),
-            naming: NamingMethod::FuturePollCall,
-            complete_hooked: true,
-            ..TaskVtable::default()
-        };
-        Arc::new(TargetImage {
-            vtables: vec![
-                vtable(0x1000, "app::leak::{{closure}}"),
-                vtable(0x2000, "app::ok::{{closure}}"),
-                vtable(0x3000, "app::ok::{{closure}}"),
-            ],
-            ..TargetImage::default()
-        })
-    }
-
-    fn event(kind: TaskEventKind, header: u64, vtable: u64, seq: u64) -> TaskEvent {
-        TaskEvent {
-            ktime_ns: seq * 1_000_000_000,
-            seq,
-            header,
-            vtable,
-            pid: 7,
-            tid: 7,
-            cpu: 0,
-            kind: kind as u32,
-            task_id: header,
-        }
-    }
-
-    const BIAS: u64 = 0x5555_0000_0000;
-
-    fn ledger() -> TaskLedger {
-        let mut ledger = TaskLedger::new();
-        ledger.add_process(ProcessTasks::new(7, "app".into(), image(), BIAS));
-        ledger
-    }
-
-    fn row<'a>(rows: &'a [SiteSnapshot], site: &str) -> &'a SiteSnapshot {
-        rows.iter()
-            .find(|r| r.site == site)
-            .unwrap_or_else(|| panic!("no row for {site} in {rows:?}"))
-    }
-
-    #[test]
-    fn counts_alive_per_site_and_oldest_age() {
-        let mut ledger = ledger();
-        ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x1000, 1));
-        ledger.apply(&event(TaskEventKind::Spawn, 0xb0, BIAS + 0x1000, 2));
-        ledger.apply(&event(TaskEventKind::Spawn, 0xc0, BIAS + 0x2000, 3));
-        ledger.apply(&event(TaskEventKind::Complete, 0xc0, BIAS + 0x2000, 4));
-        let rows = ledger.snapshot(10_000_000_000);
-        let leak = row(&rows, "app::leak::{{closure}}");
-        assert_eq!((leak.spawned, leak.completed, leak.alive), (2, 0, 2));
-        assert_eq!(leak.oldest_alive_seconds, 9.0);
-        let ok = row(&rows, "app::ok::{{closure}}");
-        assert_eq!((ok.spawned, ok.completed, ok.alive), (1, 1, 0));
-        assert_eq!(ok.oldest_alive_seconds, 0.0);
-    }
-
-    #[test]
-    fn a_process_counts_as_attached_only_once_its_probes_are_in() {
-        let mut ledger = ledger();
-        // Registered (events already find it) but its probes are still going in.
-        ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x1000, 1));
-        assert_eq!(ledger.attached_processes(), 0);
-        ledger.mark_probes_ready(7);
-        assert_eq!(ledger.attached_processes(), 1);
-        ledger.remove_process(7);
-        assert_eq!(ledger.attached_processes(), 0);
-    }
-
-    #[test]
-    fn vtables_with_one_label_are_one_site() {
-        let mut ledger = ledger();
-        ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x2000, 1));
-        ledger.apply(&event(TaskEventKind::Spawn, 0xb0, BIAS + 0x3000, 2));
-        let rows = ledger.snapshot(3_000_000_000);
-        assert_eq!(rows.len(), 1, "{rows:?}");
-        assert_eq!(rows[0].alive, 2);
-    }
-
-    #[test]
-    fn completion_of_a_task_spawned_before_attach_never_goes_negative() {
-        let mut ledger = ledger();
-        ledger.apply(&event(TaskEventKind::Complete, 0xdead, BIAS + 0x1000, 1));
-        assert!(ledger.snapshot(0).is_empty());
-        let process = ledger.processes().next().unwrap();
-        assert_eq!(process.completed_untracked, 1);
-    }
-
-    #[test]
-    fn sites_beyond_the_limit_share_one_label_and_are_counted() {
-        let mut ledger = ledger();
-        let extra = 20;
-        for i in 0..(MAX_SITES_PER_PROCESS + extra) as u64 {
-            ledger.apply(&event(
-                TaskEventKind::Spawn,
-                0xa0 + 0x100 * i,
-                BIAS + 0x10_0000 + 0x40 * i,
-                i + 1,
-            ));
-        }
-        let rows = ledger.snapshot(1);
-        assert_eq!(rows.len(), MAX_SITES_PER_PROCESS + 1);
-        assert_eq!(row(&rows, OVERFLOW_SITE).spawned, extra as u64);
-        assert_eq!(ledger.process(7).unwrap().sites_folded(), extra as u64);
-    }
-
-    #[test]
-    fn unknown_vtable_gets_an_address_label() {
-        let mut ledger = ledger();
-        ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x9000, 1));
-        let rows = ledger.snapshot(1);
-        assert_eq!(rows[0].site, "vtable@0x9000");
-    }
-
-    #[test]
-    fn sequence_gaps_count_as_lost_events() {
-        let mut ledger = ledger();
-        ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x1000, 1));
-        ledger.apply(&event(TaskEventKind::Spawn, 0xb0, BIAS + 0x1000, 5));
-        assert_eq!(ledger.stream.stats.lost, 3);
-        assert_eq!(ledger.stream.stats.events, 2);
-    }
-
-    #[test]
-    fn reused_header_counts_a_missed_completion() {
-        let mut ledger = ledger();
-        ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x1000, 1));
-        ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x2000, 2));
-        let rows = ledger.snapshot(3_000_000_000);
-        assert_eq!(row(&rows, "app::leak::{{closure}}").alive, 0);
-        assert_eq!(row(&rows, "app::ok::{{closure}}").alive, 1);
-        assert_eq!(ledger.processes().next().unwrap().completions_missed, 1);
-    }
-
-    #[test]
-    fn first_poll_counts_as_spawn_once() {
-        let mut ledger = ledger();
-        ledger.apply(&event(TaskEventKind::FirstPoll, 0xa0, BIAS + 0x1000, 1));
-        ledger.apply(&event(TaskEventKind::FirstPoll, 0xa0, BIAS + 0x1000, 2));
-        ledger.apply(&event(TaskEventKind::Spawn, 0xb0, BIAS + 0x1000, 3));
-        ledger.apply(&event(TaskEventKind::FirstPoll, 0xb0, BIAS + 0x1000, 4));
-        let rows = ledger.snapshot(5_000_000_000);
-        let leak = row(&rows, "app::leak::{{closure}}");
-        assert_eq!((leak.spawned, leak.alive), (2, 2));
-        assert_eq!(leak.oldest_alive_seconds, 4.0);
-    }
-
-    #[test]
-    fn first_polls_of_tasks_spawned_before_attach_are_not_spawns() {
-        let mut ledger = TaskLedger::new();
-        let mut process = ProcessTasks::new(7, "app".into(), image(), BIAS);
-        process.first_task_id_after_attach = Some(0xb0);
-        ledger.add_process(process);
-        // Task 0xa0 predates attach; 0xb0 and 0xc0 do not.
-        ledger.apply(&event(TaskEventKind::FirstPoll, 0xa0, BIAS + 0x1000, 1));
-        ledger.apply(&event(TaskEventKind::FirstPoll, 0xb0, BIAS + 0x1000, 2));
-        ledger.apply(&event(TaskEventKind::FirstPoll, 0xc0, BIAS + 0x1000, 3));
-        ledger.apply(&event(TaskEventKind::Complete, 0xa0, BIAS + 0x1000, 4));
-        let rows = ledger.snapshot(5_000_000_000);
-        let leak = row(&rows, "app::leak::{{closure}}");
-        assert_eq!((leak.spawned, leak.alive), (2, 2));
-        let process = ledger.process(7).unwrap();
-        assert_eq!(process.seen_spawned_before_attach, 1);
-        assert_eq!(process.completed_untracked, 1);
-    }
-
-    #[test]
-    fn task_ids_resolve_to_sites_after_completion() {
-        let mut ledger = ledger();
-        ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x1000, 1));
-        ledger.apply(&event(TaskEventKind::Complete, 0xa0, BIAS + 0x1000, 2));
-        let process = ledger.process(7).unwrap();
-        assert_eq!(process.site_of_task(0xa0), Some("app::leak::{{closure}}"));
-        assert_eq!(process.site_of_task(0xb0), None);
-        assert_eq!(process.site_of_live_task(0xa0), None);
-    }
-
-    #[test]
-    fn events_before_registration_are_replayed_when_the_process_registers() {
-        let mut ledger = TaskLedger::new();
-        ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x1000, 1));
-        ledger.apply(&event(TaskEventKind::Spawn, 0xb0, BIAS + 0x1000, 2));
-        ledger.apply(&event(TaskEventKind::Complete, 0xb0, BIAS + 0x1000, 3));
-        assert!(ledger.snapshot(0).is_empty());
-        ledger.add_process(ProcessTasks::new(7, "app".into(), image(), BIAS));
-        let rows = ledger.snapshot(4_000_000_000);
-        let leak = row(&rows, "app::leak::{{closure}}");
-        assert_eq!((leak.spawned, leak.completed, leak.alive), (2, 1, 1));
-        assert_eq!(ledger.stream.stats.ignored, 0);
-    }
-
-    #[test]
-    fn events_of_processes_never_registered_expire() {
-        let mut ledger = TaskLedger::new();
-        let mut e = event(TaskEventKind::Spawn, 0xa0, BIAS + 0x1000, 1);
-        e.pid = 99;
-        ledger.apply(&e);
-        e.pid = 100;
-        ledger.apply(&e);
-        // pid 99 exited; pid 100 lives but is held for less than the age bound.
-        ledger.expire_pending(e.ktime_ns + 1, |pid| pid == 100);
-        assert_eq!(ledger.stream.stats.ignored, 1);
-        ledger.expire_pending(
-            e.ktime_ns + crate::state::pending::PENDING_MAX_AGE_NS,
-            |_| true,
-        );
-        assert_eq!(ledger.stream.stats.ignored, 2);
-        ledger.add_process(ProcessTasks::new(100, "app".into(), image(), BIAS));
-        assert!(ledger.snapshot(0).is_empty());
-    }
-}
+mod tests;

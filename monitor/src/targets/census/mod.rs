@@ -144,6 +144,17 @@ pub struct CensusOutcome {
 }
 
 impl CensusOutcome {
+    /// An outcome of one runtime with one list, read to its end or not (for tests of what
+    /// uses outcomes).
+    #[cfg(test)]
+    pub fn of_one_list(tasks: Vec<CensusTask>, complete: bool) -> Self {
+        Self {
+            tasks,
+            lists: vec![(0, vec![complete])],
+            found: true,
+        }
+    }
+
     /// Whether the census read, to the end, every list a task with this id can be in: then
     /// a task with this id that it did not find is not in any runtime's list.
     pub fn covers(&self, task_id: u64) -> bool {
