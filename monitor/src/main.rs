@@ -198,6 +198,12 @@ struct Targets {
     #[arg(long, default_value_t = monitor_common::heap::OUTSTANDING_MAX,
           value_parser = clap::value_parser!(u32).range(1024..=(1 << 24)))]
     heap_max_blocks: u32,
+    /// Seconds between task censuses: reads of each runtime's own task lists from the
+    /// process's memory (never stopped or written), which count the tasks spawned before
+    /// leakscope attached (leakscope_tasks_alive_before_attach). The first runs at attach.
+    /// 0 turns the census off.
+    #[arg(long, default_value_t = 10.0)]
+    census_seconds: f64,
 }
 
 /// What makes a suspect (README, Verdicts); the defaults pass the fixtures' leaks and
@@ -322,6 +328,7 @@ fn daemon_config(
         node: NodeFiles {
             log_dir: targets.node_log_dir,
         },
+        census: Duration::from_secs_f64(targets.census_seconds.max(0.0)),
     })
 }
 
@@ -383,6 +390,11 @@ fn daemon_settings(args: DaemonArgs, given: &ArgMatches) -> anyhow::Result<Daemo
             "heap_max_blocks",
             targets.heap_max_blocks,
             file.targets.heap_max_blocks
+        );
+        take!(
+            "census_seconds",
+            targets.census_seconds,
+            file.targets.census_seconds
         );
         let v = file.verdicts;
         take!(

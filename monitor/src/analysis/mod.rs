@@ -72,6 +72,10 @@ struct Latest {
     exe: String,
     completion_hooked: bool,
     oldest_alive_seconds: f64,
+    /// Task sites: alive tasks spawned before attach (found by the census), left out of
+    /// the samples (they can only decline, and the first census may land after the first
+    /// sample: a step that is no growth) and told in the reason.
+    alive_before_attach: u64,
     /// Heap sites: the task site holding the most of its bytes, and how many.
     top_task_site: Option<(String, u64)>,
 }
@@ -128,7 +132,7 @@ impl Analyzer {
             );
             let sample = Sample {
                 t,
-                value: row.alive as f64,
+                value: row.alive.saturating_sub(row.alive_before_attach) as f64,
                 spawned: row.spawned,
                 completed: row.completed,
             };
@@ -139,6 +143,7 @@ impl Analyzer {
                         exe: row.exe.clone(),
                         completion_hooked: row.completion_hooked,
                         oldest_alive_seconds: row.oldest_alive_seconds,
+                        alive_before_attach: row.alive_before_attach,
                         top_task_site: None,
                     },
                 );
@@ -177,6 +182,7 @@ impl Analyzer {
                         exe,
                         completion_hooked: true,
                         oldest_alive_seconds: 0.0,
+                        alive_before_attach: 0,
                         top_task_site: top,
                     },
                 );
@@ -202,7 +208,7 @@ impl Analyzer {
                 .get(&key.0)
                 .map(|reasons| verdict::incomplete(reasons, key.1, key.2.starts_with(TASK_CELL)))
                 .unwrap_or_default();
-            let judgement = match key.1 {
+            let mut judgement = match key.1 {
                 _ if !incomplete.is_empty() => verdict::cannot_judge(incomplete),
                 SiteKind::Task => judge_tasks(
                     samples,
@@ -212,6 +218,14 @@ impl Analyzer {
                 ),
                 SiteKind::Heap => judge_heap(samples, &limits),
             };
+            if latest.alive_before_attach > 0 {
+                judgement.reason.push_str(&format!(
+                    "; and {} alive since before leakscope attached (found by the task census, \
+                     ages at least {})",
+                    latest.alive_before_attach,
+                    verdict::duration(latest.oldest_alive_seconds)
+                ));
+            }
             verdicts.push(SiteVerdict {
                 labels: Default::default(),
                 pid: key.0,

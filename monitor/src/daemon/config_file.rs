@@ -67,6 +67,7 @@ pub struct TargetsSection {
     pub max_processes: Option<usize>,
     pub node_log_dir: Option<PathBuf>,
     pub heap_max_blocks: Option<u32>,
+    pub census_seconds: Option<f64>,
 }
 
 /// `[verdicts]`: the window, the sampling and the thresholds of the leak verdicts.

@@ -4,6 +4,7 @@
 //! (`http`), and follow processes as they start and exit.
 
 pub mod basic_auth;
+pub mod census;
 pub mod cert_reload;
 pub mod config_file;
 pub mod drain;
@@ -57,6 +58,9 @@ pub struct DaemonConfig {
     pub select: Selection,
     /// Host-wide mode: processes attached at most at once.
     pub max_processes: usize,
+    /// How often the task census reads each process's runtime lists (zero: never; see
+    /// `targets::census`).
+    pub census: Duration,
 }
 
 /// Runs until SIGINT or SIGTERM: attaches, serves the exports, follows processes as they

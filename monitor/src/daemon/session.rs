@@ -13,6 +13,7 @@ use log::warn;
 use tokio::task::JoinHandle;
 
 use super::DaemonConfig;
+use super::census::CensusRunner;
 use super::drain;
 use super::health;
 use super::heap::{HeapMode, HeapTracker};
@@ -47,6 +48,8 @@ pub struct Session {
     execs: UnboundedReceiver<ExecEvent>,
     started: Instant,
     silence: silence::SilenceWatch,
+    /// Reads the tasks spawned before attach (`None` with the census off).
+    census: Option<CensusRunner>,
 }
 
 impl Session {
@@ -144,6 +147,7 @@ impl Session {
             registry.scan_host(host, stats);
         }
 
+        let census = CensusRunner::start(ledger.clone(), config.census);
         let analysis = Arc::new(Mutex::new(Analyzer::new(config.analysis)));
         let sources = Sources {
             ledger,
@@ -165,6 +169,7 @@ impl Session {
             execs,
             started: Instant::now(),
             silence: silence::SilenceWatch::default(),
+            census,
         })
     }
 
@@ -276,6 +281,7 @@ impl Session {
         changed("probe_stats", running.probe_stats != new.probe_stats);
         changed("node_log_dir", running.node != new.node);
         changed("max_processes", running.max_processes != new.max_processes);
+        changed("census_seconds", running.census != new.census);
         changed(
             "verdict window/sample",
             running.analysis.period != new.analysis.period
@@ -334,6 +340,7 @@ impl Session {
     /// Detaches everything; the session is over.
     pub fn shutdown(mut self) {
         self.drain.abort();
+        drop(self.census.take());
         self.registry.detach_all();
     }
 

@@ -24,6 +24,8 @@ use crate::state::tasks::TaskLedger;
 use crate::targets::procfs::monotonic_ns;
 use crate::targets::workload::Workloads;
 
+mod census;
+
 #[derive(Debug)]
 struct TaskCollector(Sources);
 
@@ -137,7 +139,9 @@ impl Collector for TaskCollector {
         family(
             &mut encoder,
             "leakscope_tasks_alive",
-            "Tasks spawned at this site since attach that have not completed yet.",
+            "Tasks of this site alive now: spawned since attach and not completed, and those \
+             spawned before attach that the task census found \
+             (leakscope_tasks_alive_before_attach).",
             MetricType::Gauge,
             rows.iter()
                 .map(|r| (labels(r), ConstGauge::new(r.alive as i64))),
@@ -145,7 +149,8 @@ impl Collector for TaskCollector {
         family(
             &mut encoder,
             "leakscope_task_oldest_alive_seconds",
-            "Age of the oldest alive task from this site (0 when none is alive).",
+            "Age of the oldest alive task from this site (0 when none is alive); a lower bound, \
+             counted from the attach, while leakscope_tasks_alive_before_attach is above 0.",
             MetricType::Gauge,
             rows.iter()
                 .map(|r| (labels(r), ConstGauge::new(r.oldest_alive_seconds))),
@@ -213,6 +218,7 @@ impl Collector for TaskCollector {
                 ))
             }),
         )?;
+        census::encode_census(&mut encoder, &ledger, &rows, &self.0.workloads)?;
         encode_health(&mut encoder, &self.0, &ledger)?;
         let stream = ledger.stream.stats;
         let attached = ledger.attached_processes() as i64;

@@ -481,9 +481,10 @@ fn say_tasks_before_attach(pid: u32, first_task_id_after_attach: Option<u64>) {
     {
         info!(
             "pid {pid}: {before} tasks were spawned before this attach (leakscope restarted or \
-             attached late): alive counts start from zero now; first polls of those tasks \
-             count in leakscope_tasks_seen_before_attach_total, their completions in \
-             leakscope_tasks_completed_untracked_total"
+             attached late): those still alive are counted by the task census \
+             (leakscope_tasks_alive_before_attach, unless --census-seconds is 0); first polls \
+             of those tasks count in leakscope_tasks_seen_before_attach_total, their \
+             completions in leakscope_tasks_completed_untracked_total"
         );
     }
 }
