@@ -186,17 +186,23 @@ fn spawns_are_counted_where_bind_inner_was_inlined_and_older_tasks_are_not() {
         assert_eq!(line.trim(), "ok", "after {c}");
     };
     // Long-lived workers spawned before attach, polled every 100 ms: their first polls
-    // after attach are not spawns (their ids predate attach).
+    // after attach are not spawns (their ids predate attach); they are alive, found by the
+    // task census, and counted once.
     command("tick 6");
     let (_daemon, daemon) = start_daemon(&["--pid".into(), app.pid().to_string()]);
     wait_attached(daemon, app.pid());
     command("leak 25");
     command("done 40");
-    expect_site(
-        daemon,
-        app.pid(),
-        "one_task_type::main::{{closure}}::{{closure}}::{{closure}}",
-        (65.0, 40.0, 25.0),
+    let site = "one_task_type::main::{{closure}}::{{closure}}::{{closure}}";
+    expect_site(daemon, app.pid(), site, (65.0, 40.0, 25.0 + 6.0));
+    assert_eq!(
+        site_value(
+            &scrape(daemon),
+            "leakscope_tasks_alive_before_attach",
+            app.pid(),
+            site
+        ),
+        6.0
     );
 }
 
