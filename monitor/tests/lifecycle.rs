@@ -207,7 +207,8 @@ fn a_restarted_target_and_a_reused_pid_start_from_zero() {
 
 /// leakscope restarted while the target runs with tasks alive: the second daemon attaches,
 /// says how many tasks came before it (`leakscope_tasks_spawned_before_attach`, and the
-/// log), counts none of them as alive, tells the long-lived workers' first polls apart
+/// log), counts those still alive once, from the task census and not as spawns
+/// (`leakscope_tasks_alive_before_attach`), tells the long-lived workers' first polls apart
 /// (`leakscope_tasks_seen_before_attach_total`), and counts new tasks exactly.
 #[test]
 fn a_restarted_daemon_says_which_counts_started_again() {
@@ -243,8 +244,17 @@ fn a_restarted_daemon_says_which_counts_started_again() {
         );
         (seen == 4.0).then_some(()).ok_or(format!("{seen}"))
     });
-    let (_, alive) = counts(daemon, pid, OneTaskType::SITE);
-    assert_eq!(alive, 0.0, "tasks from before the restart counted as alive");
+    // The 4 workers and the 3 leaked tasks are alive, none of them a spawn seen.
+    expect_counts(daemon, pid, OneTaskType::SITE, (0.0, 7.0));
+    assert_eq!(
+        site_value(
+            &scrape(daemon),
+            "leakscope_tasks_alive_before_attach",
+            pid,
+            OneTaskType::SITE
+        ),
+        7.0
+    );
     app.command("leak 2");
-    expect_counts(daemon, pid, OneTaskType::SITE, (2.0, 2.0));
+    expect_counts(daemon, pid, OneTaskType::SITE, (2.0, 9.0));
 }

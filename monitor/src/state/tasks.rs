@@ -214,7 +214,16 @@ impl ProcessTasks {
                     .get(&event.header)
                     .is_some_and(|t| self.site_by_vtable.get(&event.vtable) == Some(&t.site)) =>
             {
-                // Already known: seen spawning, or re-reported after the BPF side forgot it.
+                // Already known: seen spawning, found by the census, or re-reported after the
+                // BPF side forgot it. A census-found task's first poll since attach is still
+                // one of a task spawned before, whichever came first.
+                if self
+                    .live
+                    .get(&event.header)
+                    .is_some_and(|t| t.before_attach)
+                {
+                    self.seen_spawned_before_attach += 1;
+                }
             }
             TaskEventKind::FirstPoll
                 if event.task_id != 0

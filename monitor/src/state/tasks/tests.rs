@@ -314,6 +314,18 @@ mod census {
     }
 
     #[test]
+    fn a_first_poll_of_a_census_found_task_is_no_spawn() {
+        let mut ledger = attached_late();
+        census(&mut ledger, &[5], true);
+        let mut poll = event(TaskEventKind::FirstPoll, 0x1000 * 5, BIAS + 0x1000, 1);
+        poll.task_id = 5;
+        ledger.apply(&poll);
+        let row = leak(&ledger);
+        assert_eq!((row.spawned, row.alive, row.alive_before_attach), (0, 1, 1));
+        assert_eq!(ledger.process(7).unwrap().seen_spawned_before_attach, 1);
+    }
+
+    #[test]
     fn no_census_where_every_task_was_seen_from_exec() {
         let ledger = ledger();
         assert!(ledger.census_targets().is_empty());
