@@ -219,3 +219,33 @@ fn a_census_seen_task_that_completes_leaves_once() {
         0.0
     );
 }
+
+/// `leakscope report` names the tasks alive from before it attached, though they are no
+/// growth to judge.
+#[test]
+fn report_lists_tasks_alive_since_before_attach() {
+    if !ebpf_available("census report") {
+        return;
+    }
+    let (app, addr) = start_fixture(&fixture("axum-app"), &[]);
+    for _ in 0..20 {
+        get_ok(addr, "/leak/forever");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_leakscope"))
+        .args(["report", "--pid", &app.pid().to_string(), "--duration", "3"])
+        .output()
+        .expect("running leakscope report");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "no suspect: nothing grew while it watched\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("Tasks alive since before leakscope attached"))
+        .find(|l| l.contains(&site("axum_app", "leak_forever")))
+        .unwrap_or_else(|| panic!("the leaked site is not listed:\n{stdout}"));
+    assert_eq!(listed.split_whitespace().next(), Some("20"), "{listed}");
+}

@@ -232,6 +232,10 @@ pub struct SiteVerdict {
     pub current: f64,
     /// Task sites: the age of the oldest alive task.
     pub oldest_alive_seconds: Option<f64>,
+    /// Task sites: alive tasks spawned before leakscope attached (found by the task
+    /// census), not in `current` (growth is judged on the tasks seen since attach).
+    #[serde(default)]
+    pub alive_before_attach: u64,
     /// Seconds since the daemon started when this site first became a suspect (kept while
     /// it stays one).
     pub suspect_since: Option<f64>,

@@ -242,6 +242,7 @@ impl Analyzer {
                 current: samples.back().map_or(0.0, |s| s.value),
                 oldest_alive_seconds: (key.1 == SiteKind::Task)
                     .then_some(latest.oldest_alive_seconds),
+                alive_before_attach: latest.alive_before_attach,
                 suspect_since: None,
                 samples: samples
                     .iter()

@@ -56,6 +56,30 @@ pub fn render(verdicts: &VerdictsResponse) -> String {
             out.push('\n');
         }
     }
+    let mut before: Vec<_> = verdicts
+        .sites
+        .iter()
+        .filter(|v| v.alive_before_attach > 0)
+        .collect();
+    if !before.is_empty() {
+        before.sort_by_key(|v| std::cmp::Reverse(v.alive_before_attach));
+        let _ = writeln!(
+            out,
+            "Tasks alive since before leakscope attached (task census; ages are lower bounds):"
+        );
+        for v in before {
+            let _ = writeln!(
+                out,
+                "  {:>8}  {} (pid {}, {}), alive for at least {:.0} s",
+                v.alive_before_attach,
+                v.site,
+                v.pid,
+                v.exe,
+                v.oldest_alive_seconds.unwrap_or(0.0)
+            );
+        }
+        out.push('\n');
+    }
     let (warming, cannot) = (count(Verdict::WarmingUp), count(Verdict::CannotJudge));
     if warming + cannot > 0 {
         let _ = writeln!(

@@ -19,6 +19,7 @@ pub fn site(name: &str, verdict: Verdict, score: f64, growth: f64, current: f64)
         growth_per_second: growth,
         current,
         oldest_alive_seconds: Some(95.0),
+        alive_before_attach: 0,
         suspect_since: None,
         samples: (0..5)
             .map(|i| HistorySample {
