@@ -161,7 +161,12 @@ struct Profile {
 
 /// User + system CPU time of process `pid` so far, from `/proc/PID/stat`.
 pub fn process_cpu_ns(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    process_cpu_ns_of(&format!("/proc/{pid}/stat"))
+}
+
+/// User + system CPU time so far of the process or thread whose `stat` file is `path`.
+pub fn process_cpu_ns_of(path: &str) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(path)?;
     // Fields after the command (which may hold spaces) start with the state, field 3;
     // utime and stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
     let fields: Vec<&str> = stat
@@ -378,6 +383,7 @@ pub fn bench(rounds: usize) -> anyhow::Result<()> {
     }
     heap_bench(rounds)?;
     verdict_bench()?;
+    crate::bench_census::census_bench(&root_leakscope())?;
     crate::bench_host::host_bench(&root_leakscope())
 }
 

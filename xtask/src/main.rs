@@ -4,6 +4,7 @@
 //! new machine), and `test` is exactly what CI runs.
 
 mod bench;
+mod bench_census;
 mod bench_host;
 mod bench_http;
 mod bench_tools;
@@ -70,6 +71,10 @@ enum Task {
         /// Only host-wide mode at scale: 50 services found, attached and held in memory.
         #[arg(long, conflicts_with = "http")]
         host: bool,
+        /// Only the task census of 100,000 tasks spawned before attach: time to count
+        /// them, one census's wall and CPU time, the daemon's memory.
+        #[arg(long, conflicts_with_all = ["http", "host"])]
+        census: bool,
         /// Only the HTTP benchmark: the axum fixture under wrk, unmonitored and under each
         /// monitor (task hooks, heap exact/sampled, bcc memleak); writes
         /// target/bench/summary.{json,md,svg}.
@@ -150,6 +155,7 @@ fn main() -> anyhow::Result<()> {
         Task::Bench {
             rounds,
             host,
+            census,
             http,
             quick,
         } => {
@@ -164,6 +170,12 @@ fn main() -> anyhow::Result<()> {
             if host {
                 run(cargo().args(["build", "--release", "-p", "monitor"]))?;
                 return bench_host::host_bench(&workspace_root().join("target/release/leakscope"));
+            }
+            if census {
+                run(cargo().args(["build", "--release", "-p", "monitor"]))?;
+                return bench_census::census_bench(
+                    &workspace_root().join("target/release/leakscope"),
+                );
             }
             bench::bench(rounds.unwrap_or(5).max(1))
         }
