@@ -61,10 +61,27 @@ fn expect_total_matches_tokio(daemon: SocketAddr, addr: SocketAddr, pid: u32) {
         DEADLINE,
         || {
             let tokio = stats(addr)["num_alive_tasks"] - 1.0;
-            let ours = pid_value(daemon, "leakscope_tasks_alive", pid);
+            let samples = scrape(daemon);
+            let ours = sum(
+                &samples,
+                "leakscope_tasks_alive",
+                &[("pid", &pid.to_string())],
+            );
+            let sites: Vec<String> = samples
+                .iter()
+                .filter(|s| {
+                    s.name.starts_with("leakscope_tasks_alive")
+                        || s.name.starts_with("leakscope_census")
+                        || s.name.starts_with("leakscope_events")
+                        || s.name.starts_with("leakscope_bound_drops")
+                        || s.name.starts_with("leakscope_tasks_completed_untracked")
+                })
+                .filter(|s| s.value != 0.0)
+                .map(|s| format!("{} {:?} {}", s.name, s.labels.get("site"), s.value))
+                .collect();
             (ours == tokio)
                 .then_some(())
-                .ok_or(format!("leakscope {ours}, tokio {tokio}"))
+                .ok_or(format!("leakscope {ours}, tokio {tokio}: {sites:#?}"))
         },
     );
 }

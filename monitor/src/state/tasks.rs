@@ -106,9 +106,12 @@ pub struct ProcessTasks {
     /// Tasks spawned before attach that a census found, then no longer found, without
     /// their completion being seen (its event lost, or the task released another way).
     pub census_vanished: u64,
-    /// Ids of tasks spawned before attach whose completion was seen, so a census that read
-    /// one just before it completed does not count it again (bounded).
-    completed_before_attach: census::RecentIds,
+    /// Headers of tasks no hook saw spawn whose completion was seen, so a census that read
+    /// one just before it completed does not take it in (bounded). Completion events carry
+    /// no task id; the header is as good here: a task from before attach still alive has
+    /// held its header since before attach, so a completion at that header since was its
+    /// own.
+    completed_unseen_headers: census::RecentIds,
 }
 
 impl ProcessTasks {
@@ -140,7 +143,7 @@ impl ProcessTasks {
             events: 0,
             census: CensusFigures::default(),
             census_vanished: 0,
-            completed_before_attach: census::RecentIds::default(),
+            completed_unseen_headers: census::RecentIds::default(),
         }
     }
 
@@ -269,7 +272,7 @@ impl ProcessTasks {
                     if task.before_attach {
                         // Not spawned since attach: not this site's completion to count.
                         self.completed_untracked += 1;
-                        self.completed_before_attach.insert(event.task_id);
+                        self.completed_unseen_headers.insert(event.header);
                     } else {
                         self.sites[task.site].completed += 1;
                     }
@@ -284,11 +287,8 @@ impl ProcessTasks {
                 }
                 None => {
                     self.completed_untracked += 1;
-                    if self
-                        .first_task_id_after_attach
-                        .is_some_and(|first| event.task_id < first)
-                    {
-                        self.completed_before_attach.insert(event.task_id);
+                    if self.first_task_id_after_attach.is_some() {
+                        self.completed_unseen_headers.insert(event.header);
                     }
                 }
             },

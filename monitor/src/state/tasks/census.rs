@@ -16,10 +16,10 @@ use super::{LiveTask, MAX_LIVE_TASKS_PER_PROCESS, ProcessTasks, TaskLedger};
 use crate::discovery::TargetImage;
 use crate::targets::census::{CensusFigures, CensusOutcome};
 
-/// Completions of tasks spawned before attach remembered (by task id) at most.
+/// Completions of tasks no hook saw spawn remembered (by header) at most.
 const RECENT_COMPLETIONS: usize = 1 << 16;
 
-/// A bounded set of task ids, the oldest forgotten first.
+/// A bounded set of values (task headers), the oldest forgotten first.
 #[derive(Debug, Default)]
 pub(super) struct RecentIds {
     ids: HashSet<u64>,
@@ -70,7 +70,7 @@ impl ProcessTasks {
         let mut found = HashSet::new();
         for task in outcome.tasks.iter().filter(|t| before_attach(t.task_id)) {
             found.insert(task.task_id);
-            if self.completed_before_attach.contains(task.task_id)
+            if self.completed_unseen_headers.contains(task.header)
                 || self.live.contains_key(&task.header)
             {
                 continue;

@@ -251,8 +251,9 @@ mod census {
     }
 
     fn complete(ledger: &mut TaskLedger, id: u64, seq: u64) {
+        // Completion events carry no task id (the probe reads it at spawn only).
         let mut e = event(TaskEventKind::Complete, 0x1000 * id, BIAS + 0x1000, seq);
-        e.task_id = id;
+        e.task_id = 0;
         ledger.apply(&e);
     }
 
