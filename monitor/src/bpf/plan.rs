@@ -38,7 +38,11 @@ pub struct TaskAttachPoint {
     pub symbol: String,
 }
 
-/// The task hooks of `image`: one per hook point discovery verified.
+/// The task hooks of `image`: one per hook point discovery verified, completion hooks
+/// first. Uprobes go in one at a time; with the spawn hooks first, a task spawned and
+/// completed while the rest went in would be seen spawning and never completing (alive
+/// for ever, under load at attach). In this order such a task's completion is only
+/// untracked, as any task's from before attach.
 pub fn task_points(image: &TargetImage) -> Result<Vec<TaskAttachPoint>, PlanError> {
     if !image.hooks.iter().any(|h| {
         matches!(
@@ -51,9 +55,10 @@ pub fn task_points(image: &TargetImage) -> Result<Vec<TaskAttachPoint>, PlanErro
             image.warnings.join("; "),
         ));
     }
-    image
-        .hooks
-        .iter()
+    let mut hooks: Vec<_> = image.hooks.iter().collect();
+    hooks.sort_by_key(|hook| hook.kind != HookKind::Complete);
+    hooks
+        .into_iter()
         .map(|hook| {
             let kind = match hook.kind {
                 HookKind::SpawnOwned | HookKind::SpawnBlocking => TaskEventKind::Spawn,
