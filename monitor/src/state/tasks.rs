@@ -101,6 +101,10 @@ pub struct ProcessTasks {
     /// CLOCK_MONOTONIC (the kernel's event time) when the process was registered: an exec
     /// reported with an earlier time happened before, to the program registered here.
     pub registered_ns: u64,
+    /// tokio's next task id once every task hook was in place: tasks with a smaller id may
+    /// have been spawned before a hook could see it, so the census takes in those no hook
+    /// saw (`None`: `first_task_id_after_attach` is the boundary).
+    pub census_boundary: Option<u64>,
     /// What the task census of this process costs and could not read.
     pub census: CensusFigures,
     /// Tasks spawned before attach that a census found, then no longer found, without
@@ -141,6 +145,7 @@ impl ProcessTasks {
             probes_ready: false,
             registered_ns: 0,
             events: 0,
+            census_boundary: None,
             census: CensusFigures::default(),
             census_vanished: 0,
             completed_unseen_headers: census::RecentIds::default(),
@@ -241,8 +246,13 @@ impl ProcessTasks {
             TaskEventKind::Spawn | TaskEventKind::FirstPoll => {
                 let site = self.site_for(event.vtable);
                 self.sites[site].spawned += 1;
-                if self.forget_live(event.header).is_some() {
-                    self.completions_missed += 1;
+                match self.forget_live(event.header) {
+                    // The census took it in before its spawn's event came through: the
+                    // hook saw it after all, and counts it from now on.
+                    Some(previous)
+                        if previous.before_attach && previous.task_id == Some(event.task_id) => {}
+                    Some(_) => self.completions_missed += 1,
+                    None => {}
                 }
                 if self.live.len() >= MAX_LIVE_TASKS_PER_PROCESS {
                     self.spawned_untracked += 1;
@@ -381,6 +391,13 @@ impl TaskLedger {
 
     pub fn processes(&self) -> impl Iterator<Item = &ProcessTasks> {
         self.processes.values()
+    }
+
+    /// Sets `pid`'s census boundary (see [`ProcessTasks::census_boundary`]).
+    pub fn set_census_boundary(&mut self, pid: u32, next_task_id: u64) {
+        if let Some(process) = self.processes.get_mut(&pid) {
+            process.census_boundary = Some(next_task_id);
+        }
     }
 
     /// Marks `pid`'s probes as all in place (see [`ProcessTasks::probes_ready`]).

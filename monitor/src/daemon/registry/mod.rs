@@ -239,10 +239,21 @@ impl ProcessRegistry {
             });
         match attached {
             Ok(links) => {
-                self.ledger
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .mark_probes_ready(pid);
+                // Every task with a smaller id may have been spawned before its hook went
+                // in: the census takes in those no hook saw.
+                let boundary = image
+                    .next_task_id
+                    .and_then(|link| procfs::read_u64(pid, link.wrapping_add(load_bias)).ok());
+                let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(next) = boundary
+                    && ledger
+                        .process(pid)
+                        .is_some_and(|p| p.first_task_id_after_attach.is_some())
+                {
+                    ledger.set_census_boundary(pid, next);
+                }
+                ledger.mark_probes_ready(pid);
+                drop(ledger);
                 let workload = workload.unwrap_or_else(|| workload::of_process(pid, &self.node));
                 let labels = workload.labels();
                 self.workloads.set(pid, workload);

@@ -2,8 +2,10 @@
 //! merged with what the hooks see (see `targets::census`).
 //!
 //! The two sources never count a task twice because they are split by tokio's task id:
-//! tasks with an id below the id counter's value at attach (`first_task_id_after_attach`)
-//! come from the census only, the rest from the hooks only. A census-found task that
+//! tasks with an id at or above the id counter's value once the hooks were all in
+//! (`census_boundary`) come from the hooks only; below it, the census takes in those no hook
+//! saw spawn (spawned before attach, or while the hooks were going in), and a spawn event
+//! for one it took in first only hands it over to the hooks. A census-found task that
 //! completes leaves at once by its completion event; one whose completion was seen while a
 //! census was reading (so that census may still have found it) is not taken in again; one
 //! that a complete census no longer finds is taken out. No count can go negative: a task
@@ -63,14 +65,20 @@ impl ProcessTasks {
     /// Merges one census of this process (see the module docs); `figures` are its costs.
     pub fn apply_census(&mut self, outcome: &CensusOutcome, figures: CensusFigures) {
         self.census = figures;
-        let Some(first_after_attach) = self.first_task_id_after_attach else {
+        let Some(boundary) = self.census_boundary.or(self.first_task_id_after_attach) else {
             return;
         };
-        let before_attach = |id: u64| id != 0 && id < first_after_attach;
+        // Below the boundary a task may have been spawned before its hook was in; those
+        // the hooks did see are in `live` by their header and left alone.
+        let before_attach = |id: u64| id != 0 && id < boundary;
+        // A task spawned before attach holds its header since: an unseen completion at that
+        // header since attach was its own. (One spawned while the hooks went in may sit on
+        // the header of a task that completed meanwhile: a complete census sorts it out.)
+        let first = self.first_task_id_after_attach.unwrap_or(boundary);
         let mut found = HashSet::new();
         for task in outcome.tasks.iter().filter(|t| before_attach(t.task_id)) {
             found.insert(task.task_id);
-            if self.completed_unseen_headers.contains(task.header)
+            if (task.task_id < first && self.completed_unseen_headers.contains(task.header))
                 || self.live.contains_key(&task.header)
             {
                 continue;

@@ -327,6 +327,24 @@ mod census {
     }
 
     #[test]
+    fn tasks_spawned_while_the_hooks_went_in_are_taken_in_once() {
+        let mut ledger = attached_late();
+        // The id counter read 110 once every hook was in: 100..110 may have been missed.
+        ledger.set_census_boundary(7, 110);
+        // 104's spawn hook fired (its event not read yet); 105's did not.
+        census(&mut ledger, &[104, 105, 120], true);
+        assert_eq!(leak(&ledger).alive, 2, "120 is the hooks' alone");
+        let mut spawn = event(TaskEventKind::Spawn, 0x1000 * 104, BIAS + 0x1000, 1);
+        spawn.task_id = 104;
+        ledger.apply(&spawn);
+        let row = leak(&ledger);
+        assert_eq!((row.spawned, row.alive, row.alive_before_attach), (1, 2, 1));
+        assert_eq!(ledger.process(7).unwrap().completions_missed, 0);
+        census(&mut ledger, &[104, 105], true);
+        assert_eq!(leak(&ledger).alive, 2);
+    }
+
+    #[test]
     fn no_census_where_every_task_was_seen_from_exec() {
         let ledger = ledger();
         assert!(ledger.census_targets().is_empty());
