@@ -166,34 +166,3 @@ fn the_task_bound_stops_the_census_and_says_so() {
     assert!(!outcome.covers(1));
     assert_eq!(census.figures.lists_unread, 1);
 }
-
-/// `CENSUS_PID=N cargo test -p monitor --lib census_of_a_live_process -- --ignored
-/// --nocapture`: what a census finds in a running process (a debugging aid).
-#[test]
-#[ignore]
-fn census_of_a_live_process() {
-    let pid: u32 = std::env::var("CENSUS_PID").unwrap().parse().unwrap();
-    let info = crate::targets::procfs::process_info(pid).unwrap();
-    let image = crate::discovery::analyze(&info.exe_link()).unwrap();
-    let bias = crate::targets::procfs::exe_mapping_start(&info)
-        .unwrap()
-        .wrapping_sub(image.link_base());
-    let mut census = ProcessCensus::new(&image, bias, TOKIO_SHARDED);
-    let memory = memory::ProcessMemory { pid };
-    for _ in 0..2 {
-        let outcome = census.run(
-            &memory,
-            &[],
-            || anonymous_regions(pid),
-            &CensusBudget::default(),
-        );
-        let mut by_site: std::collections::BTreeMap<&str, u64> = Default::default();
-        for task in &outcome.tasks {
-            let site = image
-                .vtable_at(task.vtable.wrapping_sub(bias))
-                .map_or("?", |v| v.site.as_str());
-            *by_site.entry(site).or_default() += 1;
-        }
-        eprintln!("{:?}\n{:?}\n{by_site:#?}", census.figures, census.learned);
-    }
-}
