@@ -130,7 +130,7 @@ fn main() -> anyhow::Result<()> {
             } else {
                 fuzz::Corpus::Kept
             };
-            fuzz::fuzz(seconds, target.as_deref(), corpus)
+            fuzz::fuzz(seconds, target.as_deref(), corpus, None)
         }
         Task::Demo { seconds } => {
             setup()?;
@@ -464,6 +464,10 @@ const FUZZ_SECONDS_IN_TEST: u64 = 20;
 
 fn test(cargo_test_args: &[String]) -> anyhow::Result<()> {
     setup()?;
+    // A filtered run is someone iterating on a few tests: the fuzzers and the soak are not
+    // theirs.
+    let whole = cargo_test_args.is_empty();
+    let fuzz_build = whole.then(fuzz::BackgroundBuild::start).transpose()?;
     run(cargo().args(["fmt", "--all", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
     // The fuzz crate is its own workspace (it needs nightly), so `--all` does not cover it.
@@ -474,13 +478,16 @@ fn test(cargo_test_args: &[String]) -> anyhow::Result<()> {
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     fixtures()?;
     run(cargo().args(["test"]).args(cargo_test_args))?;
-    // A filtered run is someone iterating on a few tests: the fuzzers and the soak are not
-    // theirs.
-    if !cargo_test_args.is_empty() {
+    if !whole {
         eprintln!("xtask: a test filter was given: the fuzzing and the soak are left out");
         return Ok(());
     }
-    fuzz::fuzz(FUZZ_SECONDS_IN_TEST, None, fuzz::Corpus::SeedsOnly)?;
+    fuzz::fuzz(
+        FUZZ_SECONDS_IN_TEST,
+        None,
+        fuzz::Corpus::SeedsOnly,
+        fuzz_build,
+    )?;
     // Churn as a long-running host sees it, in 2 minutes (about 16 daemons started and
     // ended), with the daemon the tests just built; `cargo xtask soak --minutes N` runs the
     // release build, longer.
