@@ -482,14 +482,28 @@ fn test(cargo_test_args: &[String]) -> anyhow::Result<()> {
         eprintln!("xtask: a test filter was given: the fuzzing and the soak are left out");
         return Ok(());
     }
-    fuzz::fuzz(
-        FUZZ_SECONDS_IN_TEST,
-        None,
-        fuzz::Corpus::SeedsOnly,
-        fuzz_build,
-    )?;
-    // Churn as a long-running host sees it, in 2 minutes (about 16 daemons started and
-    // ended), with the daemon the tests just built; `cargo xtask soak --minutes N` runs the
-    // release build, longer.
-    soak::soak(2.0, soak::Build::Debug)
+    // The fuzzers keep one core busy and the soak mostly waits on its daemons and fixture,
+    // so they run side by side: two minutes off the run.
+    std::thread::scope(|scope| {
+        // Churn as a long-running host sees it, in 2 minutes (about 16 daemons started and
+        // ended), with the daemon the tests just built; `cargo xtask soak --minutes N` runs
+        // the release build, longer.
+        let soak = scope.spawn(|| soak::soak(2.0, soak::Build::Debug));
+        let fuzzed = fuzz::fuzz(
+            FUZZ_SECONDS_IN_TEST,
+            None,
+            fuzz::Corpus::SeedsOnly,
+            fuzz_build,
+        );
+        let soaked = soak
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the soak panicked")));
+        match (fuzzed, soaked) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(err), Ok(())) | (Ok(()), Err(err)) => Err(err),
+            (Err(fuzz), Err(soak)) => {
+                Err(fuzz.context(format!("and the soak failed too: {soak:#}")))
+            }
+        }
+    })
 }
