@@ -378,7 +378,8 @@ pub fn bench(rounds: usize) -> anyhow::Result<()> {
     }
     heap_bench(rounds)?;
     verdict_bench()?;
-    crate::bench_host::host_bench(&root_leakscope())
+    crate::bench_host::host_bench(&root_leakscope())?;
+    crate::bench_scale::scale_bench(&root_leakscope())
 }
 
 fn root_leakscope() -> std::path::PathBuf {

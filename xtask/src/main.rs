@@ -6,6 +6,7 @@
 mod bench;
 mod bench_host;
 mod bench_http;
+mod bench_scale;
 mod bench_tools;
 mod demo;
 mod fuzz;
@@ -70,6 +71,10 @@ enum Task {
         /// Only host-wide mode at scale: 50 services found, attached and held in memory.
         #[arg(long, conflicts_with = "http")]
         host: bool,
+        /// Only the daemon at scale: one process with 100 000 live tasks and 1 000 000 live
+        /// heap blocks (--heap exact): its memory, its maps' kernel memory, CPU per event.
+        #[arg(long, conflicts_with_all = ["http", "host"])]
+        scale: bool,
         /// Only the HTTP benchmark: the axum fixture under wrk, unmonitored and under each
         /// monitor (task hooks, heap exact/sampled, bcc memleak); writes
         /// target/bench/summary.{json,md,svg}.
@@ -150,6 +155,7 @@ fn main() -> anyhow::Result<()> {
         Task::Bench {
             rounds,
             host,
+            scale,
             http,
             quick,
         } => {
@@ -164,6 +170,12 @@ fn main() -> anyhow::Result<()> {
             if host {
                 run(cargo().args(["build", "--release", "-p", "monitor"]))?;
                 return bench_host::host_bench(&workspace_root().join("target/release/leakscope"));
+            }
+            if scale {
+                run(cargo().args(["build", "--release", "-p", "monitor"]))?;
+                return bench_scale::scale_bench(
+                    &workspace_root().join("target/release/leakscope"),
+                );
             }
             bench::bench(rounds.unwrap_or(5).max(1))
         }
