@@ -180,6 +180,11 @@ impl Probes {
         T::try_from(map).map_err(|source| ProbeError::Map { name, source })
     }
 
+    /// Borrows a map of the object, untyped.
+    pub(super) fn map(&self, name: &'static str) -> Option<&aya::maps::Map> {
+        self.ebpf.map(name)
+    }
+
     pub(super) fn program(&mut self, name: &'static str) -> Result<&mut UProbe, ProbeError> {
         Ok(self
             .ebpf
