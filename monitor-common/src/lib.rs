@@ -173,6 +173,8 @@ mod user {
     unsafe impl aya::Pod for super::heap::GroupKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::heap::GroupCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::heap::TaskKey {}
 }
 
 #[cfg(test)]

@@ -70,6 +70,10 @@ enum Task {
         /// Only host-wide mode at scale: 50 services found, attached and held in memory.
         #[arg(long, conflicts_with = "http")]
         host: bool,
+        /// Only the heap microbenchmarks (allocate+free loops, each hook's BPF time, the
+        /// daemon's CPU on each heap path).
+        #[arg(long, conflicts_with_all = ["http", "host"])]
+        heap: bool,
         /// Only the HTTP benchmark: the axum fixture under wrk, unmonitored and under each
         /// monitor (task hooks, heap exact/sampled, bcc memleak); writes
         /// target/bench/summary.{json,md,svg}.
@@ -150,6 +154,7 @@ fn main() -> anyhow::Result<()> {
         Task::Bench {
             rounds,
             host,
+            heap,
             http,
             quick,
         } => {
@@ -164,6 +169,10 @@ fn main() -> anyhow::Result<()> {
             if host {
                 run(cargo().args(["build", "--release", "-p", "monitor"]))?;
                 return bench_host::host_bench(&workspace_root().join("target/release/leakscope"));
+            }
+            if heap {
+                run(cargo().args(["build", "--release", "-p", "monitor"]))?;
+                return bench::heap_bench(rounds.unwrap_or(5).max(1));
             }
             bench::bench(rounds.unwrap_or(5).max(1))
         }

@@ -4,7 +4,7 @@
 //! which owns the probes, attaches and purges.
 
 use aya::maps::{HashMap, Map, MapData};
-use monitor_common::heap::{GroupCounters, GroupKey};
+use monitor_common::heap::{GroupCounters, GroupKey, TaskKey};
 use monitor_common::names::map;
 
 use super::loader::{ProbeError, Probes};
@@ -41,9 +41,10 @@ impl Probes {
         Ok(HeapAggregates { groups })
     }
 
-    /// Forgets the groups of `pid` (it exited or was detached), so that the bounded map does
-    /// not fill with the dead and a process reusing the pid starts from nothing. Returns how
-    /// many were dropped.
+    /// Forgets the groups and task vtables of `pid` (it exited or was detached), so that the
+    /// bounded maps do not fill with the dead and a process reusing the pid starts from
+    /// nothing (a task id of the dead process must not name a new process's task). Returns
+    /// how many groups were dropped.
     pub fn purge_heap_groups(&mut self, pid: u32) -> Result<usize, ProbeError> {
         let mut groups: HashMap<_, GroupKey, GroupCounters> = self.map_mut(map::HEAP_GROUPS)?;
         let stale: Vec<GroupKey> = groups
@@ -53,6 +54,15 @@ impl Probes {
             .collect();
         for key in &stale {
             let _ = groups.remove(key);
+        }
+        let mut tasks: HashMap<_, TaskKey, u64> = self.map_mut(map::TASK_VTABLES)?;
+        let dead: Vec<TaskKey> = tasks
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.pid == pid)
+            .collect();
+        for key in &dead {
+            let _ = tasks.remove(key);
         }
         Ok(stale.len())
     }
