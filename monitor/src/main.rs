@@ -192,7 +192,7 @@ struct Targets {
     /// container's namespace, pod and container name (labels of its series).
     #[arg(long, default_value = "/var/log")]
     node_log_dir: PathBuf,
-    /// Heap blocks the kernel tracks at once, across all watched processes; about 104
+    /// Heap blocks the kernel tracks at once, across all watched processes; about 120
     /// bytes of kernel memory each, allocated at start. Blocks beyond are counted in
     /// leakscope_heap_untracked_allocations_total{reason="outstanding_full"}.
     #[arg(long, default_value_t = monitor_common::heap::OUTSTANDING_MAX,
