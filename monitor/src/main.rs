@@ -11,7 +11,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use leakscope::analysis::AnalysisConfig;
 use leakscope::bpf::preflight;
-use leakscope::daemon::heap::HeapMode;
+use leakscope::daemon::heap::{HeapMode, HeapPath};
 use leakscope::daemon::{self, DaemonConfig, config_file, report, web_config};
 use leakscope::export::inspect;
 use leakscope::export::report as report_table;
@@ -192,12 +192,18 @@ struct Targets {
     /// container's namespace, pod and container name (labels of its series).
     #[arg(long, default_value = "/var/log")]
     node_log_dir: PathBuf,
-    /// Heap blocks the kernel tracks at once, across all watched processes; about 104
+    /// Heap blocks the kernel tracks at once, across all watched processes; about 120
     /// bytes of kernel memory each, allocated at start. Blocks beyond are counted in
     /// leakscope_heap_untracked_allocations_total{reason="outstanding_full"}.
     #[arg(long, default_value_t = monitor_common::heap::OUTSTANDING_MAX,
           value_parser = clap::value_parser!(u32).range(1024..=(1 << 24)))]
     heap_max_blocks: u32,
+    /// How the heap probes report: `aggregate` (live figures per callsite and task site
+    /// kept in the kernel and read periodically; an event only per new group) or `events`
+    /// (one event per allocation and per free, applied by the daemon: its cost grows with
+    /// the allocation rate). Both are exact.
+    #[arg(long, value_enum, default_value = "aggregate")]
+    heap_path: HeapPath,
 }
 
 /// What makes a suspect (README, Verdicts); the defaults pass the fixtures' leaks and
@@ -317,6 +323,7 @@ fn daemon_config(
         rescan: Duration::from_secs(1),
         heap,
         heap_max_blocks: targets.heap_max_blocks,
+        heap_path: targets.heap_path,
         probe_stats: false,
         analysis,
         node: NodeFiles {

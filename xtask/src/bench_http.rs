@@ -87,16 +87,20 @@ enum Config {
     Control,
     Tasks,
     Heap,
+    /// `--heap exact` with one event per allocation and free (`--heap-path events`), the
+    /// path `Heap`'s in-kernel aggregation replaced: both in one run, for the comparison.
+    HeapEvents,
     HeapSampled,
     Memleak,
 }
 
 impl Config {
-    const ALL: [Config; 6] = [
+    const ALL: [Config; 7] = [
         Config::Baseline,
         Config::Control,
         Config::Tasks,
         Config::Heap,
+        Config::HeapEvents,
         Config::HeapSampled,
         Config::Memleak,
     ];
@@ -107,6 +111,7 @@ impl Config {
             Config::Control => "baseline_repeat",
             Config::Tasks => "tasks",
             Config::Heap => "heap",
+            Config::HeapEvents => "heap_events",
             Config::HeapSampled => "heap_sampled",
             Config::Memleak => "memleak",
         }
@@ -117,6 +122,7 @@ impl Config {
             Config::Control => "2nd unmonitored",
             Config::Tasks => "task hooks",
             Config::Heap => "--heap exact",
+            Config::HeapEvents => "--heap exact, event per block",
             Config::HeapSampled => "--heap sampled",
             Config::Memleak => "bcc memleak -p",
         }
@@ -126,6 +132,7 @@ impl Config {
         match self {
             Config::Tasks => Some(&[]),
             Config::Heap => Some(&["--heap", "exact"]),
+            Config::HeapEvents => Some(&["--heap", "exact", "--heap-path", "events"]),
             Config::HeapSampled => Some(&["--heap", "sampled"]),
             Config::Baseline | Config::Control | Config::Memleak => None,
         }
@@ -644,18 +651,20 @@ struct Summary {
 }
 
 /// The configurations compared with the baseline, in column order.
-const COMPARED: [Config; 5] = [
+const COMPARED: [Config; 6] = [
     Config::Control,
     Config::Tasks,
     Config::Heap,
+    Config::HeapEvents,
     Config::HeapSampled,
     Config::Memleak,
 ];
 
 /// The configurations with a monitor.
-const MONITORED: [Config; 4] = [
+const MONITORED: [Config; 5] = [
     Config::Tasks,
     Config::Heap,
+    Config::HeapEvents,
     Config::HeapSampled,
     Config::Memleak,
 ];
@@ -864,14 +873,15 @@ impl Summary {
         ));
         md.push_str(
             "| route | connections | baseline req/s | 2nd unmonitored copy (noise) | task hooks | \
-             `--heap exact` | `--heap sampled` | heap adaptive | task census | bcc `memleak -p` |\n\
-             |---|---|---|---|---|---|---|---|---|---|\n",
+             `--heap exact` | `--heap exact`, event per block | `--heap sampled` | heap adaptive | \
+             task census | bcc `memleak -p` |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for (index, route) in ROUTES.iter().enumerate() {
             for conn in Conn::ALL {
                 let r = |c| cell(ratio(&self.results, c, index, conn));
                 md.push_str(&format!(
-                    "| `{}` ({}) | {} | {} | {} | {} | {} | {} | n/a | n/a | {} |\n",
+                    "| `{}` ({}) | {} | {} | {} | {} | {} | {} | {} | n/a | n/a | {} |\n",
                     route.path,
                     route.what,
                     conn.label(),
@@ -880,6 +890,7 @@ impl Summary {
                     r(Config::Control),
                     r(Config::Tasks),
                     r(Config::Heap),
+                    r(Config::HeapEvents),
                     r(Config::HeapSampled),
                     r(Config::Memleak),
                 ));
@@ -923,6 +934,7 @@ impl Summary {
             RGBColor(0x99, 0x99, 0x99),
             RGBColor(0x1f, 0x77, 0xb4),
             RGBColor(0xff, 0x7f, 0x0e),
+            RGBColor(0xff, 0xbb, 0x78),
             RGBColor(0x2c, 0xa0, 0x2c),
             RGBColor(0xd6, 0x27, 0x28),
         ];

@@ -73,8 +73,12 @@ enum Task {
         host: bool,
         /// Only the daemon at scale: one process with 100 000 live tasks and 1 000 000 live
         /// heap blocks (--heap exact): its memory, its maps' kernel memory, CPU per event.
-        #[arg(long, conflicts_with_all = ["http", "host"])]
+        #[arg(long, conflicts_with_all = ["http", "host", "heap"])]
         scale: bool,
+        /// Only the heap microbenchmarks (allocate+free loops, each hook's BPF time, the
+        /// daemon's CPU on each heap path).
+        #[arg(long, conflicts_with_all = ["http", "host"])]
+        heap: bool,
         /// Only the HTTP benchmark: the axum fixture under wrk, unmonitored and under each
         /// monitor (task hooks, heap exact/sampled, bcc memleak); writes
         /// target/bench/summary.{json,md,svg}.
@@ -156,6 +160,7 @@ fn main() -> anyhow::Result<()> {
             rounds,
             host,
             scale,
+            heap,
             http,
             quick,
         } => {
@@ -176,6 +181,10 @@ fn main() -> anyhow::Result<()> {
                 return bench_scale::scale_bench(
                     &workspace_root().join("target/release/leakscope"),
                 );
+            }
+            if heap {
+                run(cargo().args(["build", "--release", "-p", "monitor"]))?;
+                return bench::heap_bench(rounds.unwrap_or(5).max(1));
             }
             bench::bench(rounds.unwrap_or(5).max(1))
         }

@@ -41,6 +41,20 @@ impl HeapMode {
     }
 }
 
+/// How the heap probes report what they see, in `exact` and `sampled` modes alike.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeapPath {
+    /// Live figures per (callsite, task site) kept in the kernel, read periodically; an
+    /// event only for each new group. Exact, and the daemon's cost no longer grows with
+    /// the allocation rate.
+    #[default]
+    Aggregate,
+    /// One event per allocation and per free, applied by the daemon (the older path, kept
+    /// to check the aggregates against).
+    Events,
+}
+
 /// Per-executable state shared by all processes running it.
 struct ExeHeapInfo {
     text_start: u64,
@@ -60,6 +74,9 @@ pub struct HeapTracker {
     exes: HashMap<ExeIdentity, ExeHeapInfo>,
     next_unwind_row: u32,
     next_bucket: u32,
+    /// Live heap aggregated in the kernel (see `crate::bpf::heap_aggregates`) rather than
+    /// one event per allocation and free.
+    aggregate: bool,
 }
 
 impl HeapTracker {
@@ -78,7 +95,14 @@ impl HeapTracker {
             exes: HashMap::new(),
             next_unwind_row: 0,
             next_bucket: 0,
+            aggregate: true,
         }
+    }
+
+    /// Chooses how the probes report (by default, aggregated in the kernel).
+    pub fn with_path(mut self, path: HeapPath) -> Self {
+        self.aggregate = path == HeapPath::Aggregate;
+        self
     }
 
     fn exe_info(
@@ -159,6 +183,7 @@ impl HeapTracker {
         }
         let fsbase_offset = self.fsbase_offset;
         let sample_shift = self.mode.sample_shift();
+        let aggregate = u32::from(self.aggregate);
         let exe = self.exe_info(probes, process, image)?;
         let target = HeapTarget {
             load_bias,
@@ -174,19 +199,24 @@ impl HeapTracker {
             bucket_first: exe.bucket_first,
             buckets: exe.buckets,
             sample_shift,
-            _pad: 0,
+            aggregate,
         };
         let symbolizer = exe.symbolizer.clone();
+        let heap = ProcessHeap::new(
+            pid,
+            process.exe_name(),
+            load_bias,
+            symbolizer,
+            1 << sample_shift,
+        );
         self.ledger
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .add_process(ProcessHeap::new(
-                pid,
-                process.exe_name(),
-                load_bias,
-                symbolizer,
-                1 << sample_shift,
-            ));
+            .add_process(if self.aggregate {
+                heap.aggregated()
+            } else {
+                heap
+            });
         probes.set_heap_target(pid, Some(target))?;
         match probes.attach_heap(pid, &points) {
             Ok(links) => Ok(links),
@@ -203,6 +233,9 @@ impl HeapTracker {
         match probes.purge_heap_blocks(pid) {
             Ok(n) => log::debug!("pid {pid}: dropped {n} outstanding blocks"),
             Err(err) => log::warn!("pid {pid}: could not drop its outstanding blocks: {err}"),
+        }
+        if let Err(err) = probes.purge_heap_groups(pid) {
+            log::warn!("pid {pid}: could not drop its heap groups: {err}");
         }
         self.ledger
             .lock()

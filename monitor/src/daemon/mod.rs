@@ -27,7 +27,7 @@ use anyhow::bail;
 use log::{error, info, warn};
 
 use crate::analysis::AnalysisConfig;
-use crate::daemon::heap::HeapMode;
+use crate::daemon::heap::{HeapMode, HeapPath};
 use crate::targets::select::Selection;
 use crate::targets::workload::NodeFiles;
 use session::Session;
@@ -45,6 +45,8 @@ pub struct DaemonConfig {
     /// How often exited processes are reaped and `--exe` targets rescanned.
     pub rescan: Duration,
     pub heap: HeapMode,
+    /// How the heap probes report (aggregated in the kernel, or an event per block).
+    pub heap_path: HeapPath,
     /// Outstanding blocks the kernel tracks at once, across processes (heap mode only).
     pub heap_max_blocks: u32,
     /// Export the kernel's run statistics of leakscope's own programs.

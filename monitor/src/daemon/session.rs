@@ -108,12 +108,13 @@ impl Session {
                 Some(drain::HeapStream {
                     ring: probes.take_heap_events()?,
                     ledger: Arc::new(Mutex::new(HeapLedger::default())),
+                    aggregates: probes.heap_aggregates()?,
                 })
             }
         };
         let heap_tracker = heap
             .as_ref()
-            .map(|h| HeapTracker::new(h.ledger.clone(), config.heap));
+            .map(|h| HeapTracker::new(h.ledger.clone(), config.heap).with_path(config.heap_path));
         let drain = tokio::spawn(drain::drain(ring, ledger.clone(), heap, exec_stream));
         let heap_ledger = heap_tracker.as_ref().map(|h| h.ledger.clone());
         let probe_stats = if config.probe_stats {
@@ -269,6 +270,7 @@ impl Session {
         changed("web_config", running.web_config != new.web_config);
         changed("rescan_seconds", running.rescan != new.rescan);
         changed("heap", running.heap != new.heap);
+        changed("heap_path", running.heap_path != new.heap_path);
         changed(
             "heap_max_blocks",
             running.heap_max_blocks != new.heap_max_blocks,

@@ -23,6 +23,15 @@ impl TaskSites for TaskLedger {
         let (site, spawned_ns) = self.process(pid)?.live_task(addr)?;
         (spawned_ns >= allocated_ns).then(|| site.to_string())
     }
+
+    fn vtable_site(&self, pid: u32, link_vtable: u64) -> Option<String> {
+        let process = self.process(pid)?;
+        // Labelled as the ledger labels a spawn site (`ProcessTasks::site_for`).
+        Some(match process.image().vtable_at(link_vtable) {
+            Some(known) => known.site.clone(),
+            None => format!("vtable@{link_vtable:#x}"),
+        })
+    }
 }
 
 /// Relabels, as task cells, the blocks of tasks whose spawn events were just applied
