@@ -390,6 +390,11 @@ pub fn fixture_paths() -> Fixtures {
     }
 }
 
+/// The tokio lines the tokio-lines fixture is built against (`tokio-lines/tokio-<line>/`,
+/// binary `target/release/tokio-lines-<line>-0`): each task layout tokio 1.x has had before
+/// the one the axum fixtures use.
+const TOKIO_LINES: [&str; 4] = ["1-10", "1-18", "1-25", "1-28"];
+
 fn fixtures() -> anyhow::Result<()> {
     let root = workspace_root();
     run(cargo().args(["build", "--release", "-p", "axum-app"]))?;
@@ -400,6 +405,17 @@ fn fixtures() -> anyhow::Result<()> {
         .arg(root.join("monitor/tests/fixtures/axum-app-lts/Cargo.toml"))
         .arg("--target-dir")
         .arg(root.join("target")))?;
+    // The tokio-lines fixture against each pinned tokio line: one workspace per line, built
+    // one after the other into the shared target directory (each takes seconds: `rt` only).
+    for line in TOKIO_LINES {
+        run(cargo()
+            .args(["build", "--release", "--manifest-path"])
+            .arg(root.join(format!(
+                "monitor/tests/fixtures/tokio-lines/tokio-{line}/Cargo.toml"
+            )))
+            .arg("--target-dir")
+            .arg(root.join("target")))?;
+    }
     // The heap fixture under each global allocator leakscope supports.
     run(cargo().args(["build", "--release", "-p", "heap-app"]))?;
     for allocator in ["jemalloc", "mimalloc"] {

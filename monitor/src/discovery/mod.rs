@@ -43,9 +43,11 @@ mod naming;
 mod resolve;
 pub mod symbolize;
 pub mod task_context;
+pub mod task_layout;
 pub mod unwind_table;
 mod vtables;
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -55,6 +57,7 @@ use serde::Serialize;
 pub use budget::Budget;
 pub use dwarf::LineIndex;
 pub(crate) use elf::read_bounded;
+pub use task_layout::{TaskLayout, VtableLayout};
 
 /// How long [`analyze`] may take on one binary. The fixtures (2 MiB, and 13 MiB with line
 /// tables) take about a second each in a debug build on a loaded 2-core host, less in
@@ -164,7 +167,8 @@ pub struct TargetImage {
     /// Sorted by `vaddr`.
     pub vtables: Vec<TaskVtable>,
     pub hooks: Vec<HookPoint>,
-    pub layout: HeaderLayout,
+    /// tokio's task layout in this binary (header and vtable), as learned from its code.
+    pub layout: TaskLayout,
     /// Everything that could not be established and what it means for the results.
     pub warnings: Vec<String>,
     /// The file's `PT_LOAD` segments, kept for [`TargetImage::file_offset`].
@@ -247,7 +251,9 @@ pub struct TaskVtable {
     /// A `spawn_blocking` task.
     pub blocking: bool,
     /// Offsets stored in the vtable: from the header to the trailer, to the scheduler and to
-    /// the task id (`u64` at `header + id_offset`).
+    /// the task id (`u64` at `header + id_offset`). All 0 when the binary's vtables carry no
+    /// offsets (tokio < 1.23, see [`VtableLayout::offsets`]); `schedule_fn` is 0 when they
+    /// have no schedule entry.
     pub trailer_offset: u64,
     pub scheduler_offset: u64,
     pub id_offset: u64,
@@ -376,25 +382,6 @@ impl fmt::Display for Scheduler {
     }
 }
 
-/// Task header layout facts the probes need.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct HeaderLayout {
-    /// Offset of the `&'static Vtable` pointer in a task header.
-    pub vtable_offset: u64,
-    /// Read from the binary's code (true) or the tokio 1.29–1.54 default of 16 (false).
-    pub from_binary: bool,
-}
-
-impl Default for HeaderLayout {
-    /// The tokio 1.29–1.54 layout, marked as not read from a binary.
-    fn default() -> Self {
-        HeaderLayout {
-            vtable_offset: 16,
-            from_binary: false,
-        }
-    }
-}
-
 /// A `PT_LOAD` segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct LoadSegment {
@@ -485,12 +472,35 @@ fn analyze_image(
     let mut warnings = std::mem::take(&mut img.warnings);
     warnings.extend(debug.warnings.iter().cloned());
 
+    let poll_fns: BTreeSet<u64> = if stripped {
+        BTreeSet::new()
+    } else {
+        img.find_functions(vtables::RAW_POLL).into_iter().collect()
+    };
+    let vtable_layout = if poll_fns.is_empty() {
+        VtableLayout::default()
+    } else {
+        match task_layout::learn_vtable_layout(&img, &poll_fns) {
+            Ok(learned) => learned,
+            Err(why) => {
+                warnings.push(format!(
+                    "could not learn the task vtable's layout from the binary ({why}); \
+                     looking for tokio ≥ 1.23 records by shape"
+                ));
+                VtableLayout::default()
+            }
+        }
+    };
     let mut by_shape = stripped;
-    let mut raw = vtables::find_vtables(&img, !stripped);
+    let mut raw = if poll_fns.is_empty() || !vtable_layout.from_binary {
+        Vec::new()
+    } else {
+        vtables::find_vtables(&img, &vtable_layout, Some(&poll_fns))
+    };
     if raw.is_empty() && !stripped {
         // Symbols present but no `raw::poll` (renamed in some tokio version, or symbols
         // only partially kept): the record shape still identifies vtables.
-        raw = vtables::find_vtables(&img, false);
+        raw = vtables::find_vtables(&img, &VtableLayout::default(), None);
         by_shape = true;
         if !raw.is_empty() {
             warnings.push(
@@ -499,6 +509,8 @@ fn analyze_image(
                     .to_string(),
             );
         }
+    } else if stripped {
+        raw = vtables::find_vtables(&img, &vtable_layout, None);
     }
     check_budget(path, &img)?;
     if raw.is_empty() {
@@ -506,8 +518,14 @@ fn analyze_image(
             path: path.to_path_buf(),
         });
     }
+    let vtable_layout = if by_shape {
+        VtableLayout::default()
+    } else {
+        vtable_layout
+    };
+    warnings.extend(vtable_layout.limits());
 
-    let layout = hooks::header_layout(&img, &mut warnings);
+    let layout = hooks::header_layout(&img, vtable_layout, &mut warnings);
     let hooks = if stripped {
         warnings.push(debug.stripped_warning());
         Vec::new()
@@ -550,22 +568,18 @@ fn analyze_image(
                 ));
             }
         }
-        let complete_hooked = hooks::complete_reachable(
-            &mut walker,
-            vt.fns[vtables::POLL],
-            vt.fns[vtables::SHUTDOWN],
-            &complete_addrs,
-        );
+        let complete_hooked =
+            hooks::complete_reachable(&mut walker, vt.poll, vt.shutdown, &complete_addrs);
         if let Some(f) = named.as_ref().and_then(|n| n.future_fn) {
             future_fns.push(f);
         }
         out.push((
             TaskVtable {
                 vaddr: vt.vaddr,
-                poll_fn: vt.fns[vtables::POLL],
-                schedule_fn: vt.fns[vtables::SCHEDULE],
-                dealloc_fn: vt.fns[vtables::DEALLOC],
-                shutdown_fn: vt.fns[vtables::SHUTDOWN],
+                poll_fn: vt.poll,
+                schedule_fn: vt.schedule.unwrap_or(0),
+                dealloc_fn: vt.dealloc,
+                shutdown_fn: vt.shutdown,
                 site: named.as_ref().map_or(label, |n| n.site.clone()),
                 naming: named
                     .as_ref()
@@ -574,9 +588,9 @@ fn analyze_image(
                 complete_hooked,
                 scheduler: named.as_ref().and_then(|n| n.scheduler),
                 blocking: named.as_ref().is_some_and(|n| n.blocking),
-                trailer_offset: vt.trailer_offset,
-                scheduler_offset: vt.scheduler_offset,
-                id_offset: vt.id_offset,
+                trailer_offset: vt.offsets.map_or(0, |o| o[0]),
+                scheduler_offset: vt.offsets.map_or(0, |o| o[1]),
+                id_offset: vt.offsets.map_or(0, |o| o[2]),
             },
             named.and_then(|n| n.future_fn),
         ));

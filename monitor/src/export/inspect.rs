@@ -31,6 +31,23 @@ pub fn render_table(image: &TargetImage) -> String {
             "assumed: not found in the code"
         }
     );
+    let vtable = &image.layout.vtable;
+    let _ = writeln!(
+        out,
+        "task vtable: {} entries ({}){} ({})",
+        vtable.entries.len(),
+        vtable.entries.join(", "),
+        if vtable.offsets {
+            ", then trailer, scheduler and id offsets"
+        } else {
+            ", no offsets (task ids not read)"
+        },
+        if vtable.from_binary {
+            "read from the binary's symbols"
+        } else {
+            "assumed: tokio >= 1.23 records, found by shape"
+        }
+    );
     let _ = writeln!(
         out,
         "\nspawn sites ({} task vtables; tokio builds one per future type and scheduler, so a \
