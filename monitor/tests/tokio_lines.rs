@@ -28,12 +28,17 @@ struct Lines {
 impl Lines {
     /// Starts the fixture built against tokio `line` (`1-10-0`, ...).
     fn start(line: &str) -> Self {
-        let binary = fixture(&format!("tokio-lines-{line}"));
-        let mut child = Command::new(&binary)
+        Self::start_binary(line, &fixture(&format!("tokio-lines-{line}")))
+    }
+
+    /// Starts `binary`, a build of the fixture against tokio `line`.
+    fn start_binary(line: &str, binary: &std::path::Path) -> Self {
+        let mut child = Command::new(binary)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        let binary = binary.to_path_buf();
         let stdin = child.stdin.take().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut ready = String::new();
@@ -205,5 +210,56 @@ fn tokio_1_28_counts_every_site_exactly_and_frees_blocking_cells() {
                     "{leaked} cells at {leaky}, {blocking} bytes at {site}"
                 ))
         },
+    );
+}
+
+/// A tokio binary whose tasks cannot be read (the 1.10.0 build stripped: its vtables carry
+/// no offsets, so nothing finds them without symbols) still has its heap tracked, every
+/// allocation under `task_site="unknown (tasks not read)"`, and no task figures are made
+/// up for it; `inspect` says what could not be learned.
+#[test]
+fn a_binary_whose_tasks_cannot_be_read_still_gets_heap_tracking() {
+    let binary = fixture("tokio-lines-1-10-0-stripped");
+    let inspect = Command::new(env!("CARGO_BIN_EXE_leakscope"))
+        .arg("inspect")
+        .arg(&binary)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&inspect.stdout);
+    assert!(inspect.status.success(), "{said}");
+    assert!(
+        said.contains("tasks:       NOT READ")
+            && said.contains("no task vtables found")
+            && said.contains("task counts and spawn sites are not available"),
+        "{said}"
+    );
+    if !ebpf_available("heap without tasks") {
+        return;
+    }
+    let mut app = Lines::start_binary("1-10-0", &binary);
+    let pid = app.app.pid();
+    let (_daemon, addr) = watch(pid, &["--heap", "exact"]);
+    app.command(&format!("leak-multi {LEAK_MULTI}"));
+    app.command(&format!("blocking {BLOCKING}"));
+    eventually("heap tracked, every task site unknown", DEADLINE, || {
+        let live = live_bytes(addr, pid);
+        let bytes: f64 = live.values().sum();
+        let sites: Vec<&String> = live.keys().map(|(_, task_site)| task_site).collect();
+        (bytes > 0.0 && sites.iter().all(|s| *s == "unknown (tasks not read)"))
+            .then_some(())
+            .ok_or(format!("{live:?}"))
+    });
+    let samples = scrape(addr);
+    let task_series = samples
+        .iter()
+        .filter(|s| {
+            s.name.starts_with("leakscope_tasks_")
+                && s.labels.contains_key("site")
+                && s.labels.get("pid") == Some(&pid.to_string())
+        })
+        .count();
+    assert_eq!(
+        task_series, 0,
+        "no task figures for a binary whose tasks are not read"
     );
 }

@@ -416,6 +416,12 @@ fn fixtures() -> anyhow::Result<()> {
             .arg("--target-dir")
             .arg(root.join("target")))?;
     }
+    // The 1.10 line stripped: a tokio binary whose tasks cannot be read (its vtables have
+    // no offsets to find them by shape), for heap tracking without task discovery.
+    run(Command::new("strip")
+        .arg("-o")
+        .arg(root.join("target/release/tokio-lines-1-10-0-stripped"))
+        .arg(root.join("target/release/tokio-lines-1-10-0")))?;
     // The heap fixture under each global allocator leakscope supports.
     run(cargo().args(["build", "--release", "-p", "heap-app"]))?;
     for allocator in ["jemalloc", "mimalloc"] {

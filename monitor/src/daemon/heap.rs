@@ -180,13 +180,16 @@ impl HeapTracker {
         self.ledger
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .add_process(ProcessHeap::new(
-                pid,
-                process.exe_name(),
-                load_bias,
-                symbolizer,
-                1 << sample_shift,
-            ));
+            .add_process(
+                ProcessHeap::new(
+                    pid,
+                    process.exe_name(),
+                    load_bias,
+                    symbolizer,
+                    1 << sample_shift,
+                )
+                .with_tasks_unread(image.tasks_unreadable.is_some()),
+            );
         probes.set_heap_target(pid, Some(target))?;
         match probes.attach_heap(pid, &points) {
             Ok(links) => Ok(links),

@@ -182,6 +182,10 @@ pub struct TargetImage {
     /// Sonames of the libraries the executable needs (`DT_NEEDED`): all mapped means the
     /// dynamic loader is done with them (`targets::loader_done`).
     pub needed_libraries: Vec<String>,
+    /// Why this binary's tokio tasks cannot be read, when they cannot (see
+    /// [`analyze_heap_only`]): it then has no vtables and no task hooks, and only its heap
+    /// is tracked.
+    pub tasks_unreadable: Option<String>,
 }
 
 impl TargetImage {
@@ -217,6 +221,19 @@ impl TargetImage {
                     .min()
             })
             .unwrap_or(0)
+    }
+
+    /// This image for heap tracking only: its tasks cannot be read (`why`: what could not
+    /// be learned), so no task hook is placed; one warning says so.
+    pub fn with_tasks_unreadable(mut self, why: &str) -> Self {
+        let warning = format!(
+            "the tokio tasks of this binary cannot be read ({why}): its heap is tracked, but \
+             task counts and spawn sites are not available for it, and its allocations are \
+             not tied to the task that made them"
+        );
+        self.warnings.push(warning.clone());
+        self.tasks_unreadable = Some(warning);
+        self
     }
 
     /// Hook points of one kind.
@@ -649,7 +666,32 @@ fn analyze_image(
         current_task_slot,
         next_task_id,
         needed_libraries: dynamic::needed_libraries(&img.data),
+        tasks_unreadable: None,
     })
+}
+
+/// The image of a tokio binary whose tasks cannot be read (`why`: what could not be
+/// learned), for heap tracking alone: no vtables and no task hooks, but its segments,
+/// build-id, debug file and needed libraries, which heap tracking needs; its one warning
+/// says what is missing. Heap tracking needs no task layout, so it never depends on task
+/// discovery.
+pub fn analyze_heap_only(path: &Path, why: &str) -> Result<TargetImage, DiscoveryError> {
+    let mut img = elf::Image::load(path)?;
+    img.budget = Budget::new(ANALYSIS_BUDGET);
+    let debug = debuginfo::attach(path, &mut img, None)?;
+    let mut warnings = std::mem::take(&mut img.warnings);
+    warnings.extend(debug.warnings.iter().cloned());
+    Ok(TargetImage {
+        path: path.to_path_buf(),
+        build_id: img.build_id.clone(),
+        stripped: !img.has_symtab,
+        debug_file: debug.file,
+        warnings,
+        segments: img.segments.clone(),
+        needed_libraries: dynamic::needed_libraries(&img.data),
+        ..TargetImage::default()
+    }
+    .with_tasks_unreadable(why))
 }
 
 /// One spelling per spawn site. A generic function's futures are named by their poll

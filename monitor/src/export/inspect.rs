@@ -21,6 +21,21 @@ pub fn render_table(image: &TargetImage) -> String {
             "present"
         }
     );
+    if let Some(why) = &image.tasks_unreadable {
+        let _ = writeln!(out, "tasks:       NOT READ: {why}");
+        let _ = writeln!(
+            out,
+            "heap:        tracked with --heap exact|sampled (task_site=\"{}\")",
+            crate::state::heap::TASKS_UNREAD
+        );
+        if image.vtables.is_empty() {
+            // Its one warning is the line above.
+            for warning in image.warnings.iter().filter(|w| *w != why) {
+                let _ = writeln!(out, "\nwarning: {warning}");
+            }
+            return out;
+        }
+    }
     let _ = writeln!(
         out,
         "task header: vtable pointer at +{} ({})",
