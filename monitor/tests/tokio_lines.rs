@@ -1,5 +1,5 @@
 //! Task truth on older tokio lines: the tokio-lines fixture (one source, built against
-//! tokio =1.10.0, =1.18.0, =1.25.0 and =1.28.0 by `cargo xtask fixtures`) spawns known
+//! tokio =1.8.0, =1.10.0, =1.18.0, =1.22.0, =1.25.0 and =1.28.0 by `cargo xtask fixtures`) spawns known
 //! numbers of leaking and finishing tasks on a multi-thread and a current-thread runtime
 //! and through `spawn_blocking`; leakscope must count each spawn site exactly on every
 //! line, whose task vtable, header and trailer layouts all differ. On 1.10.0 it must also
@@ -130,6 +130,16 @@ fn exact_counts(line: &str, daemon_args: &[&str]) -> Option<(Lines, Proc, Socket
         expect_site(addr, pid, &app.site(name), (n(count), n(count), 0.0));
     }
     Some((app, daemon, addr))
+}
+
+#[test]
+fn tokio_1_8_counts_every_site_exactly() {
+    exact_counts("1-8-0", &[]);
+}
+
+#[test]
+fn tokio_1_22_counts_every_site_exactly() {
+    exact_counts("1-22-0", &[]);
 }
 
 #[test]

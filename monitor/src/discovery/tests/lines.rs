@@ -1,11 +1,24 @@
-//! The tokio-lines fixture, built against tokio 1.10, 1.18, 1.25 and 1.28: each line's task
+//! The tokio-lines fixture, built against tokio 1.8, 1.10, 1.18, 1.22, 1.25 and 1.28: each line's task
 //! layout is learned from the binary, and it is what tokio's source at that tag declares
 //! (`runtime/task/raw.rs` `Vtable`, `runtime/task/core.rs` `Header`).
 
 use super::*;
 
 /// (line, vtable entries, offsets after them, vtable pointer's offset in the header).
-const LINES: [(&str, &[&str], bool, u64); 4] = [
+const LINES: [(&str, &[&str], bool, u64); 6] = [
+    (
+        "1-8-0",
+        &[
+            "poll",
+            "dealloc",
+            "try_read_output",
+            "drop_join_handle_slow",
+            "shutdown",
+        ],
+        false,
+        // state, owned-list `Pointers` (two words), queue_next, stack_next, then the vtable.
+        40,
+    ),
     (
         "1-10-0",
         &[
@@ -34,6 +47,23 @@ const LINES: [(&str, &[&str], bool, u64); 4] = [
         ],
         false,
         32,
+    ),
+    (
+        "1-22-0",
+        &[
+            "poll",
+            "dealloc",
+            "try_read_output",
+            "try_set_join_waker",
+            "drop_join_handle_slow",
+            "drop_abort_handle",
+            "remote_abort",
+            "shutdown",
+        ],
+        // A trailer offset only: no id offset to read.
+        false,
+        // The owned list moved out of the header in 1.21.
+        16,
     ),
     (
         "1-25-0",
