@@ -1,5 +1,6 @@
 //! Task truth on older tokio lines: the tokio-lines fixture (one source, built against
-//! tokio =1.8.0, =1.10.0, =1.18.0, =1.22.0, =1.25.0 and =1.28.0 by `cargo xtask fixtures`) spawns known
+//! tokio =1.8.0, =1.10.0, =1.18.0, =1.22.0, =1.25.0, =1.28.0, =1.32.0 and =1.43.0 by
+//! `cargo xtask fixtures`) spawns known
 //! numbers of leaking and finishing tasks on a multi-thread and a current-thread runtime
 //! and through `spawn_blocking`; leakscope must count each spawn site exactly on every
 //! line, whose task vtable, header and trailer layouts all differ. On 1.10.0 it must also
@@ -140,6 +141,16 @@ fn tokio_1_8_counts_every_site_exactly() {
 #[test]
 fn tokio_1_22_counts_every_site_exactly() {
     exact_counts("1-22-0", &[]);
+}
+
+#[test]
+fn tokio_1_32_counts_every_site_exactly() {
+    exact_counts("1-32-0", &[]);
+}
+
+#[test]
+fn tokio_1_43_counts_every_site_exactly() {
+    exact_counts("1-43-0", &[]);
 }
 
 #[test]

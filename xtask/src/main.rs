@@ -392,8 +392,10 @@ pub fn fixture_paths() -> Fixtures {
 
 /// The tokio lines the tokio-lines fixture is built against (`tokio-lines/tokio-<line>/`,
 /// binary `target/release/tokio-lines-<line>-0`): each task layout tokio 1.x has had before
-/// the one the axum fixtures use.
-const TOKIO_LINES: [&str; 6] = ["1-8", "1-10", "1-18", "1-22", "1-25", "1-28"];
+/// the one the axum fixtures use, and two lines since (`bind_inner` from 1.30 on).
+const TOKIO_LINES: [&str; 8] = [
+    "1-8", "1-10", "1-18", "1-22", "1-25", "1-28", "1-32", "1-43",
+];
 
 fn fixtures() -> anyhow::Result<()> {
     let root = workspace_root();
