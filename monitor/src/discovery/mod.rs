@@ -183,8 +183,8 @@ pub struct TargetImage {
     /// dynamic loader is done with them (`targets::loader_done`).
     pub needed_libraries: Vec<String>,
     /// Why this binary's tokio tasks cannot be read, when they cannot (see
-    /// [`analyze_heap_only`]): it then has no vtables and no task hooks, and only its heap
-    /// is tracked.
+    /// [`analyze_heap_only`] and [`TargetImage::with_tasks_unreadable`]): no task hook is
+    /// placed for it, and only its heap is tracked.
     pub tasks_unreadable: Option<String>,
 }
 
@@ -519,12 +519,14 @@ fn analyze_image(
         // only partially kept): the record shape still identifies vtables.
         raw = vtables::find_vtables(&img, &VtableLayout::default(), None);
         by_shape = true;
-        if !raw.is_empty() {
+        if !raw.is_empty() && poll_fns.is_empty() {
             warnings.push(
                 "no tokio::runtime::task::raw::poll symbol found; task vtables were found by \
                  record shape and are not named"
                     .to_string(),
             );
+        } else if !raw.is_empty() {
+            warnings.push("task vtables were found by record shape and are not named".into());
         }
     } else if stripped {
         raw = vtables::find_vtables(&img, &vtable_layout, None);
