@@ -536,7 +536,13 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
                 ),
                 (None, None) => unreachable!("clap requires one of them"),
             };
-            let image = leakscope::discovery::analyze(&path)?;
+            // As the daemon would attach with heap tracking: a tokio binary whose tasks
+            // cannot be read is shown heap-only, with the warning saying why.
+            let image = leakscope::daemon::judge::analyze_for_attach(
+                &path,
+                &path.display().to_string(),
+                true,
+            )?;
             let allocators = leakscope::discovery::alloc::find_allocators(&path, &libraries)
                 .context("finding the allocator")?;
             let heap_points = leakscope::bpf::plan::heap_points(&allocators);

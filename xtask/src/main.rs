@@ -411,6 +411,13 @@ pub fn fixture_paths() -> Fixtures {
     }
 }
 
+/// The tokio lines the tokio-lines fixture is built against (`tokio-lines/tokio-<line>/`,
+/// binary `target/release/tokio-lines-<line>-0`): each task layout tokio 1.x has had before
+/// the one the axum fixtures use, and two lines since (`bind_inner` from 1.30 on).
+const TOKIO_LINES: [&str; 8] = [
+    "1-8", "1-10", "1-18", "1-22", "1-25", "1-28", "1-32", "1-43",
+];
+
 fn fixtures() -> anyhow::Result<()> {
     let root = workspace_root();
     run(cargo().args(["build", "--release", "-p", "axum-app"]))?;
@@ -421,6 +428,23 @@ fn fixtures() -> anyhow::Result<()> {
         .arg(root.join("monitor/tests/fixtures/axum-app-lts/Cargo.toml"))
         .arg("--target-dir")
         .arg(root.join("target")))?;
+    // The tokio-lines fixture against each pinned tokio line: one workspace per line, built
+    // one after the other into the shared target directory (each takes seconds: `rt` only).
+    for line in TOKIO_LINES {
+        run(cargo()
+            .args(["build", "--release", "--manifest-path"])
+            .arg(root.join(format!(
+                "monitor/tests/fixtures/tokio-lines/tokio-{line}/Cargo.toml"
+            )))
+            .arg("--target-dir")
+            .arg(root.join("target")))?;
+    }
+    // The 1.10 line stripped: a tokio binary whose tasks cannot be read (its vtables have
+    // no offsets to find them by shape), for heap tracking without task discovery.
+    run(Command::new("strip")
+        .arg("-o")
+        .arg(root.join("target/release/tokio-lines-1-10-0-stripped"))
+        .arg(root.join("target/release/tokio-lines-1-10-0")))?;
     // The heap fixture under each global allocator leakscope supports.
     run(cargo().args(["build", "--release", "-p", "heap-app"]))?;
     for allocator in ["jemalloc", "mimalloc"] {

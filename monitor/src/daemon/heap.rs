@@ -208,7 +208,8 @@ impl HeapTracker {
             load_bias,
             symbolizer,
             1 << sample_shift,
-        );
+        )
+        .with_tasks_unread(image.tasks_unreadable.is_some());
         self.ledger
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -8,7 +8,7 @@ use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use log::warn;
 use tokio::task::JoinHandle;
 
@@ -16,14 +16,13 @@ use super::DaemonConfig;
 use super::drain;
 use super::health;
 use super::heap::{HeapMode, HeapTracker};
-use super::judge::analyze_process;
+use super::judge::analyze_for_attach;
 use super::registry::ProcessRegistry;
 use super::silence;
 use crate::analysis::Analyzer;
 use crate::bpf::counters::ProbeStats;
 use crate::bpf::loader::{HeapMaps, Probes};
 use crate::bpf::preflight;
-use crate::discovery;
 use crate::export::Sources;
 use crate::state::heap::HeapLedger;
 use crate::state::tasks::TaskLedger;
@@ -64,18 +63,27 @@ impl Session {
 
         // Bad targets (no such pid, not a tokio binary, ...) are reported before anything is
         // loaded into the kernel: those errors need no privileges to explain.
+        let heap = config.heap != HeapMode::Off;
         let mut images = HashMap::new();
         for &pid in &config.pids {
             let info = procfs::process_info(pid)?;
             if let Entry::Vacant(entry) = images.entry(info.exe) {
-                entry.insert(Arc::new(analyze_process(&info)?));
+                let image = analyze_for_attach(
+                    &info.exe_link(),
+                    &format!("{} (pid {pid})", info.exe_path.display()),
+                    heap,
+                )?;
+                // Once per executable, however many of its processes are watched.
+                for warning in &image.warnings {
+                    warn!("{}: {warning}", info.exe_path.display());
+                }
+                entry.insert(Arc::new(image));
             }
         }
 
         for (path, exe) in exes.iter() {
             if let Entry::Vacant(entry) = images.entry(exe) {
-                let image = discovery::analyze(path)
-                    .with_context(|| format!("analysing --exe {}", path.display()))?;
+                let image = analyze_for_attach(path, &format!("--exe {}", path.display()), heap)?;
                 for warning in &image.warnings {
                     warn!("{}: {warning}", path.display());
                 }

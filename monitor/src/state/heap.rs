@@ -23,6 +23,9 @@ pub const MAX_GROUPS_PER_PROCESS: usize = 1024;
 pub const OVERFLOW_GROUP: &str = "other (callsite limit reached)";
 /// `task_site` of allocations made outside any tokio task.
 pub const NO_TASK: &str = "none";
+/// `task_site` of every allocation of a process whose tokio tasks cannot be read (an
+/// unknown task layout): whether a task made it is not known.
+pub const TASKS_UNREAD: &str = "unknown (tasks not read)";
 /// `task_site` of allocations by a task whose spawn leakscope did not see (before attach).
 pub const UNKNOWN_TASK: &str = "unknown (spawned before attach)";
 
@@ -84,6 +87,8 @@ pub struct ProcessHeap {
     pub totals: HeapTotals,
     /// Blocks stand for this many (sampling); figures are scaled by it on export.
     scale: u64,
+    /// The process's tasks cannot be read: every allocation's task site is [`TASKS_UNREAD`].
+    pub(super) tasks_unread: bool,
 }
 
 impl ProcessHeap {
@@ -116,6 +121,7 @@ impl ProcessHeap {
             kernel_groups: HashMap::new(),
             totals: HeapTotals::default(),
             scale: scale.max(1),
+            tasks_unread: false,
         }
     }
 
@@ -130,6 +136,12 @@ impl ProcessHeap {
     /// Counts the block at `header`, if one is live, was allocated no later than the task's
     /// spawn (`spawned_ns`, ktime) and is not yet labelled so, as the cell of the task
     /// spawned at `spawn_site` (keeping the task site it was allocated from).
+    /// Marks the process as one whose tasks cannot be read (see [`TASKS_UNREAD`]).
+    pub fn with_tasks_unread(mut self, unread: bool) -> Self {
+        self.tasks_unread = unread;
+        self
+    }
+
     pub fn claim_task_cell(&mut self, header: u64, spawn_site: &str, spawned_ns: u64) {
         let Some(&(old_group, size, allocated_ns)) = self.blocks.get(&header) else {
             return;
@@ -173,6 +185,7 @@ impl ProcessHeap {
                     .callsite(&self.symbolizer, event.stack_hash, &frames)
                     .clone();
                 let task_site = match event.task_id {
+                    _ if self.tasks_unread => TASKS_UNREAD.to_string(),
                     0 => NO_TASK.to_string(),
                     id => tasks.task_site(self.pid, id).unwrap_or_else(|| {
                         log::debug!("pid {}: allocation by unknown task id {id}", self.pid);

@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use monitor_common::heap::{GroupCounters, GroupKey, HeapEvent, group_kind, group_task};
 
 use super::heap::{
-    GroupKey as LabelKey, HeapGroup, HeapLedger, NO_TASK, ProcessHeap, TASK_CELL, TaskSites,
-    UNKNOWN_TASK,
+    GroupKey as LabelKey, HeapGroup, HeapLedger, NO_TASK, ProcessHeap, TASK_CELL, TASKS_UNREAD,
+    TaskSites, UNKNOWN_TASK,
 };
 
 /// Site of a group whose stack never reached the daemon (its new-group event was lost, or
@@ -41,6 +41,9 @@ impl ProcessHeap {
         let site_of =
             |vtable: u64| tasks.vtable_site(self.pid, vtable.wrapping_sub(self.load_bias));
         let (task_site, task_known) = match key.task {
+            // No task hooks on this binary: the kernel never learns a task, so "no task"
+            // would be a claim the daemon cannot make.
+            _ if self.tasks_unread => (TASKS_UNREAD.to_string(), true),
             group_task::NONE => (NO_TASK.to_string(), true),
             group_task::UNKNOWN => (UNKNOWN_TASK.to_string(), true),
             vtable => match site_of(vtable) {

@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use log::{info, warn};
 
 use super::heap::HeapTracker;
-use super::judge::{Judge, analyze_process};
+use super::judge::{Judge, analyze_for_attach};
 use crate::bpf::attach::AttachedLink;
 use crate::bpf::loader::Probes;
 use crate::bpf::plan;
@@ -116,7 +116,11 @@ impl ProcessRegistry {
         if let Some(image) = self.images.get(&process.exe) {
             return Ok(image.clone());
         }
-        let image = Arc::new(analyze_process(process)?);
+        let image = Arc::new(analyze_for_attach(
+            &process.exe_link(),
+            &format!("{} (pid {})", process.exe_path.display(), process.pid),
+            self.heap.is_some(),
+        )?);
         for warning in &image.warnings {
             warn!("{}: {warning}", process.exe_path.display());
         }
@@ -139,6 +143,13 @@ impl ProcessRegistry {
     /// `state::pending::PendingEvents`), so the tasks a service spawns as it starts are counted.
     pub fn watch_executable(&mut self, path: &Path, exe: ExeIdentity) -> anyhow::Result<()> {
         let image = self.images[&exe].clone();
+        if image.tasks_unreadable.is_some() {
+            info!(
+                "watching {}: heap only, its tasks cannot be read",
+                path.display()
+            );
+            return Ok(());
+        }
         let links = self
             .probes
             .attach_tasks(&image, path, None)
@@ -217,6 +228,8 @@ impl ProcessRegistry {
             .unwrap_or_else(|e| e.into_inner())
             .add_process(process);
         let task_links = match scope {
+            // Heap tracking only (its warning, logged with the image's, says why).
+            _ if image.tasks_unreadable.is_some() => Ok(Vec::new()),
             TaskHookScope::Process => self
                 .probes
                 .attach_tasks(&image, &info.exe_link(), Some(pid)),
@@ -437,6 +450,9 @@ impl ProcessRegistry {
             .with_context(|| format!("pid {pid} is not attached"))?;
         let exe = process.info.exe;
         let image = self.images[&exe].clone();
+        if image.tasks_unreadable.is_some() {
+            return Ok(());
+        }
         if let Some((links, placed)) = self.exe_links.remove(&exe) {
             self.probes.detach(links);
             let path = process.info.exe_link();
