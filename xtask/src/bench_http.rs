@@ -2,7 +2,8 @@
 //! would measure it. The axum fixture serves three routes (a cheap one, one spawning a short
 //! task, one allocating like a JSON handler) to `wrk` over loopback, with keep-alive and with
 //! a connection per request, unmonitored and under each monitor: leakscope's task hooks,
-//! `--heap exact`, `--heap sampled`, and bcc's `memleak -p` for comparison.
+//! `--heap exact` (aggregated in the kernel) and the same with an event per block (the path
+//! it replaced), `--heap sampled`, and bcc's `memleak -p` for comparison.
 //! A second unmonitored service is measured like the others: its ratio to the first is the
 //! noise of the run.
 //!

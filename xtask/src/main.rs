@@ -80,8 +80,8 @@ enum Task {
         #[arg(long, conflicts_with_all = ["http", "host"])]
         heap: bool,
         /// Only the HTTP benchmark: the axum fixture under wrk, unmonitored and under each
-        /// monitor (task hooks, heap exact/sampled, bcc memleak); writes
-        /// target/bench/summary.{json,md,svg}.
+        /// monitor (task hooks, heap exact on both heap paths, heap sampled, bcc memleak);
+        /// writes target/bench/summary.{json,md,svg}.
         #[arg(long)]
         http: bool,
         /// With --http: one round of 5 s runs (about 5 minutes) instead of 10 s runs.
