@@ -29,6 +29,11 @@ pub enum HeapMode {
     /// probes still fire on every allocation, but skip the stack walk and the bookkeeping
     /// for the others (a third less per allocation, measured: the traps remain).
     Sampled,
+    /// No allocator hooks until the process's anonymous memory grows in a way its task
+    /// counts do not explain; then exact tracking for a bounded window, the window's
+    /// blocks followed with the free hook alone, and every hook off again
+    /// (`daemon::heap_window`). Cheap enough to leave on.
+    Adaptive,
 }
 
 impl HeapMode {
@@ -38,6 +43,11 @@ impl HeapMode {
             HeapMode::Sampled => 4,
             _ => 0,
         }
+    }
+
+    /// Whether the kernel's heap maps and ring are needed.
+    pub const fn tracks(self) -> bool {
+        !matches!(self, HeapMode::Off)
     }
 }
 

@@ -1,0 +1,553 @@
+//! `--heap adaptive`: heap probes only when cheap signals say they are worth their price.
+//!
+//! Every sample, each watched process's resident anonymous memory (`RssAnon`, a counter
+//! the kernel keeps: no mapping walk) and its live task count are read. When the memory
+//! rises (Mann–Kendall, the verdict engine's trend test) by more than its new tasks could
+//! hold, a window opens:
+//! 1. *allocating*: every allocator hook goes on (exact tracking, as `--heap exact`) for
+//!    `--heap-window-seconds`;
+//! 2. *following*: the allocation hooks come off and only the free hook stays (one trap
+//!    per free, instead of three traps per allocate+free pair), so the window's blocks are
+//!    seen being freed, for `--heap-follow-seconds` or until none is left;
+//! 3. every heap probe comes off; what outlived the follow phase is kept per callsite
+//!    (`state::heap_windows`) and judged across windows (`analysis::windows`).
+//!
+//! Windows are bounded: a cooldown after each, a budget of probe seconds per process and
+//! hour, and a bound on windows open at once across processes (each window attaches and
+//! detaches every heap uprobe once; the kernel serializes uprobe removal).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use leakscope_api::types::HeapGroupSnapshot;
+use log::{info, warn};
+
+use super::heap::HeapTracker;
+use crate::analysis::stats::mann_kendall;
+use crate::bpf::attach::AttachedLink;
+use crate::bpf::loader::Probes;
+use crate::bpf::plan::HeapProgram;
+use crate::discovery::TargetImage;
+use crate::state::heap_windows::{
+    CallsiteSurvivors, HeapWindowStats, OpenReason, SkipReason, WindowPhase, WindowRecord,
+};
+use crate::targets::procfs::{self, ProcessInfo};
+
+/// Memory a new live task may account for when judging growth: a task's cell is hundreds
+/// of bytes, but what it allocates while alive is not; growth below this per new task is
+/// left to the task verdicts.
+const BYTES_PER_TASK: u64 = 64 << 10;
+
+/// One-sided Mann–Kendall p-value below which the anonymous memory counts as rising. The
+/// lookback holds few samples (6 rising samples give p ≈ 0.004), so the verdicts' 0.01
+/// would need a long lookback; the growth floor in bytes guards against noise instead.
+const GROWTH_P_VALUE: f64 = 0.05;
+
+/// Growth samples kept per process (a bound on memory whatever the lookback and period).
+const SIGNAL_SAMPLES_MAX: usize = 256;
+
+/// How `--heap adaptive` decides and bounds its windows (`leakscope daemon`'s flags).
+#[derive(Debug, Clone, Copy, PartialEq, clap::Args)]
+pub struct HeapWindowConfig {
+    /// --heap adaptive: seconds every allocator hook stays on in a window (1–600).
+    #[arg(long = "heap-window-seconds", default_value_t = 15.0)]
+    pub window_seconds: f64,
+    /// --heap adaptive: seconds a window's blocks are then followed with the free hook
+    /// alone; what is still live after that counts as having survived (1–3600).
+    #[arg(long = "heap-follow-seconds", default_value_t = 30.0)]
+    pub follow_seconds: f64,
+    /// --heap adaptive: seconds with no heap probe after a window, before the next (0–86400).
+    #[arg(long = "heap-window-cooldown-seconds", default_value_t = 20.0)]
+    pub cooldown_seconds: f64,
+    /// --heap adaptive: seconds of heap probes (both phases) a process may get per hour
+    /// (10–3600). 180 s is 5 % of the time: at worst (a service paying 90 % of its
+    /// throughput while every hook is on) 95 % of its throughput over the hour.
+    #[arg(long = "heap-window-budget-seconds", default_value_t = 180.0)]
+    pub budget_seconds_per_hour: f64,
+    /// --heap adaptive: seconds of anonymous-memory samples the growth test looks at
+    /// (1–3600).
+    #[arg(long = "heap-growth-lookback-seconds", default_value_t = 30.0)]
+    pub lookback_seconds: f64,
+    /// --heap adaptive: bytes the anonymous memory must gain over the lookback, beyond what
+    /// new tasks account for, to open a window (at least 64 KiB).
+    #[arg(long = "heap-growth-min-bytes", default_value_t = 1 << 20)]
+    pub min_growth_bytes: u64,
+    /// --heap adaptive: windows whose survivors at one callsite make it a suspect (1–16).
+    #[arg(long = "heap-window-min-windows", default_value_t = 2)]
+    pub min_windows: usize,
+    /// --heap adaptive: windows open at once across processes (1–64).
+    #[arg(long = "heap-windows-at-once", default_value_t = 4)]
+    pub max_open: usize,
+}
+
+impl Default for HeapWindowConfig {
+    fn default() -> Self {
+        Self {
+            window_seconds: 15.0,
+            follow_seconds: 30.0,
+            cooldown_seconds: 20.0,
+            budget_seconds_per_hour: 180.0,
+            lookback_seconds: 30.0,
+            min_growth_bytes: 1 << 20,
+            min_windows: 2,
+            max_open: 4,
+        }
+    }
+}
+
+impl HeapWindowConfig {
+    /// Within the documented bounds.
+    pub fn bounded(self) -> Self {
+        Self {
+            window_seconds: self.window_seconds.clamp(1.0, 600.0),
+            follow_seconds: self.follow_seconds.clamp(1.0, 3600.0),
+            cooldown_seconds: self.cooldown_seconds.clamp(0.0, 86400.0),
+            budget_seconds_per_hour: self.budget_seconds_per_hour.clamp(10.0, 3600.0),
+            lookback_seconds: self.lookback_seconds.clamp(1.0, 3600.0),
+            min_growth_bytes: self.min_growth_bytes.max(64 << 10),
+            min_windows: self.min_windows.clamp(1, 16),
+            max_open: self.max_open.clamp(1, 64),
+        }
+    }
+}
+
+/// Where one process's window stands, with what that phase holds.
+enum Phase {
+    Idle,
+    Allocating {
+        since: Instant,
+        started: f64,
+        alloc_links: Vec<AttachedLink>,
+        free_links: Vec<AttachedLink>,
+    },
+    Following {
+        since: Instant,
+        started: f64,
+        allocating_seconds: f64,
+        free_links: Vec<AttachedLink>,
+        live_at_close: Vec<HeapGroupSnapshot>,
+    },
+    Cooldown {
+        until: Instant,
+    },
+}
+
+impl Phase {
+    fn name(&self) -> WindowPhase {
+        match self {
+            Phase::Idle => WindowPhase::Idle,
+            Phase::Allocating { .. } => WindowPhase::Allocating,
+            Phase::Following { .. } => WindowPhase::Following,
+            Phase::Cooldown { .. } => WindowPhase::Cooldown,
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        matches!(self, Phase::Allocating { .. } | Phase::Following { .. })
+    }
+}
+
+/// One cheap-signal sample: (seconds, RssAnon bytes, live tasks).
+type SignalSample = (f64, u64, u64);
+
+/// A process `--heap adaptive` watches.
+struct Watched {
+    info: ProcessInfo,
+    image: Arc<TargetImage>,
+    load_bias: u64,
+    phase: Phase,
+    signal: VecDeque<SignalSample>,
+    /// Probe-on periods of the last hour: (end, seconds).
+    probe_time: VecDeque<(Instant, f64)>,
+    /// The latest window left survivors at a leak's rate (the next window confirms).
+    pending_confirmation: bool,
+}
+
+/// The adaptive controller: owned by the process registry, which hands it the probes and
+/// the heap tracker on each tick.
+pub struct HeapWindows {
+    config: HeapWindowConfig,
+    /// Survivors per second of allocation hooks at which a callsite leaks (the verdicts'
+    /// heap threshold): such a window is confirmed by the next.
+    leak_rate: f64,
+    processes: HashMap<u32, Watched>,
+    pub stats: Arc<Mutex<HeapWindowStats>>,
+}
+
+impl HeapWindows {
+    pub fn new(config: HeapWindowConfig, leak_rate: f64) -> Self {
+        Self {
+            config: config.bounded(),
+            leak_rate,
+            processes: HashMap::new(),
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn config(&self) -> &HeapWindowConfig {
+        &self.config
+    }
+
+    /// Starts watching an attached process's signals; no probe is placed.
+    pub fn watch(&mut self, info: &ProcessInfo, image: Arc<TargetImage>, load_bias: u64) {
+        lock(&self.stats).process(info.pid, &info.exe_name());
+        self.processes.insert(
+            info.pid,
+            Watched {
+                info: info.clone(),
+                image,
+                load_bias,
+                phase: Phase::Idle,
+                signal: VecDeque::new(),
+                probe_time: VecDeque::new(),
+                pending_confirmation: false,
+            },
+        );
+    }
+
+    /// Stops watching `pid` (it exited or was detached): its window's probes come off.
+    /// The heap tracker's own state is the caller's to drop.
+    pub fn forget(&mut self, probes: &mut Probes, pid: u32) {
+        if let Some(watched) = self.processes.remove(&pid) {
+            match watched.phase {
+                Phase::Allocating {
+                    alloc_links,
+                    free_links,
+                    ..
+                } => {
+                    probes.detach(alloc_links);
+                    probes.detach(free_links);
+                }
+                Phase::Following { free_links, .. } => probes.detach(free_links),
+                Phase::Idle | Phase::Cooldown { .. } => {}
+            }
+        }
+        lock(&self.stats).forget(pid);
+    }
+
+    /// Every window's probes, for one detach of everything at shutdown.
+    pub fn take_all_links(&mut self) -> Vec<AttachedLink> {
+        let mut links = Vec::new();
+        for watched in self.processes.values_mut() {
+            match std::mem::replace(&mut watched.phase, Phase::Idle) {
+                Phase::Allocating {
+                    alloc_links,
+                    free_links,
+                    ..
+                } => links.extend(alloc_links.into_iter().chain(free_links)),
+                Phase::Following { free_links, .. } => links.extend(free_links),
+                Phase::Idle | Phase::Cooldown { .. } => {}
+            }
+        }
+        links
+    }
+
+    /// One step for every process, at `t` seconds since the session started: reads the
+    /// signals, moves windows on, opens the ones the signals ask for. `alive`: live tasks
+    /// per pid.
+    pub fn tick(
+        &mut self,
+        probes: &mut Probes,
+        tracker: &mut HeapTracker,
+        t: f64,
+        alive: &HashMap<u32, u64>,
+    ) {
+        let now = Instant::now();
+        let pids: Vec<u32> = self.processes.keys().copied().collect();
+        for pid in pids {
+            self.sample_signal(pid, t, alive.get(&pid).copied().unwrap_or(0));
+            self.advance(probes, tracker, pid, now);
+        }
+        let open = self
+            .processes
+            .values()
+            .filter(|w| w.phase.is_open())
+            .count();
+        let mut room = self.config.max_open.saturating_sub(open);
+        let pids: Vec<u32> = self.processes.keys().copied().collect();
+        for pid in pids {
+            if room == 0 {
+                break;
+            }
+            if self.maybe_open(probes, tracker, pid, now, t) {
+                room -= 1;
+            }
+        }
+        let mut stats = lock(&self.stats);
+        for (pid, watched) in &self.processes {
+            if let Some(p) = stats.processes.get_mut(pid) {
+                p.phase = Some(watched.phase.name());
+            }
+        }
+    }
+
+    fn sample_signal(&mut self, pid: u32, t: f64, alive: u64) {
+        let Ok(anon) = procfs::rss_anon_bytes(pid) else {
+            return; // exited: the registry's reap forgets it
+        };
+        let lookback = self.config.lookback_seconds;
+        let Some(watched) = self.processes.get_mut(&pid) else {
+            return;
+        };
+        watched.signal.push_back((t, anon, alive));
+        while watched.signal.len() > SIGNAL_SAMPLES_MAX
+            || watched
+                .signal
+                .front()
+                .is_some_and(|&(t0, _, _)| t - t0 > lookback)
+        {
+            watched.signal.pop_front();
+        }
+        let mut stats = lock(&self.stats);
+        let exe = self.processes[&pid].info.exe_name();
+        let process = stats.process(pid, &exe);
+        process.checks += 1;
+        process.rss_anon_bytes = anon;
+    }
+
+    /// True when `signal` shows anonymous memory rising beyond what new tasks hold.
+    fn unexplained_growth(config: &HeapWindowConfig, signal: &VecDeque<SignalSample>) -> bool {
+        let (Some(&(t0, anon0, tasks0)), Some(&(t1, anon1, tasks1))) =
+            (signal.front(), signal.back())
+        else {
+            return false;
+        };
+        if signal.len() < 4 || t1 - t0 < 0.8 * config.lookback_seconds {
+            return false;
+        }
+        let explained = tasks1.saturating_sub(tasks0).saturating_mul(BYTES_PER_TASK);
+        let gained = anon1.saturating_sub(anon0);
+        if gained.saturating_sub(explained) < config.min_growth_bytes {
+            return false;
+        }
+        let values: Vec<f64> = signal.iter().map(|&(_, anon, _)| anon as f64).collect();
+        mann_kendall(&values).p_rising < GROWTH_P_VALUE
+    }
+
+    /// Opens a window for `pid` when its signals ask for one and the bounds allow it;
+    /// true when one was opened.
+    fn maybe_open(
+        &mut self,
+        probes: &mut Probes,
+        tracker: &mut HeapTracker,
+        pid: u32,
+        now: Instant,
+        t: f64,
+    ) -> bool {
+        let config = self.config;
+        let Some(watched) = self.processes.get_mut(&pid) else {
+            return false;
+        };
+        match watched.phase {
+            Phase::Idle => {}
+            Phase::Cooldown { until } if until <= now => watched.phase = Phase::Idle,
+            _ => return false,
+        }
+        if !Self::unexplained_growth(&config, &watched.signal) {
+            return false;
+        }
+        let hour = Duration::from_secs(3600);
+        while watched
+            .probe_time
+            .front()
+            .is_some_and(|&(end, _)| now.duration_since(end) > hour)
+        {
+            watched.probe_time.pop_front();
+        }
+        let used: f64 = watched.probe_time.iter().map(|&(_, s)| s).sum();
+        let exe = watched.info.exe_name();
+        if used + config.window_seconds + config.follow_seconds > config.budget_seconds_per_hour {
+            *lock(&self.stats)
+                .skipped
+                .entry(SkipReason::Budget)
+                .or_default() += 1;
+            return false;
+        }
+        let reason = if watched.pending_confirmation {
+            OpenReason::Confirm
+        } else {
+            OpenReason::AnonGrowth
+        };
+        let attach_started = Instant::now();
+        let attached = tracker.attach(probes, &watched.info, &watched.image, watched.load_bias);
+        let attach_seconds = attach_started.elapsed().as_secs_f64();
+        let links = match attached {
+            Ok(links) => links,
+            Err(err) => {
+                warn!("pid {pid}: heap window not opened: {err:#}");
+                *lock(&self.stats)
+                    .skipped
+                    .entry(SkipReason::AttachFailed)
+                    .or_default() += 1;
+                // Not tried again before a cooldown.
+                watched.phase = Phase::Cooldown {
+                    until: now + Duration::from_secs_f64(config.cooldown_seconds),
+                };
+                return false;
+            }
+        };
+        let probes_attached = links.len() as u64;
+        let (free_links, alloc_links): (Vec<_>, Vec<_>) = links
+            .into_iter()
+            .partition(|link| link.program() == HeapProgram::FreeEntry.name());
+        info!(
+            "pid {pid} ({exe}): heap window opened ({}): anonymous memory grew beyond what its \
+             tasks hold; {probes_attached} heap probes attached in {:.0} ms",
+            reason.name(),
+            attach_seconds * 1000.0
+        );
+        watched.phase = Phase::Allocating {
+            since: Instant::now(),
+            started: t,
+            alloc_links,
+            free_links,
+        };
+        let mut stats = lock(&self.stats);
+        *stats.opened.entry(reason).or_default() += 1;
+        stats.attach_seconds += attach_seconds;
+        stats.probes_attached += probes_attached;
+        true
+    }
+
+    /// Moves `pid`'s open window to its next phase when its time is up.
+    fn advance(&mut self, probes: &mut Probes, tracker: &mut HeapTracker, pid: u32, now: Instant) {
+        let config = self.config;
+        let Some(watched) = self.processes.get_mut(&pid) else {
+            return;
+        };
+        let phase = std::mem::replace(&mut watched.phase, Phase::Idle);
+        watched.phase = match phase {
+            Phase::Allocating {
+                since,
+                started,
+                alloc_links,
+                free_links,
+            } if now.duration_since(since).as_secs_f64() >= config.window_seconds => {
+                let live_at_close = live_groups(tracker, pid);
+                let allocating_seconds = now.duration_since(since).as_secs_f64();
+                let detached = alloc_links.len() as u64;
+                let detach_started = Instant::now();
+                probes.detach(alloc_links);
+                let detach_seconds = detach_started.elapsed().as_secs_f64();
+                let mut stats = lock(&self.stats);
+                stats.detach_seconds += detach_seconds;
+                stats.probes_detached += detached;
+                *stats
+                    .probe_seconds
+                    .entry(WindowPhase::Allocating)
+                    .or_default() += allocating_seconds;
+                Phase::Following {
+                    since: Instant::now(),
+                    started,
+                    allocating_seconds,
+                    free_links,
+                    live_at_close,
+                }
+            }
+            Phase::Following {
+                since,
+                started,
+                allocating_seconds,
+                free_links,
+                live_at_close,
+            } if now.duration_since(since).as_secs_f64() >= config.follow_seconds
+                || live_groups(tracker, pid).is_empty() =>
+            {
+                let survivors = live_groups(tracker, pid);
+                let following_seconds = now.duration_since(since).as_secs_f64();
+                let detached = free_links.len() as u64;
+                let detach_started = Instant::now();
+                probes.detach(free_links);
+                tracker.detach(probes, pid);
+                let detach_seconds = detach_started.elapsed().as_secs_f64();
+                let record = WindowRecord {
+                    started,
+                    allocating_seconds,
+                    following_seconds,
+                    callsites: by_callsite(&live_at_close, &survivors),
+                };
+                let exe = watched.info.exe_name();
+                let leaking = record.callsites.iter().any(|c| {
+                    c.survived_bytes as f64 / allocating_seconds.max(1e-3) >= self.leak_rate
+                });
+                watched.pending_confirmation = leaking;
+                watched
+                    .probe_time
+                    .push_back((now, allocating_seconds + following_seconds));
+                info!(
+                    "pid {pid} ({exe}): heap window closed after {allocating_seconds:.0} s + \
+                     {following_seconds:.0} s; {} of the window's bytes outlived it; probes \
+                     detached in {:.0} ms",
+                    crate::analysis::verdict::bytes(
+                        record
+                            .callsites
+                            .iter()
+                            .map(|c| c.survived_bytes)
+                            .sum::<u64>() as f64
+                    ),
+                    detach_seconds * 1000.0
+                );
+                let mut stats = lock(&self.stats);
+                stats.detach_seconds += detach_seconds;
+                stats.probes_detached += detached;
+                *stats
+                    .probe_seconds
+                    .entry(WindowPhase::Following)
+                    .or_default() += following_seconds;
+                stats.record(pid, &exe, record);
+                Phase::Cooldown {
+                    until: now + Duration::from_secs_f64(config.cooldown_seconds),
+                }
+            }
+            other => other,
+        };
+    }
+}
+
+fn lock(stats: &Mutex<HeapWindowStats>) -> std::sync::MutexGuard<'_, HeapWindowStats> {
+    stats.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The heap ledger's live groups of `pid` (what the current window allocated and has not
+/// seen freed).
+fn live_groups(tracker: &HeapTracker, pid: u32) -> Vec<HeapGroupSnapshot> {
+    tracker
+        .ledger
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .processes()
+        .find(|p| p.pid == pid)
+        .map(|p| p.snapshot())
+        .unwrap_or_default()
+}
+
+/// Per callsite (over task sites): live when the allocation hooks came off, and survived.
+fn by_callsite(
+    live_at_close: &[HeapGroupSnapshot],
+    survivors: &[HeapGroupSnapshot],
+) -> Vec<CallsiteSurvivors> {
+    let mut callsites: HashMap<(String, Option<String>), CallsiteSurvivors> = HashMap::new();
+    for (g, survived) in live_at_close
+        .iter()
+        .map(|g| (g, false))
+        .chain(survivors.iter().map(|g| (g, true)))
+    {
+        let c = callsites
+            .entry((g.site.clone(), g.location.clone()))
+            .or_insert_with(|| CallsiteSurvivors {
+                site: g.site.clone(),
+                location: g.location.clone(),
+                live_at_close_bytes: 0,
+                survived_bytes: 0,
+                survived_blocks: 0,
+            });
+        if survived {
+            c.survived_bytes += g.live_bytes;
+            c.survived_blocks += g.live_allocations;
+        } else {
+            c.live_at_close_bytes += g.live_bytes;
+        }
+    }
+    callsites.into_values().collect()
+}
