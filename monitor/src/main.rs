@@ -417,6 +417,9 @@ fn daemon_settings(args: DaemonArgs, given: &ArgMatches) -> anyhow::Result<Daemo
             thresholds.verdict_min_heap_growth_ratio,
             v.min_heap_growth_ratio
         );
+        targets.heap_windows.overlay(&file.heap_windows, |id| {
+            given.value_source(id) == Some(ValueSource::CommandLine)
+        });
     }
     // An installed daemon is given no pid: it watches the host.
     if targets.pids.is_empty() && targets.exes.is_empty() && !targets.all {
