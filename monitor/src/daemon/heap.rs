@@ -9,7 +9,7 @@ use monitor_common::heap::{HeapTarget, UNWIND_BUCKETS_MAX, UNWIND_ROWS_MAX};
 
 use crate::bpf::attach::AttachedLink;
 use crate::bpf::loader::Probes;
-use crate::bpf::plan;
+use crate::bpf::plan::{self, HeapAttachPoint};
 use crate::discovery::TargetImage;
 use crate::discovery::alloc;
 use crate::discovery::symbolize::Symbolizer;
@@ -148,6 +148,13 @@ impl HeapTracker {
         image: &TargetImage,
         load_bias: u64,
     ) -> anyhow::Result<Vec<AttachedLink>> {
+        let points = Self::points(process)?;
+        self.attach_at(probes, process, image, load_bias, &points)
+    }
+
+    /// Where `process`'s heap probes go (its allocator found in its executable and
+    /// libraries): worth keeping by a caller that attaches the same process again.
+    pub fn points(process: &ProcessInfo) -> anyhow::Result<Vec<HeapAttachPoint>> {
         let pid = process.pid;
         let allocators = alloc::find_allocators(
             &process.exe_link(),
@@ -167,6 +174,19 @@ impl HeapTracker {
                 point.symbol
             );
         }
+        Ok(points)
+    }
+
+    /// [`HeapTracker::attach`] at `points` found before (see [`HeapTracker::points`]).
+    pub fn attach_at(
+        &mut self,
+        probes: &mut Probes,
+        process: &ProcessInfo,
+        image: &TargetImage,
+        load_bias: u64,
+        points: &[HeapAttachPoint],
+    ) -> anyhow::Result<Vec<AttachedLink>> {
+        let pid = process.pid;
         let fsbase_offset = self.fsbase_offset;
         let sample_shift = self.mode.sample_shift();
         let exe = self.exe_info(probes, process, image)?;
@@ -198,7 +218,7 @@ impl HeapTracker {
                 1 << sample_shift,
             ));
         probes.set_heap_target(pid, Some(target))?;
-        match probes.attach_heap(pid, &points) {
+        match probes.attach_heap(pid, points) {
             Ok(links) => Ok(links),
             Err(err) => {
                 self.detach(probes, pid);

@@ -28,7 +28,7 @@ use super::heap::HeapTracker;
 use crate::analysis::stats::mann_kendall;
 use crate::bpf::attach::AttachedLink;
 use crate::bpf::loader::Probes;
-use crate::bpf::plan::HeapProgram;
+use crate::bpf::plan::{HeapAttachPoint, HeapProgram};
 use crate::discovery::TargetImage;
 use crate::state::heap_windows::{
     CallsiteSurvivors, HeapWindowStats, OpenReason, SkipReason, WindowPhase, WindowRecord,
@@ -241,6 +241,9 @@ struct Watched {
     probe_time: VecDeque<(Instant, f64)>,
     /// The latest window left survivors at a leak's rate (the next window confirms).
     pending_confirmation: bool,
+    /// Where its heap probes go, found at its first window: finding the allocator reads
+    /// the executable's symbols (about a second for the axum fixture, measured).
+    points: Option<Vec<HeapAttachPoint>>,
 }
 
 /// The adaptive controller: owned by the process registry, which hands it the probes and
@@ -281,6 +284,7 @@ impl HeapWindows {
                 signal: VecDeque::new(),
                 probe_time: VecDeque::new(),
                 pending_confirmation: false,
+                points: None,
             },
         );
     }
@@ -334,7 +338,7 @@ impl HeapWindows {
     ) {
         let now = Instant::now();
         let pids: Vec<u32> = self.processes.keys().copied().collect();
-        for pid in pids {
+        for &pid in &pids {
             self.sample_signal(pid, t, alive.get(&pid).copied().unwrap_or(0));
             self.advance(probes, tracker, pid, now);
         }
@@ -344,7 +348,6 @@ impl HeapWindows {
             .filter(|w| w.phase.is_open())
             .count();
         let mut room = self.config.max_open.saturating_sub(open);
-        let pids: Vec<u32> = self.processes.keys().copied().collect();
         for pid in pids {
             if room == 0 {
                 break;
@@ -353,6 +356,29 @@ impl HeapWindows {
                 room -= 1;
             }
         }
+        self.publish_phases();
+    }
+
+    /// Moves open windows on whose phase is over, between samples (the daemon's rescan
+    /// tick): a phase then lasts its setting to within a rescan, not a sampling period.
+    pub fn advance_all(&mut self, probes: &mut Probes, tracker: &mut HeapTracker) {
+        let now = Instant::now();
+        let open: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|(_, w)| w.phase.is_open())
+            .map(|(&pid, _)| pid)
+            .collect();
+        if open.is_empty() {
+            return;
+        }
+        for pid in open {
+            self.advance(probes, tracker, pid, now);
+        }
+        self.publish_phases();
+    }
+
+    fn publish_phases(&self) {
         let mut stats = lock(&self.stats);
         for (pid, watched) in &self.processes {
             if let Some(p) = stats.processes.get_mut(pid) {
@@ -449,7 +475,19 @@ impl HeapWindows {
             OpenReason::AnonGrowth
         };
         let attach_started = Instant::now();
-        let attached = tracker.attach(probes, &watched.info, &watched.image, watched.load_bias);
+        let attached = match &watched.points {
+            Some(points) => Ok(points),
+            None => HeapTracker::points(&watched.info).map(|p| &*watched.points.insert(p)),
+        }
+        .and_then(|points| {
+            tracker.attach_at(
+                probes,
+                &watched.info,
+                &watched.image,
+                watched.load_bias,
+                points,
+            )
+        });
         let attach_seconds = attach_started.elapsed().as_secs_f64();
         let links = match attached {
             Ok(links) => links,

@@ -190,8 +190,10 @@ impl Session {
         self.sources.clone()
     }
 
-    /// Detaches from processes that exited; attaches to new processes of `--exe` targets.
+    /// Detaches from processes that exited; attaches to new processes of `--exe` targets;
+    /// ends the `--heap adaptive` window phases that are over.
     pub fn rescan(&mut self) {
+        self.registry.advance_heap_windows();
         self.registry.reap();
         self.registry.scan(&self.exes);
         if let Some((host, stats)) = &self.host {

@@ -125,6 +125,13 @@ impl ProcessRegistry {
         }
     }
 
+    /// `--heap adaptive`: ends the window phases that are over (between samples).
+    pub fn advance_heap_windows(&mut self) {
+        if let (Some(windows), Some(heap)) = (&mut self.heap_windows, &mut self.heap) {
+            windows.advance_all(&mut self.probes, heap);
+        }
+    }
+
     /// The unit, container and pod of each attached process.
     pub fn workloads(&self) -> Workloads {
         self.workloads.clone()
