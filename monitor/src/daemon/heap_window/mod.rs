@@ -16,6 +16,12 @@
 //! hour, and a bound on windows open at once across processes (each window attaches and
 //! detaches every heap uprobe once; the kernel serializes uprobe removal).
 
+mod config;
+mod signal;
+
+pub use config::HeapWindowConfig;
+use signal::{SIGNAL_SAMPLES_MAX, SignalSample};
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,9 +29,7 @@ use std::time::{Duration, Instant};
 use leakscope_api::types::HeapGroupSnapshot;
 use log::{info, warn};
 
-use super::config_file::HeapWindowsSection;
 use super::heap::HeapTracker;
-use crate::analysis::stats::mann_kendall;
 use crate::bpf::attach::AttachedLink;
 use crate::bpf::loader::Probes;
 use crate::bpf::plan::{HeapAttachPoint, HeapProgram};
@@ -34,162 +38,6 @@ use crate::state::heap_windows::{
     CallsiteSurvivors, HeapWindowStats, OpenReason, SkipReason, WindowPhase, WindowRecord,
 };
 use crate::targets::procfs::{self, ProcessInfo};
-
-/// Memory a new live task may account for when judging growth: a task's cell is hundreds
-/// of bytes, but what it allocates while alive is not; growth below this per new task is
-/// left to the task verdicts.
-const BYTES_PER_TASK: u64 = 64 << 10;
-
-/// One-sided Mann–Kendall p-value below which the anonymous memory counts as rising. The
-/// lookback holds few samples (6 rising samples give p ≈ 0.004), so the verdicts' 0.01
-/// would need a long lookback; the growth floor in bytes guards against noise instead.
-const GROWTH_P_VALUE: f64 = 0.05;
-
-/// Growth samples kept per process (a bound on memory whatever the lookback and period).
-const SIGNAL_SAMPLES_MAX: usize = 256;
-
-/// How `--heap adaptive` decides and bounds its windows (`leakscope daemon`'s flags).
-#[derive(Debug, Clone, Copy, PartialEq, clap::Args)]
-pub struct HeapWindowConfig {
-    /// --heap adaptive: seconds every allocator hook stays on in a window (1–600).
-    #[arg(
-        id = "heap_window_seconds",
-        long = "heap-window-seconds",
-        default_value_t = 15.0
-    )]
-    pub window_seconds: f64,
-    /// --heap adaptive: seconds a window's blocks are then followed with the free hook
-    /// alone; what is still live after that counts as having survived (1–3600).
-    #[arg(
-        id = "heap_follow_seconds",
-        long = "heap-follow-seconds",
-        default_value_t = 30.0
-    )]
-    pub follow_seconds: f64,
-    /// --heap adaptive: seconds with no heap probe after a window, before the next (0–86400).
-    #[arg(
-        id = "heap_window_cooldown_seconds",
-        long = "heap-window-cooldown-seconds",
-        default_value_t = 20.0
-    )]
-    pub cooldown_seconds: f64,
-    /// --heap adaptive: seconds of heap probes (both phases) a process may get per hour
-    /// (10–3600). 180 s is 5 % of the time: at worst (a service paying 90 % of its
-    /// throughput while every hook is on) 95 % of its throughput over the hour.
-    #[arg(
-        id = "heap_window_budget_seconds",
-        long = "heap-window-budget-seconds",
-        default_value_t = 180.0
-    )]
-    pub budget_seconds_per_hour: f64,
-    /// --heap adaptive: seconds of anonymous-memory samples the growth test looks at
-    /// (1–3600).
-    #[arg(
-        id = "heap_growth_lookback_seconds",
-        long = "heap-growth-lookback-seconds",
-        default_value_t = 30.0
-    )]
-    pub lookback_seconds: f64,
-    /// --heap adaptive: bytes the anonymous memory must gain over the lookback, beyond what
-    /// new tasks account for, to open a window (at least 64 KiB).
-    #[arg(id = "heap_growth_min_bytes", long = "heap-growth-min-bytes", default_value_t = 1 << 20)]
-    pub min_growth_bytes: u64,
-    /// --heap adaptive: windows whose survivors at one callsite make it a suspect (1–16).
-    #[arg(
-        id = "heap_window_min_windows",
-        long = "heap-window-min-windows",
-        default_value_t = 2
-    )]
-    pub min_windows: usize,
-    /// --heap adaptive: windows open at once across processes (1–64).
-    #[arg(
-        id = "heap_windows_at_once",
-        long = "heap-windows-at-once",
-        default_value_t = 4
-    )]
-    pub max_open: usize,
-}
-
-impl Default for HeapWindowConfig {
-    fn default() -> Self {
-        Self {
-            window_seconds: 15.0,
-            follow_seconds: 30.0,
-            cooldown_seconds: 20.0,
-            budget_seconds_per_hour: 180.0,
-            lookback_seconds: 30.0,
-            min_growth_bytes: 1 << 20,
-            min_windows: 2,
-            max_open: 4,
-        }
-    }
-}
-
-impl HeapWindowConfig {
-    /// The config file's `[heap_windows]` settings over these, except those whose flag
-    /// `from_command_line` says was given.
-    pub fn overlay(&mut self, file: &HeapWindowsSection, from_command_line: impl Fn(&str) -> bool) {
-        macro_rules! take {
-            ($id:literal, $field:expr, $value:expr) => {
-                if !from_command_line($id)
-                    && let Some(value) = $value
-                {
-                    $field = value;
-                }
-            };
-        }
-        take!(
-            "heap_window_seconds",
-            self.window_seconds,
-            file.window_seconds
-        );
-        take!(
-            "heap_follow_seconds",
-            self.follow_seconds,
-            file.follow_seconds
-        );
-        take!(
-            "heap_window_cooldown_seconds",
-            self.cooldown_seconds,
-            file.cooldown_seconds
-        );
-        take!(
-            "heap_window_budget_seconds",
-            self.budget_seconds_per_hour,
-            file.budget_seconds_per_hour
-        );
-        take!(
-            "heap_growth_lookback_seconds",
-            self.lookback_seconds,
-            file.lookback_seconds
-        );
-        take!(
-            "heap_growth_min_bytes",
-            self.min_growth_bytes,
-            file.min_growth_bytes
-        );
-        take!(
-            "heap_window_min_windows",
-            self.min_windows,
-            file.min_windows
-        );
-        take!("heap_windows_at_once", self.max_open, file.windows_at_once);
-    }
-
-    /// Within the documented bounds.
-    pub fn bounded(self) -> Self {
-        Self {
-            window_seconds: self.window_seconds.clamp(1.0, 600.0),
-            follow_seconds: self.follow_seconds.clamp(1.0, 3600.0),
-            cooldown_seconds: self.cooldown_seconds.clamp(0.0, 86400.0),
-            budget_seconds_per_hour: self.budget_seconds_per_hour.clamp(10.0, 3600.0),
-            lookback_seconds: self.lookback_seconds.clamp(1.0, 3600.0),
-            min_growth_bytes: self.min_growth_bytes.max(64 << 10),
-            min_windows: self.min_windows.clamp(1, 16),
-            max_open: self.max_open.clamp(1, 64),
-        }
-    }
-}
 
 /// Where one process's window stands, with what that phase holds.
 enum Phase {
@@ -226,9 +74,6 @@ impl Phase {
         matches!(self, Phase::Allocating { .. } | Phase::Following { .. })
     }
 }
-
-/// One cheap-signal sample: (seconds, RssAnon bytes, live tasks).
-type SignalSample = (f64, u64, u64);
 
 /// A process `--heap adaptive` watches.
 struct Watched {
@@ -411,25 +256,6 @@ impl HeapWindows {
         process.rss_anon_bytes = anon;
     }
 
-    /// True when `signal` shows anonymous memory rising beyond what new tasks hold.
-    fn unexplained_growth(config: &HeapWindowConfig, signal: &VecDeque<SignalSample>) -> bool {
-        let (Some(&(t0, anon0, tasks0)), Some(&(t1, anon1, tasks1))) =
-            (signal.front(), signal.back())
-        else {
-            return false;
-        };
-        if signal.len() < 4 || t1 - t0 < 0.8 * config.lookback_seconds {
-            return false;
-        }
-        let explained = tasks1.saturating_sub(tasks0).saturating_mul(BYTES_PER_TASK);
-        let gained = anon1.saturating_sub(anon0);
-        if gained.saturating_sub(explained) < config.min_growth_bytes {
-            return false;
-        }
-        let values: Vec<f64> = signal.iter().map(|&(_, anon, _)| anon as f64).collect();
-        mann_kendall(&values).p_rising < GROWTH_P_VALUE
-    }
-
     /// Opens a window for `pid` when its signals ask for one and the bounds allow it;
     /// true when one was opened.
     fn maybe_open(
@@ -449,7 +275,7 @@ impl HeapWindows {
             Phase::Cooldown { until } if until <= now => watched.phase = Phase::Idle,
             _ => return false,
         }
-        if !Self::unexplained_growth(&config, &watched.signal) {
+        if !signal::unexplained_growth(&config, &watched.signal) {
             return false;
         }
         let hour = Duration::from_secs(3600);
