@@ -293,6 +293,7 @@ impl Session {
             running.heap_max_blocks != new.heap_max_blocks,
         );
         changed("probe_stats", running.probe_stats != new.probe_stats);
+        changed("heap_windows", running.heap_windows != new.heap_windows);
         changed("node_log_dir", running.node != new.node);
         changed("max_processes", running.max_processes != new.max_processes);
         changed(
