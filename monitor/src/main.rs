@@ -12,6 +12,7 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand}
 use leakscope::analysis::AnalysisConfig;
 use leakscope::bpf::preflight;
 use leakscope::daemon::heap::{HeapMode, HeapPath};
+use leakscope::daemon::heap_window::HeapWindowConfig;
 use leakscope::daemon::{self, DaemonConfig, config_file, report, web_config};
 use leakscope::export::inspect;
 use leakscope::export::report as report_table;
@@ -124,8 +125,10 @@ struct DaemonArgs {
     #[arg(long, default_value_t = 1.0)]
     rescan_seconds: f64,
     /// Heap tracking: `off` (task tracking only), `exact` (every allocation of the
-    /// watched processes, ~2.6 µs per allocate+free) or `sampled` (1 in 16 blocks,
-    /// figures scaled; ~1.8 µs). See README for why the default is off.
+    /// watched processes, ~2.6 µs per allocate+free), `sampled` (1 in 16 blocks,
+    /// figures scaled; ~1.8 µs) or `adaptive` (probes only in bounded windows, when a
+    /// process's memory grows beyond what its tasks hold: --heap-window-*). See README for
+    /// why the default is off.
     #[arg(long, value_enum, default_value = "off")]
     heap: HeapMode,
     /// Export leakscope_probe_runs_total and leakscope_probe_run_seconds_total: how often
@@ -204,6 +207,8 @@ struct Targets {
     /// the allocation rate). Both are exact.
     #[arg(long, value_enum, default_value = "aggregate")]
     heap_path: HeapPath,
+    #[command(flatten)]
+    heap_windows: HeapWindowConfig,
 }
 
 /// What makes a suspect (README, Verdicts); the defaults pass the fixtures' leaks and
@@ -324,6 +329,7 @@ fn daemon_config(
         heap,
         heap_max_blocks: targets.heap_max_blocks,
         heap_path: targets.heap_path,
+        heap_windows: targets.heap_windows,
         probe_stats: false,
         analysis,
         node: NodeFiles {
@@ -418,6 +424,9 @@ fn daemon_settings(args: DaemonArgs, given: &ArgMatches) -> anyhow::Result<Daemo
             thresholds.verdict_min_heap_growth_ratio,
             v.min_heap_growth_ratio
         );
+        targets.heap_windows.overlay(&file.heap_windows, |id| {
+            given.value_source(id) == Some(ValueSource::CommandLine)
+        });
     }
     // An installed daemon is given no pid: it watches the host.
     if targets.pids.is_empty() && targets.exes.is_empty() && !targets.all {

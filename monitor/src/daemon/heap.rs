@@ -9,7 +9,7 @@ use monitor_common::heap::{HeapTarget, UNWIND_BUCKETS_MAX, UNWIND_ROWS_MAX};
 
 use crate::bpf::attach::AttachedLink;
 use crate::bpf::loader::Probes;
-use crate::bpf::plan;
+use crate::bpf::plan::{self, HeapAttachPoint};
 use crate::discovery::TargetImage;
 use crate::discovery::alloc;
 use crate::discovery::symbolize::Symbolizer;
@@ -29,6 +29,11 @@ pub enum HeapMode {
     /// probes still fire on every allocation, but skip the stack walk and the bookkeeping
     /// for the others (a third less per allocation, measured: the traps remain).
     Sampled,
+    /// No allocator hooks until the process's anonymous memory grows in a way its task
+    /// counts do not explain; then exact tracking for a bounded window, the window's
+    /// blocks followed with the free hook alone, and every hook off again
+    /// (`daemon::heap_window`). Cheap enough to leave on.
+    Adaptive,
 }
 
 impl HeapMode {
@@ -38,6 +43,11 @@ impl HeapMode {
             HeapMode::Sampled => 4,
             _ => 0,
         }
+    }
+
+    /// Whether the kernel's heap maps and ring are needed.
+    pub const fn tracks(self) -> bool {
+        !matches!(self, HeapMode::Off)
     }
 }
 
@@ -162,6 +172,13 @@ impl HeapTracker {
         image: &TargetImage,
         load_bias: u64,
     ) -> anyhow::Result<Vec<AttachedLink>> {
+        let points = Self::points(process)?;
+        self.attach_at(probes, process, image, load_bias, &points)
+    }
+
+    /// Where `process`'s heap probes go (its allocator found in its executable and
+    /// libraries): worth keeping by a caller that attaches the same process again.
+    pub fn points(process: &ProcessInfo) -> anyhow::Result<Vec<HeapAttachPoint>> {
         let pid = process.pid;
         let allocators = alloc::find_allocators(
             &process.exe_link(),
@@ -181,6 +198,19 @@ impl HeapTracker {
                 point.symbol
             );
         }
+        Ok(points)
+    }
+
+    /// [`HeapTracker::attach`] at `points` found before (see [`HeapTracker::points`]).
+    pub fn attach_at(
+        &mut self,
+        probes: &mut Probes,
+        process: &ProcessInfo,
+        image: &TargetImage,
+        load_bias: u64,
+        points: &[HeapAttachPoint],
+    ) -> anyhow::Result<Vec<AttachedLink>> {
+        let pid = process.pid;
         let fsbase_offset = self.fsbase_offset;
         let sample_shift = self.mode.sample_shift();
         let aggregate = u32::from(self.aggregate);
@@ -219,7 +249,7 @@ impl HeapTracker {
                 heap
             });
         probes.set_heap_target(pid, Some(target))?;
-        match probes.attach_heap(pid, &points) {
+        match probes.attach_heap(pid, points) {
             Ok(links) => Ok(links),
             Err(err) => {
                 self.detach(probes, pid);

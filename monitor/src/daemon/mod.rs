@@ -9,6 +9,7 @@ pub mod config_file;
 pub mod drain;
 pub mod health;
 pub mod heap;
+pub mod heap_window;
 pub mod http;
 pub mod judge;
 pub mod listener;
@@ -49,6 +50,8 @@ pub struct DaemonConfig {
     pub heap_path: HeapPath,
     /// Outstanding blocks the kernel tracks at once, across processes (heap mode only).
     pub heap_max_blocks: u32,
+    /// `--heap adaptive`'s windows.
+    pub heap_windows: heap_window::HeapWindowConfig,
     /// Export the kernel's run statistics of leakscope's own programs.
     pub probe_stats: bool,
     /// How the leak verdicts sample and judge.

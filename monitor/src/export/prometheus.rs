@@ -24,6 +24,8 @@ use crate::state::tasks::TaskLedger;
 use crate::targets::procfs::monotonic_ns;
 use crate::targets::workload::Workloads;
 
+mod heap_windows;
+
 #[derive(Debug)]
 struct TaskCollector(Sources);
 
@@ -288,6 +290,9 @@ impl Collector for TaskCollector {
                 self.0.kernel.as_deref(),
                 &self.0.workloads,
             )?;
+        }
+        if let Some(windows) = &self.0.heap_windows {
+            heap_windows::encode(&mut encoder, windows, &self.0.workloads)?;
         }
         if let Some(stats) = &self.0.probe_stats {
             let runs = stats.read();
@@ -602,6 +607,7 @@ mod tests {
             host: None,
             workloads: Workloads::default(),
             health: Default::default(),
+            heap_windows: None,
         };
         let text = render(&sources);
         for family in [

@@ -10,6 +10,7 @@ pub mod attribution;
 pub mod health;
 pub mod heap;
 pub mod heap_groups;
+pub mod heap_windows;
 pub mod intern;
 pub mod pending;
 pub mod stream;

@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use log::{info, warn};
 
 use super::heap::HeapTracker;
+use super::heap_window::HeapWindows;
 use super::judge::{Judge, analyze_for_attach};
 use crate::bpf::attach::AttachedLink;
 use crate::bpf::loader::Probes;
@@ -41,6 +42,8 @@ pub struct ProcessRegistry {
     attached: HashMap<u32, AttachedProcess>,
     ledger: Arc<Mutex<TaskLedger>>,
     heap: Option<HeapTracker>,
+    /// `--heap adaptive`: heap probes go on in windows only, placed by this.
+    heap_windows: Option<HeapWindows>,
     /// Task hooks placed on `--exe` executables, covering all their processes, and when.
     exe_links: HashMap<ExeIdentity, (Vec<AttachedLink>, Instant)>,
     /// Host-wide mode: executables not watched, and why (`HostScanStats::executables_skipped`).
@@ -93,6 +96,7 @@ impl ProcessRegistry {
             attached: HashMap::new(),
             ledger,
             heap,
+            heap_windows: None,
             exe_links: HashMap::new(),
             not_services: HashMap::new(),
             failed: HashSet::new(),
@@ -104,6 +108,27 @@ impl ProcessRegistry {
             over_limit: HashSet::new(),
             host_executables: HashSet::new(),
             judge: Judge::default(),
+        }
+    }
+
+    /// `--heap adaptive`: processes get no heap probe when attached; `windows` places
+    /// them when its signals ask for them (see [`ProcessRegistry::tick_heap_windows`]).
+    pub fn set_heap_windows(&mut self, windows: HeapWindows) {
+        self.heap_windows = Some(windows);
+    }
+
+    /// `--heap adaptive`: one step of the windows at `t` seconds since the session
+    /// started; `alive` is each process's live task count.
+    pub fn tick_heap_windows(&mut self, t: f64, alive: &HashMap<u32, u64>) {
+        if let (Some(windows), Some(heap)) = (&mut self.heap_windows, &mut self.heap) {
+            windows.tick(&mut self.probes, heap, t, alive);
+        }
+    }
+
+    /// `--heap adaptive`: ends the window phases that are over (between samples).
+    pub fn advance_heap_windows(&mut self) {
+        if let (Some(windows), Some(heap)) = (&mut self.heap_windows, &mut self.heap) {
+            windows.advance_all(&mut self.probes, heap);
         }
     }
 
@@ -239,7 +264,9 @@ impl ProcessRegistry {
         let attached = task_links
             .map_err(anyhow::Error::from)
             .and_then(|mut links| {
-                if let Some(heap) = &mut self.heap {
+                if let Some(windows) = &mut self.heap_windows {
+                    windows.watch(&info, image.clone(), load_bias);
+                } else if let Some(heap) = &mut self.heap {
                     match heap.attach(&mut self.probes, &info, &image, load_bias) {
                         Ok(heap_links) => links.extend(heap_links),
                         Err(err) => {
@@ -327,6 +354,9 @@ impl ProcessRegistry {
     fn detach(&mut self, pid: u32) {
         if let Some(process) = self.attached.remove(&pid) {
             self.probes.detach(process.links);
+        }
+        if let Some(windows) = &mut self.heap_windows {
+            windows.forget(&mut self.probes, pid);
         }
         if let Some(heap) = &mut self.heap {
             heap.detach(&mut self.probes, pid);
@@ -479,6 +509,9 @@ impl ProcessRegistry {
             .flat_map(|(_, process)| process.links)
             .collect();
         links.extend(self.exe_links.drain().flat_map(|(_, (links, _))| links));
+        if let Some(windows) = &mut self.heap_windows {
+            links.extend(windows.take_all_links());
+        }
         self.probes.detach(links);
     }
 
