@@ -18,7 +18,9 @@ pub mod heap_counter {
     pub const OUTSTANDING_FULL: u32 = 1;
     /// Allocation entries not remembered until their return (pending map full).
     pub const PENDING_FULL: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Blocks not tracked because the kernel's group map (`HEAP_GROUPS`) was full.
+    pub const GROUPS_FULL: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// Allocations tracked at once across all watched processes (kernel map capacity).
@@ -29,6 +31,10 @@ pub const OUTSTANDING_MAX: u32 = 1 << 18;
 pub enum HeapEventKind {
     Alloc = 1,
     Free = 2,
+    /// The kernel started aggregating a new group (see [`GroupKey`]): the event carries the
+    /// group's stack (`stack_hash`, `first_pc`, `frames`) so that userspace can name it.
+    /// The only heap event of a process tracked by aggregates.
+    NewGroup = 3,
 }
 
 impl HeapEventKind {
@@ -36,6 +42,7 @@ impl HeapEventKind {
         match value {
             1 => Some(Self::Alloc),
             2 => Some(Self::Free),
+            3 => Some(Self::NewGroup),
             _ => None,
         }
     }
@@ -88,11 +95,83 @@ const _: () = assert!(core::mem::size_of::<BlockKey>() == 16);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockInfo {
     pub size: u64,
+    /// The allocating stack's hash; under aggregation, the group's `site` (for a task cell,
+    /// the task's vtable).
     pub stack_hash: u64,
     pub task_id: u64,
+    /// Under aggregation: the group's `task` (see [`GroupKey`]).
+    pub group_task: u64,
+    /// Under aggregation: the group's `kind` ([`group_kind`]).
+    pub group_kind: u32,
+    /// 1: counted in `HEAP_GROUPS` (the free subtracts there); 0: reported by events.
+    pub aggregated: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<BlockInfo>() == 24);
+const _: () = assert!(core::mem::size_of::<BlockInfo>() == 40);
+
+/// (process, callsite, task site) groups the kernel aggregates at once, across processes.
+pub const GROUPS_MAX: u32 = 1 << 16;
+/// Tasks whose spawn vtable the kernel remembers at once, across processes (least recently
+/// used forgotten first: a task still allocating stays).
+pub const TASK_VTABLES_MAX: u32 = 1 << 16;
+
+/// What a group aggregates (`GroupKey::kind`).
+pub mod group_kind {
+    /// Blocks allocated at one stack (`site` is the stack's hash).
+    pub const CALLSITE: u32 = 0;
+    /// Tokio task cells (`site` is the task's vtable): a block found at a task's header
+    /// when the task is spawned moves here from its callsite group.
+    pub const TASK_CELL: u32 = 1;
+}
+
+/// `GroupKey::task` values other than a task's vtable.
+pub mod group_task {
+    /// Allocated outside any tokio task.
+    pub const NONE: u64 = 0;
+    /// Allocated by a task whose spawn the kernel did not see (before attach).
+    pub const UNKNOWN: u64 = 1;
+}
+
+/// Key of the kernel's live-heap aggregates (`HEAP_GROUPS`): the exact figures of every
+/// block of a process allocated at one stack by tasks of one spawn site.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupKey {
+    pub pid: u32,
+    /// A [`group_kind`] value.
+    pub kind: u32,
+    /// Stack hash (callsite groups) or the task's vtable (task cells).
+    pub site: u64,
+    /// The vtable of the task that allocated, or a [`group_task`] value.
+    pub task: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<GroupKey>() == 24);
+
+/// A group's running counts, only ever added to (atomically, by the probes): its live
+/// figures are `allocated - released`. A block moving to a task cell group is released
+/// from its callsite group and allocated in the cell's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupCounters {
+    pub allocated_blocks: u64,
+    pub allocated_bytes: u64,
+    pub released_blocks: u64,
+    pub released_bytes: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<GroupCounters>() == 32);
+
+/// Key of the kernel's task-id → spawn-vtable map (`TASK_VTABLES`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskKey {
+    pub task_id: u64,
+    pub pid: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<TaskKey>() == 16);
 
 /// Per-process settings of the heap probes (kernel map keyed by pid).
 #[repr(C)]
@@ -118,7 +197,9 @@ pub struct HeapTarget {
     /// Track 1 in `2^sample_shift` blocks, chosen by address (0: every block). Frees use
     /// the same choice, so a sampled block is always matched by its free.
     pub sample_shift: u32,
-    pub _pad: u32,
+    /// 1: the probes aggregate live figures per group in the kernel (`HEAP_GROUPS`) and
+    /// report only new groups; 0: one event per allocation and per free.
+    pub aggregate: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<HeapTarget>() == 56);

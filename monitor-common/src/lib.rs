@@ -169,6 +169,12 @@ mod user {
     unsafe impl aya::Pod for super::heap::BlockInfo {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::heap::HeapTarget {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::heap::GroupKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::heap::GroupCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::heap::TaskKey {}
 }
 
 #[cfg(test)]

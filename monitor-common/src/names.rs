@@ -35,8 +35,14 @@ pub mod map {
     pub const UNTRACKED_FREES: &str = "UNTRACKED_FREES";
     /// Ring buffer of `ExecEvent`s.
     pub const EXEC_EVENTS: &str = "EXEC_EVENTS";
+    /// `GroupKey` → `GroupCounters`: live heap aggregated in the kernel.
+    pub const HEAP_GROUPS: &str = "HEAP_GROUPS";
+    /// `TaskKey` → the task's vtable, for the aggregates' task sites (LRU).
+    pub const TASK_VTABLES: &str = "TASK_VTABLES";
+    /// Per-CPU room for one stack, unwound before its group is known to be new.
+    pub const HEAP_STACK_SCRATCH: &str = "HEAP_STACK_SCRATCH";
 
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 17] = [
         TASK_EVENTS,
         COUNTERS,
         SEQ,
@@ -51,11 +57,16 @@ pub mod map {
         OUTSTANDING,
         UNTRACKED_FREES,
         EXEC_EVENTS,
+        HEAP_GROUPS,
+        TASK_VTABLES,
+        HEAP_STACK_SCRATCH,
     ];
 
     /// The maps only heap tracking uses, created at their smallest (entries; one page for
     /// the ring buffer) when it is off.
-    pub const HEAP_ONLY_MINIMUM: [(&str, u32); 7] = [
+    pub const HEAP_ONLY_MINIMUM: [(&str, u32); 9] = [
+        (HEAP_GROUPS, 1),
+        (TASK_VTABLES, 1),
         (OUTSTANDING, 1),
         (PENDING, 1),
         (HEAP_TARGETS, 1),

@@ -29,7 +29,7 @@ use monitor_common::heap::{
 };
 use monitor_common::unwind::{self, MAX_FRAMES, Regs, UnwindRow};
 
-use crate::stream;
+use crate::{heap_groups, stream};
 
 #[map]
 static HEAP_EVENTS: RingBuf = RingBuf::with_byte_size(HEAP_RINGBUF_BYTES, 0);
@@ -84,19 +84,20 @@ static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(1 << 14, 0);
 /// Preallocated (about 20 MiB): allocating entries on insert made each free 0.2 µs dearer
 /// (measured).
 #[map]
-static OUTSTANDING: HashMap<BlockKey, BlockInfo> = HashMap::with_max_entries(OUTSTANDING_MAX, 0);
+pub(crate) static OUTSTANDING: HashMap<BlockKey, BlockInfo> =
+    HashMap::with_max_entries(OUTSTANDING_MAX, 0);
 
 /// Frees of blocks allocated before attach (or not tracked), by pid.
 #[map]
 static UNTRACKED_FREES: HashMap<u32, u64> = HashMap::with_max_entries(1024, 0);
 
 #[inline(always)]
-fn bump(index: u32) {
+pub(crate) fn bump(index: u32) {
     stream::bump(&HEAP_COUNTERS, index);
 }
 
 #[inline(always)]
-fn submit_flags() -> u64 {
+pub(crate) fn submit_flags() -> u64 {
     stream::submit_flags(&HEAP_EVENTS)
 }
 
@@ -104,7 +105,7 @@ fn pid() -> u32 {
     (bpf_get_current_pid_tgid() >> 32) as u32
 }
 
-fn target(pid: u32) -> Option<HeapTarget> {
+pub(crate) fn target(pid: u32) -> Option<HeapTarget> {
     // SAFETY: the value is copied out before the map can change.
     unsafe { HEAP_TARGETS.get(&pid) }.copied()
 }
@@ -295,12 +296,16 @@ fn free_block(pid: u32, addr: u64) {
         return;
     };
     let _ = OUTSTANDING.remove(&key);
+    if info.aggregated != 0 {
+        heap_groups::release(pid, &info);
+        return;
+    }
     if let Some(entry) = reserve(HeapEventKind::Free, pid, addr, &info) {
         entry.submit(submit_flags());
     }
 }
 
-fn current_task_id(target: &HeapTarget) -> u64 {
+pub(crate) fn current_task_id(target: &HeapTarget) -> u64 {
     if target.task_slot_fs_offset == 0 || target.fsbase_offset == 0 {
         return 0;
     }
@@ -317,7 +322,7 @@ fn current_task_id(target: &HeapTarget) -> u64 {
 
 /// Reserves an event and fills everything but the stack. The event is written in place:
 /// a `HeapEvent` on the BPF stack would not fit next to the unwinder's state (512 bytes).
-fn reserve(
+pub(crate) fn reserve(
     kind: HeapEventKind,
     pid: u32,
     addr: u64,
@@ -355,31 +360,69 @@ fn record_alloc(
     addr: u64,
     pending: &Pending,
 ) {
+    if target.aggregate != 0 {
+        heap_groups::record_alloc(ctx, pid, target, addr, pending.size, &caller(ctx, pending));
+        return;
+    }
     let mut info = BlockInfo {
         size: pending.size,
         stack_hash: 0,
         task_id: current_task_id(target),
+        group_task: 0,
+        group_kind: 0,
+        aggregated: 0,
     };
     let Some(mut entry) = reserve(HeapEventKind::Alloc, pid, addr, &info) else {
         return; // not tracked: its free will count as untracked, not corrupt a series
     };
     let event = entry.as_mut_ptr();
+    let start = caller(ctx, pending);
+    // SAFETY: the record is ours until submitted; `frames` is a plain array inside it.
+    let frames = unsafe { &mut (*event).frames };
+    let (unwound, hash) = unwind_stack(target, &start, frames);
+    info.stack_hash = hash;
+    // SAFETY: as above.
+    unsafe {
+        (*event).first_pc = start.pc;
+        (*event).nframes = unwound as u32;
+        (*event).stack_hash = hash;
+    }
+    let key = BlockKey { addr, pid, _pad: 0 };
+    if OUTSTANDING.insert(&key, &info, u64::from(BPF_ANY)).is_err() {
+        bump(heap_counter::OUTSTANDING_FULL);
+        entry.discard(0);
+        return;
+    }
+    entry.submit(submit_flags());
+}
+
+/// The allocator's caller's registers just after the allocator returned: at the return
+/// address, the return address popped; rbp is callee-saved, so the probe's value is the
+/// caller's.
+#[inline(always)]
+fn caller(ctx: &RetProbeContext, pending: &Pending) -> Regs {
     // SAFETY: `regs` is the probe's register context for the program's duration.
     let regs = unsafe { &*ctx.regs };
-    // After the return: in the caller at the return address, the return address popped;
-    // rbp is callee-saved, so the probe's value is the caller's.
-    let start = Regs {
+    Regs {
         pc: pending.return_address,
         rsp: pending.entry_rsp.wrapping_add(8),
         rbp: regs.rbp,
-    };
+    }
+}
+
+/// Walks the stack from `start` into `frames` with the target's unwind table; returns how
+/// many frames were written and the stack's hash (over `start.pc` and those frames).
+#[inline(always)]
+pub(crate) fn unwind_stack(
+    target: &HeapTarget,
+    start: &Regs,
+    frames: &mut [u64; MAX_FRAMES],
+) -> (usize, u64) {
     let first = target.unwind_first;
     let rows = target.unwind_rows;
     let bucket_first = target.bucket_first;
-    // SAFETY: the record is ours until submitted; `frames` is a plain array inside it.
-    let frames = unsafe { &mut (*event).frames };
     let unwound = unwind::unwind(
-        &start,
+        start,
         target.load_bias,
         MAX_FRAMES,
         |pc| {
@@ -409,18 +452,5 @@ fn record_alloc(
             hash = (hash ^ pc).wrapping_mul(0x0100_0000_01b3);
         }
     }
-    info.stack_hash = hash;
-    // SAFETY: as above.
-    unsafe {
-        (*event).first_pc = start.pc;
-        (*event).nframes = unwound as u32;
-        (*event).stack_hash = hash;
-    }
-    let key = BlockKey { addr, pid, _pad: 0 };
-    if OUTSTANDING.insert(&key, &info, u64::from(BPF_ANY)).is_err() {
-        bump(heap_counter::OUTSTANDING_FULL);
-        entry.discard(0);
-        return;
-    }
-    entry.submit(submit_flags());
+    (unwound, hash)
 }

@@ -14,8 +14,12 @@
 //! built object against that list.
 #![no_std]
 #![no_main]
+// `atomic_xadd` for the heap aggregates' counters (see `heap_groups::add`).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod heap;
+mod heap_groups;
 mod stream;
 
 use aya_ebpf::EbpfContext;
@@ -138,6 +142,10 @@ fn try_task_hook<const ARG: usize>(ctx: &ProbeContext) -> Result<(), u32> {
     } else {
         0
     };
+    let spawn = cookie.kind == TaskEventKind::Spawn as u32;
+    if spawn || cookie.kind == TaskEventKind::FirstPoll as u32 {
+        heap_groups::task_started(pid, header, vtable, task_id, spawn);
+    }
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let seq = stream::next_seq(&SEQ);
     let event = TaskEvent {

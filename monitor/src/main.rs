@@ -11,7 +11,8 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use leakscope::analysis::AnalysisConfig;
 use leakscope::bpf::preflight;
-use leakscope::daemon::heap::HeapMode;
+use leakscope::daemon::heap::{HeapMode, HeapPath};
+use leakscope::daemon::heap_window::HeapWindowConfig;
 use leakscope::daemon::{self, DaemonConfig, config_file, report, web_config};
 use leakscope::export::inspect;
 use leakscope::export::report as report_table;
@@ -124,8 +125,10 @@ struct DaemonArgs {
     #[arg(long, default_value_t = 1.0)]
     rescan_seconds: f64,
     /// Heap tracking: `off` (task tracking only), `exact` (every allocation of the
-    /// watched processes, ~2.6 µs per allocate+free) or `sampled` (1 in 16 blocks,
-    /// figures scaled; ~1.8 µs). See README for why the default is off.
+    /// watched processes, ~2.6 µs per allocate+free), `sampled` (1 in 16 blocks,
+    /// figures scaled; ~1.8 µs) or `adaptive` (probes only in bounded windows, when a
+    /// process's memory grows beyond what its tasks hold: --heap-window-*). See README for
+    /// why the default is off.
     #[arg(long, value_enum, default_value = "off")]
     heap: HeapMode,
     /// Export leakscope_probe_runs_total and leakscope_probe_run_seconds_total: how often
@@ -192,7 +195,7 @@ struct Targets {
     /// container's namespace, pod and container name (labels of its series).
     #[arg(long, default_value = "/var/log")]
     node_log_dir: PathBuf,
-    /// Heap blocks the kernel tracks at once, across all watched processes; about 104
+    /// Heap blocks the kernel tracks at once, across all watched processes; about 120
     /// bytes of kernel memory each, allocated at start. Blocks beyond are counted in
     /// leakscope_heap_untracked_allocations_total{reason="outstanding_full"}.
     #[arg(long, default_value_t = monitor_common::heap::OUTSTANDING_MAX,
@@ -204,6 +207,14 @@ struct Targets {
     /// 0 turns the census off.
     #[arg(long, default_value_t = 10.0)]
     census_seconds: f64,
+    /// How the heap probes report: `aggregate` (live figures per callsite and task site
+    /// kept in the kernel and read periodically; an event only per new group) or `events`
+    /// (one event per allocation and per free, applied by the daemon: its cost grows with
+    /// the allocation rate). Both are exact.
+    #[arg(long, value_enum, default_value = "aggregate")]
+    heap_path: HeapPath,
+    #[command(flatten)]
+    heap_windows: HeapWindowConfig,
 }
 
 /// What makes a suspect (README, Verdicts); the defaults pass the fixtures' leaks and
@@ -323,6 +334,8 @@ fn daemon_config(
         rescan: Duration::from_secs(1),
         heap,
         heap_max_blocks: targets.heap_max_blocks,
+        heap_path: targets.heap_path,
+        heap_windows: targets.heap_windows,
         probe_stats: false,
         analysis,
         node: NodeFiles {
@@ -423,6 +436,9 @@ fn daemon_settings(args: DaemonArgs, given: &ArgMatches) -> anyhow::Result<Daemo
             thresholds.verdict_min_heap_growth_ratio,
             v.min_heap_growth_ratio
         );
+        targets.heap_windows.overlay(&file.heap_windows, |id| {
+            given.value_source(id) == Some(ValueSource::CommandLine)
+        });
     }
     // An installed daemon is given no pid: it watches the host.
     if targets.pids.is_empty() && targets.exes.is_empty() && !targets.all {
@@ -541,7 +557,13 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
                 ),
                 (None, None) => unreachable!("clap requires one of them"),
             };
-            let image = leakscope::discovery::analyze(&path)?;
+            // As the daemon would attach with heap tracking: a tokio binary whose tasks
+            // cannot be read is shown heap-only, with the warning saying why.
+            let image = leakscope::daemon::judge::analyze_for_attach(
+                &path,
+                &path.display().to_string(),
+                true,
+            )?;
             let allocators = leakscope::discovery::alloc::find_allocators(&path, &libraries)
                 .context("finding the allocator")?;
             let heap_points = leakscope::bpf::plan::heap_points(&allocators);

@@ -189,12 +189,16 @@ fn heap_events(client: &Client) -> u64 {
     metric(client, "leakscope_heap_events_total").unwrap_or(0.0) as u64
 }
 
+fn heap_allocated_bytes(client: &Client) -> u64 {
+    metric(client, "leakscope_heap_allocated_bytes_total").unwrap_or(0.0) as u64
+}
+
 /// One run of heap-app's allocation loop `workload` (in its allocator's build); with `mode`,
-/// leakscope `--heap MODE` is attached first. Returns elapsed nanoseconds and, when
-/// `profile`, what [`Profile`] holds.
+/// leakscope `--heap MODE --heap-path PATH` is attached first. Returns elapsed nanoseconds
+/// and, when `profile`, what [`Profile`] holds.
 fn one_heap_run(
     workload: HeapWorkload,
-    mode: Option<&str>,
+    mode: Option<(&str, &str)>,
     profile: bool,
 ) -> anyhow::Result<(u64, Profile)> {
     let root = workspace_root();
@@ -210,8 +214,8 @@ fn one_heap_run(
     let mut line = String::new();
     stdout.read_line(&mut line)?;
     let daemon = match mode {
-        Some(mode) => {
-            let mut args = vec!["--heap", mode];
+        Some((mode, path)) => {
+            let mut args = vec!["--heap", mode, "--heap-path", path];
             if profile {
                 args.push("--probe-stats");
             }
@@ -232,6 +236,7 @@ fn one_heap_run(
             heap_program_stats(&client)?,
             process_cpu_ns(daemon_pid)?,
             heap_events(&client),
+            heap_allocated_bytes(&client),
         )),
         None => None,
     };
@@ -244,25 +249,28 @@ fn one_heap_run(
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("heap-app said {line:?}"))?;
     let mut result = Profile::default();
-    if let (Some((daemon_pid, client)), Some((programs, cpu, events))) = (profiled, before) {
+    if let (Some((daemon_pid, client)), Some((programs, cpu, events, allocated))) =
+        (profiled, before)
+    {
         for (name, (runs, ns)) in heap_program_stats(&client)? {
             let (runs_before, ns_before) = programs.get(&name).copied().unwrap_or_default();
             result
                 .hooks
                 .insert(name, (runs - runs_before, ns.saturating_sub(ns_before)));
         }
-        // At least an allocation and a free per round: wait until the daemon has read them
-        // all and its count stands still.
+        // At least a byte allocated per round: wait until the daemon has counted them all
+        // and its count stands still for longer than it takes to read the kernel's
+        // aggregates again (200 ms).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        let mut last = heap_events(&client);
+        let mut last = heap_allocated_bytes(&client);
         loop {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            let now = heap_events(&client);
-            if now == last && now >= events + 2 * ALLOCATIONS {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let now = heap_allocated_bytes(&client);
+            if now == last && now >= allocated + ALLOCATIONS {
                 break;
             }
             if std::time::Instant::now() > deadline {
-                bail!("the daemon did not read all heap events within 60 s");
+                bail!("the daemon did not count all allocations within 60 s");
             }
             last = now;
         }
@@ -273,38 +281,46 @@ fn one_heap_run(
 }
 
 /// Each heap hook's own BPF time per hit in one `--heap exact --probe-stats` run of
-/// `workload`, and the daemon's CPU per event.
+/// `workload` per heap path (aggregated in the kernel, an event per block), and the
+/// daemon's CPU per allocation+free round and per event.
 fn heap_hook_times(workload: HeapWorkload) -> anyhow::Result<()> {
-    let (_, profile) = one_heap_run(workload, Some("exact"), true)?;
-    println!("  BPF time per hook hit (one more --heap exact run, with --probe-stats):");
-    for (name, (runs, ns)) in profile
-        .hooks
-        .iter()
-        .filter(|(_, (runs, _))| *runs >= ALLOCATIONS)
-    {
+    for path in ["aggregate", "events"] {
+        let (_, profile) = one_heap_run(workload, Some(("exact", path)), true)?;
         println!(
-            "    {name:<26} {:6.0} ns  ({runs} hits)",
-            *ns as f64 / *runs as f64
+            "  BPF time per hook hit (one more --heap exact --heap-path {path} run, with \
+             --probe-stats):"
+        );
+        for (name, (runs, ns)) in profile
+            .hooks
+            .iter()
+            .filter(|(_, (runs, _))| *runs >= ALLOCATIONS)
+        {
+            println!(
+                "    {name:<26} {:6.0} ns  ({runs} hits)",
+                *ns as f64 / *runs as f64
+            );
+        }
+        println!(
+            "  daemon CPU ({path}): {:.0} ns per allocation+free round, {:.0} ns per heap \
+             event ({} events, {:.0} ms; 10 ms clock ticks)",
+            profile.daemon_cpu_ns as f64 / ALLOCATIONS as f64,
+            profile.daemon_cpu_ns as f64 / profile.heap_events.max(1) as f64,
+            profile.heap_events,
+            profile.daemon_cpu_ns as f64 / 1e6
         );
     }
-    println!(
-        "  daemon CPU: {:.0} ns per heap event ({} events, {:.0} ms; 10 ms clock ticks)",
-        profile.daemon_cpu_ns as f64 / profile.heap_events.max(1) as f64,
-        profile.heap_events,
-        profile.daemon_cpu_ns as f64 / 1e6
-    );
     Ok(())
 }
 
-fn heap_bench(rounds: usize) -> anyhow::Result<()> {
+pub fn heap_bench(rounds: usize) -> anyhow::Result<()> {
     for workload in HEAP_WORKLOADS {
         let mut baseline = Vec::new();
         let mut monitored = Vec::new();
         let mut sampled = Vec::new();
         for round in 1..=rounds {
             let (b, _) = one_heap_run(workload, None, false)?;
-            let (m, _) = one_heap_run(workload, Some("exact"), false)?;
-            let (s, _) = one_heap_run(workload, Some("sampled"), false)?;
+            let (m, _) = one_heap_run(workload, Some(("exact", "aggregate")), false)?;
+            let (s, _) = one_heap_run(workload, Some(("sampled", "aggregate")), false)?;
             eprintln!(
                 "{} {} round {round}: baseline {:.0}, exact {:.0}, sampled {:.0} ns/alloc",
                 workload.allocator,
@@ -384,7 +400,8 @@ pub fn bench(rounds: usize) -> anyhow::Result<()> {
     heap_bench(rounds)?;
     verdict_bench()?;
     crate::bench_census::census_bench(&root_leakscope())?;
-    crate::bench_host::host_bench(&root_leakscope())
+    crate::bench_host::host_bench(&root_leakscope())?;
+    crate::bench_scale::scale_bench(&root_leakscope())
 }
 
 fn root_leakscope() -> std::path::PathBuf {

@@ -16,13 +16,18 @@ const SERVICES: usize = 50;
 
 /// Resident memory of process `pid`, in MiB.
 pub fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+    status_mib(pid, "VmRSS")
+}
+
+/// A memory line of `/proc/PID/status` (`VmRSS`, `RssAnon`, …), in MiB.
+pub fn status_mib(pid: u32, field: &str) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .map(|kib| kib / 1024.0)
-        .context("no VmRSS line")
+        .with_context(|| format!("no {field} line in /proc/{pid}/status"))
 }
 
 struct Scale {

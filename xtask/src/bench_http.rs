@@ -2,7 +2,9 @@
 //! would measure it. The axum fixture serves three routes (a cheap one, one spawning a short
 //! task, one allocating like a JSON handler) to `wrk` over loopback, with keep-alive and with
 //! a connection per request, unmonitored and under each monitor: leakscope's task hooks,
-//! `--heap exact`, `--heap sampled`, and bcc's `memleak -p` for comparison.
+//! `--heap exact` (aggregated in the kernel) and the same with an event per block (the path
+//! it replaced), `--heap sampled`, `--heap adaptive` (its standing cost: these routes do not
+//! leak, so no window should run), and bcc's `memleak -p` for comparison.
 //! A second unmonitored service is measured like the others: its ratio to the first is the
 //! noise of the run.
 //!
@@ -87,17 +89,25 @@ enum Config {
     Control,
     Tasks,
     Heap,
+    /// `--heap exact` with one event per allocation and free (`--heap-path events`), the
+    /// path `Heap`'s in-kernel aggregation replaced: both in one run, for the comparison.
+    HeapEvents,
     HeapSampled,
+    /// `--heap adaptive`: heap probes only in windows, when memory grows beyond what the
+    /// tasks hold (the benchmark's routes do not leak: this is its standing cost).
+    HeapAdaptive,
     Memleak,
 }
 
 impl Config {
-    const ALL: [Config; 6] = [
+    const ALL: [Config; 8] = [
         Config::Baseline,
         Config::Control,
         Config::Tasks,
         Config::Heap,
+        Config::HeapEvents,
         Config::HeapSampled,
+        Config::HeapAdaptive,
         Config::Memleak,
     ];
     /// Its key in `summary.json`.
@@ -107,7 +117,9 @@ impl Config {
             Config::Control => "baseline_repeat",
             Config::Tasks => "tasks",
             Config::Heap => "heap",
+            Config::HeapEvents => "heap_events",
             Config::HeapSampled => "heap_sampled",
+            Config::HeapAdaptive => "heap_adaptive",
             Config::Memleak => "memleak",
         }
     }
@@ -117,7 +129,9 @@ impl Config {
             Config::Control => "2nd unmonitored",
             Config::Tasks => "task hooks",
             Config::Heap => "--heap exact",
+            Config::HeapEvents => "--heap exact, event per block",
             Config::HeapSampled => "--heap sampled",
+            Config::HeapAdaptive => "--heap adaptive",
             Config::Memleak => "bcc memleak -p",
         }
     }
@@ -126,26 +140,20 @@ impl Config {
         match self {
             Config::Tasks => Some(&[]),
             Config::Heap => Some(&["--heap", "exact"]),
+            Config::HeapEvents => Some(&["--heap", "exact", "--heap-path", "events"]),
             Config::HeapSampled => Some(&["--heap", "sampled"]),
+            Config::HeapAdaptive => Some(&["--heap", "adaptive"]),
             Config::Baseline | Config::Control | Config::Memleak => None,
         }
     }
 }
 
 /// Columns the report carries for modes that do not exist yet, always `null`.
-const NOT_BUILT: [(&str, &str, &str); 2] = [
-    (
-        "heap_adaptive",
-        "heap adaptive",
-        "not built yet: heap tracking that attaches for bounded windows when cheap signals \
-         (RSS, brk/mmap) call for it",
-    ),
-    (
-        "task_census",
-        "task census",
-        "not built yet: counting live tasks without per-spawn hooks",
-    ),
-];
+const NOT_BUILT: [(&str, &str, &str); 1] = [(
+    "task_census",
+    "task census",
+    "not built yet: counting live tasks without per-spawn hooks",
+)];
 
 const WRK_THREADS: u32 = 1;
 const WRK_CONNECTIONS: u32 = 32;
@@ -644,19 +652,23 @@ struct Summary {
 }
 
 /// The configurations compared with the baseline, in column order.
-const COMPARED: [Config; 5] = [
+const COMPARED: [Config; 7] = [
     Config::Control,
     Config::Tasks,
     Config::Heap,
+    Config::HeapEvents,
     Config::HeapSampled,
+    Config::HeapAdaptive,
     Config::Memleak,
 ];
 
 /// The configurations with a monitor.
-const MONITORED: [Config; 4] = [
+const MONITORED: [Config; 6] = [
     Config::Tasks,
     Config::Heap,
+    Config::HeapEvents,
     Config::HeapSampled,
+    Config::HeapAdaptive,
     Config::Memleak,
 ];
 
@@ -864,14 +876,16 @@ impl Summary {
         ));
         md.push_str(
             "| route | connections | baseline req/s | 2nd unmonitored copy (noise) | task hooks | \
-             `--heap exact` | `--heap sampled` | heap adaptive | task census | bcc `memleak -p` |\n\
-             |---|---|---|---|---|---|---|---|---|---|\n",
+             `--heap exact` | `--heap exact`, event per block | `--heap sampled` | heap adaptive | \
+             task census | bcc `memleak -p` |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for (index, route) in ROUTES.iter().enumerate() {
             for conn in Conn::ALL {
                 let r = |c| cell(ratio(&self.results, c, index, conn));
                 md.push_str(&format!(
-                    "| `{}` ({}) | {} | {} | {} | {} | {} | {} | n/a | n/a | {} |\n",
+                    "| `{}` ({}) | {} | {} | {} | {} | {} | {} | {} | {} | n/a | {} |
+",
                     route.path,
                     route.what,
                     conn.label(),
@@ -880,7 +894,9 @@ impl Summary {
                     r(Config::Control),
                     r(Config::Tasks),
                     r(Config::Heap),
+                    r(Config::HeapEvents),
                     r(Config::HeapSampled),
+                    r(Config::HeapAdaptive),
                     r(Config::Memleak),
                 ));
             }
@@ -919,11 +935,13 @@ impl Summary {
     fn svg(&self, path: &Path) -> anyhow::Result<()> {
         use plotters::prelude::*;
         let groups: Vec<(usize, Conn)> = Self::all_runs();
-        let colors = [
+        let colors: [RGBColor; COMPARED.len()] = [
             RGBColor(0x99, 0x99, 0x99),
             RGBColor(0x1f, 0x77, 0xb4),
             RGBColor(0xff, 0x7f, 0x0e),
+            RGBColor(0xff, 0xbb, 0x78),
             RGBColor(0x2c, 0xa0, 0x2c),
+            RGBColor(0x94, 0x67, 0xbd),
             RGBColor(0xd6, 0x27, 0x28),
         ];
         let root = SVGBackend::new(path, (1000, 520)).into_drawing_area();
@@ -1031,8 +1049,8 @@ Transfer/sec:     20.00KB
         assert!(parse_wrk("nothing").is_err());
     }
 
-    /// A summary from made-up runs, memleak missing: the files render and the columns not
-    /// built are `null`.
+    /// A summary from made-up runs, heap adaptive and memleak missing: the files render and
+    /// the columns not run (or not built) are `null`.
     #[test]
     fn writes_the_summary() {
         let mut results = Results::new();
@@ -1068,6 +1086,7 @@ Transfer/sec:     20.00KB
         };
         let json = summary.json();
         assert_eq!(json["ratios"]["heap_adaptive"], Value::Null);
+        assert_eq!(json["ratios"]["task_census"], Value::Null);
         assert_eq!(json["ratios"]["memleak"], Value::Null);
         assert_eq!(json["ratios"]["baseline_repeat"], json!(0.5));
         assert_eq!(json["ratios"]["tasks"], json!(0.333));

@@ -8,7 +8,7 @@
 //! the fix comes with a unit test that replays it.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
@@ -34,13 +34,21 @@ const INPUT_TIMEOUT_SECONDS: u64 = 10;
 /// nightly tools (see `setup`), and without the compiler overrides a parent cargo or the
 /// user's shell may set: `RUSTC` naming the stable compiler would defeat the nightly.
 fn cargo_fuzz() -> Command {
-    let mut cmd = Command::new("rustup");
-    cmd.args(["run", "nightly", "cargo", "fuzz"])
+    cargo_fuzz_under(Command::new("rustup"))
+}
+
+/// [`cargo_fuzz`] run by `launcher` (`rustup`, or `nice … rustup`).
+fn cargo_fuzz_under(mut launcher: Command) -> Command {
+    if launcher.get_program() != "rustup" {
+        launcher.arg("rustup");
+    }
+    launcher
+        .args(["run", "nightly", "cargo", "fuzz"])
         .current_dir(workspace_root().join("monitor"))
         .env_remove("RUSTC")
         .env_remove("RUSTC_WRAPPER")
         .env_remove("RUSTC_WORKSPACE_WRAPPER");
-    cmd
+    launcher
 }
 
 /// Where a target's corpus lives: kept across runs (`cargo xtask fuzz`, which grows it), or
@@ -52,9 +60,67 @@ pub enum Corpus {
     SeedsOnly,
 }
 
-/// Builds every target, then runs `only` (or each target) for `seconds`, each from its
-/// seeded corpus. Fails on the first crash or hang, naming the saved input.
-pub fn fuzz(seconds: u64, only: Option<&str>, corpus: Corpus) -> anyhow::Result<()> {
+/// The fuzz targets' build, started early and left to run at the lowest priority while
+/// `cargo xtask test` builds and runs the test suite: the integration tests spend most of
+/// their time waiting on fixtures and the kernel, and the instrumented nightly build (all
+/// dependencies again, with sanitizer flags) is minutes of CPU on a fresh machine. At nice
+/// 19 it takes only the CPU the tests leave idle, so their timing is not disturbed.
+pub struct BackgroundBuild {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl BackgroundBuild {
+    pub fn start() -> anyhow::Result<Self> {
+        let log = workspace_root().join("target/fuzz-build.log");
+        std::fs::create_dir_all(log.parent().expect("target/ has a parent"))?;
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut nice = Command::new("nice");
+        nice.args(["-n", "19"]);
+        let mut niced = cargo_fuzz_under(nice);
+        niced
+            .args(["build", "--fuzz-dir", "fuzz"])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        eprintln!(
+            "xtask: building the fuzz targets in the background at nice 19 (log: {})",
+            log.display()
+        );
+        let child = niced
+            .spawn()
+            .context("starting the fuzz targets' build (`nice` from coreutils, cargo-fuzz)")?;
+        Ok(Self { child, log })
+    }
+
+    /// Waits for the build; a failure shows the end of its log.
+    fn finish(mut self) -> anyhow::Result<()> {
+        let status = self.child.wait()?;
+        if !status.success() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+            bail!(
+                "building the fuzz targets failed with {status} (whole log: {})",
+                self.log.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Builds every target (or waits for `prebuilt`, the build started earlier), then runs
+/// `only` (or each target) for `seconds`, each from its seeded corpus. Fails on the first
+/// crash or hang, naming the saved input.
+pub fn fuzz(
+    seconds: u64,
+    only: Option<&str>,
+    corpus: Corpus,
+    prebuilt: Option<BackgroundBuild>,
+) -> anyhow::Result<()> {
     let targets: Vec<&str> = match only {
         Some(name) if TARGETS.contains(&name) => vec![name],
         Some(name) => bail!(
@@ -65,8 +131,12 @@ pub fn fuzz(seconds: u64, only: Option<&str>, corpus: Corpus) -> anyhow::Result<
     };
     // One build for all targets (the monitor crate is most of it), with debug assertions
     // and overflow checks, which is cargo-fuzz's default.
-    run(cargo_fuzz().args(["build", "--fuzz-dir", "fuzz"]))
-        .context("building the fuzz targets (nightly; `cargo xtask setup` installs cargo-fuzz)")?;
+    match prebuilt {
+        Some(build) => build.finish()?,
+        None => run(cargo_fuzz().args(["build", "--fuzz-dir", "fuzz"])).context(
+            "building the fuzz targets (nightly; `cargo xtask setup` installs cargo-fuzz)",
+        )?,
+    }
     for target in targets {
         let (corpus, largest_seed) = seed(target, corpus)?;
         let artifacts = workspace_root().join("monitor/fuzz/artifacts").join(target);

@@ -7,6 +7,7 @@ mod bench;
 mod bench_census;
 mod bench_host;
 mod bench_http;
+mod bench_scale;
 mod bench_tools;
 mod demo;
 mod fuzz;
@@ -75,9 +76,17 @@ enum Task {
         /// them, one census's wall and CPU time, the daemon's memory.
         #[arg(long, conflicts_with_all = ["http", "host"])]
         census: bool,
+        /// Only the daemon at scale: one process with 100 000 live tasks and 1 000 000 live
+        /// heap blocks (--heap exact): its memory, its maps' kernel memory, CPU per event.
+        #[arg(long, conflicts_with_all = ["http", "host", "heap"])]
+        scale: bool,
+        /// Only the heap microbenchmarks (allocate+free loops, each hook's BPF time, the
+        /// daemon's CPU on each heap path).
+        #[arg(long, conflicts_with_all = ["http", "host"])]
+        heap: bool,
         /// Only the HTTP benchmark: the axum fixture under wrk, unmonitored and under each
-        /// monitor (task hooks, heap exact/sampled, bcc memleak); writes
-        /// target/bench/summary.{json,md,svg}.
+        /// monitor (task hooks, heap exact on both heap paths, heap sampled, bcc memleak);
+        /// writes target/bench/summary.{json,md,svg}.
         #[arg(long)]
         http: bool,
         /// With --http: one round of 5 s runs (about 5 minutes) instead of 10 s runs.
@@ -135,7 +144,7 @@ fn main() -> anyhow::Result<()> {
             } else {
                 fuzz::Corpus::Kept
             };
-            fuzz::fuzz(seconds, target.as_deref(), corpus)
+            fuzz::fuzz(seconds, target.as_deref(), corpus, None)
         }
         Task::Demo { seconds } => {
             setup()?;
@@ -156,6 +165,8 @@ fn main() -> anyhow::Result<()> {
             rounds,
             host,
             census,
+            scale,
+            heap,
             http,
             quick,
         } => {
@@ -176,6 +187,16 @@ fn main() -> anyhow::Result<()> {
                 return bench_census::census_bench(
                     &workspace_root().join("target/release/leakscope"),
                 );
+            }
+            if scale {
+                run(cargo().args(["build", "--release", "-p", "monitor"]))?;
+                return bench_scale::scale_bench(
+                    &workspace_root().join("target/release/leakscope"),
+                );
+            }
+            if heap {
+                run(cargo().args(["build", "--release", "-p", "monitor"]))?;
+                return bench::heap_bench(rounds.unwrap_or(5).max(1));
             }
             bench::bench(rounds.unwrap_or(5).max(1))
         }
@@ -402,6 +423,13 @@ pub fn fixture_paths() -> Fixtures {
     }
 }
 
+/// The tokio lines the tokio-lines fixture is built against (`tokio-lines/tokio-<line>/`,
+/// binary `target/release/tokio-lines-<line>-0`): each task layout tokio 1.x has had before
+/// the one the axum fixtures use, and two lines since (`bind_inner` from 1.30 on).
+const TOKIO_LINES: [&str; 8] = [
+    "1-8", "1-10", "1-18", "1-22", "1-25", "1-28", "1-32", "1-43",
+];
+
 fn fixtures() -> anyhow::Result<()> {
     let root = workspace_root();
     run(cargo().args(["build", "--release", "-p", "axum-app"]))?;
@@ -412,6 +440,23 @@ fn fixtures() -> anyhow::Result<()> {
         .arg(root.join("monitor/tests/fixtures/axum-app-lts/Cargo.toml"))
         .arg("--target-dir")
         .arg(root.join("target")))?;
+    // The tokio-lines fixture against each pinned tokio line: one workspace per line, built
+    // one after the other into the shared target directory (each takes seconds: `rt` only).
+    for line in TOKIO_LINES {
+        run(cargo()
+            .args(["build", "--release", "--manifest-path"])
+            .arg(root.join(format!(
+                "monitor/tests/fixtures/tokio-lines/tokio-{line}/Cargo.toml"
+            )))
+            .arg("--target-dir")
+            .arg(root.join("target")))?;
+    }
+    // The 1.10 line stripped: a tokio binary whose tasks cannot be read (its vtables have
+    // no offsets to find them by shape), for heap tracking without task discovery.
+    run(Command::new("strip")
+        .arg("-o")
+        .arg(root.join("target/release/tokio-lines-1-10-0-stripped"))
+        .arg(root.join("target/release/tokio-lines-1-10-0")))?;
     // The heap fixture under each global allocator leakscope supports.
     run(cargo().args(["build", "--release", "-p", "heap-app"]))?;
     for allocator in ["jemalloc", "mimalloc"] {
@@ -476,6 +521,10 @@ const FUZZ_SECONDS_IN_TEST: u64 = 20;
 
 fn test(cargo_test_args: &[String]) -> anyhow::Result<()> {
     setup()?;
+    // A filtered run is someone iterating on a few tests: the fuzzers and the soak are not
+    // theirs.
+    let whole = cargo_test_args.is_empty();
+    let fuzz_build = whole.then(fuzz::BackgroundBuild::start).transpose()?;
     run(cargo().args(["fmt", "--all", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
     // The fuzz crate is its own workspace (it needs nightly), so `--all` does not cover it.
@@ -486,15 +535,32 @@ fn test(cargo_test_args: &[String]) -> anyhow::Result<()> {
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     fixtures()?;
     run(cargo().args(["test"]).args(cargo_test_args))?;
-    // A filtered run is someone iterating on a few tests: the fuzzers and the soak are not
-    // theirs.
-    if !cargo_test_args.is_empty() {
+    if !whole {
         eprintln!("xtask: a test filter was given: the fuzzing and the soak are left out");
         return Ok(());
     }
-    fuzz::fuzz(FUZZ_SECONDS_IN_TEST, None, fuzz::Corpus::SeedsOnly)?;
-    // Churn as a long-running host sees it, in 2 minutes (about 16 daemons started and
-    // ended), with the daemon the tests just built; `cargo xtask soak --minutes N` runs the
-    // release build, longer.
-    soak::soak(2.0, soak::Build::Debug)
+    // The fuzzers keep one core busy and the soak mostly waits on its daemons and fixture,
+    // so they run side by side: two minutes off the run.
+    std::thread::scope(|scope| {
+        // Churn as a long-running host sees it, in 2 minutes (about 16 daemons started and
+        // ended), with the daemon the tests just built; `cargo xtask soak --minutes N` runs
+        // the release build, longer.
+        let soak = scope.spawn(|| soak::soak(2.0, soak::Build::Debug));
+        let fuzzed = fuzz::fuzz(
+            FUZZ_SECONDS_IN_TEST,
+            None,
+            fuzz::Corpus::SeedsOnly,
+            fuzz_build,
+        );
+        let soaked = soak
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the soak panicked")));
+        match (fuzzed, soaked) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(err), Ok(())) | (Ok(()), Err(err)) => Err(err),
+            (Err(fuzz), Err(soak)) => {
+                Err(fuzz.context(format!("and the soak failed too: {soak:#}")))
+            }
+        }
+    })
 }

@@ -12,6 +12,7 @@ pub mod stats;
 #[cfg(test)]
 mod tests;
 pub mod verdict;
+pub mod windows;
 
 use std::collections::{HashMap, HashSet};
 
@@ -91,6 +92,9 @@ pub struct Analyzer {
     /// Processes whose figures are incomplete now (`state::health`): their affected sites
     /// are not judged.
     degraded: HashMap<u32, Vec<Degradation>>,
+    /// `--heap adaptive`: the heap verdicts its windows made (`windows`), judged with the
+    /// rest at the next sample.
+    window_verdicts: Vec<SiteVerdict>,
 }
 
 impl Analyzer {
@@ -102,7 +106,13 @@ impl Analyzer {
             suspect_since: HashMap::new(),
             verdicts: Vec::new(),
             degraded: HashMap::new(),
+            window_verdicts: Vec::new(),
         }
+    }
+
+    /// The heap windows' verdicts (`--heap adaptive`), for the next judgement.
+    pub fn set_window_verdicts(&mut self, verdicts: Vec<SiteVerdict>) {
+        self.window_verdicts = verdicts;
     }
 
     /// The processes whose figures are incomplete, for the next judgement: a site is never
@@ -253,6 +263,7 @@ impl Analyzer {
                     .collect(),
             });
         }
+        verdicts.extend(self.window_verdicts.iter().cloned());
         self.fold_heap_into_task_suspects(&mut verdicts);
         for v in &mut verdicts {
             let key = (v.pid, v.kind, v.site.clone(), v.location.clone());

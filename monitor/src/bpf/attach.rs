@@ -28,6 +28,13 @@ pub struct AttachedLink {
     id: UProbeLinkId,
 }
 
+impl AttachedLink {
+    /// The name of the program attached (`monitor_common::names::program`).
+    pub fn program(&self) -> &'static str {
+        self.program
+    }
+}
+
 /// One uprobe to attach: which program, where, and with which cookie.
 struct AttachRequest<'a> {
     program: &'static str,

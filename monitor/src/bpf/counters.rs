@@ -39,7 +39,7 @@ impl KernelCounters {
     }
 
     /// Heap tracking failures by reason (`monitor_common::heap::heap_counter`).
-    pub fn heap_failures(&self) -> [(&'static str, u64); 3] {
+    pub fn heap_failures(&self) -> [(&'static str, u64); 4] {
         use monitor_common::heap::heap_counter;
         [
             (
@@ -53,6 +53,10 @@ impl KernelCounters {
             (
                 "pending_full",
                 sum_per_cpu(&self.heap_counters, heap_counter::PENDING_FULL),
+            ),
+            (
+                "groups_full",
+                sum_per_cpu(&self.heap_counters, heap_counter::GROUPS_FULL),
             ),
         ]
     }

@@ -23,10 +23,6 @@ pub enum PlanError {
     UnsupportedRegister { symbol: String, register: String },
 }
 
-/// Position of `id_offset` in tokio's task vtable record: seven fn pointers, then
-/// `trailer_offset`, `scheduler_offset`, `id_offset` (discovery checks that shape).
-const VTABLE_ID_OFFSET_FIELD: u32 = 9 * 8;
-
 /// Where one task hook goes in the executable, and what it tells the program.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TaskAttachPoint {
@@ -68,7 +64,8 @@ pub fn task_points(image: &TargetImage) -> Result<Vec<TaskAttachPoint>, PlanErro
             let cookie = HookCookie {
                 kind: kind as u32,
                 vtable_offset: image.layout.vtable_offset as u32,
-                vtable_id_field: VTABLE_ID_OFFSET_FIELD,
+                // Where the record keeps `id_offset` (0: it has none, no id is read).
+                vtable_id_field: image.layout.vtable.id_offset_field().unwrap_or(0) as u32,
             };
             let program = *program::TASK_HOOKS
                 .get(hook.header_arg.position())

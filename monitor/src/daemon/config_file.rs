@@ -52,6 +52,23 @@ pub struct ConfigFile {
     pub targets: TargetsSection,
     #[serde(default)]
     pub verdicts: VerdictsSection,
+    #[serde(default)]
+    pub heap_windows: HeapWindowsSection,
+}
+
+/// `[heap_windows]`: when `heap = "adaptive"` opens its windows, and their bounds (the
+/// `--heap-window-*`, `--heap-follow-seconds` and `--heap-growth-*` flags).
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeapWindowsSection {
+    pub window_seconds: Option<f64>,
+    pub follow_seconds: Option<f64>,
+    pub cooldown_seconds: Option<f64>,
+    pub budget_seconds_per_hour: Option<f64>,
+    pub lookback_seconds: Option<f64>,
+    pub min_growth_bytes: Option<u64>,
+    pub min_windows: Option<usize>,
+    pub windows_at_once: Option<usize>,
 }
 
 /// `[targets]`: which processes to watch.
@@ -131,6 +148,24 @@ mod tests {
         assert_eq!(file.verdicts.window_seconds, Some(300.0));
         assert_eq!(file.verdicts.min_tasks, Some(10.0));
         assert_eq!(file.targets.pids, None);
+    }
+
+    #[test]
+    fn adaptive_heap_and_its_windows_are_read_and_flags_win() {
+        let file = parse(
+            Path::new("leakscope.toml"),
+            "heap = \"adaptive\"\n\n[heap_windows]\nwindow_seconds = 30\nfollow_seconds = 90\n\
+             budget_seconds_per_hour = 360\n",
+        )
+        .unwrap();
+        assert_eq!(file.heap, Some(HeapMode::Adaptive));
+        let mut config = crate::daemon::heap_window::HeapWindowConfig::default();
+        // --heap-follow-seconds given on the command line: the file's 90 does not apply.
+        config.overlay(&file.heap_windows, |id| id == "heap_follow_seconds");
+        assert_eq!(config.window_seconds, 30.0);
+        assert_eq!(config.follow_seconds, 30.0);
+        assert_eq!(config.budget_seconds_per_hour, 360.0);
+        assert_eq!(config.min_windows, 2);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use monitor_common::heap::HeapEvent;
 use monitor_common::{ExecEvent, TaskEvent, TaskEventKind};
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::bpf::heap_aggregates::HeapAggregates;
 use crate::bpf::ring::{RingReader, decode};
 use crate::state::attribution::claim_task_cells;
 use crate::state::heap::{HeapLedger, TaskSites};
@@ -31,10 +32,16 @@ fn silenced_pid() -> Option<u32> {
     })
 }
 
+/// How often the kernel's heap aggregates are read (a read walks the group map, two
+/// syscalls a group).
+const AGGREGATES_PERIOD: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// The heap side of the drain, when heap tracking is on.
 pub struct HeapStream {
     pub ring: RingBuf<MapData>,
     pub ledger: Arc<Mutex<HeapLedger>>,
+    /// The kernel's live-heap aggregates, for processes tracked by them.
+    pub aggregates: HeapAggregates,
 }
 
 /// Execs, as the kernel reports them: read by the drain in order with the task events, and
@@ -63,10 +70,15 @@ pub async fn drain(
     let mut task_reader = RingReader::new(task_ring)?;
     let mut exec_reader = RingReader::new(execs.ring)?;
     let notify = execs.notify;
-    let (mut heap_reader, heap_ledger) = match heap {
-        Some(h) => (Some(RingReader::new(h.ring)?), Some(h.ledger)),
-        None => (None, None),
+    let (mut heap_reader, heap_ledger, aggregates) = match heap {
+        Some(h) => (
+            Some(RingReader::new(h.ring)?),
+            Some(h.ledger),
+            Some(h.aggregates),
+        ),
+        None => (None, None, None),
     };
+    let mut aggregates_read = std::time::Instant::now();
     let mut tick = tokio::time::interval(DRAIN_PERIOD);
     loop {
         tokio::select! {
@@ -86,6 +98,14 @@ pub async fn drain(
             (Some(heap_reader), Some(heap)) => {
                 let mut heap = heap.lock().unwrap_or_else(|e| e.into_inner());
                 drain_both(&mut rings, heap_reader.ring(), &mut tasks, &mut heap);
+                // After the rings: the new groups' stacks and the tasks' spawns read first.
+                if let Some(aggregates) = &aggregates
+                    && aggregates_read.elapsed() >= AGGREGATES_PERIOD
+                    && heap.has_aggregated()
+                {
+                    aggregates_read = std::time::Instant::now();
+                    heap.apply_aggregates(&aggregates.read(), &*tasks);
+                }
             }
             _ => {
                 drain_tasks(&mut rings, &mut tasks, |_, _| {});

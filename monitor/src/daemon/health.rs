@@ -40,7 +40,7 @@ pub fn loss_totals(sources: &Sources) -> (LossTotals, Vec<u32>, Vec<u32>) {
         };
         (
             by("ringbuf_full"),
-            by("outstanding_full") + by("pending_full"),
+            by("outstanding_full") + by("pending_full") + by("groups_full"),
         )
     });
     let totals = LossTotals {

@@ -9,7 +9,7 @@ use monitor_common::heap::{HeapTarget, UNWIND_BUCKETS_MAX, UNWIND_ROWS_MAX};
 
 use crate::bpf::attach::AttachedLink;
 use crate::bpf::loader::Probes;
-use crate::bpf::plan;
+use crate::bpf::plan::{self, HeapAttachPoint};
 use crate::discovery::TargetImage;
 use crate::discovery::alloc;
 use crate::discovery::symbolize::Symbolizer;
@@ -29,6 +29,11 @@ pub enum HeapMode {
     /// probes still fire on every allocation, but skip the stack walk and the bookkeeping
     /// for the others (a third less per allocation, measured: the traps remain).
     Sampled,
+    /// No allocator hooks until the process's anonymous memory grows in a way its task
+    /// counts do not explain; then exact tracking for a bounded window, the window's
+    /// blocks followed with the free hook alone, and every hook off again
+    /// (`daemon::heap_window`). Cheap enough to leave on.
+    Adaptive,
 }
 
 impl HeapMode {
@@ -39,6 +44,25 @@ impl HeapMode {
             _ => 0,
         }
     }
+
+    /// Whether the kernel's heap maps and ring are needed.
+    pub const fn tracks(self) -> bool {
+        !matches!(self, HeapMode::Off)
+    }
+}
+
+/// How the heap probes report what they see, in `exact` and `sampled` modes alike.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeapPath {
+    /// Live figures per (callsite, task site) kept in the kernel, read periodically; an
+    /// event only for each new group. Exact, and the daemon's cost no longer grows with
+    /// the allocation rate.
+    #[default]
+    Aggregate,
+    /// One event per allocation and per free, applied by the daemon (the older path, kept
+    /// to check the aggregates against).
+    Events,
 }
 
 /// Per-executable state shared by all processes running it.
@@ -60,6 +84,9 @@ pub struct HeapTracker {
     exes: HashMap<ExeIdentity, ExeHeapInfo>,
     next_unwind_row: u32,
     next_bucket: u32,
+    /// Live heap aggregated in the kernel (see `crate::bpf::heap_aggregates`) rather than
+    /// one event per allocation and free.
+    aggregate: bool,
 }
 
 impl HeapTracker {
@@ -78,7 +105,14 @@ impl HeapTracker {
             exes: HashMap::new(),
             next_unwind_row: 0,
             next_bucket: 0,
+            aggregate: true,
         }
+    }
+
+    /// Chooses how the probes report (by default, aggregated in the kernel).
+    pub fn with_path(mut self, path: HeapPath) -> Self {
+        self.aggregate = path == HeapPath::Aggregate;
+        self
     }
 
     fn exe_info(
@@ -138,6 +172,13 @@ impl HeapTracker {
         image: &TargetImage,
         load_bias: u64,
     ) -> anyhow::Result<Vec<AttachedLink>> {
+        let points = Self::points(process)?;
+        self.attach_at(probes, process, image, load_bias, &points)
+    }
+
+    /// Where `process`'s heap probes go (its allocator found in its executable and
+    /// libraries): worth keeping by a caller that attaches the same process again.
+    pub fn points(process: &ProcessInfo) -> anyhow::Result<Vec<HeapAttachPoint>> {
         let pid = process.pid;
         let allocators = alloc::find_allocators(
             &process.exe_link(),
@@ -157,8 +198,22 @@ impl HeapTracker {
                 point.symbol
             );
         }
+        Ok(points)
+    }
+
+    /// [`HeapTracker::attach`] at `points` found before (see [`HeapTracker::points`]).
+    pub fn attach_at(
+        &mut self,
+        probes: &mut Probes,
+        process: &ProcessInfo,
+        image: &TargetImage,
+        load_bias: u64,
+        points: &[HeapAttachPoint],
+    ) -> anyhow::Result<Vec<AttachedLink>> {
+        let pid = process.pid;
         let fsbase_offset = self.fsbase_offset;
         let sample_shift = self.mode.sample_shift();
+        let aggregate = u32::from(self.aggregate);
         let exe = self.exe_info(probes, process, image)?;
         let target = HeapTarget {
             load_bias,
@@ -174,21 +229,27 @@ impl HeapTracker {
             bucket_first: exe.bucket_first,
             buckets: exe.buckets,
             sample_shift,
-            _pad: 0,
+            aggregate,
         };
         let symbolizer = exe.symbolizer.clone();
+        let heap = ProcessHeap::new(
+            pid,
+            process.exe_name(),
+            load_bias,
+            symbolizer,
+            1 << sample_shift,
+        )
+        .with_tasks_unread(image.tasks_unreadable.is_some());
         self.ledger
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .add_process(ProcessHeap::new(
-                pid,
-                process.exe_name(),
-                load_bias,
-                symbolizer,
-                1 << sample_shift,
-            ));
+            .add_process(if self.aggregate {
+                heap.aggregated()
+            } else {
+                heap
+            });
         probes.set_heap_target(pid, Some(target))?;
-        match probes.attach_heap(pid, &points) {
+        match probes.attach_heap(pid, points) {
             Ok(links) => Ok(links),
             Err(err) => {
                 self.detach(probes, pid);
@@ -203,6 +264,9 @@ impl HeapTracker {
         match probes.purge_heap_blocks(pid) {
             Ok(n) => log::debug!("pid {pid}: dropped {n} outstanding blocks"),
             Err(err) => log::warn!("pid {pid}: could not drop its outstanding blocks: {err}"),
+        }
+        if let Err(err) = probes.purge_heap_groups(pid) {
+            log::warn!("pid {pid}: could not drop its heap groups: {err}");
         }
         self.ledger
             .lock()

@@ -110,6 +110,39 @@ fn judge(process: &ProcessInfo) -> Judgement {
     }
 }
 
+/// Analyses the executable at `path` (named `what` in errors) for attaching to it. When
+/// its tokio tasks cannot be read (no task vtables, no spawn hook point) and `heap` is
+/// tracked, the image for heap tracking alone ([`discovery::analyze_heap_only`]), whose
+/// warning says what could not be learned; a file that is no tokio binary at all is still
+/// refused.
+pub fn analyze_for_attach(
+    path: &std::path::Path,
+    what: &str,
+    heap: bool,
+) -> anyhow::Result<TargetImage> {
+    let refused = |err: anyhow::Error| Err(err.context(format!("analysing {what}")));
+    match discovery::analyze(path) {
+        Ok(image) => match plan::task_points(&image) {
+            Ok(_) => Ok(image),
+            Err(plan::PlanError::NoSpawnHook(..)) if heap => Ok(image.with_tasks_unreadable(
+                "no hook point for spawns: no OwnedTasks::bind_inner, \
+                     Spawner::spawn_task or task poll function to probe (a stripped binary \
+                     without its debug file has no names to find them by)",
+            )),
+            Err(err) => refused(err.into()),
+        },
+        Err(discovery::DiscoveryError::NoTaskVtables { .. }) if heap && mentions_tokio(path) => {
+            discovery::analyze_heap_only(
+                path,
+                "no task vtables found: a stripped binary is read by record shape, which only \
+                 tokio >= 1.23 has; otherwise its task layout is one leakscope does not know",
+            )
+            .with_context(|| format!("analysing {what}"))
+        }
+        Err(err) => refused(err.into()),
+    }
+}
+
 /// Analyses a process's executable, saying which process on failure.
 pub fn analyze_process(process: &ProcessInfo) -> anyhow::Result<TargetImage> {
     discovery::analyze(&process.exe_link()).with_context(|| {

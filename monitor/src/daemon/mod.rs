@@ -10,6 +10,7 @@ pub mod config_file;
 pub mod drain;
 pub mod health;
 pub mod heap;
+pub mod heap_window;
 pub mod http;
 pub mod judge;
 pub mod listener;
@@ -28,7 +29,7 @@ use anyhow::bail;
 use log::{error, info, warn};
 
 use crate::analysis::AnalysisConfig;
-use crate::daemon::heap::HeapMode;
+use crate::daemon::heap::{HeapMode, HeapPath};
 use crate::targets::select::Selection;
 use crate::targets::workload::NodeFiles;
 use session::Session;
@@ -46,8 +47,12 @@ pub struct DaemonConfig {
     /// How often exited processes are reaped and `--exe` targets rescanned.
     pub rescan: Duration,
     pub heap: HeapMode,
+    /// How the heap probes report (aggregated in the kernel, or an event per block).
+    pub heap_path: HeapPath,
     /// Outstanding blocks the kernel tracks at once, across processes (heap mode only).
     pub heap_max_blocks: u32,
+    /// `--heap adaptive`'s windows.
+    pub heap_windows: heap_window::HeapWindowConfig,
     /// Export the kernel's run statistics of leakscope's own programs.
     pub probe_stats: bool,
     /// How the leak verdicts sample and judge.

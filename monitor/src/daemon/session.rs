@@ -8,7 +8,7 @@ use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use log::warn;
 use tokio::task::JoinHandle;
 
@@ -17,16 +17,17 @@ use super::census::CensusRunner;
 use super::drain;
 use super::health;
 use super::heap::{HeapMode, HeapTracker};
-use super::judge::analyze_process;
+use super::heap_window::HeapWindows;
+use super::judge::analyze_for_attach;
 use super::registry::ProcessRegistry;
 use super::silence;
 use crate::analysis::Analyzer;
 use crate::bpf::counters::ProbeStats;
 use crate::bpf::loader::{HeapMaps, Probes};
 use crate::bpf::preflight;
-use crate::discovery;
 use crate::export::Sources;
 use crate::state::heap::HeapLedger;
+use crate::state::heap_windows::HeapWindowStats;
 use crate::state::tasks::TaskLedger;
 use crate::targets::procfs;
 use crate::targets::{ExeTargets, HostScan, HostScanStats};
@@ -46,6 +47,8 @@ pub struct Session {
     /// Every exec on the host, as the kernel reports it, passed on by the drain (which
     /// reads them in order with the task events).
     execs: UnboundedReceiver<ExecEvent>,
+    /// `--heap adaptive`: what its windows found, and how many windows make a suspect.
+    heap_windows: Option<(Arc<Mutex<HeapWindowStats>>, usize)>,
     started: Instant,
     silence: silence::SilenceWatch,
     /// Reads the tasks spawned before attach (`None` with the census off).
@@ -67,18 +70,27 @@ impl Session {
 
         // Bad targets (no such pid, not a tokio binary, ...) are reported before anything is
         // loaded into the kernel: those errors need no privileges to explain.
+        let heap = config.heap != HeapMode::Off;
         let mut images = HashMap::new();
         for &pid in &config.pids {
             let info = procfs::process_info(pid)?;
             if let Entry::Vacant(entry) = images.entry(info.exe) {
-                entry.insert(Arc::new(analyze_process(&info)?));
+                let image = analyze_for_attach(
+                    &info.exe_link(),
+                    &format!("{} (pid {pid})", info.exe_path.display()),
+                    heap,
+                )?;
+                // Once per executable, however many of its processes are watched.
+                for warning in &image.warnings {
+                    warn!("{}: {warning}", info.exe_path.display());
+                }
+                entry.insert(Arc::new(image));
             }
         }
 
         for (path, exe) in exes.iter() {
             if let Entry::Vacant(entry) = images.entry(exe) {
-                let image = discovery::analyze(path)
-                    .with_context(|| format!("analysing --exe {}", path.display()))?;
+                let image = analyze_for_attach(path, &format!("--exe {}", path.display()), heap)?;
                 for warning in &image.warnings {
                     warn!("{}: {warning}", path.display());
                 }
@@ -91,7 +103,7 @@ impl Session {
         }
         let mut probes = Probes::load(match config.heap {
             HeapMode::Off => HeapMaps::Off,
-            HeapMode::Exact | HeapMode::Sampled => HeapMaps::Tracking {
+            HeapMode::Exact | HeapMode::Sampled | HeapMode::Adaptive => HeapMaps::Tracking {
                 max_blocks: config.heap_max_blocks,
             },
         })?;
@@ -106,17 +118,18 @@ impl Session {
         let ledger = Arc::new(Mutex::new(TaskLedger::new()));
         let heap = match config.heap {
             HeapMode::Off => None,
-            HeapMode::Exact | HeapMode::Sampled => {
+            HeapMode::Exact | HeapMode::Sampled | HeapMode::Adaptive => {
                 probes.enable_heap()?;
                 Some(drain::HeapStream {
                     ring: probes.take_heap_events()?,
                     ledger: Arc::new(Mutex::new(HeapLedger::default())),
+                    aggregates: probes.heap_aggregates()?,
                 })
             }
         };
         let heap_tracker = heap
             .as_ref()
-            .map(|h| HeapTracker::new(h.ledger.clone(), config.heap));
+            .map(|h| HeapTracker::new(h.ledger.clone(), config.heap).with_path(config.heap_path));
         let drain = tokio::spawn(drain::drain(ring, ledger.clone(), heap, exec_stream));
         let heap_ledger = heap_tracker.as_ref().map(|h| h.ledger.clone());
         let probe_stats = if config.probe_stats {
@@ -132,6 +145,17 @@ impl Session {
             config.node.clone(),
             config.max_processes,
         );
+        // Before any process is attached: with it, none gets heap probes at attach.
+        let heap_windows = (config.heap == HeapMode::Adaptive).then(|| {
+            let windows = HeapWindows::new(
+                config.heap_windows,
+                config.analysis.thresholds.min_heap_growth_per_second,
+            );
+            let stats = windows.stats.clone();
+            let min_windows = windows.config().min_windows;
+            registry.set_heap_windows(windows);
+            (stats, min_windows)
+        });
         for (path, exe) in exes.iter() {
             registry.watch_executable(path, exe)?;
         }
@@ -158,6 +182,7 @@ impl Session {
             host: host.as_ref().map(|(_, stats)| stats.clone()),
             workloads: registry.workloads(),
             health: Arc::default(),
+            heap_windows: heap_windows.as_ref().map(|(stats, _)| stats.clone()),
         };
         Ok(Self {
             registry,
@@ -167,6 +192,7 @@ impl Session {
             analysis,
             drain,
             execs,
+            heap_windows,
             started: Instant::now(),
             silence: silence::SilenceWatch::default(),
             census,
@@ -178,8 +204,10 @@ impl Session {
         self.sources.clone()
     }
 
-    /// Detaches from processes that exited; attaches to new processes of `--exe` targets.
+    /// Detaches from processes that exited; attaches to new processes of `--exe` targets;
+    /// ends the `--heap adaptive` window phases that are over.
     pub fn rescan(&mut self) {
+        self.registry.advance_heap_windows();
         self.registry.reap();
         self.registry.scan(&self.exes);
         if let Some((host, stats)) = &self.host {
@@ -274,11 +302,13 @@ impl Session {
         changed("web_config", running.web_config != new.web_config);
         changed("rescan_seconds", running.rescan != new.rescan);
         changed("heap", running.heap != new.heap);
+        changed("heap_path", running.heap_path != new.heap_path);
         changed(
             "heap_max_blocks",
             running.heap_max_blocks != new.heap_max_blocks,
         );
         changed("probe_stats", running.probe_stats != new.probe_stats);
+        changed("heap_windows", running.heap_windows != new.heap_windows);
         changed("node_log_dir", running.node != new.node);
         changed("max_processes", running.max_processes != new.max_processes);
         changed("census_seconds", running.census != new.census);
@@ -311,16 +341,50 @@ impl Session {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .snapshot(procfs::monotonic_ns());
-        let heap = self
-            .sources
-            .heap
-            .as_ref()
-            .map(|h| h.lock().unwrap_or_else(|e| e.into_inner()).snapshot())
-            .unwrap_or_default();
+        let heap = match &self.heap_windows {
+            // The ledger holds a window's blocks only while it runs: judged by the windows.
+            Some(windows) => {
+                self.sample_heap_windows(t, &tasks, windows.clone());
+                Vec::new()
+            }
+            None => self
+                .sources
+                .heap
+                .as_ref()
+                .map(|h| h.lock().unwrap_or_else(|e| e.into_inner()).snapshot())
+                .unwrap_or_default(),
+        };
         self.analysis
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .observe(t, &tasks, &heap);
+    }
+
+    /// `--heap adaptive`: moves the windows on (given each process's live tasks) and hands
+    /// the analysis their verdicts.
+    fn sample_heap_windows(
+        &mut self,
+        t: f64,
+        tasks: &[leakscope_api::types::SiteSnapshot],
+        (stats, min_windows): (Arc<Mutex<HeapWindowStats>>, usize),
+    ) {
+        let mut alive: HashMap<u32, u64> = HashMap::new();
+        for site in tasks {
+            *alive.entry(site.pid).or_default() += site.alive;
+        }
+        self.registry.tick_heap_windows(t, &alive);
+        let mut analysis = self.analysis.lock().unwrap_or_else(|e| e.into_inner());
+        let limits = analysis.config().thresholds;
+        let verdicts = stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .processes
+            .iter()
+            .flat_map(|(&pid, process)| {
+                crate::analysis::windows::judge(pid, process, &limits, min_windows)
+            })
+            .collect();
+        analysis.set_window_verdicts(verdicts);
     }
 
     /// Takes in what was lost since the last sample (see `daemon::health`), and checks for

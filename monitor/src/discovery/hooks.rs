@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use super::disasm::{self, ArgEvidence, Walker};
 use super::elf::Image;
 use super::naming;
-use super::{ArgReg, HeaderLayout, HookKind, HookPoint, Scheduler};
+use super::{ArgReg, HookKind, HookPoint, Scheduler, TaskLayout, VtableLayout};
 
 /// Generic-free demangled path of each hook kind's function.
 pub(crate) fn hook_path(kind: HookKind) -> &'static str {
@@ -65,7 +65,7 @@ fn evidence(img: &Image, addr: u64, vtable_offset: u64) -> ArgEvidence {
 }
 
 /// Finds all instances of all hook kinds. Returns the hook points and warnings.
-pub(crate) fn find_hooks(img: &Image, layout: &HeaderLayout) -> (Vec<HookPoint>, Vec<String>) {
+pub(crate) fn find_hooks(img: &Image, layout: &TaskLayout) -> (Vec<HookPoint>, Vec<String>) {
     let mut hooks = Vec::new();
     let mut warnings = Vec::new();
     let kinds = [
@@ -332,14 +332,20 @@ fn callers_of(img: &Image, targets: &[u64]) -> HashMap<u64, Vec<u64>> {
     out
 }
 
-/// The vtable pointer's offset in the task header, read from the code that uses it.
+/// The task layout: `vtable` as learned from the records, and the vtable pointer's offset
+/// in the task header, read from the code that uses it.
 ///
 /// `RawTask` methods are one-liners that load the vtable from the header and call through
-/// it (`RawTask::shutdown`: `mov rax,[rdi+0x10]; jmp [rax+0x30]`), so the load's
-/// displacement *is* the field offset. Without symbols the same two-instruction shape is
-/// searched at function-aligned addresses, requiring the `shutdown` slot (`+0x30`) to keep
-/// false matches (ordinary `dyn Trait` calls) out.
-pub(crate) fn header_layout(img: &Image, warnings: &mut Vec<String>) -> HeaderLayout {
+/// it (`RawTask::shutdown`: `mov rax,[rdi+0x10]; jmp [rax+0x30]` on tokio ≥ 1.23, `[rdi+0x20]`
+/// where the header still holds the owned-list pointers), so the load's displacement *is*
+/// the field offset. Without symbols the same two-instruction shape is searched at
+/// function-aligned addresses, requiring the `shutdown` slot to keep false matches
+/// (ordinary `dyn Trait` calls) out.
+pub(crate) fn header_layout(
+    img: &Image,
+    vtable: VtableLayout,
+    warnings: &mut Vec<String>,
+) -> TaskLayout {
     let mut votes: HashMap<i64, u32> = HashMap::new();
     for (&start, f) in &img.functions {
         if img.budget.spent() {
@@ -360,17 +366,21 @@ pub(crate) fn header_layout(img: &Image, warnings: &mut Vec<String>) -> HeaderLa
             *votes.entry(d).or_default() += n;
         }
     }
-    if votes.is_empty() && !img.has_symtab {
-        votes = shutdown_shape_votes(img);
+    if votes.is_empty()
+        && !img.has_symtab
+        && let Some(shutdown) = vtable.entry("shutdown")
+    {
+        votes = shutdown_shape_votes(img, 8 * shutdown as u64);
     }
     let best = votes
         .iter()
         .filter(|(d, _)| **d >= 8 && **d < 64 && **d % 8 == 0)
         .max_by_key(|(d, n)| (**n, std::cmp::Reverse(**d)));
     match best {
-        Some((&d, _)) => HeaderLayout {
+        Some((&d, _)) => TaskLayout {
             vtable_offset: d as u64,
             from_binary: true,
+            vtable,
         },
         None => {
             warnings.push(
@@ -378,17 +388,18 @@ pub(crate) fn header_layout(img: &Image, warnings: &mut Vec<String>) -> HeaderLa
                  found); assuming the vtable pointer at header+16 (tokio 1.29–1.54)"
                     .to_string(),
             );
-            HeaderLayout {
+            TaskLayout {
                 vtable_offset: 16,
                 from_binary: false,
+                vtable,
             }
         }
     }
 }
 
 /// Stripped fallback of [`header_layout`]: at every 16-byte-aligned code address, look for
-/// `mov r64, [rdi+d]` immediately followed by `jmp/call [r64+0x30]`.
-fn shutdown_shape_votes(img: &Image) -> HashMap<i64, u32> {
+/// `mov r64, [rdi+d]` immediately followed by `jmp/call [r64+shutdown_slot]`.
+fn shutdown_shape_votes(img: &Image, shutdown_slot: u64) -> HashMap<i64, u32> {
     use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
     let mut votes: HashMap<i64, u32> = HashMap::new();
     for (lo, hi) in img.code_ranges() {
@@ -418,7 +429,7 @@ fn shutdown_shape_votes(img: &Image) -> HashMap<i64, u32> {
             ) && i2.op0_kind() == OpKind::Memory
                 && i2.memory_base() == i1.op0_register()
                 && i2.memory_index() == Register::None
-                && i2.memory_displacement64() == 0x30;
+                && i2.memory_displacement64() == shutdown_slot;
             if load && through {
                 *votes.entry(i1.memory_displacement64() as i64).or_default() += 1;
             }

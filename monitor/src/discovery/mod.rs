@@ -43,9 +43,11 @@ mod naming;
 mod resolve;
 pub mod symbolize;
 pub mod task_context;
+pub mod task_layout;
 pub mod unwind_table;
 mod vtables;
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -55,6 +57,7 @@ use serde::Serialize;
 pub use budget::Budget;
 pub use dwarf::LineIndex;
 pub(crate) use elf::read_bounded;
+pub use task_layout::{TaskLayout, VtableLayout};
 
 /// How long [`analyze`] may take on one binary. The fixtures (2 MiB, and 13 MiB with line
 /// tables) take about a second each in a debug build on a loaded 2-core host, less in
@@ -164,7 +167,8 @@ pub struct TargetImage {
     /// Sorted by `vaddr`.
     pub vtables: Vec<TaskVtable>,
     pub hooks: Vec<HookPoint>,
-    pub layout: HeaderLayout,
+    /// tokio's task layout in this binary (header and vtable), as learned from its code.
+    pub layout: TaskLayout,
     /// Everything that could not be established and what it means for the results.
     pub warnings: Vec<String>,
     /// The file's `PT_LOAD` segments, kept for [`TargetImage::file_offset`].
@@ -178,6 +182,10 @@ pub struct TargetImage {
     /// Sonames of the libraries the executable needs (`DT_NEEDED`): all mapped means the
     /// dynamic loader is done with them (`targets::loader_done`).
     pub needed_libraries: Vec<String>,
+    /// Why this binary's tokio tasks cannot be read, when they cannot (see
+    /// [`analyze_heap_only`] and [`TargetImage::with_tasks_unreadable`]): no task hook is
+    /// placed for it, and only its heap is tracked.
+    pub tasks_unreadable: Option<String>,
 }
 
 impl TargetImage {
@@ -215,6 +223,19 @@ impl TargetImage {
             .unwrap_or(0)
     }
 
+    /// This image for heap tracking only: its tasks cannot be read (`why`: what could not
+    /// be learned), so no task hook is placed; one warning says so.
+    pub fn with_tasks_unreadable(mut self, why: &str) -> Self {
+        let warning = format!(
+            "the tokio tasks of this binary cannot be read ({why}): its heap is tracked, but \
+             task counts and spawn sites are not available for it, and its allocations are \
+             not tied to the task that made them"
+        );
+        self.warnings.push(warning.clone());
+        self.tasks_unreadable = Some(warning);
+        self
+    }
+
     /// Hook points of one kind.
     pub fn hooks_of(&self, kind: HookKind) -> impl Iterator<Item = &HookPoint> {
         self.hooks.iter().filter(move |h| h.kind == kind)
@@ -247,7 +268,9 @@ pub struct TaskVtable {
     /// A `spawn_blocking` task.
     pub blocking: bool,
     /// Offsets stored in the vtable: from the header to the trailer, to the scheduler and to
-    /// the task id (`u64` at `header + id_offset`).
+    /// the task id (`u64` at `header + id_offset`). All 0 when the binary's vtables carry no
+    /// offsets (tokio < 1.23, see [`VtableLayout::offsets`]); `schedule_fn` is 0 when they
+    /// have no schedule entry.
     pub trailer_offset: u64,
     pub scheduler_offset: u64,
     pub id_offset: u64,
@@ -376,25 +399,6 @@ impl fmt::Display for Scheduler {
     }
 }
 
-/// Task header layout facts the probes need.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct HeaderLayout {
-    /// Offset of the `&'static Vtable` pointer in a task header.
-    pub vtable_offset: u64,
-    /// Read from the binary's code (true) or the tokio 1.29–1.54 default of 16 (false).
-    pub from_binary: bool,
-}
-
-impl Default for HeaderLayout {
-    /// The tokio 1.29–1.54 layout, marked as not read from a binary.
-    fn default() -> Self {
-        HeaderLayout {
-            vtable_offset: 16,
-            from_binary: false,
-        }
-    }
-}
-
 /// A `PT_LOAD` segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct LoadSegment {
@@ -485,20 +489,47 @@ fn analyze_image(
     let mut warnings = std::mem::take(&mut img.warnings);
     warnings.extend(debug.warnings.iter().cloned());
 
+    let poll_fns: BTreeSet<u64> = if stripped {
+        BTreeSet::new()
+    } else {
+        img.find_functions(vtables::RAW_POLL).into_iter().collect()
+    };
+    let vtable_layout = if poll_fns.is_empty() {
+        VtableLayout::default()
+    } else {
+        match task_layout::learn_vtable_layout(&img, &poll_fns) {
+            Ok(learned) => learned,
+            Err(why) => {
+                warnings.push(format!(
+                    "could not learn the task vtable's layout from the binary ({why}); \
+                     looking for tokio ≥ 1.23 records by shape"
+                ));
+                VtableLayout::default()
+            }
+        }
+    };
     let mut by_shape = stripped;
-    let mut raw = vtables::find_vtables(&img, !stripped);
+    let mut raw = if poll_fns.is_empty() || !vtable_layout.from_binary {
+        Vec::new()
+    } else {
+        vtables::find_vtables(&img, &vtable_layout, Some(&poll_fns))
+    };
     if raw.is_empty() && !stripped {
         // Symbols present but no `raw::poll` (renamed in some tokio version, or symbols
         // only partially kept): the record shape still identifies vtables.
-        raw = vtables::find_vtables(&img, false);
+        raw = vtables::find_vtables(&img, &VtableLayout::default(), None);
         by_shape = true;
-        if !raw.is_empty() {
+        if !raw.is_empty() && poll_fns.is_empty() {
             warnings.push(
                 "no tokio::runtime::task::raw::poll symbol found; task vtables were found by \
                  record shape and are not named"
                     .to_string(),
             );
+        } else if !raw.is_empty() {
+            warnings.push("task vtables were found by record shape and are not named".into());
         }
+    } else if stripped {
+        raw = vtables::find_vtables(&img, &vtable_layout, None);
     }
     check_budget(path, &img)?;
     if raw.is_empty() {
@@ -506,8 +537,14 @@ fn analyze_image(
             path: path.to_path_buf(),
         });
     }
+    let vtable_layout = if by_shape {
+        VtableLayout::default()
+    } else {
+        vtable_layout
+    };
+    warnings.extend(vtable_layout.limits());
 
-    let layout = hooks::header_layout(&img, &mut warnings);
+    let layout = hooks::header_layout(&img, vtable_layout, &mut warnings);
     let hooks = if stripped {
         warnings.push(debug.stripped_warning());
         Vec::new()
@@ -550,22 +587,18 @@ fn analyze_image(
                 ));
             }
         }
-        let complete_hooked = hooks::complete_reachable(
-            &mut walker,
-            vt.fns[vtables::POLL],
-            vt.fns[vtables::SHUTDOWN],
-            &complete_addrs,
-        );
+        let complete_hooked =
+            hooks::complete_reachable(&mut walker, vt.poll, vt.shutdown, &complete_addrs);
         if let Some(f) = named.as_ref().and_then(|n| n.future_fn) {
             future_fns.push(f);
         }
         out.push((
             TaskVtable {
                 vaddr: vt.vaddr,
-                poll_fn: vt.fns[vtables::POLL],
-                schedule_fn: vt.fns[vtables::SCHEDULE],
-                dealloc_fn: vt.fns[vtables::DEALLOC],
-                shutdown_fn: vt.fns[vtables::SHUTDOWN],
+                poll_fn: vt.poll,
+                schedule_fn: vt.schedule.unwrap_or(0),
+                dealloc_fn: vt.dealloc,
+                shutdown_fn: vt.shutdown,
                 site: named.as_ref().map_or(label, |n| n.site.clone()),
                 naming: named
                     .as_ref()
@@ -574,9 +607,9 @@ fn analyze_image(
                 complete_hooked,
                 scheduler: named.as_ref().and_then(|n| n.scheduler),
                 blocking: named.as_ref().is_some_and(|n| n.blocking),
-                trailer_offset: vt.trailer_offset,
-                scheduler_offset: vt.scheduler_offset,
-                id_offset: vt.id_offset,
+                trailer_offset: vt.offsets.map_or(0, |o| o[0]),
+                scheduler_offset: vt.offsets.map_or(0, |o| o[1]),
+                id_offset: vt.offsets.map_or(0, |o| o[2]),
             },
             named.and_then(|n| n.future_fn),
         ));
@@ -635,7 +668,32 @@ fn analyze_image(
         current_task_slot,
         next_task_id,
         needed_libraries: dynamic::needed_libraries(&img.data),
+        tasks_unreadable: None,
     })
+}
+
+/// The image of a tokio binary whose tasks cannot be read (`why`: what could not be
+/// learned), for heap tracking alone: no vtables and no task hooks, but its segments,
+/// build-id, debug file and needed libraries, which heap tracking needs; its one warning
+/// says what is missing. Heap tracking needs no task layout, so it never depends on task
+/// discovery.
+pub fn analyze_heap_only(path: &Path, why: &str) -> Result<TargetImage, DiscoveryError> {
+    let mut img = elf::Image::load(path)?;
+    img.budget = Budget::new(ANALYSIS_BUDGET);
+    let debug = debuginfo::attach(path, &mut img, None)?;
+    let mut warnings = std::mem::take(&mut img.warnings);
+    warnings.extend(debug.warnings.iter().cloned());
+    Ok(TargetImage {
+        path: path.to_path_buf(),
+        build_id: img.build_id.clone(),
+        stripped: !img.has_symtab,
+        debug_file: debug.file,
+        warnings,
+        segments: img.segments.clone(),
+        needed_libraries: dynamic::needed_libraries(&img.data),
+        ..TargetImage::default()
+    }
+    .with_tasks_unreadable(why))
 }
 
 /// One spelling per spawn site. A generic function's futures are named by their poll

@@ -515,11 +515,17 @@ pub(crate) fn mentions_path(name: &str, owner: &str) -> bool {
 /// spawn site (and of `bind_inner`) apart.
 pub(crate) fn scheduler_in_name(name: &str) -> Option<super::Scheduler> {
     use super::Scheduler;
-    if name.contains("blocking::schedule::BlockingSchedule") {
+    // tokio < 1.23 names them `blocking::schedule::NoopSchedule`, `basic_scheduler` and
+    // `thread_pool`.
+    if name.contains("blocking::schedule::BlockingSchedule")
+        || name.contains("blocking::schedule::NoopSchedule")
+    {
         Some(Scheduler::Blocking)
-    } else if name.contains("scheduler::current_thread") {
+    } else if name.contains("scheduler::current_thread")
+        || name.contains("runtime::basic_scheduler")
+    {
         Some(Scheduler::CurrentThread)
-    } else if name.contains("scheduler::multi_thread") {
+    } else if name.contains("scheduler::multi_thread") || name.contains("runtime::thread_pool::") {
         Some(Scheduler::MultiThread)
     } else {
         None

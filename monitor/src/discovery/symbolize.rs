@@ -214,6 +214,11 @@ impl CallsiteCache {
             .entry(stack_hash)
             .or_insert_with(|| symbolizer.callsite(frames))
     }
+
+    /// The callsite of a stack already named, by its hash.
+    pub fn get(&self, stack_hash: u64) -> Option<&Callsite> {
+        self.labels.get(&stack_hash)
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use super::disasm::{Step, Walker};
 use super::elf::Image;
 use super::naming::{self, Role};
+use super::task_layout::VtableLayout;
 use super::{NamingMethod, Scheduler};
 
 /// Demangled (generic-free) path of the vtable's `poll` entry.
@@ -20,24 +21,18 @@ pub(crate) const RAW_POLL: &str = "tokio::runtime::task::raw::poll";
 /// three more when not inlined.
 pub(crate) const MAX_DEPTH: usize = 5;
 
-/// A task vtable record as laid out in tokio ≥ 1.29 (7 fn pointers + 3 offsets).
+/// One task vtable record, read with the binary's [`VtableLayout`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RawVtable {
     pub vaddr: u64,
-    /// poll, schedule, dealloc, try_read_output, drop_join_handle_slow, drop_abort_handle,
-    /// shutdown.
-    pub fns: [u64; 7],
-    pub trailer_offset: u64,
-    pub scheduler_offset: u64,
-    pub id_offset: u64,
+    pub poll: u64,
+    /// Absent before tokio 1.23.
+    pub schedule: Option<u64>,
+    pub dealloc: u64,
+    pub shutdown: u64,
+    /// `trailer_offset`, `scheduler_offset`, `id_offset`, when the record has them.
+    pub offsets: Option<[u64; 3]>,
 }
-
-pub(crate) const POLL: usize = 0;
-pub(crate) const SCHEDULE: usize = 1;
-pub(crate) const DEALLOC: usize = 2;
-pub(crate) const SHUTDOWN: usize = 6;
-
-const RECORD_WORDS: u64 = 10;
 
 /// True for the three trailing offsets of a real vtable: `scheduler_offset` is the header
 /// size (32 on tokio 1.4x/1.5x; allowed 16..512), `id_offset` follows the scheduler (equal
@@ -53,43 +48,57 @@ pub(crate) fn plausible_offsets(trailer: u64, scheduler: u64, id: u64) -> bool {
         && trailer < 1 << 28
 }
 
-/// Reads a candidate record at `vaddr`: 7 code pointers then the offsets.
-fn read_record(img: &Image, vaddr: u64) -> Option<RawVtable> {
-    let mut words = [0u64; RECORD_WORDS as usize];
-    for (i, w) in words.iter_mut().enumerate() {
-        *w = img.read_word(vaddr + 8 * i as u64)?;
+/// Reads a candidate record at `vaddr`: the layout's code pointers, then its offsets.
+fn read_record(img: &Image, layout: &VtableLayout, vaddr: u64) -> Option<RawVtable> {
+    let mut fns = Vec::with_capacity(layout.entries.len());
+    for i in 0..layout.fn_words() {
+        let w = img.read_word(vaddr + 8 * i)?;
+        if !img.is_code(w) {
+            return None;
+        }
+        fns.push(w);
     }
-    let mut fns = [0u64; 7];
-    fns.copy_from_slice(&words[..7]);
-    if !fns.iter().all(|&f| img.is_code(f)) {
-        return None;
-    }
+    let offsets = if layout.offsets {
+        let base = vaddr + 8 * layout.fn_words();
+        Some([
+            img.read_word(base)?,
+            img.read_word(base + 8)?,
+            img.read_word(base + 16)?,
+        ])
+    } else {
+        None
+    };
+    let at = |name: &str| layout.entry(name).map(|i| fns[i]);
     Some(RawVtable {
         vaddr,
-        fns,
-        trailer_offset: words[7],
-        scheduler_offset: words[8],
-        id_offset: words[9],
+        poll: fns[0],
+        schedule: at("schedule"),
+        dealloc: at("dealloc")?,
+        shutdown: at("shutdown")?,
+        offsets,
     })
 }
 
-/// Scans the image's data for task vtables.
+/// Scans the image's data for task vtables laid out as `layout` says.
 ///
-/// With symbols, a record is a vtable when its first word is a `raw::poll` function: exact,
-/// and independent of the offsets' values. Without symbols, the record shape alone decides
-/// (7 code pointers + plausible offsets); on the fixtures both find the same set.
-pub(crate) fn find_vtables(img: &Image, use_symbols: bool) -> Vec<RawVtable> {
-    let poll_fns: BTreeSet<u64> = if use_symbols {
-        img.find_functions(RAW_POLL).into_iter().collect()
-    } else {
-        BTreeSet::new()
-    };
+/// With symbols (`poll_fns` = the `raw::poll` functions), a record is a vtable when its
+/// first word is a `raw::poll` function: exact, and independent of the offsets' values.
+/// Without symbols, the record shape alone decides (code pointers + plausible offsets, so
+/// only records that have offsets can be found); on the fixtures both find the same set.
+pub(crate) fn find_vtables(
+    img: &Image,
+    layout: &VtableLayout,
+    poll_fns: Option<&BTreeSet<u64>>,
+) -> Vec<RawVtable> {
+    if poll_fns.is_none() && !layout.offsets {
+        return Vec::new();
+    }
     let mut out = Vec::new();
     for (lo, hi) in img.data_ranges() {
         let Some(mut a) = lo.checked_next_multiple_of(8) else {
             continue;
         };
-        while hi.saturating_sub(a) >= 8 * RECORD_WORDS {
+        while hi.saturating_sub(a) >= 8 * layout.record_words() {
             if img.budget.spent() {
                 break;
             }
@@ -97,17 +106,24 @@ pub(crate) fn find_vtables(img: &Image, use_symbols: bool) -> Vec<RawVtable> {
                 a += 8;
                 continue;
             };
-            let hit = if use_symbols {
-                poll_fns.contains(&w0)
-            } else {
-                img.is_code(w0)
+            let hit = match poll_fns {
+                Some(polls) => polls.contains(&w0),
+                None => img.is_code(w0),
             };
-            if let Some(vt) = hit.then(|| read_record(img, a)).flatten()
-                && (use_symbols
-                    || plausible_offsets(vt.trailer_offset, vt.scheduler_offset, vt.id_offset))
+            if let Some(vt) = hit.then(|| read_record(img, layout, a)).flatten()
+                && (poll_fns.is_some()
+                    || vt
+                        .offsets
+                        .is_some_and(|[t, s, i]| plausible_offsets(t, s, i)))
             {
                 out.push(vt);
-                a += 8 * RECORD_WORDS;
+                // Records can sit back to back: step over the functions only when the
+                // offsets were not checked.
+                a += 8 * if poll_fns.is_some() {
+                    layout.fn_words()
+                } else {
+                    layout.record_words()
+                };
                 continue;
             }
             a += 8;
@@ -168,7 +184,7 @@ pub(crate) fn name_vtable(w: &mut Walker<'_>, vt: &RawVtable) -> Naming {
     // v0 names spell `T` in `raw::poll::<T, S>` itself. That is exact (each vtable has
     // its own `raw::poll`), whereas drop glue may be folded across types.
     let mut poll_types: Vec<(String, String)> = Vec::new();
-    for n in w.img.names_at(vt.fns[POLL]) {
+    for n in w.img.names_at(vt.poll) {
         if let Some(ts) = naming::raw_poll_args(n)
             && !poll_types.contains(&ts)
         {
@@ -310,7 +326,7 @@ fn walk_vtable(w: &mut Walker<'_>, vt: &RawVtable, depth: usize, deep: bool) -> 
         cells: Vec::new(),
         saw_blocking: false,
     };
-    w.walk(&[vt.fns[POLL]], depth, |v| {
+    w.walk(&[vt.poll], depth, |v| {
         log::trace!(
             "vtable@0x{:x} poll walk: depth {} 0x{:x} {:?}",
             vt.vaddr,
@@ -346,7 +362,7 @@ fn walk_vtable(w: &mut Walker<'_>, vt: &RawVtable, depth: usize, deep: bool) -> 
             Role::Library | Role::Other => Step::Stop,
         }
     });
-    w.walk(&[vt.fns[DEALLOC]], depth, |v| {
+    w.walk(&[vt.dealloc], depth, |v| {
         collect_cells(v.names, &mut found.cells);
         if naming::role_of_names(v.names.iter().map(String::as_str), false, deep).0
             == Role::Plumbing
@@ -401,7 +417,7 @@ pub(crate) fn function_named(img: &Image, label: &str) -> Option<u64> {
 /// (`<Arc<current_thread::Handle> as Schedule>::schedule`, …).
 fn scheduler_from_schedule_fn(w: &mut Walker<'_>, vt: &RawVtable) -> Option<Scheduler> {
     let mut found = None;
-    let root = vt.fns[SCHEDULE];
+    let root = vt.schedule?;
     let own: Vec<String> = w.img.names_at(root).to_vec();
     for n in &own {
         if let Some(s) = naming::scheduler_in_name(n) {

@@ -21,6 +21,21 @@ pub fn render_table(image: &TargetImage) -> String {
             "present"
         }
     );
+    if let Some(why) = &image.tasks_unreadable {
+        let _ = writeln!(out, "tasks:       NOT READ: {why}");
+        let _ = writeln!(
+            out,
+            "heap:        tracked with --heap exact|sampled (task_site=\"{}\")",
+            crate::state::heap::TASKS_UNREAD
+        );
+        if image.vtables.is_empty() {
+            // Its one warning is the line above.
+            for warning in image.warnings.iter().filter(|w| *w != why) {
+                let _ = writeln!(out, "\nwarning: {warning}");
+            }
+            return out;
+        }
+    }
     let _ = writeln!(
         out,
         "task header: vtable pointer at +{} ({})",
@@ -29,6 +44,23 @@ pub fn render_table(image: &TargetImage) -> String {
             "read from the binary's code"
         } else {
             "assumed: not found in the code"
+        }
+    );
+    let vtable = &image.layout.vtable;
+    let _ = writeln!(
+        out,
+        "task vtable: {} entries ({}){} ({})",
+        vtable.entries.len(),
+        vtable.entries.join(", "),
+        if vtable.offsets {
+            ", then trailer, scheduler and id offsets"
+        } else {
+            ", no offsets (task ids not read)"
+        },
+        if vtable.from_binary {
+            "read from the binary's symbols"
+        } else {
+            "assumed: tokio >= 1.23 records, found by shape"
         }
     );
     let _ = writeln!(

@@ -14,6 +14,7 @@ use crate::analysis::Analyzer;
 use crate::bpf::counters::{KernelCounters, ProbeStats};
 use crate::state::health::Health;
 use crate::state::heap::HeapLedger;
+use crate::state::heap_windows::HeapWindowStats;
 use crate::state::tasks::TaskLedger;
 use crate::targets::HostScanStats;
 use crate::targets::workload::Workloads;
@@ -36,6 +37,8 @@ pub struct Sources {
     /// Which processes' figures are incomplete now, and why. Locked after the ledger when
     /// both are.
     pub health: Arc<Mutex<Health>>,
+    /// Present with `--heap adaptive`: its windows, and what they found.
+    pub heap_windows: Option<Arc<Mutex<HeapWindowStats>>>,
 }
 
 impl std::fmt::Debug for Sources {

@@ -25,6 +25,7 @@ use crate::targets::procfs::monotonic_ns;
 use crate::targets::workload::Workloads;
 
 mod census;
+mod heap_windows;
 
 #[derive(Debug)]
 struct TaskCollector(Sources);
@@ -294,6 +295,9 @@ impl Collector for TaskCollector {
                 self.0.kernel.as_deref(),
                 &self.0.workloads,
             )?;
+        }
+        if let Some(windows) = &self.0.heap_windows {
+            heap_windows::encode(&mut encoder, windows, &self.0.workloads)?;
         }
         if let Some(stats) = &self.0.probe_stats {
             let runs = stats.read();
@@ -608,6 +612,7 @@ mod tests {
             host: None,
             workloads: Workloads::default(),
             health: Default::default(),
+            heap_windows: None,
         };
         let text = render(&sources);
         for family in [

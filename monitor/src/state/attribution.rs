@@ -20,8 +20,17 @@ impl TaskSites for TaskLedger {
     }
 
     fn task_cell_site(&self, pid: u32, addr: u64, allocated_ns: u64) -> Option<String> {
-        let (site, spawned_ns) = self.process(pid)?.live_task(addr)?;
+        let (site, spawned_ns) = self.process(pid)?.task_of_cell(addr)?;
         (spawned_ns >= allocated_ns).then(|| site.to_string())
+    }
+
+    fn vtable_site(&self, pid: u32, link_vtable: u64) -> Option<String> {
+        let process = self.process(pid)?;
+        // Labelled as the ledger labels a spawn site (`ProcessTasks::site_for`).
+        Some(match process.image().vtable_at(link_vtable) {
+            Some(known) => known.site.clone(),
+            None => format!("vtable@{link_vtable:#x}"),
+        })
     }
 }
 
@@ -164,5 +173,40 @@ mod tests {
         assert_eq!(rows.len(), 1, "{rows:?}");
         assert!(!rows[0].0.starts_with(TASK_CELL), "{rows:?}");
         assert_eq!(rows[0].2, 72);
+    }
+
+    #[test]
+    fn a_cell_read_after_its_task_completed_is_still_named_after_it() {
+        // A short task (a `spawn_blocking` closure) spawns and completes within one drain of
+        // the task ring; its cell's allocation is read from the heap ring afterwards. On
+        // tokio 1.10.0 that cell is never freed: it must show as the task's cell.
+        let (mut tasks, mut heap) = ledgers();
+        tasks.apply(&spawn(0xa000, 0));
+        let mut complete = spawn(0xa000, 0);
+        complete.kind = TaskEventKind::Complete as u32;
+        complete.ktime_ns = 3;
+        tasks.apply(&complete);
+        heap.apply(&alloc(0xa000, 128, 0), &tasks);
+        let cell = "task cell: app::worker::{{closure}}".to_string();
+        assert_eq!(sites(&heap), vec![(cell, "none".into(), 128)]);
+        // A block at that address allocated after the spawn is someone else's.
+        let mut reuse = alloc(0xa000, 72, 0);
+        reuse.ktime_ns = 5;
+        let mut free = alloc(0xa000, 0, 0);
+        free.kind = HeapEventKind::Free as u32;
+        heap.apply(&free, &tasks);
+        heap.apply(&reuse, &tasks);
+        let rows = sites(&heap);
+        assert!(
+            !rows
+                .iter()
+                .any(|(site, _, bytes)| site.starts_with(TASK_CELL) && *bytes > 0),
+            "the cell was freed: {rows:?}"
+        );
+        assert!(
+            rows.iter()
+                .any(|(site, _, bytes)| !site.starts_with(TASK_CELL) && *bytes == 72),
+            "{rows:?}"
+        );
     }
 }

@@ -23,14 +23,17 @@ pub const MAX_GROUPS_PER_PROCESS: usize = 1024;
 pub const OVERFLOW_GROUP: &str = "other (callsite limit reached)";
 /// `task_site` of allocations made outside any tokio task.
 pub const NO_TASK: &str = "none";
+/// `task_site` of every allocation of a process whose tokio tasks cannot be read (an
+/// unknown task layout): whether a task made it is not known.
+pub const TASKS_UNREAD: &str = "unknown (tasks not read)";
 /// `task_site` of allocations by a task whose spawn leakscope did not see (before attach).
 pub const UNKNOWN_TASK: &str = "unknown (spawned before attach)";
 
 /// A group's live figures; its name is the [`GroupKey`] at the same index.
 #[derive(Debug, Default)]
-struct HeapGroup {
-    live_bytes: u64,
-    live_allocations: u64,
+pub(super) struct HeapGroup {
+    pub(super) live_bytes: u64,
+    pub(super) live_allocations: u64,
 }
 
 /// Per-process totals, exported as counters.
@@ -58,25 +61,34 @@ pub trait TaskSites {
     /// task's cell. (A block allocated at that address after the spawn is not: it reuses
     /// the address of a task whose end was not read yet.)
     fn task_cell_site(&self, pid: u32, addr: u64, allocated_ns: u64) -> Option<String>;
+    /// The spawn-site label of the tasks whose vtable is at link-time address
+    /// `link_vtable` (the kernel's aggregates name a task by its vtable).
+    fn vtable_site(&self, pid: u32, link_vtable: u64) -> Option<String>;
 }
 
 /// (callsite label, callsite location, task site).
-type GroupKey = (String, Option<String>, String);
+pub(super) type GroupKey = (String, Option<String>, String);
 
 #[derive(Debug)]
 pub struct ProcessHeap {
     pub pid: u32,
     pub exe: String,
-    load_bias: u64,
-    symbolizer: Arc<Symbolizer>,
-    callsites: CallsiteCache,
-    keys: BoundedLabels<GroupKey>,
-    groups: Vec<HeapGroup>,
+    pub(super) load_bias: u64,
+    pub(super) symbolizer: Arc<Symbolizer>,
+    pub(super) callsites: CallsiteCache,
+    pub(super) keys: BoundedLabels<GroupKey>,
+    pub(super) groups: Vec<HeapGroup>,
     /// addr → (group, size, allocation ktime).
     blocks: HashMap<u64, (usize, u64, u64)>,
+    /// Figures come from the kernel's aggregates (`heap_groups`), not from block events.
+    pub(super) aggregated: bool,
+    /// The kernel's groups (aggregated processes only), by their label's index once named.
+    pub(super) kernel_groups: HashMap<monitor_common::heap::GroupKey, usize>,
     pub totals: HeapTotals,
     /// Blocks stand for this many (sampling); figures are scaled by it on export.
     scale: u64,
+    /// The process's tasks cannot be read: every allocation's task site is [`TASKS_UNREAD`].
+    pub(super) tasks_unread: bool,
 }
 
 impl ProcessHeap {
@@ -105,12 +117,15 @@ impl ProcessHeap {
             ),
             groups: Vec::new(),
             blocks: HashMap::new(),
+            aggregated: false,
+            kernel_groups: HashMap::new(),
             totals: HeapTotals::default(),
             scale: scale.max(1),
+            tasks_unread: false,
         }
     }
 
-    fn group(&mut self, key: GroupKey) -> usize {
+    pub(super) fn group(&mut self, key: GroupKey) -> usize {
         let index = self.keys.intern(key);
         if index == self.groups.len() {
             self.groups.push(HeapGroup::default());
@@ -121,6 +136,12 @@ impl ProcessHeap {
     /// Counts the block at `header`, if one is live, was allocated no later than the task's
     /// spawn (`spawned_ns`, ktime) and is not yet labelled so, as the cell of the task
     /// spawned at `spawn_site` (keeping the task site it was allocated from).
+    /// Marks the process as one whose tasks cannot be read (see [`TASKS_UNREAD`]).
+    pub fn with_tasks_unread(mut self, unread: bool) -> Self {
+        self.tasks_unread = unread;
+        self
+    }
+
     pub fn claim_task_cell(&mut self, header: u64, spawn_site: &str, spawned_ns: u64) {
         let Some(&(old_group, size, allocated_ns)) = self.blocks.get(&header) else {
             return;
@@ -158,19 +179,13 @@ impl ProcessHeap {
                     self.totals.blocks_dropped += 1;
                     return;
                 }
-                let nframes = (event.nframes as usize).min(event.frames.len());
-                // `first_pc` is a pc inside the allocator's caller (where it returned to);
-                // the rest are return addresses. All are looked up at `pc - 1`, which for
-                // `first_pc` too lands inside the call instruction, in the caller.
-                let frames: Vec<u64> = std::iter::once(event.first_pc)
-                    .chain(event.frames[..nframes].iter().copied())
-                    .map(|pc| pc.wrapping_sub(self.load_bias))
-                    .collect();
+                let frames = self.stack_frames(event);
                 let callsite = self
                     .callsites
                     .callsite(&self.symbolizer, event.stack_hash, &frames)
                     .clone();
                 let task_site = match event.task_id {
+                    _ if self.tasks_unread => TASKS_UNREAD.to_string(),
                     0 => NO_TASK.to_string(),
                     id => tasks.task_site(self.pid, id).unwrap_or_else(|| {
                         log::debug!("pid {}: allocation by unknown task id {id}", self.pid);
@@ -207,8 +222,21 @@ impl ProcessHeap {
                 }
                 None => self.totals.untracked_frees += 1,
             },
+            Some(HeapEventKind::NewGroup) => self.name_stack(event),
             None => {}
         }
+    }
+
+    /// The event's stack, link-time addresses, innermost first. `first_pc` is a pc inside
+    /// the allocator's caller (where it returned to); the rest are return addresses. All
+    /// are looked up at `pc - 1`, which for `first_pc` too lands inside the call
+    /// instruction, in the caller.
+    pub(super) fn stack_frames(&self, event: &HeapEvent) -> Vec<u64> {
+        let nframes = (event.nframes as usize).min(event.frames.len());
+        std::iter::once(event.first_pc)
+            .chain(event.frames[..nframes].iter().copied())
+            .map(|pc| pc.wrapping_sub(self.load_bias))
+            .collect()
     }
 
     pub fn snapshot(&self) -> Vec<HeapGroupSnapshot> {
@@ -261,6 +289,10 @@ impl HeapLedger {
         self.processes.values()
     }
 
+    pub(super) fn processes_mut(&mut self) -> impl Iterator<Item = &mut ProcessHeap> {
+        self.processes.values_mut()
+    }
+
     pub fn apply(&mut self, event: &HeapEvent, tasks: &dyn TaskSites) {
         self.stream.receive(event.cpu, event.seq);
         match self.processes.get_mut(&event.pid) {
@@ -298,6 +330,9 @@ mod tests {
         }
         fn task_cell_site(&self, _: u32, addr: u64, _: u64) -> Option<String> {
             (addr == 0xce11).then(|| "app::worker::{{closure}}".to_string())
+        }
+        fn vtable_site(&self, _: u32, vtable: u64) -> Option<String> {
+            (vtable == 0x1000).then(|| "app::worker::{{closure}}".to_string())
         }
     }
 

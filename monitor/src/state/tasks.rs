@@ -30,6 +30,10 @@ pub const MAX_SITES_PER_PROCESS: usize = 512;
 /// Completed tasks whose id → site binding is kept, for heap events that arrive after the
 /// task's completion event (the two streams are separate ring buffers).
 pub const RETAINED_COMPLETED_IDS: usize = 1 << 16;
+/// Completed tasks whose header → site binding is kept, for the allocation of a task's cell
+/// read after the task's completion (the heap ring is read after the task ring, and a
+/// short task spawns and completes within one drain: a `spawn_blocking` task, say).
+pub const RETAINED_COMPLETED_CELLS: usize = 1 << 16;
 /// Label of the site that absorbs spawn sites beyond [`MAX_SITES_PER_PROCESS`].
 pub const OVERFLOW_SITE: &str = "other (site limit reached)";
 
@@ -79,6 +83,10 @@ pub struct ProcessTasks {
     /// tokio task id → site, for live tasks and the most recently completed ones.
     site_by_task_id: HashMap<u64, usize>,
     completed_ids: VecDeque<u64>,
+    /// header → (site, spawn ktime) of the most recently completed tasks, oldest first in
+    /// `completed_cells`.
+    completed_cell_sites: HashMap<u64, (usize, u64)>,
+    completed_cells: VecDeque<(u64, u64)>,
     /// Completions of tasks spawned before leakscope attached: they are not counted against
     /// any site, so a site's alive count never goes negative.
     pub completed_untracked: u64,
@@ -137,6 +145,8 @@ impl ProcessTasks {
             live: HashMap::new(),
             site_by_task_id: HashMap::new(),
             completed_ids: VecDeque::new(),
+            completed_cell_sites: HashMap::new(),
+            completed_cells: VecDeque::new(),
             completed_untracked: 0,
             spawned_untracked: 0,
             completions_missed: 0,
@@ -163,6 +173,18 @@ impl ProcessTasks {
         self.live
             .get(&header)
             .map(|task| (self.labels.get(task.site).0.as_str(), task.spawned_ktime_ns))
+    }
+
+    /// Spawn-site label and spawn time (ktime) of the task whose cell is at `header`: live,
+    /// or among the most recently completed (whose cell may outlive it: freed later, or
+    /// never, as tokio 1.10.0's `spawn_blocking` leaked them). A block is that cell only if
+    /// allocated before the spawn; the caller checks.
+    pub fn task_of_cell(&self, header: u64) -> Option<(&str, u64)> {
+        self.live_task(header).or_else(|| {
+            self.completed_cell_sites
+                .get(&header)
+                .map(|&(site, spawned)| (self.labels.get(site).0.as_str(), spawned))
+        })
     }
 
     /// Spawn-site label of the task with tokio id `task_id` (live or recently completed).
@@ -279,6 +301,22 @@ impl ProcessTasks {
             }
             TaskEventKind::Complete => match self.forget_live(event.header) {
                 Some(task) => {
+                    // Its cell may be read after this (a heap event that comes later, or a
+                    // cell its task leaves behind, as tokio 1.10.0's spawn_blocking does): it
+                    // is still this task's, for a while.
+                    self.completed_cell_sites
+                        .insert(event.header, (task.site, task.spawned_ktime_ns));
+                    self.completed_cells
+                        .push_back((event.header, task.spawned_ktime_ns));
+                    if self.completed_cells.len() > RETAINED_COMPLETED_CELLS
+                        && let Some((header, spawned)) = self.completed_cells.pop_front()
+                        && self
+                            .completed_cell_sites
+                            .get(&header)
+                            .is_some_and(|&(_, s)| s == spawned)
+                    {
+                        self.completed_cell_sites.remove(&header);
+                    }
                     if task.before_attach {
                         // Not spawned since attach: not this site's completion to count.
                         self.completed_untracked += 1;

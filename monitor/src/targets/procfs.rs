@@ -184,6 +184,38 @@ pub fn start_time(pid: u32) -> Result<u64, ProcError> {
         .ok_or(ProcError::Malformed { pid, what: "stat" })
 }
 
+/// Resident anonymous memory of process `pid` in bytes (`RssAnon` of `/proc/PID/status`):
+/// the kernel keeps it as a counter, so reading it walks no mappings (unlike `smaps_rollup`)
+/// and costs the same for a process of any size. What the heap (and stacks) hold.
+pub fn rss_anon_bytes(pid: u32) -> Result<u64, ProcError> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            ProcError::NoSuchProcess(pid)
+        } else {
+            ProcError::Unreadable {
+                pid,
+                what: "status",
+                source,
+            }
+        }
+    })?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("RssAnon:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kib| kib * 1024)
+        .ok_or(ProcError::Malformed {
+            pid,
+            what: "status",
+        })
+}
+
 /// Runtime address of the executable's lowest mapping: runtime address minus this, plus the
 /// image's lowest link-time load address, turns a runtime pointer into a link-time one.
 pub fn exe_mapping_start(info: &ProcessInfo) -> Result<u64, ProcError> {

@@ -14,7 +14,8 @@ use anyhow::Context as _;
 use log::{info, warn};
 
 use super::heap::HeapTracker;
-use super::judge::{Judge, analyze_process};
+use super::heap_window::HeapWindows;
+use super::judge::{Judge, analyze_for_attach};
 use crate::bpf::attach::AttachedLink;
 use crate::bpf::loader::Probes;
 use crate::bpf::plan;
@@ -41,6 +42,8 @@ pub struct ProcessRegistry {
     attached: HashMap<u32, AttachedProcess>,
     ledger: Arc<Mutex<TaskLedger>>,
     heap: Option<HeapTracker>,
+    /// `--heap adaptive`: heap probes go on in windows only, placed by this.
+    heap_windows: Option<HeapWindows>,
     /// Task hooks placed on `--exe` executables, covering all their processes, and when.
     exe_links: HashMap<ExeIdentity, (Vec<AttachedLink>, Instant)>,
     /// Host-wide mode: executables not watched, and why (`HostScanStats::executables_skipped`).
@@ -93,6 +96,7 @@ impl ProcessRegistry {
             attached: HashMap::new(),
             ledger,
             heap,
+            heap_windows: None,
             exe_links: HashMap::new(),
             not_services: HashMap::new(),
             failed: HashSet::new(),
@@ -107,6 +111,27 @@ impl ProcessRegistry {
         }
     }
 
+    /// `--heap adaptive`: processes get no heap probe when attached; `windows` places
+    /// them when its signals ask for them (see [`ProcessRegistry::tick_heap_windows`]).
+    pub fn set_heap_windows(&mut self, windows: HeapWindows) {
+        self.heap_windows = Some(windows);
+    }
+
+    /// `--heap adaptive`: one step of the windows at `t` seconds since the session
+    /// started; `alive` is each process's live task count.
+    pub fn tick_heap_windows(&mut self, t: f64, alive: &HashMap<u32, u64>) {
+        if let (Some(windows), Some(heap)) = (&mut self.heap_windows, &mut self.heap) {
+            windows.tick(&mut self.probes, heap, t, alive);
+        }
+    }
+
+    /// `--heap adaptive`: ends the window phases that are over (between samples).
+    pub fn advance_heap_windows(&mut self) {
+        if let (Some(windows), Some(heap)) = (&mut self.heap_windows, &mut self.heap) {
+            windows.advance_all(&mut self.probes, heap);
+        }
+    }
+
     /// The unit, container and pod of each attached process.
     pub fn workloads(&self) -> Workloads {
         self.workloads.clone()
@@ -116,7 +141,11 @@ impl ProcessRegistry {
         if let Some(image) = self.images.get(&process.exe) {
             return Ok(image.clone());
         }
-        let image = Arc::new(analyze_process(process)?);
+        let image = Arc::new(analyze_for_attach(
+            &process.exe_link(),
+            &format!("{} (pid {})", process.exe_path.display(), process.pid),
+            self.heap.is_some(),
+        )?);
         for warning in &image.warnings {
             warn!("{}: {warning}", process.exe_path.display());
         }
@@ -139,6 +168,13 @@ impl ProcessRegistry {
     /// `state::pending::PendingEvents`), so the tasks a service spawns as it starts are counted.
     pub fn watch_executable(&mut self, path: &Path, exe: ExeIdentity) -> anyhow::Result<()> {
         let image = self.images[&exe].clone();
+        if image.tasks_unreadable.is_some() {
+            info!(
+                "watching {}: heap only, its tasks cannot be read",
+                path.display()
+            );
+            return Ok(());
+        }
         let links = self
             .probes
             .attach_tasks(&image, path, None)
@@ -217,6 +253,8 @@ impl ProcessRegistry {
             .unwrap_or_else(|e| e.into_inner())
             .add_process(process);
         let task_links = match scope {
+            // Heap tracking only (its warning, logged with the image's, says why).
+            _ if image.tasks_unreadable.is_some() => Ok(Vec::new()),
             TaskHookScope::Process => self
                 .probes
                 .attach_tasks(&image, &info.exe_link(), Some(pid)),
@@ -226,7 +264,9 @@ impl ProcessRegistry {
         let attached = task_links
             .map_err(anyhow::Error::from)
             .and_then(|mut links| {
-                if let Some(heap) = &mut self.heap {
+                if let Some(windows) = &mut self.heap_windows {
+                    windows.watch(&info, image.clone(), load_bias);
+                } else if let Some(heap) = &mut self.heap {
                     match heap.attach(&mut self.probes, &info, &image, load_bias) {
                         Ok(heap_links) => links.extend(heap_links),
                         Err(err) => {
@@ -325,6 +365,9 @@ impl ProcessRegistry {
     fn detach(&mut self, pid: u32) {
         if let Some(process) = self.attached.remove(&pid) {
             self.probes.detach(process.links);
+        }
+        if let Some(windows) = &mut self.heap_windows {
+            windows.forget(&mut self.probes, pid);
         }
         if let Some(heap) = &mut self.heap {
             heap.detach(&mut self.probes, pid);
@@ -448,6 +491,9 @@ impl ProcessRegistry {
             .with_context(|| format!("pid {pid} is not attached"))?;
         let exe = process.info.exe;
         let image = self.images[&exe].clone();
+        if image.tasks_unreadable.is_some() {
+            return Ok(());
+        }
         if let Some((links, placed)) = self.exe_links.remove(&exe) {
             self.probes.detach(links);
             let path = process.info.exe_link();
@@ -474,6 +520,9 @@ impl ProcessRegistry {
             .flat_map(|(_, process)| process.links)
             .collect();
         links.extend(self.exe_links.drain().flat_map(|(_, (links, _))| links));
+        if let Some(windows) = &mut self.heap_windows {
+            links.extend(windows.take_all_links());
+        }
         self.probes.detach(links);
     }
 

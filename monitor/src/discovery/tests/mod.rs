@@ -12,6 +12,7 @@ use super::*;
 
 mod bounds;
 mod debug_files;
+mod lines;
 mod mutations;
 mod naming;
 
