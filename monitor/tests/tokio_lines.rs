@@ -5,7 +5,9 @@
 //! and through `spawn_blocking`; leakscope must count each spawn site exactly on every
 //! line, whose task vtable, header and trailer layouts all differ. On 1.10.0 it must also
 //! show tokio's own published leak (tokio#4063: every `spawn_blocking` task cell is never
-//! freed) as live heap at that spawn site, which 1.28.0 frees.
+//! freed) as live heap at that spawn site, which 1.28.0 frees. On the lines whose runtime
+//! keeps one owned-task list (1.25, 1.28, 1.32), the task census must count the tasks
+//! leaked before leakscope attached.
 
 mod support;
 

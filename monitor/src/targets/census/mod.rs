@@ -11,8 +11,9 @@
 //! mutex-guarded list whose `head` and `tail` lie beside the id. Which of the two shapes a
 //! process has is not looked up by version: each is tried and only the true one validates.
 //! Each list is walked through the task trailers' `owned` pointers (at the vtable's
-//! `trailer_offset`). Before tokio 1.23 the vtable carries neither offset, so nothing leads
-//! from a task to its runtime and the census does not run (it says so, per binary).
+//! `trailer_offset`). Before tokio 1.23 the vtable carries no scheduler offset (nor a task
+//! id), so nothing leads from a task to its runtime and the census does not run (it says
+//! why).
 //!
 //! The first header comes from a task a hook saw, or else from a bounded scan of the
 //! process's anonymous writable memory for a known vtable address at `header + 16` (a task
