@@ -5,7 +5,9 @@
 //! and through `spawn_blocking`; leakscope must count each spawn site exactly on every
 //! line, whose task vtable, header and trailer layouts all differ. On 1.10.0 it must also
 //! show tokio's own published leak (tokio#4063: every `spawn_blocking` task cell is never
-//! freed) as live heap at that spawn site, which 1.28.0 frees.
+//! freed) as live heap at that spawn site, which 1.28.0 frees. On the lines whose runtime
+//! keeps one owned-task list (1.25, 1.28, 1.32), the task census must count the tasks
+//! leaked before leakscope attached.
 
 mod support;
 
@@ -161,6 +163,83 @@ fn tokio_1_18_counts_every_site_exactly() {
 #[test]
 fn tokio_1_25_counts_every_site_exactly() {
     exact_counts("1-25-0", &[]);
+}
+
+/// The daemon's default `--census-seconds`: the first census runs at attach, so tasks from
+/// before attach must be counted within this (polled, not slept).
+const CENSUS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Polls until `site` of `pid` has (alive, alive before attach) == `expected`.
+fn expect_alive(daemon: SocketAddr, pid: u32, site: &str, expected: (f64, f64), within: Duration) {
+    eventually(
+        &format!("{site}: (alive, alive before attach) == {expected:?}"),
+        within,
+        || {
+            let samples = scrape(daemon);
+            let got = (
+                site_value(&samples, "leakscope_tasks_alive", pid, site),
+                site_value(&samples, "leakscope_tasks_alive_before_attach", pid, site),
+            );
+            (got == expected)
+                .then_some(())
+                .ok_or(format!("got {got:?}"))
+        },
+    );
+}
+
+/// The task census on a line whose runtime keeps one owned-task list (tokio 1.23–1.34,
+/// before `ShardedList`): tasks leaked (and others finished) on the `flavor` runtime
+/// (`multi` or `current`) before leakscope attaches are counted alive at their site within
+/// one census interval, and a task leaked after attach is added once, by the hooks.
+fn census_before_attach(line: &str, flavor: &str) {
+    if !ebpf_available(&format!("census on tokio {line} {flavor}")) {
+        return;
+    }
+    const LEAKED: u64 = 9;
+    let mut app = Lines::start(line);
+    let pid = app.app.pid();
+    app.command(&format!("leak-{flavor} {LEAKED}"));
+    app.command(&format!("finish-{flavor} 4"));
+    let (_daemon, addr) = watch(pid, &[]);
+    let site = app.site(&format!("leaky_{flavor}"));
+    let n = LEAKED as f64;
+    expect_alive(addr, pid, &site, (n, n), CENSUS_INTERVAL);
+    let samples = scrape(addr);
+    let of_pid = |family: &str| sum(&samples, family, &[("pid", &pid.to_string())]);
+    assert_eq!(of_pid("leakscope_census_runtimes"), 1.0);
+    assert_eq!(of_pid("leakscope_census_not_found_total"), 0.0);
+    assert_eq!(
+        of_pid("leakscope_tasks_alive"),
+        n,
+        "only the leaked tasks are alive: the finished ones left the list"
+    );
+    app.command(&format!("leak-{flavor} 1"));
+    expect_alive(addr, pid, &site, (n + 1.0, n), DEADLINE);
+}
+
+#[test]
+fn tokio_1_25_census_counts_tasks_leaked_before_attach() {
+    census_before_attach("1-25-0", "multi");
+}
+
+#[test]
+fn tokio_1_25_census_counts_tasks_leaked_before_attach_current_thread() {
+    census_before_attach("1-25-0", "current");
+}
+
+#[test]
+fn tokio_1_28_census_counts_tasks_leaked_before_attach() {
+    census_before_attach("1-28-0", "multi");
+}
+
+#[test]
+fn tokio_1_32_census_counts_tasks_leaked_before_attach() {
+    census_before_attach("1-32-0", "multi");
+}
+
+#[test]
+fn tokio_1_32_census_counts_tasks_leaked_before_attach_current_thread() {
+    census_before_attach("1-32-0", "current");
 }
 
 /// Live heap (bytes, allocations) of `pid` in the cells of tasks spawned at `site`.

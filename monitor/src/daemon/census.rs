@@ -14,7 +14,7 @@ use log::{info, warn};
 use crate::discovery::TargetImage;
 use crate::state::tasks::TaskLedger;
 use crate::targets::census::memory::ProcessMemory;
-use crate::targets::census::{self, CensusBudget, ProcessCensus, RuntimeLayout, TOKIO_SHARDED};
+use crate::targets::census::{self, CensusBudget, ProcessCensus, RuntimeLayout, TOKIO};
 
 /// How often the thread looks for processes registered since (their first census is due
 /// at once) and for a stop.
@@ -57,11 +57,12 @@ impl Drop for CensusRunner {
     }
 }
 
-/// The layout of the runtime `image` was built with. Only the `ShardedList` lines (tokio
-/// 1.35 on) have one so far; on an older line no runtime validates, which the census
-/// counts (`leakscope_census_not_found_total`) and logs.
+/// The layout of the runtime `image` was built with: one for tokio 1.23 on, whose owned
+/// list's shape (sharded from 1.35, single before) each process's own list settles. On an
+/// older line no vtable leads to the runtime, which the census logs and counts
+/// (`leakscope_census_not_found_total`).
 fn layout_for(_image: &TargetImage) -> RuntimeLayout {
-    TOKIO_SHARDED
+    TOKIO
 }
 
 /// One process's censuses: by (pid, registration), so a pid that exec'd starts afresh.
@@ -129,6 +130,12 @@ fn run(ledger: &Mutex<TaskLedger>, interval: Duration, stop: &AtomicBool) {
                         figures.runtimes,
                         figures.last_seconds * 1e3,
                         figures.links_invalid
+                    );
+                } else if let Some(why) = entry.census.unreadable() {
+                    warn!(
+                        "pid {pid}: no task census of {}: {why}; tasks spawned before attach \
+                         are not counted (leakscope_census_not_found_total)",
+                        target.image.path.display()
                     );
                 } else {
                     warn!(

@@ -69,7 +69,7 @@ impl<'a, M: Memory> Finder<'a, M> {
         }
         let handle = scheduler + layout.arc_data;
         let words = self.read_prefix(handle, layout.handle_search_bytes as usize);
-        if let Some(runtime) = self.owned_list_in(&words, owner_id) {
+        if let Some(runtime) = self.owned_list_in(handle, &words, owner_id) {
             log::debug!(
                 "census: runtime {owner_id} has {} task lists at {:#x} (handle {handle:#x}, \
                  from header {header:#x})",
@@ -98,13 +98,33 @@ impl<'a, M: Memory> Finder<'a, M> {
         words
     }
 
-    /// The `OwnedTasks` with id `owner_id` among a handle's words: the id, and near it a
-    /// (pointer, power-of-two length) pair and that length − 1 (`shard_mask`), whose slice
-    /// of lists validates.
-    fn owned_list_in(&mut self, words: &[u64], owner_id: u64) -> Option<OwnedList> {
-        let OwnedShape::Sharded {
-            max_shards, window, ..
-        } = self.census.layout.owned;
+    /// The `OwnedTasks` with id `owner_id` among the words of a handle at `handle`, under
+    /// the first of the layout's shapes that validates.
+    fn owned_list_in(&mut self, handle: u64, words: &[u64], owner_id: u64) -> Option<OwnedList> {
+        self.census
+            .layout
+            .owned
+            .iter()
+            .find_map(|&shape| match shape {
+                OwnedShape::Sharded {
+                    max_shards, window, ..
+                } => self.sharded_list_in(words, owner_id, shape, max_shards, window),
+                OwnedShape::Single { window } => {
+                    self.single_list_in(handle, words, owner_id, shape, window)
+                }
+            })
+    }
+
+    /// A `ShardedList`: near the id, a (pointer, power-of-two length) pair and that length
+    /// − 1 (`shard_mask`), whose slice of lists validates.
+    fn sharded_list_in(
+        &mut self,
+        words: &[u64],
+        owner_id: u64,
+        shape: OwnedShape,
+        max_shards: u64,
+        window: u64,
+    ) -> Option<OwnedList> {
         let window = (window / 8) as usize;
         for (at, _) in words.iter().enumerate().filter(|(_, w)| **w == owner_id) {
             let near = at.saturating_sub(window)..(at + window + 1).min(words.len());
@@ -123,6 +143,7 @@ impl<'a, M: Memory> Finder<'a, M> {
                     owner_id,
                     lists,
                     shards,
+                    shape,
                 };
                 if let Some(offset) = self.validate_lists(&candidate) {
                     self.found.list_in_element = self.found.list_in_element.or(offset);
@@ -133,15 +154,46 @@ impl<'a, M: Memory> Finder<'a, M> {
         None
     }
 
+    /// One list in the handle itself: near the id, two adjacent words that are both task
+    /// headers of this runtime (`head` and `tail`, in either order). The walk then checks
+    /// that one leads to the other through every node's links both ways.
+    fn single_list_in(
+        &mut self,
+        handle: u64,
+        words: &[u64],
+        owner_id: u64,
+        shape: OwnedShape,
+        window: u64,
+    ) -> Option<OwnedList> {
+        let window = (window / 8) as usize;
+        for (at, _) in words.iter().enumerate().filter(|(_, w)| **w == owner_id) {
+            let near = at.saturating_sub(window)..(at + window + 1).min(words.len());
+            for pair in near.clone().take(near.len().saturating_sub(1)) {
+                let (a, b) = (words[pair], words[pair + 1]);
+                if a == 0
+                    || b == 0
+                    || !self.is_task_of(a, owner_id)
+                    || !self.is_task_of(b, owner_id)
+                    || !self.are_list_ends(a, b)
+                {
+                    continue;
+                }
+                return Some(OwnedList {
+                    owner_id,
+                    lists: handle + 8 * pair as u64,
+                    shards: 1,
+                    shape,
+                });
+            }
+        }
+        None
+    }
+
     /// Checks every element of a candidate slice of lists: its two ends are both null (an
     /// empty list) or both task headers of this runtime. Returns where the list sits in an
     /// element, when a non-empty list told (`Some(None)` when every list is empty).
     fn validate_lists(&self, runtime: &OwnedList) -> Option<Option<u64>> {
-        let OwnedShape::Sharded {
-            element_size,
-            list_in_element,
-            ..
-        } = self.census.layout.owned;
+        let (element_size, list_in_element) = runtime.shape.element();
         let mut bytes = vec![0u8; (runtime.shards * element_size) as usize];
         if !self.memory.read(runtime.lists, &mut bytes) {
             return None;
@@ -178,6 +230,32 @@ impl<'a, M: Memory> Finder<'a, M> {
         // Every list empty under some reading: a runtime with no task now (each reading
         // then agrees), kept; where the list sits is learned later.
         settled.map(|_| known)
+    }
+
+    /// Tasks `a` and `b` can be the two ends of a list: under some place of
+    /// `Trailer::owned`, each has a null link (the head no `prev`, the tail no `next`), and
+    /// a task that is both ends has two. Other pairs of task pointers near the id (a queue
+    /// of tasks to run, linked elsewhere) are passed over.
+    fn are_list_ends(&self, a: u64, b: u64) -> bool {
+        let census = self.census;
+        let links = |header: u64, owned: u64| {
+            let vtable = self.memory.word(header + census.layout.header_vtable)?;
+            let trailer = census.vtables.get(&vtable)?.trailer;
+            self.memory.words::<2>(header + trailer + owned)
+        };
+        let candidates = match census.learned.trailer_owned {
+            Some(known) => vec![known],
+            None => census.layout.trailer_owned.to_vec(),
+        };
+        candidates
+            .into_iter()
+            .any(|owned| match (links(a, owned), links(b, owned)) {
+                (Some(x), Some(_)) if a == b => x == [0, 0],
+                (Some(x), Some(y)) => {
+                    x != [0, 0] && y != [0, 0] && x.contains(&0) && y.contains(&0)
+                }
+                _ => false,
+            })
     }
 
     /// `header` is 128-aligned and holds a known vtable and `owner_id`.

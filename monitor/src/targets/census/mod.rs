@@ -6,9 +6,14 @@
 //! the header holds its vtable (known from discovery) and its runtime's `owner_id`; the
 //! task's `Core` holds the scheduler handle (`Arc<Handle>`, at the vtable's
 //! `scheduler_offset`); the handle holds the `OwnedTasks` whose `id` is that `owner_id`,
-//! next to its `ShardedList` (a boxed slice of mutex-guarded lists, its length a power of
-//! two, and `shard_mask` = length − 1). Each list is walked through the task trailers'
-//! `owned` pointers (at the vtable's `trailer_offset`).
+//! and next to it its list: from tokio 1.35 a `ShardedList` (a boxed slice of mutex-guarded
+//! lists, its length a power of two, and `shard_mask` = length − 1), before that one
+//! mutex-guarded list whose `head` and `tail` lie beside the id. Which of the two shapes a
+//! process has is not looked up by version: each is tried and only the true one validates.
+//! Each list is walked through the task trailers' `owned` pointers (at the vtable's
+//! `trailer_offset`). Before tokio 1.23 the vtable carries no scheduler offset (nor a task
+//! id), so nothing leads from a task to its runtime and the census does not run (it says
+//! why).
 //!
 //! The first header comes from a task a hook saw, or else from a bounded scan of the
 //! process's anonymous writable memory for a known vtable address at `header + 16` (a task
@@ -54,8 +59,9 @@ pub struct RuntimeLayout {
     pub arc_data: u64,
     /// How much of the scheduler's handle is searched for its `OwnedTasks`.
     pub handle_search_bytes: u64,
-    /// The shape of the owned-task list.
-    pub owned: OwnedShape,
+    /// The shapes the owned-task list has had, tried in turn; the one a process's list
+    /// validates under is kept with its runtime.
+    pub owned: &'static [OwnedShape],
     /// Candidate offsets of `Trailer::owned` (`Pointers { prev, next }`) in the trailer.
     pub trailer_owned: &'static [u64],
 }
@@ -76,24 +82,53 @@ pub enum OwnedShape {
         /// `id` (the whole of `OwnedTasks` is smaller).
         window: u64,
     },
+    /// `OwnedTasks { inner: Mutex<{ list, closed }>, id }` with `list` a `LinkedList { head,
+    /// tail }` (tokio 1.23–1.28), or a `CountedLinkedList` holding one and its count
+    /// (1.29–1.34). rustc orders the fields, so `head` and `tail` are found as two adjacent
+    /// words near `id` that are both task headers of the runtime, and the list walked from
+    /// one must end at the other. An empty list (two null words) cannot be told from any
+    /// other pair of nulls: a runtime is found under this shape only while it owns a task.
+    Single {
+        /// `head`, `tail` lie within this many bytes of `id` (the whole `OwnedTasks` is
+        /// smaller).
+        window: u64,
+    },
 }
 
-/// tokio 1.35 and later (the lines leakscope supports with `ShardedList`: the workspace's
-/// 1.54 and the 1.47 LTS are checked by the tests).
-pub const TOKIO_SHARDED: RuntimeLayout = RuntimeLayout {
-    line: "tokio >= 1.35",
+impl OwnedShape {
+    /// (Bytes between two lists, candidate offsets of `head`/`tail` in a list's element.)
+    fn element(&self) -> (u64, &'static [u64]) {
+        match *self {
+            OwnedShape::Sharded {
+                element_size,
+                list_in_element,
+                ..
+            } => (element_size, list_in_element),
+            OwnedShape::Single { .. } => (16, &[0]),
+        }
+    }
+}
+
+/// tokio 1.23 and later: the header, vtable offsets and trailer are the same from 1.23 on;
+/// the owned list changed shape at 1.35 (the tests check the workspace's 1.54, the 1.47
+/// LTS, and the tokio-lines builds of 1.25, 1.28 and 1.32).
+pub const TOKIO: RuntimeLayout = RuntimeLayout {
+    line: "tokio >= 1.23",
     header_vtable: 16,
     header_owner_id: 24,
     state_complete: 0b10,
     header_align: 128,
     arc_data: 16,
     handle_search_bytes: 4096,
-    owned: OwnedShape::Sharded {
-        element_size: 24,
-        list_in_element: &[0, 8],
-        max_shards: 1 << 16,
-        window: 64,
-    },
+    owned: &[
+        OwnedShape::Sharded {
+            element_size: 24,
+            list_in_element: &[0, 8],
+            max_shards: 1 << 16,
+            window: 64,
+        },
+        OwnedShape::Single { window: 64 },
+    ],
     trailer_owned: &[0, 16, 32],
 };
 
@@ -203,9 +238,11 @@ struct VtableOffsets {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct OwnedList {
     owner_id: u64,
-    /// Address of the `[Mutex<LinkedList>]` slice and its length.
+    /// Address of the `[Mutex<LinkedList>]` slice and its length; for a single list, the
+    /// address of its (`head`, `tail`) and 1.
     lists: u64,
     shards: u64,
+    shape: OwnedShape,
 }
 
 /// Field orders learned from a process's own lists (see the module docs).
@@ -253,6 +290,16 @@ impl ProcessCensus {
         }
     }
 
+    /// Why no census of this binary can find a runtime, when none can: no vtable of its
+    /// says where a task keeps its scheduler and trailer (tokio < 1.23, or vtables not
+    /// found). Its censuses then scan nothing and count as not found.
+    pub fn unreadable(&self) -> Option<&'static str> {
+        self.vtables.is_empty().then_some(
+            "no task vtable of this binary carries the trailer and scheduler offsets (tokio \
+             < 1.23, or no vtable found), so no task leads to its runtime's task list",
+        )
+    }
+
     /// Reads every known runtime's tasks. When no runtime is known yet, it is looked for
     /// from `hints` (task headers the hooks saw), then by scanning `regions` (the
     /// process's anonymous writable mappings, asked for only then).
@@ -266,7 +313,7 @@ impl ProcessCensus {
         let started = Instant::now();
         let deadline = started + budget.time;
         self.figures.runs += 1;
-        if self.runtimes.is_empty() {
+        if self.runtimes.is_empty() && !self.vtables.is_empty() {
             let mut finder = locate::Finder::new(self, memory, budget.scan_candidates);
             for &hint in hints {
                 finder.try_header(hint);

@@ -82,7 +82,7 @@ fn runtime(ids: &[u64], completed: &[u64]) -> FakeMemory {
 }
 
 fn census_of(memory: &FakeMemory, hints: &[u64]) -> (ProcessCensus, CensusOutcome) {
-    let mut census = ProcessCensus::new(&image(), 0, TOKIO_SHARDED);
+    let mut census = ProcessCensus::new(&image(), 0, TOKIO);
     let outcome = census.run(
         memory,
         hints,
@@ -156,7 +156,7 @@ fn no_runtime_is_found_in_memory_without_task_headers() {
 #[test]
 fn the_task_bound_stops_the_census_and_says_so() {
     let memory = runtime(&[1, 5, 9, 13], &[]);
-    let mut census = ProcessCensus::new(&image(), 0, TOKIO_SHARDED);
+    let mut census = ProcessCensus::new(&image(), 0, TOKIO);
     let budget = CensusBudget {
         max_tasks: 2,
         ..CensusBudget::default()
@@ -165,4 +165,93 @@ fn the_task_bound_stops_the_census_and_says_so() {
     assert_eq!(outcome.tasks.len(), 2);
     assert!(!outcome.covers(1));
     assert_eq!(census.figures.lists_unread, 1);
+}
+
+/// A runtime of tokio 1.23–1.34: one list, linked through the trailers, whose `tail` and
+/// `head` (in that order) lie beside the `OwnedTasks` id in the handle, after a queue of
+/// tasks to run whose two ends are tasks of the list too (not its ends).
+fn single_list_runtime(ids: &[u64], completed: &[u64]) -> FakeMemory {
+    let mut memory = FakeMemory::default();
+    memory.zeroed(HANDLE, 8192);
+    memory.zeroed(0x10_0000, 0x200 * 64);
+    for (i, &id) in ids.iter().enumerate() {
+        let state = if completed.contains(&id) {
+            COMPLETE
+        } else {
+            0x40
+        };
+        let vtable = if id % 2 == 0 { VTABLE } else { OTHER_VTABLE };
+        memory.put(header_at(id), &[state, 0, vtable, OWNER, HANDLE, id]);
+        let prev = i.checked_sub(1).map_or(0, |p| header_at(ids[p]));
+        let next = ids.get(i + 1).map_or(0, |&n| header_at(n));
+        memory.put(
+            header_at(id) + TRAILER,
+            &[0xdead_0000, 0xbeef_0000, prev, next],
+        );
+    }
+    let (first, last) = (header_at(ids[0]), header_at(ids[ids.len() - 1]));
+    let (queued_a, queued_b) = (header_at(ids[1]), header_at(ids[2]));
+    // Other fields, the run queue's (head, tail), then Mutex { futex, { tail, head, count,
+    // closed } } and the id.
+    memory.put(
+        HANDLE,
+        &[1, 1, 7, queued_a, queued_b, 0, last, first, 4, 0, OWNER],
+    );
+    memory
+}
+
+#[test]
+fn a_single_list_beside_its_id_is_found_and_walked() {
+    let memory = single_list_runtime(&[1, 2, 3, 4, 5], &[3]);
+    let (census, outcome) = census_of(&memory, &[]);
+    assert!(outcome.found);
+    assert_eq!(ids(&outcome), [1, 2, 4, 5], "completed task 3 is left out");
+    assert!(
+        (1..20).all(|id| outcome.covers(id)),
+        "one list covers every id"
+    );
+    assert_eq!(census.figures.runtimes, 1);
+    assert_eq!(census.figures.links_invalid, 0);
+    assert_eq!(census.learned.trailer_owned, Some(OWNED));
+}
+
+#[test]
+fn a_single_list_found_from_a_hint_is_read_again_as_it_changes() {
+    let memory = single_list_runtime(&[1, 2, 3, 4], &[]);
+    let mut census = ProcessCensus::new(&image(), 0, TOKIO);
+    let budget = CensusBudget::default();
+    let outcome = census.run(&memory, &[header_at(4)], Vec::new, &budget);
+    assert_eq!(ids(&outcome), [1, 2, 3, 4]);
+    // Task 4 (the tail) released: task 3 is the tail now.
+    let mut memory = memory;
+    memory.put(header_at(3) + TRAILER + OWNED + 8, &[0]);
+    memory.put(HANDLE + 6 * 8, &[header_at(3)]);
+    let outcome = census.run(&memory, &[], Vec::new, &budget);
+    assert_eq!(ids(&outcome), [1, 2, 3]);
+    assert_eq!(census.figures.scan_bytes, 0);
+}
+
+#[test]
+fn a_binary_without_the_vtable_offsets_is_not_censused_and_says_why() {
+    let image = TargetImage {
+        vtables: vec![TaskVtable {
+            vaddr: VTABLE,
+            ..TaskVtable::default()
+        }],
+        ..TargetImage::default()
+    };
+    let mut census = ProcessCensus::new(&image, 0, TOKIO);
+    assert!(
+        census
+            .unreadable()
+            .is_some_and(|why| why.contains("tokio < 1.23"))
+    );
+    let outcome = census.run(
+        &single_list_runtime(&[1, 2, 3], &[]),
+        &[],
+        || panic!("nothing is scanned"),
+        &CensusBudget::default(),
+    );
+    assert!(!outcome.found);
+    assert_eq!(census.figures.not_found, 1);
 }

@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use super::memory::Memory;
-use super::{CensusTask, OwnedList, OwnedShape, ProcessCensus};
+use super::{CensusTask, OwnedList, ProcessCensus};
 
 /// One node of a list, as read.
 struct Node {
@@ -77,11 +77,7 @@ impl<M: Memory> Walker<'_, M> {
     /// The two ends of shard `shard`'s list (`head`, `tail` in some order) under each
     /// place the list may have in its element that reads as two ends (both null: empty).
     fn ends(&self, shard: u64) -> Vec<(u64, [u64; 2])> {
-        let OwnedShape::Sharded {
-            element_size,
-            list_in_element,
-            ..
-        } = self.census.layout.owned;
+        let (element_size, list_in_element) = self.runtime.shape.element();
         let element = self.runtime.lists + shard * element_size;
         let Some(words) = self.memory.words::<3>(element) else {
             return Vec::new();
@@ -236,7 +232,10 @@ impl<M: Memory> Walker<'_, M> {
                 });
             }
             match node.links[dir] {
-                0 => return Ok(()),
+                // The list ends where its other end says: a walk that stops elsewhere did
+                // not follow this list (or it changed under the walk).
+                0 if current == last => return Ok(()),
+                0 => return Err(Stop::Invalid),
                 next => {
                     previous = current;
                     current = next;
