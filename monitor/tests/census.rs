@@ -11,9 +11,6 @@ use std::time::Duration;
 use support::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
-/// The daemon's default `--census-seconds`: the first census runs at attach, so the tasks
-/// from before attach must be in within this (polled, not slept).
-const CENSUS_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The fixture's `/stats`: `key=value` pairs.
 fn stats(addr: SocketAddr) -> BTreeMap<String, f64> {
@@ -32,24 +29,6 @@ fn pid_value(daemon: SocketAddr, family: &str, pid: u32) -> f64 {
 
 fn site(krate: &str, handler: &str) -> String {
     format!("{krate}::{handler}::{{{{closure}}}}::{{{{closure}}}}")
-}
-
-/// Polls until `site` of `pid` has (alive, alive before attach) == `expected`.
-fn expect_alive(daemon: SocketAddr, pid: u32, site: &str, expected: (f64, f64), within: Duration) {
-    eventually(
-        &format!("{site}: (alive, alive before attach) == {expected:?}"),
-        within,
-        || {
-            let samples = scrape(daemon);
-            let got = (
-                site_value(&samples, "leakscope_tasks_alive", pid, site),
-                site_value(&samples, "leakscope_tasks_alive_before_attach", pid, site),
-            );
-            (got == expected)
-                .then_some(())
-                .ok_or(format!("got {got:?}"))
-        },
-    );
 }
 
 /// Every task leakscope counts alive in `pid` is one tokio counts alive, and the other

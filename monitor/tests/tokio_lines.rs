@@ -165,28 +165,6 @@ fn tokio_1_25_counts_every_site_exactly() {
     exact_counts("1-25-0", &[]);
 }
 
-/// The daemon's default `--census-seconds`: the first census runs at attach, so tasks from
-/// before attach must be counted within this (polled, not slept).
-const CENSUS_INTERVAL: Duration = Duration::from_secs(10);
-
-/// Polls until `site` of `pid` has (alive, alive before attach) == `expected`.
-fn expect_alive(daemon: SocketAddr, pid: u32, site: &str, expected: (f64, f64), within: Duration) {
-    eventually(
-        &format!("{site}: (alive, alive before attach) == {expected:?}"),
-        within,
-        || {
-            let samples = scrape(daemon);
-            let got = (
-                site_value(&samples, "leakscope_tasks_alive", pid, site),
-                site_value(&samples, "leakscope_tasks_alive_before_attach", pid, site),
-            );
-            (got == expected)
-                .then_some(())
-                .ok_or(format!("got {got:?}"))
-        },
-    );
-}
-
 /// The task census on a line whose runtime keeps one owned-task list (tokio 1.23–1.34,
 /// before `ShardedList`): tasks leaked (and others finished) on the `flavor` runtime
 /// (`multi` or `current`) before leakscope attaches are counted alive at their site within

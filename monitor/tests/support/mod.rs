@@ -382,3 +382,31 @@ impl Drop for KeepAliveClients {
         }
     }
 }
+
+/// The daemon's default `--census-seconds`: the first census runs at attach, so the tasks
+/// from before attach must be in within this (polled, not slept).
+pub const CENSUS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Polls until `site` of `pid` has (alive, alive before attach) == `expected`.
+pub fn expect_alive(
+    daemon: SocketAddr,
+    pid: u32,
+    site: &str,
+    expected: (f64, f64),
+    within: Duration,
+) {
+    eventually(
+        &format!("{site}: (alive, alive before attach) == {expected:?}"),
+        within,
+        || {
+            let samples = scrape(daemon);
+            let got = (
+                site_value(&samples, "leakscope_tasks_alive", pid, site),
+                site_value(&samples, "leakscope_tasks_alive_before_attach", pid, site),
+            );
+            (got == expected)
+                .then_some(())
+                .ok_or(format!("got {got:?}"))
+        },
+    );
+}
