@@ -112,6 +112,16 @@ impl BackgroundBuild {
     }
 }
 
+impl Drop for BackgroundBuild {
+    /// A run that failed before the fuzzers does not leave the build running behind it.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Builds every target (or waits for `prebuilt`, the build started earlier), then runs
 /// `only` (or each target) for `seconds`, each from its seeded corpus. Fails on the first
 /// crash or hang, naming the saved input.
