@@ -85,6 +85,7 @@ pub struct TargetsSection {
     pub node_log_dir: Option<PathBuf>,
     pub heap_max_blocks: Option<u32>,
     pub census_seconds: Option<f64>,
+    pub tasks: Option<crate::daemon::census::TaskMode>,
 }
 
 /// `[verdicts]`: the window, the sampling and the thresholds of the leak verdicts.
