@@ -266,6 +266,13 @@ impl ProcessRegistry {
         process.first_task_id_after_attach =
             self.first_task_id_after_attach(&info, &image, load_bias, scope);
         process.census_only = self.task_mode == TaskMode::Census;
+        if process.census_only && process.first_task_id_after_attach.is_none() {
+            // The census cannot tell old tasks from new without it (see `census_target`).
+            warn!(
+                "pid {pid}: --tasks census: tokio's task id counter is not known in this \
+                 binary, so no census runs and its tasks are not counted; use --tasks hooks"
+            );
+        }
         say_tasks_before_attach(pid, process.first_task_id_after_attach);
         self.ledger
             .lock()

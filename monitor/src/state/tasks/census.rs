@@ -131,9 +131,7 @@ impl ProcessTasks {
     /// What a census of this process needs, if tasks may predate its hooks (tokio's id
     /// counter was read at attach; without it the two sources could not be told apart).
     pub fn census_target(&self) -> Option<CensusTarget> {
-        if !self.census_only {
-            self.first_task_id_after_attach?;
-        }
+        self.first_task_id_after_attach?;
         Some(CensusTarget {
             pid: self.pid,
             registered_ns: self.registered_ns,
