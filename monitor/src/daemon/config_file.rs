@@ -152,6 +152,23 @@ mod tests {
     }
 
     #[test]
+    fn the_task_mode_is_read_beside_the_census_interval() {
+        let file = parse(
+            Path::new("leakscope.toml"),
+            "[targets]\ncensus_seconds = 5.0\ntasks = \"census\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            file.targets.tasks,
+            Some(crate::daemon::census::TaskMode::Census)
+        );
+        let err = parse(Path::new("c.toml"), "[targets]\ntasks = \"probes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `probes`"), "{err}");
+    }
+
+    #[test]
     fn adaptive_heap_and_its_windows_are_read_and_flags_win() {
         let file = parse(
             Path::new("leakscope.toml"),
