@@ -46,6 +46,8 @@ fn main() {
             alive_before_attach: 0,
             oldest_alive_at_least: false,
             completion_hooked: true,
+            census_seen: None,
+            census_gone: None,
         })
         .collect();
     let mut heap: Vec<HeapGroupSnapshot> = (0..sites - sites / 2)

@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use leakscope::analysis::AnalysisConfig;
 use leakscope::bpf::preflight;
+use leakscope::daemon::census::TaskMode;
 use leakscope::daemon::heap::{HeapMode, HeapPath};
 use leakscope::daemon::heap_window::HeapWindowConfig;
 use leakscope::daemon::{self, DaemonConfig, config_file, report, web_config};
@@ -207,6 +208,11 @@ struct Targets {
     /// 0 turns the census off.
     #[arg(long, default_value_t = 10.0)]
     census_seconds: f64,
+    /// Who counts tasks: `hooks` (a spawn and a completion hook, two traps per task: exact
+    /// spawn and completion counts) or `census` (no task hook at all: each census lists
+    /// the tasks alive per site; ages are "at least since first seen").
+    #[arg(long, value_enum, default_value = "hooks")]
+    tasks: TaskMode,
     /// How the heap probes report: `aggregate` (live figures per callsite and task site
     /// kept in the kernel and read periodically; an event only per new group) or `events`
     /// (one event per allocation and per free, applied by the daemon: its cost grows with
@@ -323,6 +329,9 @@ fn daemon_config(
     heap: HeapMode,
     analysis: AnalysisConfig,
 ) -> anyhow::Result<DaemonConfig> {
+    if targets.tasks == TaskMode::Census && targets.census_seconds <= 0.0 {
+        bail!("--tasks census needs a census: --census-seconds must be above 0");
+    }
     Ok(DaemonConfig {
         select: Selection::parse(&targets.include, &targets.exclude)?,
         max_processes: targets.max_processes,
@@ -342,6 +351,7 @@ fn daemon_config(
             log_dir: targets.node_log_dir,
         },
         census: Duration::from_secs_f64(targets.census_seconds.max(0.0)),
+        tasks: targets.tasks,
     })
 }
 
@@ -409,6 +419,7 @@ fn daemon_settings(args: DaemonArgs, given: &ArgMatches) -> anyhow::Result<Daemo
             targets.census_seconds,
             file.targets.census_seconds
         );
+        take!("tasks", targets.tasks, file.targets.tasks);
         let v = file.verdicts;
         take!(
             "verdict_window_seconds",

@@ -83,8 +83,13 @@ fn leaked_before_attach(binary: &str, krate: &str, flavor: &str) {
             .then_some(())
             .ok_or(format!("{running} running"))
     });
-    let (_daemon, daemon) = start_daemon(&["--pid".into(), pid.to_string()]);
+    let (daemon_proc, daemon) = start_daemon(&["--pid".into(), pid.to_string()]);
     wait_attached(daemon, pid);
+    // The hook points the daemon says it placed are the kernel's uprobe links (what the
+    // census-only test counts to be none).
+    let hooks = pid_value(daemon, "leakscope_task_hook_points", pid);
+    assert!(hooks > 0.0);
+    assert_eq!(uprobes_of(daemon_proc.pid()) as f64, hooks);
     let leak = site(krate, "leak_forever");
     let n = LEAKS as f64;
     expect_alive(daemon, pid, &leak, (n, n), CENSUS_INTERVAL);

@@ -4,7 +4,8 @@
 //! a connection per request, unmonitored and under each monitor: leakscope's task hooks,
 //! `--heap exact` (aggregated in the kernel) and the same with an event per block (the path
 //! it replaced), `--heap sampled`, `--heap adaptive` (its standing cost: these routes do not
-//! leak, so no window should run), and bcc's `memleak -p` for comparison.
+//! leak, so no window should run), `--tasks census` (no task hook: the census alone), and
+//! bcc's `memleak -p` for comparison.
 //! A second unmonitored service is measured like the others: its ratio to the first is the
 //! noise of the run.
 //!
@@ -96,11 +97,13 @@ enum Config {
     /// `--heap adaptive`: heap probes only in windows, when memory grows beyond what the
     /// tasks hold (the benchmark's routes do not leak: this is its standing cost).
     HeapAdaptive,
+    /// `--tasks census`: no task hook; the census alone counts tasks, every 10 s.
+    TaskCensus,
     Memleak,
 }
 
 impl Config {
-    const ALL: [Config; 8] = [
+    const ALL: [Config; 9] = [
         Config::Baseline,
         Config::Control,
         Config::Tasks,
@@ -108,6 +111,7 @@ impl Config {
         Config::HeapEvents,
         Config::HeapSampled,
         Config::HeapAdaptive,
+        Config::TaskCensus,
         Config::Memleak,
     ];
     /// Its key in `summary.json`.
@@ -120,6 +124,7 @@ impl Config {
             Config::HeapEvents => "heap_events",
             Config::HeapSampled => "heap_sampled",
             Config::HeapAdaptive => "heap_adaptive",
+            Config::TaskCensus => "task_census",
             Config::Memleak => "memleak",
         }
     }
@@ -132,6 +137,7 @@ impl Config {
             Config::HeapEvents => "--heap exact, event per block",
             Config::HeapSampled => "--heap sampled",
             Config::HeapAdaptive => "--heap adaptive",
+            Config::TaskCensus => "task census",
             Config::Memleak => "bcc memleak -p",
         }
     }
@@ -143,17 +149,11 @@ impl Config {
             Config::HeapEvents => Some(&["--heap", "exact", "--heap-path", "events"]),
             Config::HeapSampled => Some(&["--heap", "sampled"]),
             Config::HeapAdaptive => Some(&["--heap", "adaptive"]),
+            Config::TaskCensus => Some(&["--tasks", "census"]),
             Config::Baseline | Config::Control | Config::Memleak => None,
         }
     }
 }
-
-/// Columns the report carries for modes that do not exist yet, always `null`.
-const NOT_BUILT: [(&str, &str, &str); 1] = [(
-    "task_census",
-    "task census",
-    "not built yet: counting live tasks without per-spawn hooks",
-)];
 
 const WRK_THREADS: u32 = 1;
 const WRK_CONNECTIONS: u32 = 32;
@@ -652,23 +652,25 @@ struct Summary {
 }
 
 /// The configurations compared with the baseline, in column order.
-const COMPARED: [Config; 7] = [
+const COMPARED: [Config; 8] = [
     Config::Control,
     Config::Tasks,
     Config::Heap,
     Config::HeapEvents,
     Config::HeapSampled,
     Config::HeapAdaptive,
+    Config::TaskCensus,
     Config::Memleak,
 ];
 
 /// The configurations with a monitor.
-const MONITORED: [Config; 6] = [
+const MONITORED: [Config; 7] = [
     Config::Tasks,
     Config::Heap,
     Config::HeapEvents,
     Config::HeapSampled,
     Config::HeapAdaptive,
+    Config::TaskCensus,
     Config::Memleak,
 ];
 
@@ -688,9 +690,6 @@ impl Summary {
                     .map_or(Value::Null, |r| json!((r * 1000.0).round() / 1000.0)),
             );
         }
-        for (key, _, _) in NOT_BUILT {
-            ratios.insert(key.into(), Value::Null);
-        }
         Value::Object(ratios)
     }
 
@@ -701,9 +700,6 @@ impl Summary {
                 config.key().into(),
                 opt(median_rps(&self.results, config, route, conn).map(f64::round)),
             );
-        }
-        for (key, _, _) in NOT_BUILT {
-            rps.insert(key.into(), Value::Null);
         }
         Value::Object(rps)
     }
@@ -828,10 +824,6 @@ impl Summary {
             }
             routes.insert(route.key.into(), Value::Object(entry));
         }
-        let not_built: serde_json::Map<String, Value> = NOT_BUILT
-            .iter()
-            .map(|(key, _, note)| (key.to_string(), json!(note)))
-            .collect();
         json!({
             "ratios": self.ratios(0, Conn::KeepAlive),
             "rps": self.rps(0, Conn::KeepAlive),
@@ -843,7 +835,6 @@ impl Summary {
                 "ran": self.results.contains_key(&Config::Memleak),
                 "note": self.memleak_note,
             },
-            "not_built": not_built,
             "setup": {
                 "quick": self.quick,
                 "rounds": self.rounds,
@@ -884,7 +875,7 @@ impl Summary {
             for conn in Conn::ALL {
                 let r = |c| cell(ratio(&self.results, c, index, conn));
                 md.push_str(&format!(
-                    "| `{}` ({}) | {} | {} | {} | {} | {} | {} | {} | {} | n/a | {} |
+                    "| `{}` ({}) | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |
 ",
                     route.path,
                     route.what,
@@ -897,6 +888,7 @@ impl Summary {
                     r(Config::HeapEvents),
                     r(Config::HeapSampled),
                     r(Config::HeapAdaptive),
+                    r(Config::TaskCensus),
                     r(Config::Memleak),
                 ));
             }
@@ -920,13 +912,9 @@ impl Summary {
              others; its distance from 1.00 is the noise of this run. \
              CPU per event: the monitor's utime+stime (/proc, 10 ms ticks) over all runs, \
              divided by `leakscope_events_total` + `leakscope_heap_events_total` over them. \
-             memleak: {}. {}\n",
+             memleak: {}. task census: `--tasks census`, no task hook at all; the census \
+             reads the runtime's task lists every 10 s (no event, so no CPU per event).\n",
             self.memleak_note,
-            NOT_BUILT
-                .iter()
-                .map(|(_, label, note)| format!("{label}: {note}."))
-                .collect::<Vec<_>>()
-                .join(" ")
         ));
         md
     }
@@ -942,6 +930,7 @@ impl Summary {
             RGBColor(0xff, 0xbb, 0x78),
             RGBColor(0x2c, 0xa0, 0x2c),
             RGBColor(0x94, 0x67, 0xbd),
+            RGBColor(0x8c, 0x56, 0x4b),
             RGBColor(0xd6, 0x27, 0x28),
         ];
         let root = SVGBackend::new(path, (1000, 520)).into_drawing_area();

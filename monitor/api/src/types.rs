@@ -49,6 +49,14 @@ pub struct SiteSnapshot {
     /// Completions of this site's tasks are observed (a completion hook is reachable from
     /// every vtable of the site). When false, `alive` only grows and says nothing.
     pub completion_hooked: bool,
+    /// `--tasks census` (no task hook): `spawned` and `completed` stay 0; these count the
+    /// tasks since attach that a census listed for the first time, and those a later
+    /// census no longer listed. Not spawns and completions: a task that comes and goes
+    /// between two censuses is in neither.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub census_seen: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub census_gone: Option<u64>,
 }
 
 /// One watched process.

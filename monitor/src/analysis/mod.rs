@@ -72,6 +72,8 @@ type SiteKey = (u32, SiteKind, String, Option<String>);
 struct Latest {
     exe: String,
     completion_hooked: bool,
+    /// `--tasks census`: the census alone counts this site's tasks.
+    census_only: bool,
     oldest_alive_seconds: f64,
     /// Task sites: alive tasks spawned before attach (found by the census), left out of
     /// the samples (they can only decline, and the first census may land after the first
@@ -143,8 +145,8 @@ impl Analyzer {
             let sample = Sample {
                 t,
                 value: row.alive.saturating_sub(row.alive_before_attach) as f64,
-                spawned: row.spawned,
-                completed: row.completed,
+                spawned: row.census_seen.unwrap_or(row.spawned),
+                completed: row.census_gone.unwrap_or(row.completed),
             };
             if self.histories.push(&key, sample) {
                 self.latest.insert(
@@ -152,6 +154,7 @@ impl Analyzer {
                     Latest {
                         exe: row.exe.clone(),
                         completion_hooked: row.completion_hooked,
+                        census_only: row.census_seen.is_some(),
                         oldest_alive_seconds: row.oldest_alive_seconds,
                         alive_before_attach: row.alive_before_attach,
                         top_task_site: None,
@@ -191,6 +194,7 @@ impl Analyzer {
                     Latest {
                         exe,
                         completion_hooked: true,
+                        census_only: false,
                         oldest_alive_seconds: 0.0,
                         alive_before_attach: 0,
                         top_task_site: top,
@@ -223,6 +227,7 @@ impl Analyzer {
                 SiteKind::Task => judge_tasks(
                     samples,
                     latest.completion_hooked,
+                    latest.census_only,
                     latest.oldest_alive_seconds,
                     &limits,
                 ),

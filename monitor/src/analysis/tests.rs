@@ -16,6 +16,8 @@ fn task_row(site: &str, alive: u64, spawned: u64, completed: u64) -> SiteSnapsho
         alive_before_attach: 0,
         oldest_alive_at_least: false,
         completion_hooked: true,
+        census_seen: None,
+        census_gone: None,
     }
 }
 

@@ -162,10 +162,13 @@ pub fn cannot_judge(why: String) -> Judgement {
     }
 }
 
-/// Judges a task site from its samples (value = alive tasks).
+/// Judges a task site from its samples (value = alive tasks). `census_only`: the samples'
+/// spawned and completed counts are tasks the censuses listed anew and no longer listed
+/// (`--tasks census`), and the reason says so.
 pub fn judge_tasks(
     samples: &VecDeque<Sample>,
     completion_hooked: bool,
+    census_only: bool,
     oldest_alive_seconds: f64,
     limits: &Thresholds,
 ) -> Judgement {
@@ -199,8 +202,13 @@ pub fn judge_tasks(
         } else {
             "no sustained growth".to_string()
         };
+        let counts = if census_only {
+            format!("the censuses listed {spawned} new and lost {completed}")
+        } else {
+            format!("{spawned} spawned and {completed} completed")
+        };
         let reason = format!(
-            "{} alive; {spawned} spawned and {completed} completed over the last {}; {growth}",
+            "{} alive; {counts} over the last {}; {growth}",
             last.value,
             duration(window)
         );
@@ -212,16 +220,27 @@ pub fn judge_tasks(
             LeakPattern::TasksNeverComplete,
             1.0,
             REMEDY_NEVER_COMPLETE,
-            format!("none of the {spawned} spawned in that time completed"),
+            if census_only {
+                format!("none of the {spawned} new ones the censuses listed in that time is gone")
+            } else {
+                format!("none of the {spawned} spawned in that time completed")
+            },
         )
     } else {
         (
             LeakPattern::TasksAccumulate,
             (g.gained / spawned.max(1) as f64).clamp(0.0, 1.0),
             REMEDY_ACCUMULATE,
-            format!(
-                "{completed} of the {spawned} spawned in that time completed, the rest pile up"
-            ),
+            if census_only {
+                format!(
+                    "{completed} of the {spawned} new ones the censuses listed in that time \
+                     are gone, the rest pile up"
+                )
+            } else {
+                format!(
+                    "{completed} of the {spawned} spawned in that time completed, the rest pile up"
+                )
+            },
         )
     };
     Judgement {
@@ -355,7 +374,7 @@ mod tests {
     fn a_loop_spawned_per_request_that_never_ends_is_a_suspect() {
         // 2 requests/s, each spawns a task that never completes.
         let s = series(|t| 2.0 * t, |t| (2.0 * t) as u64, |_| 0);
-        let j = judge_tasks(&s, true, 120.0, &limits());
+        let j = judge_tasks(&s, true, false, 120.0, &limits());
         assert_eq!(j.verdict, Verdict::Suspect, "{j:?}");
         assert_eq!(j.pattern, Some(LeakPattern::TasksNeverComplete));
         assert!(j.score > 0.99, "{j:?}");
@@ -373,7 +392,7 @@ mod tests {
     fn calls_that_sometimes_hang_accumulate() {
         // 10 spawns/s, 9 complete; one in ten hangs forever.
         let s = series(|t| t, |t| (10.0 * t) as u64, |t| (9.0 * t) as u64);
-        let j = judge_tasks(&s, true, 120.0, &limits());
+        let j = judge_tasks(&s, true, false, 120.0, &limits());
         assert_eq!(j.pattern, Some(LeakPattern::TasksAccumulate), "{j:?}");
         assert!((j.score - 0.1).abs() < 0.01, "{j:?}");
     }
@@ -413,7 +432,7 @@ mod tests {
             ("burst", burst),
             ("noisy", noisy),
         ] {
-            let j = judge_tasks(&s, true, 10.0, &limits);
+            let j = judge_tasks(&s, true, false, 10.0, &limits);
             assert_eq!(j.verdict, Verdict::Ok, "{name}: {j:?}");
         }
     }
@@ -421,7 +440,7 @@ mod tests {
     #[test]
     fn a_site_without_a_completion_hook_cannot_be_judged() {
         let s = series(|t| 2.0 * t, |t| (2.0 * t) as u64, |_| 0);
-        let j = judge_tasks(&s, false, 120.0, &limits());
+        let j = judge_tasks(&s, false, false, 120.0, &limits());
         assert_eq!(j.verdict, Verdict::CannotJudge);
         assert!(j.reason.contains("completion hook"));
     }
@@ -433,7 +452,7 @@ mod tests {
             .take(5)
             .collect();
         assert_eq!(
-            judge_tasks(&s, true, 1.0, &limits()).verdict,
+            judge_tasks(&s, true, false, 1.0, &limits()).verdict,
             Verdict::WarmingUp
         );
         assert_eq!(judge_heap(&s, &limits()).verdict, Verdict::WarmingUp);

@@ -15,6 +15,31 @@ use crate::discovery::TargetImage;
 use crate::state::tasks::TaskLedger;
 use crate::targets::census::memory::ProcessMemory;
 use crate::targets::census::{self, CensusBudget, ProcessCensus, RuntimeLayout, TOKIO};
+use crate::targets::procfs;
+
+/// Who counts a process's tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskMode {
+    /// Spawn and completion hooks (two traps per task): exact spawn and completion counts
+    /// and ages; the census adds the tasks from before attach.
+    #[default]
+    Hooks,
+    /// No task hook at all: every census lists the tasks alive at each site; tasks that
+    /// come and go between two censuses are not seen, ages count from the first census
+    /// that listed a task (`state::tasks::census_only`).
+    Census,
+}
+
+impl TaskMode {
+    /// The value of the `mode` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskMode::Hooks => "hooks",
+            TaskMode::Census => "census",
+        }
+    }
+}
 
 /// How often the thread looks for processes registered since (their first census is due
 /// at once) and for a stop.
@@ -117,7 +142,7 @@ fn run(ledger: &Mutex<TaskLedger>, interval: Duration, stop: &AtomicBool) {
             entry.next = Instant::now() + entry.wait;
             let figures = entry.census.figures;
             let mut ledger = lock();
-            ledger.apply_census(&target, &outcome, figures);
+            ledger.apply_census(&target, &outcome, figures, procfs::monotonic_ns());
             if first {
                 let before = ledger.process(pid).map_or(0, |p| {
                     p.snapshot(0).iter().map(|s| s.alive_before_attach).sum()

@@ -85,6 +85,7 @@ pub struct TargetsSection {
     pub node_log_dir: Option<PathBuf>,
     pub heap_max_blocks: Option<u32>,
     pub census_seconds: Option<f64>,
+    pub tasks: Option<crate::daemon::census::TaskMode>,
 }
 
 /// `[verdicts]`: the window, the sampling and the thresholds of the leak verdicts.
@@ -148,6 +149,23 @@ mod tests {
         assert_eq!(file.verdicts.window_seconds, Some(300.0));
         assert_eq!(file.verdicts.min_tasks, Some(10.0));
         assert_eq!(file.targets.pids, None);
+    }
+
+    #[test]
+    fn the_task_mode_is_read_beside_the_census_interval() {
+        let file = parse(
+            Path::new("leakscope.toml"),
+            "[targets]\ncensus_seconds = 5.0\ntasks = \"census\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            file.targets.tasks,
+            Some(crate::daemon::census::TaskMode::Census)
+        );
+        let err = parse(Path::new("c.toml"), "[targets]\ntasks = \"probes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `probes`"), "{err}");
     }
 
     #[test]

@@ -66,6 +66,9 @@ pub struct DaemonConfig {
     /// How often the task census reads each process's runtime lists (zero: never; see
     /// `targets::census`).
     pub census: Duration,
+    /// Who counts tasks: hooks (with the census for those from before attach) or the
+    /// census alone.
+    pub tasks: census::TaskMode,
 }
 
 /// Runs until SIGINT or SIGTERM: attaches, serves the exports, follows processes as they

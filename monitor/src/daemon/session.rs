@@ -145,6 +145,7 @@ impl Session {
             config.node.clone(),
             config.max_processes,
         );
+        registry.set_task_mode(config.tasks);
         // Before any process is attached: with it, none gets heap probes at attach.
         let heap_windows = (config.heap == HeapMode::Adaptive).then(|| {
             let windows = HeapWindows::new(
@@ -312,6 +313,7 @@ impl Session {
         changed("node_log_dir", running.node != new.node);
         changed("max_processes", running.max_processes != new.max_processes);
         changed("census_seconds", running.census != new.census);
+        changed("tasks", running.tasks != new.tasks);
         changed(
             "verdict window/sample",
             running.analysis.period != new.analysis.period

@@ -126,7 +126,8 @@ pub fn check_all(
         let ledger = sources.ledger.lock().unwrap_or_else(|e| e.into_inner());
         ledger
             .processes()
-            .filter(|p| p.probes_ready)
+            // With no task hook (`--tasks census`) there is nothing to be silent.
+            .filter(|p| p.probes_ready && !p.census_only)
             .filter_map(|p| Some((p.pid, p.task_id_counter()?, p.events)))
             .collect()
     };

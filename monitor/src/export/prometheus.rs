@@ -125,7 +125,9 @@ impl Collector for TaskCollector {
             "leakscope_tasks_spawned",
             "Tasks spawned at this site since leakscope attached.",
             MetricType::Counter,
+            // Not counted without task hooks (leakscope_tasks_census_seen instead).
             rows.iter()
+                .filter(|r| r.census_seen.is_none())
                 .map(|r| (labels(r), ConstCounter::new(r.spawned))),
         )?;
         family(
@@ -135,6 +137,7 @@ impl Collector for TaskCollector {
              since attach).",
             MetricType::Counter,
             rows.iter()
+                .filter(|r| r.census_gone.is_none())
                 .map(|r| (labels(r), ConstCounter::new(r.completed))),
         )?;
         family(

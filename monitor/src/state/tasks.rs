@@ -20,6 +20,7 @@ use crate::discovery::TargetImage;
 use crate::targets::census::CensusFigures;
 
 mod census;
+mod census_only;
 
 pub use census::CensusTarget;
 
@@ -47,6 +48,10 @@ pub struct SpawnSite {
     pub completed: u64,
     /// Of `live`, tasks spawned before attach (found by the census).
     alive_before_attach: u64,
+    /// `--tasks census`: tasks since attach first listed by a census, and those a census
+    /// no longer listed (see `census_only`).
+    census_seen: u64,
+    census_gone: u64,
     /// Live tasks ordered by spawn time, so the oldest is the first entry.
     live: BTreeSet<(u64, u64)>,
 }
@@ -124,6 +129,11 @@ pub struct ProcessTasks {
     /// held its header since before attach, so a completion at that header since was its
     /// own.
     completed_unseen_headers: census::RecentIds,
+    /// `--tasks census`: no task hook is placed; the census alone lists its tasks.
+    pub census_only: bool,
+    /// Task hook points placed that report this process's tasks (its own and its
+    /// executable's), once its probes are ready.
+    pub task_hook_points: u64,
 }
 
 impl ProcessTasks {
@@ -159,6 +169,8 @@ impl ProcessTasks {
             census: CensusFigures::default(),
             census_vanished: 0,
             completed_unseen_headers: census::RecentIds::default(),
+            census_only: false,
+            task_hook_points: 0,
         }
     }
 
@@ -228,6 +240,8 @@ impl ProcessTasks {
                 spawned: 0,
                 completed: 0,
                 alive_before_attach: 0,
+                census_seen: 0,
+                census_gone: 0,
                 live: BTreeSet::new(),
             });
         }
@@ -368,13 +382,18 @@ impl ProcessTasks {
                 completed: site.completed,
                 alive: site.live.len() as u64,
                 alive_before_attach: site.alive_before_attach,
-                oldest_alive_at_least: site.alive_before_attach > 0,
+                // Without hooks an age counts from the census that first listed the task.
+                oldest_alive_at_least: site.alive_before_attach > 0
+                    || (self.census_only && !site.live.is_empty()),
                 oldest_alive_seconds: site
                     .live
                     .first()
                     .map(|&(t, _)| now_ktime_ns.saturating_sub(t) as f64 / 1e9)
                     .unwrap_or(0.0),
-                completion_hooked: site.completion_hooked,
+                // A census that no longer lists a task sees it gone, hooked or not.
+                completion_hooked: site.completion_hooked || self.census_only,
+                census_seen: self.census_only.then_some(site.census_seen),
+                census_gone: self.census_only.then_some(site.census_gone),
             })
             .collect()
     }
@@ -438,10 +457,12 @@ impl TaskLedger {
         }
     }
 
-    /// Marks `pid`'s probes as all in place (see [`ProcessTasks::probes_ready`]).
-    pub fn mark_probes_ready(&mut self, pid: u32) {
+    /// Marks `pid`'s probes as all in place (see [`ProcessTasks::probes_ready`]), with
+    /// `task_hook_points` of them reporting its tasks.
+    pub fn mark_probes_ready(&mut self, pid: u32, task_hook_points: u64) {
         if let Some(process) = self.processes.get_mut(&pid) {
             process.probes_ready = true;
+            process.task_hook_points = task_hook_points;
         }
     }
 

@@ -410,3 +410,18 @@ pub fn expect_alive(
         },
     );
 }
+
+/// Uprobes attached through the links process `pid` holds, as the kernel describes each
+/// link fd (`/proc/PID/fdinfo`: `link_type: perf`, `event_type: uprobe` or `uretprobe`).
+pub fn uprobes_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .expect("the daemon's fdinfo")
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .filter(|info| {
+            info.lines().any(|line| {
+                line.strip_prefix("event_type:")
+                    .is_some_and(|t| t.trim().contains("uprobe"))
+            })
+        })
+        .count()
+}

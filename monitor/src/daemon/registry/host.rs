@@ -147,6 +147,7 @@ impl ProcessRegistry {
         // unregisters uprobes one at a time (~80 ms each, under a global lock), so fifty
         // replicas of a service must not mean fifty sets of hooks to remove.
         if !self.exe_links.contains_key(&process.exe)
+            && self.task_mode == crate::daemon::census::TaskMode::Hooks
             && let Err(err) = self.watch_executable(&process.exe_link(), process.exe)
         {
             warn!("{err:#}");

@@ -13,6 +13,7 @@ mod host;
 use anyhow::Context as _;
 use log::{info, warn};
 
+use super::census::TaskMode;
 use super::heap::HeapTracker;
 use super::heap_window::HeapWindows;
 use super::judge::{Judge, analyze_for_attach};
@@ -68,6 +69,8 @@ pub struct ProcessRegistry {
     /// Host-wide mode: processes (pid, start time) not attached because `max_processes`
     /// were; tried again when one exits.
     over_limit: HashSet<(u32, u64)>,
+    /// `TaskMode::Census`: no task hook is placed anywhere; the census counts the tasks.
+    task_mode: TaskMode,
 }
 
 /// Where task hooks are placed for a process.
@@ -108,7 +111,14 @@ impl ProcessRegistry {
             over_limit: HashSet::new(),
             host_executables: HashSet::new(),
             judge: Judge::default(),
+            task_mode: TaskMode::Hooks,
         }
+    }
+
+    /// `--tasks census`: processes attached from now on get no task hook (set before any
+    /// is attached).
+    pub fn set_task_mode(&mut self, mode: TaskMode) {
+        self.task_mode = mode;
     }
 
     /// `--heap adaptive`: processes get no heap probe when attached; `windows` places
@@ -171,6 +181,14 @@ impl ProcessRegistry {
         if image.tasks_unreadable.is_some() {
             info!(
                 "watching {}: heap only, its tasks cannot be read",
+                path.display()
+            );
+            return Ok(());
+        }
+        if self.task_mode == TaskMode::Census {
+            info!(
+                "watching {}: no task hooks (--tasks census), its processes' tasks are \
+                 counted by the census",
                 path.display()
             );
             return Ok(());
@@ -247,6 +265,14 @@ impl ProcessRegistry {
         process.registered_ns = registered_ns;
         process.first_task_id_after_attach =
             self.first_task_id_after_attach(&info, &image, load_bias, scope);
+        process.census_only = self.task_mode == TaskMode::Census;
+        if process.census_only && process.first_task_id_after_attach.is_none() {
+            // The census cannot tell old tasks from new without it (see `census_target`).
+            warn!(
+                "pid {pid}: --tasks census: tokio's task id counter is not known in this \
+                 binary, so no census runs and its tasks are not counted; use --tasks hooks"
+            );
+        }
         say_tasks_before_attach(pid, process.first_task_id_after_attach);
         self.ledger
             .lock()
@@ -255,12 +281,15 @@ impl ProcessRegistry {
         let task_links = match scope {
             // Heap tracking only (its warning, logged with the image's, says why).
             _ if image.tasks_unreadable.is_some() => Ok(Vec::new()),
+            // The census counts the tasks (`state::tasks::census_only`).
+            _ if self.task_mode == TaskMode::Census => Ok(Vec::new()),
             TaskHookScope::Process => self
                 .probes
                 .attach_tasks(&image, &info.exe_link(), Some(pid)),
             // Placed on the executable when the daemon started (`watch_executable`).
             TaskHookScope::Executable => Ok(Vec::new()),
         };
+        let task_hooks = task_links.as_ref().map_or(0, Vec::len);
         let attached = task_links
             .map_err(anyhow::Error::from)
             .and_then(|mut links| {
@@ -292,18 +321,18 @@ impl ProcessRegistry {
                 {
                     ledger.set_census_boundary(pid, next);
                 }
-                ledger.mark_probes_ready(pid);
-                drop(ledger);
-                let workload = workload.unwrap_or_else(|| workload::of_process(pid, &self.node));
-                let labels = workload.labels();
-                self.workloads.set(pid, workload);
                 let exe_wide = self
                     .exe_links
                     .get(&info.exe)
                     .map_or(0, |(links, _)| links.len());
+                ledger.mark_probes_ready(pid, (task_hooks + exe_wide) as u64);
+                drop(ledger);
+                let workload = workload.unwrap_or_else(|| workload::of_process(pid, &self.node));
+                let labels = workload.labels();
+                self.workloads.set(pid, workload);
                 info!(
                     "attached to pid {pid} ({}{}): {} hook points in the process, {} on its \
-                     executable, {} spawn sites known",
+                     executable, {} spawn sites known, tasks counted by {}",
                     info.exe_path.display(),
                     labels
                         .iter()
@@ -311,7 +340,11 @@ impl ProcessRegistry {
                         .collect::<String>(),
                     links.len(),
                     exe_wide,
-                    image.vtables.len()
+                    image.vtables.len(),
+                    match self.task_mode {
+                        TaskMode::Hooks => "task hooks",
+                        TaskMode::Census => "the census alone (--tasks census)",
+                    }
                 );
                 self.attached.insert(
                     pid,
@@ -491,7 +524,7 @@ impl ProcessRegistry {
             .with_context(|| format!("pid {pid} is not attached"))?;
         let exe = process.info.exe;
         let image = self.images[&exe].clone();
-        if image.tasks_unreadable.is_some() {
+        if image.tasks_unreadable.is_some() || self.task_mode == TaskMode::Census {
             return Ok(());
         }
         if let Some((links, placed)) = self.exe_links.remove(&exe) {

@@ -31,6 +31,57 @@ pub(super) fn encode_census(
             )
         }),
     )?;
+    let census_only = |pick: fn(&SiteSnapshot) -> Option<u64>| {
+        rows.iter().filter_map(move |r| {
+            Some((
+                site_labels(workloads, r.pid, &r.exe, &r.site, r.location.as_deref()),
+                ConstCounter::new(pick(r)?),
+            ))
+        })
+    };
+    family(
+        encoder,
+        "leakscope_tasks_census_seen",
+        "--tasks census (no task hook): tasks since attach that a census listed at this site \
+         for the first time. Not spawns: a task that came and went between two censuses is \
+         not seen.",
+        MetricType::Counter,
+        census_only(|r| r.census_seen),
+    )?;
+    family(
+        encoder,
+        "leakscope_tasks_census_gone",
+        "--tasks census (no task hook): tasks since attach listed at this site by one census \
+         and no longer by a later one (completed or cancelled in between).",
+        MetricType::Counter,
+        census_only(|r| r.census_gone),
+    )?;
+    family(
+        encoder,
+        "leakscope_task_mode",
+        "Who counts this process's tasks (always 1): mode=\"hooks\" (spawn and completion \
+         hooks, exact) or mode=\"census\" (the census alone, --tasks census).",
+        MetricType::Gauge,
+        ledger.processes().map(|p| {
+            let mut labels = process_labels(workloads, p.pid, &p.exe);
+            let mode = if p.census_only { "census" } else { "hooks" };
+            labels.push(("mode", mode.to_string()));
+            (labels, ConstGauge::new(1))
+        }),
+    )?;
+    family(
+        encoder,
+        "leakscope_task_hook_points",
+        "Task hook points (uprobes) placed that report this process's tasks, its own and its \
+         executable's; 0 with --tasks census.",
+        MetricType::Gauge,
+        ledger.processes().filter(|p| p.probes_ready).map(|p| {
+            (
+                process_labels(workloads, p.pid, &p.exe),
+                ConstGauge::new(p.task_hook_points as i64),
+            )
+        }),
+    )?;
     let censused: Vec<&ProcessTasks> = ledger.processes().filter(|p| p.census.runs > 0).collect();
     let per_process = |pick: fn(&ProcessTasks) -> u64| {
         censused

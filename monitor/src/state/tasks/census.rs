@@ -62,9 +62,19 @@ pub struct CensusTarget {
 const HINTS: usize = 8;
 
 impl ProcessTasks {
-    /// Merges one census of this process (see the module docs); `figures` are its costs.
-    pub fn apply_census(&mut self, outcome: &CensusOutcome, figures: CensusFigures) {
+    /// Merges one census of this process, read at `now_ktime_ns` (see the module docs, and
+    /// `census_only` for a process without task hooks); `figures` are its costs.
+    pub fn apply_census(
+        &mut self,
+        outcome: &CensusOutcome,
+        figures: CensusFigures,
+        now_ktime_ns: u64,
+    ) {
         self.census = figures;
+        if self.census_only {
+            self.apply_census_only(outcome, now_ktime_ns);
+            return;
+        }
         let Some(boundary) = self.census_boundary.or(self.first_task_id_after_attach) else {
             return;
         };
@@ -147,18 +157,19 @@ impl TaskLedger {
             .collect()
     }
 
-    /// Merges a census of `target`'s process, unless that registration is gone (the
-    /// process exited or exec'd while it was read).
+    /// Merges a census of `target`'s process read at `now_ktime_ns`, unless that
+    /// registration is gone (the process exited or exec'd while it was read).
     pub fn apply_census(
         &mut self,
         target: &CensusTarget,
         outcome: &CensusOutcome,
         figures: CensusFigures,
+        now_ktime_ns: u64,
     ) {
         if let Some(process) = self.processes.get_mut(&target.pid)
             && process.registered_ns == target.registered_ns
         {
-            process.apply_census(outcome, figures);
+            process.apply_census(outcome, figures, now_ktime_ns);
         }
     }
 }

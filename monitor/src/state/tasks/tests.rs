@@ -69,7 +69,7 @@ fn a_process_counts_as_attached_only_once_its_probes_are_in() {
     // Registered (events already find it) but its probes are still going in.
     ledger.apply(&event(TaskEventKind::Spawn, 0xa0, BIAS + 0x1000, 1));
     assert_eq!(ledger.attached_processes(), 0);
-    ledger.mark_probes_ready(7);
+    ledger.mark_probes_ready(7, 0);
     assert_eq!(ledger.attached_processes(), 1);
     ledger.remove_process(7);
     assert_eq!(ledger.attached_processes(), 0);
@@ -247,7 +247,7 @@ mod census {
     fn census(ledger: &mut TaskLedger, ids: &[u64], complete: bool) {
         let target = ledger.census_targets().pop().expect("a census target");
         let outcome = CensusOutcome::of_one_list(found(ids), complete);
-        ledger.apply_census(&target, &outcome, CensusFigures::default());
+        ledger.apply_census(&target, &outcome, CensusFigures::default(), 0);
     }
 
     fn complete(ledger: &mut TaskLedger, id: u64, seq: u64) {
@@ -342,6 +342,70 @@ mod census {
         assert_eq!(ledger.process(7).unwrap().completions_missed, 0);
         census(&mut ledger, &[104, 105], true);
         assert_eq!(leak(&ledger).alive, 2);
+    }
+
+    /// `--tasks census`: the census alone, no hook.
+    fn census_only() -> TaskLedger {
+        let mut ledger = TaskLedger::new();
+        let mut process = ProcessTasks::new(7, "app".into(), image(), BIAS);
+        process.first_task_id_after_attach = Some(FIRST_AFTER_ATTACH);
+        process.registered_ns = ATTACH_NS;
+        process.census_only = true;
+        ledger.add_process(process);
+        ledger
+    }
+
+    fn census_at(ledger: &mut TaskLedger, ids: &[u64], complete: bool, now_ns: u64) {
+        let target = ledger.census_targets().pop().expect("a census target");
+        let outcome = CensusOutcome::of_one_list(found(ids), complete);
+        ledger.apply_census(&target, &outcome, CensusFigures::default(), now_ns);
+    }
+
+    #[test]
+    fn census_only_every_listed_task_is_alive_and_an_unlisted_one_gone() {
+        let mut ledger = census_only();
+        census_at(&mut ledger, &[5, 150, 151], true, 2 * ATTACH_NS);
+        let row = leak(&ledger);
+        assert_eq!((row.alive, row.alive_before_attach), (3, 1));
+        assert_eq!((row.census_seen, row.census_gone), (Some(2), Some(0)));
+        assert_eq!(
+            (row.spawned, row.completed),
+            (0, 0),
+            "no hook, no spawn counted"
+        );
+        assert!(row.oldest_alive_at_least && row.completion_hooked);
+        // Listed again: the same tasks, not new ones; an unread list removes nothing.
+        census_at(&mut ledger, &[5, 150, 151, 152], true, 4 * ATTACH_NS);
+        census_at(&mut ledger, &[152], false, 5 * ATTACH_NS);
+        let row = leak(&ledger);
+        assert_eq!(
+            (row.alive, row.census_seen, row.census_gone),
+            (4, Some(3), Some(0))
+        );
+        census_at(&mut ledger, &[150, 152], true, 6 * ATTACH_NS);
+        let row = leak(&ledger);
+        assert_eq!((row.alive, row.alive_before_attach), (2, 0));
+        assert_eq!((row.census_seen, row.census_gone), (Some(3), Some(1)));
+        assert_eq!(ledger.process(7).unwrap().completed_untracked, 1);
+        // 150's age counts from the census that first listed it.
+        assert_eq!(row.oldest_alive_seconds, 9.0);
+    }
+
+    #[test]
+    fn census_only_a_new_task_on_a_freed_header_replaces_the_old() {
+        let mut ledger = census_only();
+        census_at(&mut ledger, &[150], true, 2 * ATTACH_NS);
+        // Task 150's header taken by task 160 (same vtable) between two censuses.
+        let mut reused = found(&[160]);
+        reused[0].header = 0x1000 * 150;
+        let target = ledger.census_targets().pop().unwrap();
+        let outcome = CensusOutcome::of_one_list(reused, true);
+        ledger.apply_census(&target, &outcome, CensusFigures::default(), 3 * ATTACH_NS);
+        let row = leak(&ledger);
+        assert_eq!(
+            (row.alive, row.census_seen, row.census_gone),
+            (1, Some(2), Some(1))
+        );
     }
 
     #[test]
