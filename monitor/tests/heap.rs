@@ -5,60 +5,14 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use support::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const TASK: &str = "heap_app::main::{{closure}}::{{closure}}";
-
-struct HeapApp {
-    proc: Proc,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl HeapApp {
-    fn start(binary: PathBuf) -> Self {
-        let mut child = Command::new(&binary)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        assert!(line.starts_with("ready"), "fixture said {line:?}");
-        Self {
-            proc: Proc {
-                child,
-                name: binary.display().to_string(),
-            },
-            stdin,
-            stdout,
-        }
-    }
-
-    /// Runs a command; returns what the fixture holds per callsite function, in bytes.
-    fn command(&mut self, command: &str) -> BTreeMap<String, f64> {
-        writeln!(self.stdin, "{command}").unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        let rest = line
-            .trim()
-            .strip_prefix("ok ")
-            .unwrap_or_else(|| panic!("{command}: fixture said {line:?}"));
-        rest.split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (format!("heap_app::{k}"), v.parse().unwrap()))
-            .collect()
-    }
-}
 
 /// Starts `leakscope daemon --pid PID --heap MODE` and waits until it has attached.
 fn start_heap_daemon(pid: u32, mode: &str) -> (Proc, SocketAddr) {

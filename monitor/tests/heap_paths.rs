@@ -8,65 +8,12 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::process::{ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use support::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// The heap fixture, driven through its stdin protocol (see its `main.rs`).
-struct HeapApp {
-    proc: Proc,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl HeapApp {
-    fn start() -> Self {
-        let binary = workspace_root().join("target/release/heap-app");
-        assert!(
-            binary.exists(),
-            "{} is missing: build fixtures first with `cargo xtask fixtures`",
-            binary.display()
-        );
-        let mut child = Command::new(&binary)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        assert!(line.starts_with("ready"), "fixture said {line:?}");
-        Self {
-            proc: Proc {
-                child,
-                name: binary.display().to_string(),
-            },
-            stdin,
-            stdout,
-        }
-    }
-
-    /// Runs a command; returns the fixture's own figure per callsite, in bytes.
-    fn command(&mut self, command: &str) -> BTreeMap<String, f64> {
-        writeln!(self.stdin, "{command}").unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        let rest = line
-            .trim()
-            .strip_prefix("ok ")
-            .unwrap_or_else(|| panic!("{command}: fixture said {line:?}"));
-        rest.split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (format!("heap_app::{k}"), v.parse().unwrap()))
-            .collect()
-    }
-}
 
 /// (live bytes, live blocks) per (site, task site) of the fixture's own callsites.
 type Live = BTreeMap<(String, String), (f64, f64)>;
@@ -129,7 +76,7 @@ fn aggregates_in_the_kernel_match_the_event_path_per_callsite() {
     if !ebpf_available("heap aggregates against heap events") {
         return;
     }
-    let mut app = HeapApp::start();
+    let mut app = HeapApp::start(workspace_root().join("target/release/heap-app"));
     let pid = app.proc.pid();
     let watch = |path: &str| {
         let (proc, daemon) = start_daemon(&[

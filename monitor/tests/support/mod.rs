@@ -3,8 +3,10 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -424,4 +426,55 @@ pub fn uprobes_of(pid: u32) -> usize {
             })
         })
         .count()
+}
+
+/// The heap fixture (`heap-app`, one of its allocator builds), driven through its stdin
+/// protocol (see its `main.rs`).
+pub struct HeapApp {
+    pub proc: Proc,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl HeapApp {
+    pub fn start(binary: PathBuf) -> Self {
+        assert!(
+            binary.exists(),
+            "{} is missing: build fixtures first with `cargo xtask fixtures`",
+            binary.display()
+        );
+        let mut child = Command::new(&binary)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert!(line.starts_with("ready"), "fixture said {line:?}");
+        Self {
+            proc: Proc {
+                child,
+                name: binary.display().to_string(),
+            },
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Runs a command; returns what the fixture holds per callsite function, in bytes.
+    pub fn command(&mut self, command: &str) -> BTreeMap<String, f64> {
+        writeln!(self.stdin, "{command}").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        let rest = line
+            .trim()
+            .strip_prefix("ok ")
+            .unwrap_or_else(|| panic!("{command}: fixture said {line:?}"));
+        rest.split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (format!("heap_app::{k}"), v.parse().unwrap()))
+            .collect()
+    }
 }
