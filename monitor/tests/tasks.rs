@@ -13,25 +13,6 @@ use support::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Polls until (spawned, completed, alive) of `site` in `pid` equal `expected`.
-fn expect_site(daemon: SocketAddr, pid: u32, site: &str, expected: (f64, f64, f64)) {
-    eventually(
-        &format!("{site}: (spawned, completed, alive) == {expected:?}"),
-        DEADLINE,
-        || {
-            let samples = scrape(daemon);
-            let got = (
-                site_value(&samples, "leakscope_tasks_spawned_total", pid, site),
-                site_value(&samples, "leakscope_tasks_completed_total", pid, site),
-                site_value(&samples, "leakscope_tasks_alive", pid, site),
-            );
-            (got == expected)
-                .then_some(())
-                .ok_or(format!("got {got:?}"))
-        },
-    );
-}
-
 fn oldest_age(daemon: SocketAddr, pid: u32, site: &str) -> f64 {
     site_value(
         &scrape(daemon),

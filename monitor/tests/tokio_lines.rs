@@ -73,25 +73,6 @@ impl Lines {
     }
 }
 
-/// Polls until (spawned, completed, alive) of `site` in `pid` equal `expected`.
-fn expect_site(daemon: SocketAddr, pid: u32, site: &str, expected: (f64, f64, f64)) {
-    eventually(
-        &format!("{site}: (spawned, completed, alive) == {expected:?}"),
-        DEADLINE,
-        || {
-            let samples = scrape(daemon);
-            let got = (
-                site_value(&samples, "leakscope_tasks_spawned_total", pid, site),
-                site_value(&samples, "leakscope_tasks_completed_total", pid, site),
-                site_value(&samples, "leakscope_tasks_alive", pid, site),
-            );
-            (got == expected)
-                .then_some(())
-                .ok_or(format!("got {got:?}"))
-        },
-    );
-}
-
 const LEAK_MULTI: u64 = 5;
 const FINISH_MULTI: u64 = 7;
 const LEAK_CURRENT: u64 = 3;

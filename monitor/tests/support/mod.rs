@@ -478,3 +478,22 @@ impl HeapApp {
             .collect()
     }
 }
+
+/// Polls until (spawned, completed, alive) of `site` in `pid` equal `expected`.
+pub fn expect_site(daemon: SocketAddr, pid: u32, site: &str, expected: (f64, f64, f64)) {
+    eventually(
+        &format!("{site}: (spawned, completed, alive) == {expected:?}"),
+        Duration::from_secs(30),
+        || {
+            let samples = scrape(daemon);
+            let got = (
+                site_value(&samples, "leakscope_tasks_spawned_total", pid, site),
+                site_value(&samples, "leakscope_tasks_completed_total", pid, site),
+                site_value(&samples, "leakscope_tasks_alive", pid, site),
+            );
+            (got == expected)
+                .then_some(())
+                .ok_or(format!("got {got:?}"))
+        },
+    );
+}
