@@ -16,28 +16,11 @@ pub(super) struct Summary {
     pub(super) quick: bool,
 }
 
-/// The configurations compared with the baseline, in column order.
-const COMPARED: [Config; 8] = [
-    Config::Control,
-    Config::Tasks,
-    Config::Heap,
-    Config::HeapEvents,
-    Config::HeapSampled,
-    Config::HeapAdaptive,
-    Config::TaskCensus,
-    Config::Memleak,
-];
+/// The configurations compared with the baseline, in column order: all but the baseline.
+const COMPARED: &[Config] = Config::ALL.split_at(1).1;
 
-/// The configurations with a monitor.
-const MONITORED: [Config; 7] = [
-    Config::Tasks,
-    Config::Heap,
-    Config::HeapEvents,
-    Config::HeapSampled,
-    Config::HeapAdaptive,
-    Config::TaskCensus,
-    Config::Memleak,
-];
+/// The configurations with a monitor: all but the baseline and its unmonitored copy.
+const MONITORED: &[Config] = Config::ALL.split_at(2).1;
 
 impl Summary {
     pub(super) fn all_runs() -> Vec<(usize, Conn)> {
@@ -48,7 +31,7 @@ impl Summary {
 
     fn ratios(&self, route: usize, conn: Conn) -> Value {
         let mut ratios = serde_json::Map::new();
-        for config in COMPARED {
+        for &config in COMPARED {
             ratios.insert(
                 config.key().into(),
                 ratio(&self.results, config, route, conn)
@@ -73,7 +56,7 @@ impl Summary {
     fn daemon(&self) -> Value {
         let runs = Self::all_runs();
         let mut daemon = serde_json::Map::new();
-        for config in MONITORED {
+        for &config in MONITORED {
             let Some(rounds) = self.results.get(&config) else {
                 daemon.insert(config.key().into(), Value::Null);
                 continue;
@@ -260,7 +243,7 @@ impl Summary {
         }
         md.push_str("\n| monitor | CPU per event | CPU under load | resident memory at the end |\n|---|---|---|---|\n");
         let daemon = self.daemon();
-        for config in MONITORED {
+        for &config in MONITORED {
             let d = &daemon[config.key()];
             let field = |k: &str| d.get(k).and_then(Value::as_f64);
             md.push_str(&format!(
