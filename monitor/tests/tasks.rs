@@ -39,6 +39,7 @@ fn leaks_and_remedies(binary: &str, krate: &str, flavor: &str) {
         get_ok(addr, "/leak/forever");
         get_ok(addr, "/ok/bounded");
         get_ok(addr, "/ok/awaited");
+        get_ok(addr, "/ok/two-tasks");
         get_ok(addr, "/ok/aborted");
         get_ok(addr, "/ok/blocking");
     }
@@ -53,6 +54,15 @@ fn leaks_and_remedies(binary: &str, krate: &str, flavor: &str) {
     // Remedies: every task spawned also completed.
     expect_site(daemon, pid, &site("ok_bounded"), (n, n, 0.0));
     expect_site(daemon, pid, &site("ok_awaited"), (n, n, 0.0));
+    // A handler's fan-out: each of its two tasks is a site of its own, and both complete.
+    for task in ["lookup_user", "lookup_quota"] {
+        expect_site(
+            daemon,
+            pid,
+            &format!("{krate}::{task}::{{{{closure}}}}"),
+            (n, n, 0.0),
+        );
+    }
     expect_site(daemon, pid, &site("ok_aborted"), (n, n, 0.0));
     expect_site(daemon, pid, &site("ok_blocking"), (n, n, 0.0));
     expect_site(daemon, pid, &site("ok_stream"), (10.0, 10.0, 0.0));

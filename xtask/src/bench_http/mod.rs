@@ -5,7 +5,9 @@
 //! `--heap exact` (aggregated in the kernel) and the same with an event per block (the path
 //! it replaced), `--heap sampled`, `--heap adaptive` (its standing cost: these routes do not
 //! leak, so no window should run), `--tasks census` (no task hook: the census alone), and
-//! bcc's `memleak -p` for comparison.
+//! bcc's `memleak -p` for comparison. One more configuration puts empty BPF programs on
+//! exactly leakscope's heap probe points: the traps alone, the floor under any heap tracking
+//! that probes every call.
 //! A second unmonitored service is measured like the others: its ratio to the first is the
 //! noise of the run.
 //!
@@ -25,9 +27,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
-use leakscope_testkit::{
-    DaemonLog, Proc, poll, start_daemon_logging, start_fixture, wait_attached,
-};
+use leakscope_testkit::{DaemonLog, Proc, start_daemon_logging, start_fixture, wait_attached};
 use serde_json::{Value, json};
 
 use crate::bench::process_cpu_ns;
@@ -35,6 +35,7 @@ use crate::bench_host::rss_mib;
 use crate::util::{Client, metric};
 use crate::workspace_root;
 
+mod bcc;
 mod summary;
 use summary::Summary;
 
@@ -45,7 +46,7 @@ struct Route {
     what: &'static str,
 }
 
-const ROUTES: [Route; 3] = [
+const ROUTES: [Route; 4] = [
     Route {
         key: "hello",
         path: "/healthz",
@@ -55,6 +56,11 @@ const ROUTES: [Route; 3] = [
         key: "spawn",
         path: "/ok/awaited",
         what: "spawns a short task and awaits it",
+    },
+    Route {
+        key: "two_tasks",
+        path: "/ok/two-tasks",
+        what: "spawns two short tasks and awaits both",
     },
     Route {
         key: "json",
@@ -103,10 +109,12 @@ enum Config {
     /// `--tasks census`: no task hook; the census alone counts tasks, every 10 s.
     TaskCensus,
     Memleak,
+    /// Empty BPF programs on `--heap exact`'s probe points (bcc): the traps alone.
+    HeapTrapFloor,
 }
 
 impl Config {
-    const ALL: [Config; 9] = [
+    const ALL: [Config; 10] = [
         Config::Baseline,
         Config::Control,
         Config::Tasks,
@@ -116,6 +124,7 @@ impl Config {
         Config::HeapAdaptive,
         Config::TaskCensus,
         Config::Memleak,
+        Config::HeapTrapFloor,
     ];
     /// Its key in `summary.json`.
     fn key(self) -> &'static str {
@@ -129,6 +138,7 @@ impl Config {
             Config::HeapAdaptive => "heap_adaptive",
             Config::TaskCensus => "task_census",
             Config::Memleak => "memleak",
+            Config::HeapTrapFloor => "heap_trap_floor",
         }
     }
     fn label(self) -> &'static str {
@@ -142,7 +152,12 @@ impl Config {
             Config::HeapAdaptive => "--heap adaptive",
             Config::TaskCensus => "task census",
             Config::Memleak => "bcc memleak -p",
+            Config::HeapTrapFloor => "heap probes, empty",
         }
+    }
+    /// Whether it is a bcc tool (which needs bcc and kernel headers).
+    fn runs_bcc(self) -> bool {
+        matches!(self, Config::Memleak | Config::HeapTrapFloor)
     }
     /// `leakscope daemon --pid P` arguments, for leakscope's configurations.
     fn daemon_args(self) -> Option<&'static [&'static str]> {
@@ -153,7 +168,7 @@ impl Config {
             Config::HeapSampled => Some(&["--heap", "sampled"]),
             Config::HeapAdaptive => Some(&["--heap", "adaptive"]),
             Config::TaskCensus => Some(&["--tasks", "census"]),
-            Config::Baseline | Config::Control | Config::Memleak => None,
+            Config::Baseline | Config::Control | Config::Memleak | Config::HeapTrapFloor => None,
         }
     }
 }
@@ -179,8 +194,14 @@ struct Run {
 /// A monitor attached to the service.
 enum Monitor {
     None,
-    Leakscope { daemon: Proc, client: Client },
-    Memleak { process: Proc },
+    Leakscope {
+        daemon: Proc,
+        client: Client,
+    },
+    /// A bcc tool: memleak, or the trap floor's empty programs.
+    Bcc {
+        process: Proc,
+    },
 }
 
 impl Monitor {
@@ -188,7 +209,7 @@ impl Monitor {
         match self {
             Monitor::None => None,
             Monitor::Leakscope { daemon, .. } => Some(daemon.pid()),
-            Monitor::Memleak { process } => Some(process.pid()),
+            Monitor::Bcc { process } => Some(process.pid()),
         }
     }
     fn events(&self) -> Option<u64> {
@@ -214,94 +235,6 @@ fn pin(pid: u32, cpu: u32) -> anyhow::Result<()> {
     ]))
     .map(|_| ())
     .with_context(|| format!("pinning pid {pid} to CPU {cpu} (taskset, util-linux)"))
-}
-
-/// The sitecustomize that makes Debian bookworm's bcc 0.26 attach uprobes on recent kernels.
-const BCC_SHIM: &str = r#"# Written by `cargo xtask bench --http` for memleak-bpfcc only (PYTHONPATH).
-# bcc 0.26's Python binding declares bpf_attach_uprobe with 6 of the C function's 7 arguments
-# (iovisor/bcc#5236): ref_ctr_offset is whatever a register holds, and kernel 6.18 rejects
-# it with EINVAL ("Failed to attach BPF to uprobe"). Pass 0, as C callers without USDT do.
-import ctypes as ct
-try:
-    from bcc import libbcc as _libbcc
-    _attach = _libbcc.lib.bpf_attach_uprobe
-    _attach.argtypes = [ct.c_int, ct.c_int, ct.c_char_p, ct.c_char_p, ct.c_ulonglong,
-                        ct.c_int, ct.c_uint32]
-    def _with_ref_ctr_offset(*args):
-        return _attach(*args, 0) if len(args) == 6 else _attach(*args)
-    _libbcc.lib.bpf_attach_uprobe = _with_ref_ctr_offset
-except Exception:
-    pass
-"#;
-
-/// Starts `memleak-bpfcc -p PID` (default 5 s report interval) and waits for its first report,
-/// which it prints once every probe is attached. Its BPF program is compiled at start, on
-/// both CPUs; it is pinned to CPU 0 once attached.
-fn start_memleak(out: &Path, pid: u32) -> anyhow::Result<Proc> {
-    let shim = out.join("bcc-shim");
-    std::fs::create_dir_all(&shim)?;
-    std::fs::write(shim.join("sitecustomize.py"), BCC_SHIM)?;
-    let log_path = out.join("memleak.log");
-    let log = File::create(&log_path)?;
-    let child = Command::new("memleak-bpfcc")
-        .args(["-p", &pid.to_string()])
-        .env("PYTHONPATH", &shim)
-        .env("PYTHONUNBUFFERED", "1")
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("starting memleak-bpfcc (cargo xtask setup --bench installs it)")?;
-    let mut process = Proc {
-        child,
-        name: "memleak-bpfcc".into(),
-    };
-    let ready = poll(
-        "memleak's first report",
-        Duration::from_secs(240),
-        || -> Result<(), String> {
-            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-            if let Some(status) = process.child.try_wait().map_err(|e| e.to_string())? {
-                return Err(format!("exited with {status}: {}", last_lines(&text)));
-            }
-            text.contains("Top 10 stacks")
-                .then_some(())
-                .ok_or_else(|| "no report yet".to_string())
-        },
-    );
-    if let Err(e) = ready {
-        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-        // A process that exited has said why; one still compiling has not.
-        let why = if process.child.try_wait()?.is_some() {
-            e
-        } else {
-            format!("{e} (log tail: {})", last_lines(&text))
-        };
-        bail!(
-            "memleak did not attach: {why} (full log: {})",
-            log_path.display()
-        );
-    }
-    pin(process.pid(), 0)?;
-    Ok(process)
-}
-
-/// The last meaningful lines of a log, without the compiler's warnings about kernel headers.
-fn last_lines(text: &str) -> String {
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| {
-            !l.is_empty()
-                && !l.starts_with("In file included")
-                && !l.contains("warning:")
-                && !l.contains("note:")
-                && !l.starts_with('^')
-                && !l.starts_with('#')
-                && !l.starts_with("extern")
-                && !l.contains("#define")
-        })
-        .collect();
-    lines[lines.len().saturating_sub(3)..].join(" | ")
 }
 
 /// Parses wrk's durations: `123.45us`, `1.20ms`, `2.00s`, `1.00m`.
@@ -392,8 +325,11 @@ impl Bench {
         let pid = service.pid();
         let monitor = match config {
             Config::Baseline | Config::Control => Monitor::None,
-            Config::Memleak => Monitor::Memleak {
-                process: start_memleak(&self.out, pid)?,
+            Config::Memleak => Monitor::Bcc {
+                process: bcc::start_memleak(&self.out, pid)?,
+            },
+            Config::HeapTrapFloor => Monitor::Bcc {
+                process: bcc::start_trap_floor(&self.out, pid, &self.leakscope)?,
             },
             _ => {
                 let mut args = vec!["--pid".to_string(), pid.to_string()];
@@ -533,7 +469,7 @@ pub fn http_bench(options: Options) -> anyhow::Result<()> {
              this machine has {cpus}"
         );
     }
-    let memleak_setup = crate::bench_tools::setup_bench()?;
+    let bcc_setup = crate::bench_tools::setup_bench()?;
     let (rounds, seconds) = if options.quick {
         (1, 5)
     } else {
@@ -558,11 +494,17 @@ pub fn http_bench(options: Options) -> anyhow::Result<()> {
         "xtask: HTTP benchmark, {rounds} round(s) of {seconds} s per run; {pinning}; load \
          average {load_start} on {cpus} CPUs"
     );
-    let mut memleak_note = match &memleak_setup {
+    // Configurations that cannot run here, and why: both bcc ones need bcc and kernel headers.
+    let mut left_out: BTreeMap<Config, String> = BTreeMap::new();
+    let memleak_note = match &bcc_setup {
         Ok(headers) => format!("{headers}; bcc 0.26 run with a shim for iovisor/bcc#5236"),
-        Err(reason) => format!("memleak cannot run here: {reason}"),
+        Err(reason) => {
+            for config in Config::ALL.into_iter().filter(|c| c.runs_bcc()) {
+                left_out.insert(config, format!("cannot run here: {reason}"));
+            }
+            format!("memleak cannot run here: {reason}")
+        }
     };
-    let mut memleak_ok = memleak_setup.is_ok();
     let mut results: Results = BTreeMap::new();
     let cells: Vec<(usize, Conn)> = Summary::all_runs();
     for round in 0..rounds {
@@ -575,15 +517,14 @@ pub fn http_bench(options: Options) -> anyhow::Result<()> {
         // the machine hits them alike.
         let mut targets = Vec::new();
         for config in Config::ALL {
-            if config == Config::Memleak && !memleak_ok {
+            if left_out.contains_key(&config) {
                 continue;
             }
             match bench.start(config) {
                 Ok(target) => targets.push(target),
-                Err(e) if config == Config::Memleak => {
-                    eprintln!("xtask: memleak left out: {e:#}");
-                    memleak_note = format!("memleak could not run on this kernel: {e:#}");
-                    memleak_ok = false;
+                Err(e) if config.runs_bcc() => {
+                    eprintln!("xtask: {} left out: {e:#}", config.label());
+                    left_out.insert(config, format!("could not run on this kernel: {e:#}"));
                 }
                 Err(e) => return Err(e.context(format!("starting {}", config.label()))),
             }
@@ -621,6 +562,7 @@ pub fn http_bench(options: Options) -> anyhow::Result<()> {
         load_end,
         cpus,
         memleak_note,
+        left_out,
         wall_seconds: started.elapsed().as_secs_f64(),
         quick: options.quick,
     };
@@ -702,6 +644,7 @@ Transfer/sec:     20.00KB
             load_end: "0 0 0".into(),
             cpus: 2,
             memleak_note: "not run in this test".into(),
+            left_out: BTreeMap::from([(Config::HeapTrapFloor, "not run in this test".into())]),
             wall_seconds: 1.0,
             quick: true,
         };
@@ -709,6 +652,11 @@ Transfer/sec:     20.00KB
         assert_eq!(json["ratios"]["heap_adaptive"], Value::Null);
         assert_eq!(json["ratios"]["task_census"], Value::Null);
         assert_eq!(json["ratios"]["memleak"], Value::Null);
+        assert_eq!(json["ratios"]["heap_trap_floor"], Value::Null);
+        assert_eq!(
+            json["left_out"]["heap_trap_floor"],
+            json!("not run in this test")
+        );
         assert_eq!(json["ratios"]["baseline_repeat"], json!(0.5));
         assert_eq!(json["ratios"]["tasks"], json!(0.333));
         assert_eq!(

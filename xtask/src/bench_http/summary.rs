@@ -12,6 +12,8 @@ pub(super) struct Summary {
     pub(super) load_end: String,
     pub(super) cpus: usize,
     pub(super) memleak_note: String,
+    /// Configurations that could not run, and why.
+    pub(super) left_out: BTreeMap<Config, String>,
     pub(super) wall_seconds: f64,
     pub(super) quick: bool,
 }
@@ -82,7 +84,7 @@ impl Summary {
                 "cpu_percent_of_a_core_under_load": opt(median(&cpu_share)),
                 "rss_mib_at_end": opt(median(&rss)),
             });
-            if config != Config::Memleak {
+            if !config.runs_bcc() {
                 entry["events_per_round"] = opt(median(&events));
             }
             daemon.insert(config.key().into(), entry);
@@ -100,7 +102,7 @@ impl Summary {
                 let runs = [(index, conn)];
                 let per_event: serde_json::Map<String, Value> = MONITORED
                     .iter()
-                    .filter(|c| **c != Config::Memleak)
+                    .filter(|c| !c.runs_bcc())
                     .map(|c| {
                         let values: Vec<f64> = self
                             .results
@@ -183,6 +185,11 @@ impl Summary {
                 "ran": self.results.contains_key(&Config::Memleak),
                 "note": self.memleak_note,
             },
+            "left_out": self
+                .left_out
+                .iter()
+                .map(|(config, why)| (config.key().to_string(), json!(why)))
+                .collect::<serde_json::Map<_, _>>(),
             "setup": {
                 "quick": self.quick,
                 "rounds": self.rounds,
@@ -213,32 +220,31 @@ impl Summary {
             self.cpus,
             self.wall_seconds
         ));
-        md.push_str(
-            "| route | connections | baseline req/s | 2nd unmonitored copy (noise) | task hooks | \
-             `--heap exact` | `--heap exact`, event per block | `--heap sampled` | heap adaptive | \
-             task census | bcc `memleak -p` |\n\
-             |---|---|---|---|---|---|---|---|---|---|---|\n",
-        );
+        md.push_str("| route | connections | baseline req/s |");
+        for config in COMPARED {
+            md.push_str(&format!(" {} |", config.label()));
+        }
+        md.push_str(&format!(
+            "\n|---|---|---|{}\n",
+            "---|".repeat(COMPARED.len())
+        ));
         for (index, route) in ROUTES.iter().enumerate() {
             for conn in Conn::ALL {
-                let r = |c| cell(ratio(&self.results, c, index, conn));
                 md.push_str(&format!(
-                    "| `{}` ({}) | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |
-",
+                    "| `{}` ({}) | {} | {} |",
                     route.path,
                     route.what,
                     conn.label(),
                     median_rps(&self.results, Config::Baseline, index, conn)
                         .map_or("–".into(), |x| format!("{x:.0}")),
-                    r(Config::Control),
-                    r(Config::Tasks),
-                    r(Config::Heap),
-                    r(Config::HeapEvents),
-                    r(Config::HeapSampled),
-                    r(Config::HeapAdaptive),
-                    r(Config::TaskCensus),
-                    r(Config::Memleak),
                 ));
+                for &config in COMPARED {
+                    md.push_str(&format!(
+                        " {} |",
+                        cell(ratio(&self.results, config, index, conn))
+                    ));
+                }
+                md.push('\n');
             }
         }
         md.push_str("\n| monitor | CPU per event | CPU under load | resident memory at the end |\n|---|---|---|---|\n");
@@ -261,9 +267,15 @@ impl Summary {
              CPU per event: the monitor's utime+stime (/proc, 10 ms ticks) over all runs, \
              divided by `leakscope_events_total` + `leakscope_heap_events_total` over them. \
              memleak: {}. task census: `--tasks census`, no task hook at all; the census \
-             reads the runtime's task lists every 10 s (no event, so no CPU per event).\n",
+             reads the runtime's task lists every 10 s (no event, so no CPU per event). \
+             heap probes, empty: bcc programs that do nothing, on exactly the probe points \
+             `--heap exact` uses (same offsets, uprobes and uretprobes): the traps alone, the \
+             floor under any heap tracking that probes every call.\n",
             self.memleak_note,
         ));
+        for (config, why) in &self.left_out {
+            md.push_str(&format!("\nLeft out: {}: {why}\n", config.label()));
+        }
         md
     }
 
@@ -280,6 +292,7 @@ impl Summary {
             RGBColor(0x94, 0x67, 0xbd),
             RGBColor(0x8c, 0x56, 0x4b),
             RGBColor(0xd6, 0x27, 0x28),
+            RGBColor(0x17, 0x17, 0x17),
         ];
         let root = SVGBackend::new(path, (1000, 520)).into_drawing_area();
         root.fill(&WHITE)?;
