@@ -4,6 +4,7 @@
 //! new machine), and `test` is exactly what CI runs.
 
 mod bench;
+mod bench_adaptive;
 mod bench_census;
 mod bench_host;
 mod bench_http;
@@ -92,6 +93,15 @@ enum Task {
         /// With --http: one round of 5 s runs (about 5 minutes) instead of 10 s runs.
         #[arg(long, requires = "http")]
         quick: bool,
+        /// Only `--heap adaptive` left on for a long run (see --minutes): the watched
+        /// service's throughput against an unwatched copy's, and how soon the seed's
+        /// growing-state leak, started part way through, becomes a heap suspect; writes
+        /// target/bench/adaptive.{json,md}.
+        #[arg(long, conflicts_with_all = ["http", "host", "heap", "scale", "census"])]
+        adaptive: bool,
+        /// With --adaptive: the run's length.
+        #[arg(long, requires = "adaptive", default_value_t = 10.0)]
+        minutes: f64,
     },
     /// Run a leaky fixture under load with leakscope attached and show the suspects.
     Demo {
@@ -169,9 +179,18 @@ fn main() -> anyhow::Result<()> {
             heap,
             http,
             quick,
+            adaptive,
+            minutes,
         } => {
             setup()?;
             fixtures()?;
+            if adaptive {
+                run(cargo().args(["build", "--release", "-p", "monitor"]))?;
+                return bench_adaptive::adaptive_bench(
+                    bench_adaptive::Options { minutes },
+                    &workspace_root().join("target/release/leakscope"),
+                );
+            }
             if http {
                 return bench_http::http_bench(bench_http::Options {
                     quick,

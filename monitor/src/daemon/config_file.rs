@@ -64,7 +64,7 @@ pub struct HeapWindowsSection {
     pub window_seconds: Option<f64>,
     pub follow_seconds: Option<f64>,
     pub cooldown_seconds: Option<f64>,
-    pub budget_seconds_per_hour: Option<f64>,
+    pub budget_seconds_per_10_minutes: Option<f64>,
     pub lookback_seconds: Option<f64>,
     pub min_growth_bytes: Option<u64>,
     pub min_windows: Option<usize>,
@@ -173,7 +173,7 @@ mod tests {
         let file = parse(
             Path::new("leakscope.toml"),
             "heap = \"adaptive\"\n\n[heap_windows]\nwindow_seconds = 30\nfollow_seconds = 90\n\
-             budget_seconds_per_hour = 360\n",
+             budget_seconds_per_10_minutes = 60\n",
         )
         .unwrap();
         assert_eq!(file.heap, Some(HeapMode::Adaptive));
@@ -181,8 +181,11 @@ mod tests {
         // --heap-follow-seconds given on the command line: the file's 90 does not apply.
         config.overlay(&file.heap_windows, |id| id == "heap_follow_seconds");
         assert_eq!(config.window_seconds, 30.0);
-        assert_eq!(config.follow_seconds, 30.0);
-        assert_eq!(config.budget_seconds_per_hour, 360.0);
+        assert_eq!(
+            config.follow_seconds,
+            crate::daemon::heap_window::HeapWindowConfig::default().follow_seconds
+        );
+        assert_eq!(config.budget_seconds, 60.0);
         assert_eq!(config.min_windows, 2);
     }
 

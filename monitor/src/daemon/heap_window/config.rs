@@ -1,7 +1,12 @@
 //! `--heap adaptive`'s settings: flags, the config file's `[heap_windows]`, and their
 //! bounds.
 
+use std::time::Duration;
+
 use crate::daemon::config_file::HeapWindowsSection;
+
+/// The span `--heap-window-budget-seconds` is counted over.
+pub const BUDGET_PERIOD: Duration = Duration::from_secs(600);
 
 /// How `--heap adaptive` decides and bounds its windows (`leakscope daemon`'s flags).
 #[derive(Debug, Clone, Copy, PartialEq, clap::Args)]
@@ -10,7 +15,7 @@ pub struct HeapWindowConfig {
     #[arg(
         id = "heap_window_seconds",
         long = "heap-window-seconds",
-        default_value_t = 15.0
+        default_value_t = 5.0
     )]
     pub window_seconds: f64,
     /// --heap adaptive: seconds a window's blocks are then followed with the free hook
@@ -18,7 +23,7 @@ pub struct HeapWindowConfig {
     #[arg(
         id = "heap_follow_seconds",
         long = "heap-follow-seconds",
-        default_value_t = 30.0
+        default_value_t = 10.0
     )]
     pub follow_seconds: f64,
     /// --heap adaptive: seconds with no heap probe after a window, before the next (0–86400).
@@ -28,15 +33,16 @@ pub struct HeapWindowConfig {
         default_value_t = 20.0
     )]
     pub cooldown_seconds: f64,
-    /// --heap adaptive: seconds of heap probes (both phases) a process may get per hour
-    /// (10–3600). 180 s is 5 % of the time: at worst (a service paying 90 % of its
-    /// throughput while every hook is on) 95 % of its throughput over the hour.
+    /// --heap adaptive: seconds of heap probes (both phases) a process may get in any 10
+    /// minutes (10–600). 30 s is 5 % of the time, held over 10 minutes rather than an hour
+    /// so that no stretch an operator looks at pays more: with the default phases that is
+    /// two windows, what a suspect needs.
     #[arg(
         id = "heap_window_budget_seconds",
         long = "heap-window-budget-seconds",
-        default_value_t = 180.0
+        default_value_t = 30.0
     )]
-    pub budget_seconds_per_hour: f64,
+    pub budget_seconds: f64,
     /// --heap adaptive: seconds of anonymous-memory samples the growth test looks at
     /// (1–3600).
     #[arg(
@@ -68,10 +74,10 @@ pub struct HeapWindowConfig {
 impl Default for HeapWindowConfig {
     fn default() -> Self {
         Self {
-            window_seconds: 15.0,
-            follow_seconds: 30.0,
+            window_seconds: 5.0,
+            follow_seconds: 10.0,
             cooldown_seconds: 20.0,
-            budget_seconds_per_hour: 180.0,
+            budget_seconds: 30.0,
             lookback_seconds: 30.0,
             min_growth_bytes: 1 << 20,
             min_windows: 2,
@@ -110,8 +116,8 @@ impl HeapWindowConfig {
         );
         take!(
             "heap_window_budget_seconds",
-            self.budget_seconds_per_hour,
-            file.budget_seconds_per_hour
+            self.budget_seconds,
+            file.budget_seconds_per_10_minutes
         );
         take!(
             "heap_growth_lookback_seconds",
@@ -137,7 +143,7 @@ impl HeapWindowConfig {
             window_seconds: self.window_seconds.clamp(1.0, 600.0),
             follow_seconds: self.follow_seconds.clamp(1.0, 3600.0),
             cooldown_seconds: self.cooldown_seconds.clamp(0.0, 86400.0),
-            budget_seconds_per_hour: self.budget_seconds_per_hour.clamp(10.0, 3600.0),
+            budget_seconds: self.budget_seconds.clamp(10.0, BUDGET_PERIOD.as_secs_f64()),
             lookback_seconds: self.lookback_seconds.clamp(1.0, 3600.0),
             min_growth_bytes: self.min_growth_bytes.max(64 << 10),
             min_windows: self.min_windows.clamp(1, 16),

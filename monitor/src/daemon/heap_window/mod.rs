@@ -12,14 +12,14 @@
 //! 3. every heap probe comes off; what outlived the follow phase is kept per callsite
 //!    (`state::heap_windows`) and judged across windows (`analysis::windows`).
 //!
-//! Windows are bounded: a cooldown after each, a budget of probe seconds per process and
-//! hour, and a bound on windows open at once across processes (each window attaches and
+//! Windows are bounded: a cooldown after each, a budget of probe seconds per process in
+//! any 10 minutes, and a bound on windows open at once across processes (each window attaches and
 //! detaches every heap uprobe once; the kernel serializes uprobe removal).
 
 mod config;
 mod signal;
 
-pub use config::HeapWindowConfig;
+pub use config::{BUDGET_PERIOD, HeapWindowConfig};
 use signal::{SIGNAL_SAMPLES_MAX, SignalSample};
 
 use std::collections::{HashMap, VecDeque};
@@ -82,7 +82,7 @@ struct Watched {
     load_bias: u64,
     phase: Phase,
     signal: VecDeque<SignalSample>,
-    /// Probe-on periods of the last hour: (end, seconds).
+    /// Probe-on periods of the last [`BUDGET_PERIOD`]: (end, seconds).
     probe_time: VecDeque<(Instant, f64)>,
     /// The latest window left survivors at a leak's rate (the next window confirms).
     pending_confirmation: bool,
@@ -278,17 +278,16 @@ impl HeapWindows {
         if !signal::unexplained_growth(&config, &watched.signal) {
             return false;
         }
-        let hour = Duration::from_secs(3600);
         while watched
             .probe_time
             .front()
-            .is_some_and(|&(end, _)| now.duration_since(end) > hour)
+            .is_some_and(|&(end, _)| now.duration_since(end) > BUDGET_PERIOD)
         {
             watched.probe_time.pop_front();
         }
         let used: f64 = watched.probe_time.iter().map(|&(_, s)| s).sum();
         let exe = watched.info.exe_name();
-        if used + config.window_seconds + config.follow_seconds > config.budget_seconds_per_hour {
+        if used + config.window_seconds + config.follow_seconds > config.budget_seconds {
             *lock(&self.stats)
                 .skipped
                 .entry(SkipReason::Budget)
@@ -415,9 +414,12 @@ impl HeapWindows {
                     c.survived_bytes as f64 / allocating_seconds.max(1e-3) >= self.leak_rate
                 });
                 watched.pending_confirmation = leaking;
+                // Counted at its planned length, so the budget is exact in windows (with
+                // the defaults, two per 10 minutes: what a suspect needs). The real time, a
+                // rescan tick or a detach longer, is exported as probe seconds.
                 watched
                     .probe_time
-                    .push_back((now, allocating_seconds + following_seconds));
+                    .push_back((now, config.window_seconds + config.follow_seconds));
                 info!(
                     "pid {pid} ({exe}): heap window closed after {allocating_seconds:.0} s + \
                      {following_seconds:.0} s; {} of the window's bytes outlived it; probes \

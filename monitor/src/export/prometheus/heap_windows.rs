@@ -37,7 +37,7 @@ pub(super) fn encode(
         encoder,
         "leakscope_heap_windows_skipped",
         "Heap windows the signals asked for that did not run: budget (the process's probe \
-         seconds per hour were spent) or attach_failed.",
+         seconds per 10 minutes were spent) or attach_failed.",
         MetricType::Counter,
         SkipReason::ALL.map(|r| {
             (
