@@ -52,6 +52,8 @@ pub struct Options {
 struct Seen {
     /// When the leak's callsite was first a heap suspect.
     leak_suspect_at: Option<f64>,
+    /// Whether it was one at the latest read (a suspect must stay one while it leaks).
+    leak_suspect_last: bool,
     /// Every other site that was ever a suspect, with when it first was.
     other_suspects: Vec<(String, f64)>,
     /// Whether the remedy's callsite was ever judged (it is seen only in windows).
@@ -104,6 +106,7 @@ fn watch_verdicts(
             let at = started.elapsed().as_secs_f64();
             if let Ok(sites) = daemon.sites() {
                 let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                seen.leak_suspect_last = false;
                 for v in sites.sites.iter().filter(|v| v.pid == pid) {
                     let suspect = v.verdict == leakscope_testkit::types::Verdict::Suspect;
                     if v.kind == SiteKind::Heap && v.site == REMEDY {
@@ -114,6 +117,7 @@ fn watch_verdicts(
                     }
                     if v.kind == SiteKind::Heap && v.site == LEAK {
                         seen.leak_suspect_at.get_or_insert(at);
+                        seen.leak_suspect_last = true;
                     } else if !seen.other_suspects.iter().any(|(s, _)| *s == v.site) {
                         seen.other_suspects.push((v.site.clone(), at));
                     }
@@ -290,6 +294,7 @@ pub fn adaptive_bench(options: Options, leakscope: &Path) -> anyhow::Result<()> 
         "growth_started_at_seconds": leak_started_at.map(round3),
         "leak_suspect_after_seconds": detection.map(round3),
         "leak_suspect": LEAK,
+        "leak_suspect_at_end": seen.leak_suspect_last,
         "remedy_judged": seen.remedy_judged,
         "other_suspects": seen.other_suspects.iter().map(|(s, t)| json!({"site": s, "at_seconds": round3(*t)})).collect::<Vec<_>>(),
         "trickle_failures": trickle_failures,
@@ -348,7 +353,7 @@ fn markdown(s: &serde_json::Value) -> String {
          | whole run (ratio of means) | {} |\n| before the growth | {} |\n\
          | after the growth started | {} |\n| median pair | {} |\n| worst pair | {} |\n\n\
          The seed's growing-state leak (`/state/leak`, 5 calls/s from {} s) was a heap suspect \
-         **{} s** after its first call; the remedy's callsite was judged: {}; other suspects: {}.\n\n\
+         **{} s** after its first call, and still one at the end: {}; the remedy's callsite was judged: {}; other suspects: {}.\n\n\
          Windows: {} opened on anonymous-memory growth, {} to confirm, {} skipped (budget), \
          {} skipped (attach failed); probes on {} s allocating and {} s following; attach \
          {} s, detach {} s in all. Daemon: {} CPU seconds ({} % of a core), {} MiB resident \
@@ -367,6 +372,7 @@ fn markdown(s: &serde_json::Value) -> String {
         s["leak_suspect_after_seconds"]
             .as_f64()
             .map_or("never".into(), |x| format!("{x:.0}")),
+        s["leak_suspect_at_end"],
         s["remedy_judged"],
         s["other_suspects"]
             .as_array()
