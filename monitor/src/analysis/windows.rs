@@ -1,7 +1,9 @@
 //! Verdicts from `--heap adaptive`'s windows: a callsite whose blocks, allocated while the
 //! allocation hooks were on, keep outliving the follow phase window after window is state
 //! that only grows. Its leak rate is measured in the windows; its bytes since it was first
-//! seen are extrapolated from that rate, and said to be.
+//! seen are extrapolated from that rate, and said to be. A window that lost heap data while
+//! it was open (events, or allocations the kernel could not track) is not judged from: its
+//! survivors may be short.
 
 use std::collections::BTreeMap;
 
@@ -34,14 +36,19 @@ pub struct CallsiteFinding {
     pub samples: Vec<HistorySample>,
 }
 
-/// Every callsite of `process`'s kept windows.
+/// Every callsite of `process`'s kept windows that lost nothing.
 pub fn findings(process: &ProcessWindows, limits: &Thresholds) -> Vec<CallsiteFinding> {
     // Per callsite: the finding, and when its first leaking window started and its latest
     // ended.
     type Span = (f64, f64);
     let mut by_site: BTreeMap<(String, Option<String>), (CallsiteFinding, Span)> = BTreeMap::new();
-    for (index, window) in process.windows.iter().enumerate() {
-        let is_latest = index + 1 == process.windows.len();
+    let complete: Vec<_> = process
+        .windows
+        .iter()
+        .filter(|w| w.losses.is_none())
+        .collect();
+    for (index, window) in complete.iter().enumerate() {
+        let is_latest = index + 1 == complete.len();
         for callsite in &window.callsites {
             let (finding, leaking_span) = by_site
                 .entry((callsite.site.clone(), callsite.location.clone()))
@@ -109,20 +116,38 @@ pub fn judge(
     limits: &Thresholds,
     min_windows: usize,
 ) -> Vec<SiteVerdict> {
-    let windows = process.windows.len();
+    let windows = process
+        .windows
+        .iter()
+        .filter(|w| w.losses.is_none())
+        .count();
+    let left_out = match process.windows.len() - windows {
+        0 => String::new(),
+        n => format!(" ({n} more with losses left out)"),
+    };
+    // The latest window decides whether a leak goes on: with losses in it, nobody can say.
+    let latest_losses = process.windows.back().and_then(|w| w.losses.as_deref());
     findings(process, limits)
         .into_iter()
         .map(|f| {
             let evidence = format!(
-                "blocks allocated here in {} of the last {windows} heap windows outlived the \
-                 {} each window followed them ({:.0} % of the latest window's); {} survived",
+                "blocks allocated here in {} of the last {windows} complete heap \
+                 windows{left_out} outlived the {} each window followed them ({:.0} % of the \
+                 latest window's); {} survived",
                 f.windows_leaking,
                 duration(f.following_seconds),
                 f.survival * 100.0,
                 bytes(f.survived_bytes as f64)
             );
             let suspect = f.windows_leaking >= min_windows.max(1) && f.latest_leaking;
-            let (verdict, score, pattern, remedy, reason) = if suspect {
+            let (verdict, score, pattern, remedy, reason) = if let Some(why) = latest_losses {
+                let reason = format!(
+                    "the latest heap window lost data while it was open ({why}), so whether \
+                     blocks allocated here still outlive their windows is unknown; judged \
+                     again after a window without loss. Before it: {evidence}"
+                );
+                (Verdict::CannotJudge, 0.0, None, None, reason)
+            } else if suspect {
                 let reason = format!(
                     "{evidence}, {}/s while the allocation hooks were on; extrapolated (not \
                      measured): ≈{} from the first such window to the latest",
@@ -192,6 +217,7 @@ mod tests {
                     survived_blocks: survived / 1024,
                 })
                 .collect(),
+            losses: None,
         }
     }
 
@@ -240,5 +266,48 @@ mod tests {
             window(100.0, &[("slow", 100 << 10, 100 << 10)]),
         ]);
         assert_eq!(judge(1, &slow, &limits, 2)[0].verdict, Verdict::Ok);
+    }
+
+    /// A window that lost heap data is not judged from: as the latest, it leaves every
+    /// callsite `cannot_judge`; older, it is left out and said to be.
+    #[test]
+    fn windows_with_losses_are_not_judged_from() {
+        let limits = Thresholds::default();
+        let lossy = |w: WindowRecord| WindowRecord {
+            losses: Some("3 allocations not tracked".into()),
+            ..w
+        };
+        let latest_lossy = process(vec![
+            window(0.0, &[("leak", 10 * MIB, 10 * MIB)]),
+            window(100.0, &[("leak", 10 * MIB, 10 * MIB)]),
+            lossy(window(200.0, &[("leak", 10 * MIB, 10 * MIB)])),
+        ]);
+        let v = &judge(1, &latest_lossy, &limits, 2)[0];
+        assert_eq!(v.verdict, Verdict::CannotJudge, "{v:?}");
+        assert!(
+            v.reason.contains("3 allocations not tracked"),
+            "{}",
+            v.reason
+        );
+        // An older lossy window: two complete ones still make the suspect, counted
+        // without it. Without the two, its survivors alone would not have.
+        let older_lossy = process(vec![
+            lossy(window(0.0, &[("leak", 10 * MIB, 10 * MIB)])),
+            window(100.0, &[("leak", 10 * MIB, 10 * MIB)]),
+            window(200.0, &[("leak", 10 * MIB, 10 * MIB)]),
+        ]);
+        let v = &judge(1, &older_lossy, &limits, 2)[0];
+        assert_eq!(v.verdict, Verdict::Suspect, "{v:?}");
+        assert_eq!(v.current, (20 * MIB) as f64);
+        assert!(
+            v.reason.contains("1 more with losses left out"),
+            "{}",
+            v.reason
+        );
+        let one_complete = process(vec![
+            lossy(window(0.0, &[("leak", 10 * MIB, 10 * MIB)])),
+            window(100.0, &[("leak", 10 * MIB, 10 * MIB)]),
+        ]);
+        assert_eq!(judge(1, &one_complete, &limits, 2)[0].verdict, Verdict::Ok);
     }
 }

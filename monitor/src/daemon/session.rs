@@ -375,11 +375,20 @@ impl Session {
             *alive.entry(site.pid).or_default() += site.alive;
         }
         self.registry.tick_heap_windows(t, &alive);
+        let mut stats = stats.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let health = self
+                .sources
+                .health
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for (&pid, process) in &mut stats.processes {
+                process.mark_losses(&health.degraded(pid));
+            }
+        }
         let mut analysis = self.analysis.lock().unwrap_or_else(|e| e.into_inner());
         let limits = analysis.config().thresholds;
         let verdicts = stats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .processes
             .iter()
             .flat_map(|(&pid, process)| {

@@ -5,6 +5,8 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use leakscope_api::types::{Degradation, DegradedReason};
+
 /// Windows remembered per process: enough to see a callsite repeat across windows, and
 /// a bound on memory (older windows are dropped and counted).
 pub const WINDOWS_KEPT: usize = 16;
@@ -106,6 +108,16 @@ pub struct WindowRecord {
     pub following_seconds: f64,
     /// Largest first, at most [`CALLSITES_PER_WINDOW`].
     pub callsites: Vec<CallsiteSurvivors>,
+    /// Heap data lost while it was open (events or untracked allocations), as the process's
+    /// health said: its survivors may be short, so it is not judged from.
+    pub losses: Option<String>,
+}
+
+impl WindowRecord {
+    /// When its follow phase ended.
+    pub fn ended(&self) -> f64 {
+        self.started + self.allocating_seconds + self.following_seconds
+    }
 }
 
 /// The windows of one process.
@@ -121,6 +133,27 @@ pub struct ProcessWindows {
     pub checks: u64,
     /// Resident anonymous memory at the last check.
     pub rss_anon_bytes: u64,
+}
+
+impl ProcessWindows {
+    /// Marks the windows that were open while one of `degraded`'s heap losses was seen
+    /// (between its first and last sighting). Call it every sample: a loss stays in the
+    /// process's health for a verdict window after it was last seen, far longer than a
+    /// window takes to close, and a mark, once made, stays.
+    pub fn mark_losses(&mut self, degraded: &[Degradation]) {
+        for window in self.windows.iter_mut().filter(|w| w.losses.is_none()) {
+            window.losses = degraded
+                .iter()
+                .filter(|d| {
+                    matches!(
+                        d.reason,
+                        DegradedReason::HeapEventsLost | DegradedReason::HeapUntracked
+                    )
+                })
+                .find(|d| d.since <= window.ended() && d.last_seen >= window.started)
+                .map(|d| d.detail.clone());
+        }
+    }
 }
 
 /// Every process's windows, and the controller's counters.
@@ -195,7 +228,39 @@ mod tests {
                     survived_blocks: 1,
                 })
                 .collect(),
+            losses: None,
         }
+    }
+
+    /// A loss seen while a window was open marks that window, and only that one; a mark
+    /// stays once the loss is forgotten.
+    #[test]
+    fn losses_mark_the_windows_open_while_they_were_seen() {
+        let mut process = ProcessWindows::default();
+        for started in [0.0, 100.0, 200.0] {
+            process.windows.push_back(WindowRecord {
+                started,
+                ..window(&[1])
+            });
+        }
+        let loss = |reason, since, last_seen| Degradation {
+            reason,
+            detail: "12 allocations not tracked".into(),
+            count: 12,
+            since,
+            last_seen,
+        };
+        // Task losses say nothing of the heap; a heap loss between windows marks none.
+        process.mark_losses(&[
+            loss(DegradedReason::TaskEventsLost, 0.0, 300.0),
+            loss(DegradedReason::HeapUntracked, 50.0, 60.0),
+        ]);
+        assert!(process.windows.iter().all(|w| w.losses.is_none()));
+        process.mark_losses(&[loss(DegradedReason::HeapUntracked, 101.5, 101.5)]);
+        let marked: Vec<bool> = process.windows.iter().map(|w| w.losses.is_some()).collect();
+        assert_eq!(marked, [false, true, false]);
+        process.mark_losses(&[]);
+        assert!(process.windows[1].losses.is_some());
     }
 
     #[test]

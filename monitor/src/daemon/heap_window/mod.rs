@@ -408,6 +408,9 @@ impl HeapWindows {
                     allocating_seconds,
                     following_seconds,
                     callsites: by_callsite(&live_at_close, &survivors),
+                    // Marked by the session from the process's health (see
+                    // `ProcessWindows::mark_losses`).
+                    losses: None,
                 };
                 let exe = watched.info.exe_name();
                 let leaking = record.callsites.iter().any(|c| {
