@@ -152,8 +152,14 @@ pub const RB_AVAIL_DATA: u64 = 0;
 
 /// Task ring buffer size in bytes (a power of two multiple of the page size).
 pub const RINGBUF_BYTES: u32 = 1 << 22;
-/// Heap ring buffer size in bytes: heap events are larger and far more frequent.
+/// Heap ring buffer size in bytes with an event per allocation and free
+/// (`--heap-path events`): heap events are larger and far more frequent than task events.
 pub const HEAP_RINGBUF_BYTES: u32 = 1 << 24;
+/// Heap ring buffer size in bytes with in-kernel aggregation (the default path), where the
+/// only heap event is a new group's stack: a few hundred at a service's start, then rare.
+/// The daemon maps a ring twice (for reads across its end), and the mapping counts in its
+/// resident memory whether written or not: 16 MiB here was 32 MiB of RSS.
+pub const HEAP_GROUP_RINGBUF_BYTES: u32 = 1 << 20;
 
 #[cfg(feature = "user")]
 mod user {

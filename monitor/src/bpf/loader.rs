@@ -87,13 +87,17 @@ pub enum HeapMaps {
     /// saved, measured with bpftool).
     Off,
     /// Tracking, with room for this many outstanding blocks in the kernel (about 120 bytes
-    /// each, preallocated).
-    Tracking { max_blocks: u32 },
+    /// each, preallocated), and a heap ring of `ring_bytes` (see
+    /// [`monitor_common::HEAP_GROUP_RINGBUF_BYTES`]).
+    Tracking { max_blocks: u32, ring_bytes: u32 },
 }
 
 impl Probes {
     pub fn load(heap: HeapMaps) -> Result<Self, ProbeError> {
         let mut loader = EbpfLoader::new();
+        if let HeapMaps::Tracking { ring_bytes, .. } = heap {
+            loader.map_max_entries(map::HEAP_EVENTS, ring_bytes);
+        }
         if let Some(bytes) = ring_bytes_override()? {
             log::warn!(
                 "{RING_BYTES_ENV}: task and heap ring buffers of {bytes} bytes (a test setting: \
@@ -108,7 +112,7 @@ impl Probes {
                     loader.map_max_entries(name, entries);
                 }
             }
-            HeapMaps::Tracking { max_blocks } => {
+            HeapMaps::Tracking { max_blocks, .. } => {
                 loader.map_max_entries(map::OUTSTANDING, max_blocks);
             }
         }

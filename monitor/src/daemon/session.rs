@@ -16,7 +16,7 @@ use super::DaemonConfig;
 use super::census::CensusRunner;
 use super::drain;
 use super::health;
-use super::heap::{HeapMode, HeapTracker};
+use super::heap::{HeapMode, HeapPath, HeapTracker};
 use super::heap_window::HeapWindows;
 use super::judge::analyze_for_attach;
 use super::registry::ProcessRegistry;
@@ -105,6 +105,10 @@ impl Session {
             HeapMode::Off => HeapMaps::Off,
             HeapMode::Exact | HeapMode::Sampled | HeapMode::Adaptive => HeapMaps::Tracking {
                 max_blocks: config.heap_max_blocks,
+                ring_bytes: match config.heap_path {
+                    HeapPath::Events => monitor_common::HEAP_RINGBUF_BYTES,
+                    HeapPath::Aggregate => monitor_common::HEAP_GROUP_RINGBUF_BYTES,
+                },
             },
         })?;
         let ring = probes.take_events()?;
