@@ -54,6 +54,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::timing::Phases;
 pub use budget::Budget;
 pub use dwarf::LineIndex;
 pub(crate) use elf::read_bounded;
@@ -190,10 +191,13 @@ pub fn analyze_within(
     debug: Option<&Path>,
     budget: Budget,
 ) -> Result<TargetImage, DiscoveryError> {
+    let mut phases = Phases::start(format!("analysis of {}", path.display()));
     let mut img = elf::Image::load(path)?;
     img.budget = budget;
+    phases.lap("load");
     let debug = debuginfo::attach(path, &mut img, debug)?;
-    analyze_image(path, img, debug)
+    phases.lap("debug_file");
+    analyze_image(path, img, debug, phases)
 }
 
 /// Analyses an ELF file held in memory, named `path` in messages and in the result. No
@@ -204,9 +208,11 @@ pub fn analyze_bytes(
     data: Vec<u8>,
     budget: Budget,
 ) -> Result<TargetImage, DiscoveryError> {
+    let mut phases = Phases::start(format!("analysis of {}", path.display()));
     let mut img = elf::Image::parse(path, data)?;
     img.budget = budget;
-    analyze_image(path, img, debuginfo::Outcome::default())
+    phases.lap("parse");
+    analyze_image(path, img, debuginfo::Outcome::default(), phases)
 }
 
 /// The error for an analysis whose budget is spent; checked between phases (the scans
@@ -225,6 +231,7 @@ fn analyze_image(
     path: &Path,
     mut img: elf::Image,
     debug: debuginfo::Outcome,
+    mut phases: Phases,
 ) -> Result<TargetImage, DiscoveryError> {
     let stripped = !img.has_symtab;
     let mut warnings = std::mem::take(&mut img.warnings);
@@ -273,6 +280,7 @@ fn analyze_image(
         raw = vtables::find_vtables(&img, &vtable_layout, None);
     }
     check_budget(path, &img)?;
+    phases.lap("vtables");
     if raw.is_empty() {
         return Err(DiscoveryError::NoTaskVtables {
             path: path.to_path_buf(),
@@ -295,6 +303,7 @@ fn analyze_image(
         h
     };
     check_budget(path, &img)?;
+    phases.lap("hooks");
     let complete_addrs: Vec<u64> = hooks
         .iter()
         .filter(|h| h.kind == HookKind::Complete)
@@ -310,7 +319,9 @@ fn analyze_image(
             .iter()
             .map(|vt| vtables::name_vtable(&mut walker, vt))
             .collect();
+        phases.lap("naming");
         resolve::resolve(&img, &raw, &mut n, &mut warnings);
+        phases.lap("resolve");
         n.into_iter().map(Some).collect()
     };
     let mut out = Vec::with_capacity(raw.len());
@@ -357,6 +368,7 @@ fn analyze_image(
     }
 
     check_budget(path, &img)?;
+    phases.lap("completions");
     match dwarf::line_locations(&img, &future_fns) {
         Ok(locs) => {
             for (vt, f) in &mut out {
@@ -366,6 +378,7 @@ fn analyze_image(
         Err(e) => warnings.push(format!("could not read DWARF line info: {e}")),
     }
 
+    phases.lap("dwarf");
     let mut vtables: Vec<TaskVtable> = out.into_iter().map(|(v, _)| v).collect();
     vtables.sort_by_key(|v| v.vaddr);
     unify_generic_spellings(&mut vtables);
@@ -396,6 +409,8 @@ fn analyze_image(
     }
 
     check_budget(path, &img)?;
+    phases.lap("first_poll_hooks");
+    phases.finish();
     Ok(TargetImage {
         path: path.to_path_buf(),
         build_id: img.build_id.clone(),
