@@ -39,6 +39,7 @@ mod elf;
 #[doc(hidden)]
 pub mod fuzzing;
 mod hooks;
+mod name_index;
 mod naming;
 mod resolve;
 pub mod symbolize;
@@ -50,7 +51,7 @@ mod vtables;
 mod image;
 pub use image::*;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -304,20 +305,21 @@ fn analyze_image(
     };
     check_budget(path, &img)?;
     phases.lap("hooks");
-    let complete_addrs: Vec<u64> = hooks
+    let complete_addrs: HashSet<u64> = hooks
         .iter()
         .filter(|h| h.kind == HookKind::Complete)
         .map(|h| h.vaddr)
         .collect();
 
     let mut walker = disasm::Walker::new(&img);
+    let mut memo = vtables::CellMemo::default();
     // Name every vtable from its own code, then narrow the labels across vtables.
     let namings: Vec<Option<vtables::Naming>> = if by_shape {
         vec![None; raw.len()]
     } else {
         let mut n: Vec<vtables::Naming> = raw
             .iter()
-            .map(|vt| vtables::name_vtable(&mut walker, vt))
+            .map(|vt| vtables::name_vtable(&mut walker, &mut memo, vt))
             .collect();
         phases.lap("naming");
         resolve::resolve(&img, &raw, &mut n, &mut warnings);
