@@ -4,6 +4,7 @@
 //! new machine), and `test` is exactly what CI runs.
 
 mod bench;
+mod bench_attach;
 mod bench_census;
 mod bench_host;
 mod bench_http;
@@ -66,7 +67,7 @@ enum Task {
     /// side.
     Bench {
         /// Alternating rounds per comparison; the report gives medians (default 5, with
-        /// `--http` 3).
+        /// `--http` and `--attach` 3).
         #[arg(long)]
         rounds: Option<usize>,
         /// Only host-wide mode at scale: 50 services found, attached and held in memory.
@@ -84,6 +85,11 @@ enum Task {
         /// daemon's CPU on each heap path).
         #[arg(long, conflicts_with_all = ["http", "host"])]
         heap: bool,
+        /// Only the attach time on a large service: a generated ~50 MB tokio binary (built
+        /// into target/), `leakscope inspect` and `daemon --pid` until attached, with and
+        /// without `--heap exact`; writes target/bench/attach.json.
+        #[arg(long, conflicts_with_all = ["http", "host", "census", "scale", "heap"])]
+        attach: bool,
         /// Only the HTTP benchmark: the axum fixture under wrk, unmonitored and under each
         /// monitor (task hooks, heap exact on both heap paths, heap sampled, bcc memleak);
         /// writes target/bench/summary.{json,md,svg}.
@@ -167,6 +173,7 @@ fn main() -> anyhow::Result<()> {
             census,
             scale,
             heap,
+            attach,
             http,
             quick,
         } => {
@@ -177,6 +184,13 @@ fn main() -> anyhow::Result<()> {
                     quick,
                     rounds: rounds.unwrap_or(3),
                 });
+            }
+            if attach {
+                run(cargo().args(["build", "--release", "-p", "monitor"]))?;
+                return bench_attach::attach_bench(
+                    &workspace_root().join("target/release/leakscope"),
+                    rounds.unwrap_or(3).max(1),
+                );
             }
             if host {
                 run(cargo().args(["build", "--release", "-p", "monitor"]))?;
