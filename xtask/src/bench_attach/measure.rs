@@ -107,6 +107,10 @@ pub fn inspect(leakscope: &Path, binary: &Path) -> anyhow::Result<Run> {
 /// How often the daemon is asked whether it has attached: the resolution of the wall time.
 const POLL: Duration = Duration::from_millis(5);
 
+/// How long a daemon may take to attach, or to fail: a daemon that cannot attach removes
+/// the probes it placed before it exits and says why, minutes for thousands of uprobes.
+const ATTACH_DEADLINE: Duration = Duration::from_secs(20 * 60);
+
 /// `leakscope daemon --pid PID EXTRA…` from its start until its API lists `pid` as
 /// attached (the daemon serves its API only once every `--pid` is attached, so the first
 /// answer is usually already yes), then stopped with SIGTERM as a service manager would,
@@ -129,7 +133,7 @@ pub fn attach(leakscope: &Path, pid: u32, extra: &[&str], log: &Path) -> anyhow:
         name: "leakscope daemon".into(),
     };
     let client = Client::new(listen);
-    let deadline = started + Duration::from_secs(120);
+    let deadline = started + ATTACH_DEADLINE;
     let seconds = loop {
         if let Ok(tasks) = client.tasks()
             && tasks.processes.iter().any(|p| p.pid == pid && p.attached)
@@ -143,7 +147,10 @@ pub fn attach(leakscope: &Path, pid: u32, extra: &[&str], log: &Path) -> anyhow:
             );
         }
         if Instant::now() > deadline {
-            bail!("pid {pid} not attached after 120 s; see {}", log.display());
+            bail!(
+                "pid {pid} not attached after {ATTACH_DEADLINE:?}; see {}",
+                log.display()
+            );
         }
         std::thread::sleep(POLL);
     };

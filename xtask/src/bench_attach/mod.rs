@@ -67,6 +67,9 @@ struct Row {
     inspect: Vec<Run>,
     attach: Vec<Run>,
     attach_heap: Vec<Run>,
+    /// Why the daemon could not attach with `--heap exact`, when it could not: a limit of
+    /// the daemon is a result here, and the same on every round, so it is tried once.
+    heap_failure: Option<String>,
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -130,6 +133,7 @@ fn measure(
         inspect: Vec::new(),
         attach: Vec::new(),
         attach_heap: Vec::new(),
+        heap_failure: None,
     };
     // One unmeasured inspect first: the file in the page cache, as on a running host.
     measure::inspect(leakscope, binary)?;
@@ -142,11 +146,30 @@ fn measure(
     let target = start()?;
     let log = workspace_root().join("target/bench/attach-daemon.log");
     for round in 1..=rounds {
-        for (extra, runs) in [
-            (&[][..], &mut row.attach),
-            (&["--heap", "exact"][..], &mut row.attach_heap),
-        ] {
-            let run = measure::attach(leakscope, target.pid(), extra, &log)?;
+        for heap in [false, true] {
+            let (extra, runs): (&[&str], _) = if heap {
+                if row.heap_failure.is_some() {
+                    continue;
+                }
+                (&["--heap", "exact"], &mut row.attach_heap)
+            } else {
+                (&[], &mut row.attach)
+            };
+            let run = match measure::attach(leakscope, target.pid(), extra, &log) {
+                Ok(run) => run,
+                Err(err) if heap => {
+                    // The daemon's last line says why (the timing lines come before it).
+                    let why = err.to_string();
+                    let why = why.lines().rev().find(|l| !l.trim().is_empty());
+                    let why = why.unwrap_or("no reason given").trim().to_string();
+                    eprintln!(
+                        "xtask: {name}: the daemon could not attach with --heap exact: {why}"
+                    );
+                    row.heap_failure = Some(why);
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
             eprintln!(
                 "xtask: {name}, round {round}/{rounds}, daemon {}: attached in {:.2} s \
                  ({:.2} s CPU), detached in {:.1} s",
@@ -249,7 +272,12 @@ pub fn attach_bench(leakscope: &Path, rounds: usize) -> anyhow::Result<()> {
             median_seconds(&row.attach_heap),
         );
         let shown = |runs: &[Run]| {
-            if runs.is_empty() {
+            if runs.is_empty()
+                && row.heap_failure.is_some()
+                && std::ptr::eq(runs, &*row.attach_heap)
+            {
+                "failed".to_string()
+            } else if runs.is_empty() {
                 "-".to_string()
             } else {
                 format!("{:.2} ({:.2})", median_seconds(runs), median_cpu(runs))
@@ -278,6 +306,9 @@ pub fn attach_bench(leakscope: &Path, rounds: usize) -> anyhow::Result<()> {
                 println!("      {label}: {}", breakdown_text(b));
             }
         }
+        if let Some(why) = &row.heap_failure {
+            println!("      heap exact failed: {why}");
+        }
         let runs = |r: &[Run]| {
             r.iter()
                 .map(|r| {
@@ -298,7 +329,8 @@ pub fn attach_bench(leakscope: &Path, rounds: usize) -> anyhow::Result<()> {
             "attach_s": { "median": attach, "runs": runs(&row.attach),
                           "breakdown": breakdown_json(&ba) },
             "attach_heap_exact_s": { "median": heap, "runs": runs(&row.attach_heap),
-                                     "breakdown": breakdown_json(&bh) },
+                                     "breakdown": breakdown_json(&bh),
+                                     "failed": row.heap_failure },
         }));
     }
     let summary = serde_json::json!({
