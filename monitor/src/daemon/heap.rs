@@ -139,6 +139,16 @@ impl HeapTracker {
             phases.lap("callsite_code");
             let rows = u32::try_from(table.rows().len()).unwrap_or(u32::MAX);
             let buckets = u32::try_from(table.buckets().len()).unwrap_or(u32::MAX);
+            if rows > UNWIND_ROWS_MAX || buckets > UNWIND_BUCKETS_MAX {
+                // One large service is enough (about 23 MB of code): say so rather than
+                // blame the number of executables.
+                bail!(
+                    "the executable's unwind table has {rows} rows and {buckets} index \
+                     entries, more than the kernel's table holds ({UNWIND_ROWS_MAX} rows, \
+                     {UNWIND_BUCKETS_MAX} entries): heap tracking does not fit an executable \
+                     this large"
+                );
+            }
             if self.next_unwind_row.saturating_add(rows) > UNWIND_ROWS_MAX
                 || self.next_bucket.saturating_add(buckets) > UNWIND_BUCKETS_MAX
             {
