@@ -20,3 +20,4 @@ pub mod discovery;
 pub mod export;
 pub mod state;
 pub mod targets;
+pub mod timing;

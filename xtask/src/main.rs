@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_adaptive;
+mod bench_attach;
 mod bench_census;
 mod bench_host;
 mod bench_http;
@@ -67,7 +68,7 @@ enum Task {
     /// side.
     Bench {
         /// Alternating rounds per comparison; the report gives medians (default 5, with
-        /// `--http` 3).
+        /// `--http` and `--attach` 3).
         #[arg(long)]
         rounds: Option<usize>,
         /// Only host-wide mode at scale: 50 services found, attached and held in memory.
@@ -85,19 +86,24 @@ enum Task {
         /// daemon's CPU on each heap path).
         #[arg(long, conflicts_with_all = ["http", "host"])]
         heap: bool,
+        /// Only the attach time on a large service: a generated ~50 MB tokio binary (built
+        /// into target/), `leakscope inspect` and `daemon --pid` until attached, with and
+        /// without `--heap exact`; writes target/bench/attach.json.
+        #[arg(long, conflicts_with_all = ["http", "host", "census", "scale", "heap"])]
+        attach: bool,
         /// Only the HTTP benchmark: the axum fixture under wrk, unmonitored and under each
         /// monitor (task hooks, heap exact on both heap paths, heap sampled, bcc memleak);
         /// writes target/bench/summary.{json,md,svg}.
         #[arg(long)]
         http: bool,
-        /// With --http: one round of 5 s runs (about 5 minutes) instead of 10 s runs.
+        /// With --http: one round of 5 s runs (about 8 minutes) instead of 3 rounds of 10 s.
         #[arg(long, requires = "http")]
         quick: bool,
         /// Only `--heap adaptive` left on for a long run (see --minutes): the watched
         /// service's throughput against an unwatched copy's, and how soon the seed's
         /// growing-state leak, started part way through, becomes a heap suspect; writes
         /// target/bench/adaptive.{json,md}.
-        #[arg(long, conflicts_with_all = ["http", "host", "heap", "scale", "census"])]
+        #[arg(long, conflicts_with_all = ["http", "host", "heap", "scale", "census", "attach"])]
         adaptive: bool,
         /// With --adaptive: the run's length.
         #[arg(long, requires = "adaptive", default_value_t = 10.0)]
@@ -177,6 +183,7 @@ fn main() -> anyhow::Result<()> {
             census,
             scale,
             heap,
+            attach,
             http,
             quick,
             adaptive,
@@ -196,6 +203,13 @@ fn main() -> anyhow::Result<()> {
                     quick,
                     rounds: rounds.unwrap_or(3),
                 });
+            }
+            if attach {
+                run(cargo().args(["build", "--release", "-p", "monitor"]))?;
+                return bench_attach::attach_bench(
+                    &workspace_root().join("target/release/leakscope"),
+                    rounds.unwrap_or(3).max(1),
+                );
             }
             if host {
                 run(cargo().args(["build", "--release", "-p", "monitor"]))?;

@@ -16,6 +16,7 @@ use crate::discovery::symbolize::Symbolizer;
 use crate::discovery::unwind_table;
 use crate::state::heap::{HeapLedger, ProcessHeap};
 use crate::targets::procfs::{ExeIdentity, ProcessInfo};
+use crate::timing::Phases;
 
 /// How allocations are tracked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -123,17 +124,31 @@ impl HeapTracker {
     ) -> anyhow::Result<&ExeHeapInfo> {
         if !self.exes.contains_key(&process.exe) {
             let exe = process.exe_link();
+            let mut phases = Phases::start(format!("heap tables of {}", exe.display()));
             let mut table = unwind_table::build(&exe)
                 .with_context(|| format!("building the unwind table of {}", exe.display()))?;
+            phases.lap("unwind_table");
             // Line tables from the debug file discovery used, if it used one.
             let symbolizer = Arc::new(
                 Symbolizer::load(&exe, image.debug_file.as_deref())
                     .with_context(|| format!("reading symbols of {}", exe.display()))?,
             );
+            phases.lap("symbols");
             // The walk in the kernel ends at the frame the callsite rule picks.
             table.mark_callsite_code(&symbolizer.callsite_code());
+            phases.lap("callsite_code");
             let rows = u32::try_from(table.rows().len()).unwrap_or(u32::MAX);
             let buckets = u32::try_from(table.buckets().len()).unwrap_or(u32::MAX);
+            if rows > UNWIND_ROWS_MAX || buckets > UNWIND_BUCKETS_MAX {
+                // One large service is enough (about 23 MB of code): say so rather than
+                // blame the number of executables.
+                bail!(
+                    "the executable's unwind table has {rows} rows and {buckets} index \
+                     entries, more than the kernel's table holds ({UNWIND_ROWS_MAX} rows, \
+                     {UNWIND_BUCKETS_MAX} entries): heap tracking does not fit an executable \
+                     this large"
+                );
+            }
             if self.next_unwind_row.saturating_add(rows) > UNWIND_ROWS_MAX
                 || self.next_bucket.saturating_add(buckets) > UNWIND_BUCKETS_MAX
             {
@@ -147,6 +162,8 @@ impl HeapTracker {
             }
             probes.load_unwind_rows(self.next_unwind_row, table.rows())?;
             probes.load_unwind_buckets(self.next_bucket, table.buckets())?;
+            phases.lap("load_maps");
+            phases.finish();
             self.exes.insert(
                 process.exe,
                 ExeHeapInfo {
@@ -172,8 +189,13 @@ impl HeapTracker {
         image: &TargetImage,
         load_bias: u64,
     ) -> anyhow::Result<Vec<AttachedLink>> {
+        let mut phases = Phases::start(format!("heap attach of pid {}", process.pid));
         let points = Self::points(process)?;
-        self.attach_at(probes, process, image, load_bias, &points)
+        phases.lap("allocator");
+        let links = self.attach_at(probes, process, image, load_bias, &points);
+        phases.lap("tables_and_probes");
+        phases.finish();
+        links
     }
 
     /// Where `process`'s heap probes go (its allocator found in its executable and

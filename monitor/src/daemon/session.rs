@@ -31,6 +31,7 @@ use crate::state::heap_windows::HeapWindowStats;
 use crate::state::tasks::TaskLedger;
 use crate::targets::procfs;
 use crate::targets::{ExeTargets, HostScan, HostScanStats};
+use crate::timing::Phases;
 use monitor_common::ExecEvent;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -67,6 +68,7 @@ impl Session {
             );
         }
         let exes = ExeTargets::resolve(&config.exes)?;
+        let mut phases = Phases::start("daemon start");
 
         // Bad targets (no such pid, not a tokio binary, ...) are reported before anything is
         // loaded into the kernel: those errors need no privileges to explain.
@@ -98,6 +100,7 @@ impl Session {
             }
         }
 
+        phases.lap("analysis");
         if let Some(refusal) = preflight::refusal(&preflight::static_checks()) {
             bail!(refusal);
         }
@@ -111,6 +114,7 @@ impl Session {
                 },
             },
         })?;
+        phases.lap("load_probes");
         let ring = probes.take_events()?;
         probes.watch_execs()?;
         let (exec_notify, execs) = tokio::sync::mpsc::unbounded_channel();
@@ -161,12 +165,14 @@ impl Session {
             registry.set_heap_windows(windows);
             (stats, min_windows)
         });
+        phases.lap("setup");
         for (path, exe) in exes.iter() {
             registry.watch_executable(path, exe)?;
         }
         for &pid in &config.pids {
             registry.attach(pid)?;
         }
+        phases.lap("attach");
         registry.scan(&exes);
         let host = config
             .host
@@ -176,6 +182,8 @@ impl Session {
             registry.scan_host(host, stats);
         }
 
+        phases.lap("host_scan");
+        phases.finish();
         let census = CensusRunner::start(ledger.clone(), config.census);
         let analysis = Arc::new(Mutex::new(Analyzer::new(config.analysis)));
         let sources = Sources {

@@ -14,12 +14,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::OnceLock;
 
 use object::elf;
 use object::read::elf::{ElfFile64, FileHeader, ProgramHeader, SectionHeader, Sym};
 use object::{Endianness, Object, ObjectSection, ObjectSymbol, SymbolKind};
 
 use super::budget::Budget;
+use super::name_index::NameIndex;
 use super::{DiscoveryError, LoadSegment};
 
 /// A function known from the symbol tables.
@@ -63,6 +65,9 @@ pub(crate) struct Image {
     /// The time the analysis of this image may take: every scan over it stops at its next
     /// step once it is spent (see [`super::budget`]). Unlimited unless set.
     pub budget: Budget,
+    /// `functions` by name, built on first lookup (see [`super::name_index`]); reset
+    /// where `functions` is replaced.
+    pub name_index: OnceLock<NameIndex>,
 }
 
 /// The largest file discovery reads (an executable, a debug file, a library): the whole
@@ -211,6 +216,7 @@ impl Image {
             debug_data: None,
             warnings,
             budget: Budget::unlimited(),
+            name_index: OnceLock::new(),
         })
     }
 
@@ -230,6 +236,7 @@ impl Image {
         add_functions(&mut functions, own.dynamic_symbols());
         drop((debug, own));
         self.functions = functions;
+        self.name_index = OnceLock::new();
         self.has_symtab = debug_symtab || own_symtab;
         self.debug_data = Some(data);
         Ok(debug_symtab)
@@ -374,17 +381,20 @@ impl Image {
         Some((start, next.min(limit)))
     }
 
-    /// All function starts whose generic-free demangled name equals `path`.
+    /// All function starts whose generic-free demangled name equals `path`, ascending.
     pub fn find_functions(&self, path: &str) -> Vec<u64> {
-        self.functions
-            .iter()
-            .filter(|(_, f)| {
-                f.names
-                    .iter()
-                    .any(|n| super::naming::strip_generics(n) == path)
-            })
-            .map(|(&a, _)| a)
-            .collect()
+        self.name_index()
+            .named_without_generics(&self.functions, path)
+    }
+
+    /// All function starts one of whose names is exactly `name`, ascending.
+    pub fn functions_named(&self, name: &str) -> Vec<u64> {
+        self.name_index().named(&self.functions, name)
+    }
+
+    fn name_index(&self) -> &NameIndex {
+        self.name_index
+            .get_or_init(|| NameIndex::build(&self.functions))
     }
 
     /// Loads a DWARF section by name, decompressed when needed: the file's own section, or
@@ -627,6 +637,7 @@ pub(crate) fn code_image(vaddr: u64, code: &[u8]) -> Image {
         debug_data: None,
         warnings: Vec::new(),
         budget: Budget::unlimited(),
+        name_index: OnceLock::new(),
     }
 }
 
@@ -680,6 +691,7 @@ mod tests {
             debug_data: None,
             warnings: Vec::new(),
             budget: Budget::unlimited(),
+            name_index: OnceLock::new(),
         }
     }
 

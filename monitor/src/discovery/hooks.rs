@@ -7,7 +7,7 @@
 //! profiles. So every instance of every hook function is reported, and the register holding
 //! the header pointer is checked by disassembling each instance.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::disasm::{self, ArgEvidence, Walker};
 use super::elf::Image;
@@ -303,6 +303,8 @@ fn callers_of(img: &Image, targets: &[u64]) -> HashMap<u64, Vec<u64>> {
     if targets.is_empty() {
         return out;
     }
+    // One instance per task type: a set, or each call costs their number.
+    let targets: HashSet<u64> = targets.iter().copied().collect();
     for (&start, f) in &img.functions {
         if img.budget.spent() {
             break;
@@ -446,7 +448,7 @@ pub(crate) fn complete_reachable(
     w: &mut Walker<'_>,
     poll_fn: u64,
     shutdown_fn: u64,
-    complete_addrs: &[u64],
+    complete_addrs: &HashSet<u64>,
 ) -> bool {
     if complete_addrs.is_empty() {
         return false;
@@ -456,10 +458,12 @@ pub(crate) fn complete_reachable(
             == naming::Role::Plumbing
     };
     let depth = super::vtables::MAX_DEPTH;
+    // A few dozen functions reached against one `complete` instance per task type: look
+    // the former up in the latter.
     let from_poll = w.reachable(&[poll_fn], depth, descend);
-    if !complete_addrs.iter().any(|a| from_poll.contains(a)) {
+    if !from_poll.iter().any(|a| complete_addrs.contains(a)) {
         return false;
     }
     let from_shutdown = w.reachable(&[shutdown_fn], depth, descend);
-    complete_addrs.iter().any(|a| from_shutdown.contains(a))
+    from_shutdown.iter().any(|a| complete_addrs.contains(a))
 }

@@ -39,6 +39,7 @@ mod elf;
 #[doc(hidden)]
 pub mod fuzzing;
 mod hooks;
+mod name_index;
 mod naming;
 mod resolve;
 pub mod symbolize;
@@ -50,10 +51,11 @@ mod vtables;
 mod image;
 pub use image::*;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::timing::Phases;
 pub use budget::Budget;
 pub use dwarf::LineIndex;
 pub(crate) use elf::read_bounded;
@@ -190,10 +192,13 @@ pub fn analyze_within(
     debug: Option<&Path>,
     budget: Budget,
 ) -> Result<TargetImage, DiscoveryError> {
+    let mut phases = Phases::start(format!("analysis of {}", path.display()));
     let mut img = elf::Image::load(path)?;
     img.budget = budget;
+    phases.lap("load");
     let debug = debuginfo::attach(path, &mut img, debug)?;
-    analyze_image(path, img, debug)
+    phases.lap("debug_file");
+    analyze_image(path, img, debug, phases)
 }
 
 /// Analyses an ELF file held in memory, named `path` in messages and in the result. No
@@ -204,9 +209,11 @@ pub fn analyze_bytes(
     data: Vec<u8>,
     budget: Budget,
 ) -> Result<TargetImage, DiscoveryError> {
+    let mut phases = Phases::start(format!("analysis of {}", path.display()));
     let mut img = elf::Image::parse(path, data)?;
     img.budget = budget;
-    analyze_image(path, img, debuginfo::Outcome::default())
+    phases.lap("parse");
+    analyze_image(path, img, debuginfo::Outcome::default(), phases)
 }
 
 /// The error for an analysis whose budget is spent; checked between phases (the scans
@@ -225,6 +232,7 @@ fn analyze_image(
     path: &Path,
     mut img: elf::Image,
     debug: debuginfo::Outcome,
+    mut phases: Phases,
 ) -> Result<TargetImage, DiscoveryError> {
     let stripped = !img.has_symtab;
     let mut warnings = std::mem::take(&mut img.warnings);
@@ -273,6 +281,7 @@ fn analyze_image(
         raw = vtables::find_vtables(&img, &vtable_layout, None);
     }
     check_budget(path, &img)?;
+    phases.lap("vtables");
     if raw.is_empty() {
         return Err(DiscoveryError::NoTaskVtables {
             path: path.to_path_buf(),
@@ -295,22 +304,26 @@ fn analyze_image(
         h
     };
     check_budget(path, &img)?;
-    let complete_addrs: Vec<u64> = hooks
+    phases.lap("hooks");
+    let complete_addrs: HashSet<u64> = hooks
         .iter()
         .filter(|h| h.kind == HookKind::Complete)
         .map(|h| h.vaddr)
         .collect();
 
     let mut walker = disasm::Walker::new(&img);
+    let mut memo = vtables::CellMemo::default();
     // Name every vtable from its own code, then narrow the labels across vtables.
     let namings: Vec<Option<vtables::Naming>> = if by_shape {
         vec![None; raw.len()]
     } else {
         let mut n: Vec<vtables::Naming> = raw
             .iter()
-            .map(|vt| vtables::name_vtable(&mut walker, vt))
+            .map(|vt| vtables::name_vtable(&mut walker, &mut memo, vt))
             .collect();
+        phases.lap("naming");
         resolve::resolve(&img, &raw, &mut n, &mut warnings);
+        phases.lap("resolve");
         n.into_iter().map(Some).collect()
     };
     let mut out = Vec::with_capacity(raw.len());
@@ -357,6 +370,7 @@ fn analyze_image(
     }
 
     check_budget(path, &img)?;
+    phases.lap("completions");
     match dwarf::line_locations(&img, &future_fns) {
         Ok(locs) => {
             for (vt, f) in &mut out {
@@ -366,6 +380,7 @@ fn analyze_image(
         Err(e) => warnings.push(format!("could not read DWARF line info: {e}")),
     }
 
+    phases.lap("dwarf");
     let mut vtables: Vec<TaskVtable> = out.into_iter().map(|(v, _)| v).collect();
     vtables.sort_by_key(|v| v.vaddr);
     unify_generic_spellings(&mut vtables);
@@ -396,6 +411,8 @@ fn analyze_image(
     }
 
     check_budget(path, &img)?;
+    phases.lap("first_poll_hooks");
+    phases.finish();
     Ok(TargetImage {
         path: path.to_path_buf(),
         build_id: img.build_id.clone(),

@@ -31,7 +31,7 @@ use super::{NamingMethod, Scheduler};
 /// A future type held by a task cell somewhere in the binary, from the name of a
 /// `drop_in_place<…Cell<T, S>>` (or v0 `raw::poll::<T, S>`) function. `BlockingTask<F>` is
 /// unwrapped to `F`, like site labels.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct CellType {
     pub label: String,
     pub scheduler: Option<Scheduler>,
@@ -40,6 +40,8 @@ pub(crate) struct CellType {
 /// Every task-cell future type named anywhere in the image.
 pub(crate) fn cell_universe(img: &Image) -> Vec<CellType> {
     let mut out: Vec<CellType> = Vec::new();
+    // One type per spawn site: a set to keep them distinct in linear time.
+    let mut seen: HashSet<CellType> = HashSet::new();
     for f in img.functions.values() {
         for n in &f.names {
             let Some((t, s)) = naming::cell_drop_glue_args(n).or_else(|| naming::raw_poll_args(n))
@@ -51,7 +53,7 @@ pub(crate) fn cell_universe(img: &Image) -> Vec<CellType> {
                 label: naming::clean_label(&t),
                 scheduler: naming::scheduler_in_name(&s),
             };
-            if !out.contains(&c) {
+            if seen.insert(c.clone()) {
                 out.push(c);
             }
         }
@@ -277,8 +279,12 @@ impl CodeIndex {
     }
 }
 
+/// Adds `x` unless it is the last entry: [`CodeIndex::build`] handles one function at a
+/// time, so a repeat can only be the last entry. Searching the whole list instead made the
+/// build quadratic in the callers of popular functions (`__rust_dealloc` has tens of
+/// thousands in a large service).
 fn push_unique(v: &mut Vec<u64>, x: u64) {
-    if !v.contains(&x) {
+    if v.last() != Some(&x) {
         v.push(x);
     }
 }

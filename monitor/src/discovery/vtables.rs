@@ -5,7 +5,8 @@
 //! at run time. This module finds those records in the image and recovers a human label
 //! for each from the code and names around it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::rc::Rc;
 
 use super::disasm::{Step, Walker};
 use super::elf::Image;
@@ -180,7 +181,7 @@ struct PollCandidate {
 /// folding merged their glue). This is only the first pass: [`super::resolve::resolve`]
 /// then checks unconfirmed poll-walk labels against every task cell in the binary and
 /// narrows folded candidate sets across vtables.
-pub(crate) fn name_vtable(w: &mut Walker<'_>, vt: &RawVtable) -> Naming {
+pub(crate) fn name_vtable(w: &mut Walker<'_>, memo: &mut CellMemo, vt: &RawVtable) -> Naming {
     // v0 names spell `T` in `raw::poll::<T, S>` itself. That is exact (each vtable has
     // its own `raw::poll`), whereas drop glue may be folded across types.
     let mut poll_types: Vec<(String, String)> = Vec::new();
@@ -191,17 +192,18 @@ pub(crate) fn name_vtable(w: &mut Walker<'_>, vt: &RawVtable) -> Naming {
             poll_types.push(ts);
         }
     }
-    let mut found = walk_vtable(w, vt, MAX_DEPTH, false);
+    let mut found = walk_vtable(w, memo, vt, MAX_DEPTH, false);
     if found.candidates.is_empty() && found.cells.is_empty() {
         // Nothing at all: probably an unoptimised build, where ~12 un-inlined layers
         // (`poll_inner`, `poll_future`, `catch_unwind`, `__rust_try`, closures) separate
         // the vtable from the future. Only then walk deeper, through more glue.
-        found = walk_vtable(w, vt, DEEP_DEPTH, true);
+        found = walk_vtable(w, memo, vt, DEEP_DEPTH, true);
     }
     let Found {
         candidates,
         mut cells,
         saw_blocking,
+        ..
     } = found;
 
     if poll_types.len() == 1 {
@@ -210,6 +212,7 @@ pub(crate) fn name_vtable(w: &mut Walker<'_>, vt: &RawVtable) -> Naming {
 
     // Future types from drop glue, with `BlockingTask<F>` unwrapped to `F`.
     let mut cell_types: Vec<String> = Vec::new();
+    let mut seen_types: HashSet<String> = HashSet::new();
     let mut blocking = saw_blocking;
     let mut scheduler = None;
     for (t, s) in &cells {
@@ -221,7 +224,7 @@ pub(crate) fn name_vtable(w: &mut Walker<'_>, vt: &RawVtable) -> Naming {
             None => t.clone(),
         };
         let label = naming::clean_label(&label);
-        if !cell_types.contains(&label) {
+        if seen_types.insert(label.clone()) {
             cell_types.push(label);
         }
         if scheduler.is_none() {
@@ -315,15 +318,25 @@ struct Found {
     candidates: Vec<(usize, PollCandidate)>,
     /// `(T, S)` of task cells in drop-glue names.
     cells: Vec<(String, String)>,
+    /// The same, to keep `cells` distinct in time linear in their number: glue folded
+    /// across types has a name per type, hundreds in a large service.
+    cells_seen: HashSet<(String, String)>,
     saw_blocking: bool,
 }
 
 /// Walks from the vtable's `poll` entry (for the future's poll function and drop glue) and
 /// from its `dealloc` entry (for drop glue), through runtime plumbing only.
-fn walk_vtable(w: &mut Walker<'_>, vt: &RawVtable, depth: usize, deep: bool) -> Found {
+fn walk_vtable(
+    w: &mut Walker<'_>,
+    memo: &mut CellMemo,
+    vt: &RawVtable,
+    depth: usize,
+    deep: bool,
+) -> Found {
     let mut found = Found {
         candidates: Vec::new(),
         cells: Vec::new(),
+        cells_seen: HashSet::new(),
         saw_blocking: false,
     };
     w.walk(&[vt.poll], depth, |v| {
@@ -334,7 +347,7 @@ fn walk_vtable(w: &mut Walker<'_>, vt: &RawVtable, depth: usize, deep: bool) -> 
             v.addr,
             v.names
         );
-        collect_cells(v.names, &mut found.cells);
+        collect_cells(&memo.at(v.addr, v.names), &mut found);
         let (role, futures) =
             naming::role_of_names(v.names.iter().map(String::as_str), v.in_blocking, deep);
         if v.names.iter().any(|n| n.contains("BlockingTask")) {
@@ -363,7 +376,7 @@ fn walk_vtable(w: &mut Walker<'_>, vt: &RawVtable, depth: usize, deep: bool) -> 
         }
     });
     w.walk(&[vt.dealloc], depth, |v| {
-        collect_cells(v.names, &mut found.cells);
+        collect_cells(&memo.at(v.addr, v.names), &mut found);
         if naming::role_of_names(v.names.iter().map(String::as_str), false, deep).0
             == Role::Plumbing
         {
@@ -376,13 +389,32 @@ fn walk_vtable(w: &mut Walker<'_>, vt: &RawVtable, depth: usize, deep: bool) -> 
 }
 
 /// Adds the `(T, S)` of every task-cell drop glue among `names` to `cells`.
-fn collect_cells(names: &[String], cells: &mut Vec<(String, String)>) {
-    for n in names {
-        if let Some(ts) = naming::cell_drop_glue_args(n)
-            && !cells.contains(&ts)
-        {
-            cells.push(ts);
+fn collect_cells(cells: &[(String, String)], found: &mut Found) {
+    for ts in cells {
+        if !found.cells_seen.contains(ts) {
+            found.cells_seen.insert(ts.clone());
+            found.cells.push(ts.clone());
         }
+    }
+}
+
+/// The `(T, S)` of every task-cell drop glue among a function's names, parsed once per
+/// function: glue folded across types has a name per type (hundreds in a large service)
+/// and is reached from the walks of many vtables.
+#[derive(Debug, Default)]
+pub(crate) struct CellMemo(HashMap<u64, Rc<[(String, String)]>>);
+
+impl CellMemo {
+    fn at(&mut self, addr: u64, names: &[String]) -> Rc<[(String, String)]> {
+        self.0
+            .entry(addr)
+            .or_insert_with(|| {
+                names
+                    .iter()
+                    .filter_map(|n| naming::cell_drop_glue_args(n))
+                    .collect()
+            })
+            .clone()
     }
 }
 
@@ -398,19 +430,12 @@ fn join<'a>(labels: impl IntoIterator<Item = &'a String>) -> String {
 /// when the closure still exists as a function): exact match first, then ignoring generic
 /// arguments (drop glue spells `f<A, B>::{{closure}}`, the function's legacy name `f::…`).
 pub(crate) fn function_named(img: &Image, label: &str) -> Option<u64> {
-    let unique = |pred: &dyn Fn(&str) -> bool| {
-        let mut hits = img
-            .functions
-            .iter()
-            .filter(|(_, f)| f.names.iter().any(|n| pred(n)))
-            .map(|(&a, _)| a);
-        let first = hits.next()?;
-        hits.next().is_none().then_some(first)
+    let unique = |hits: Vec<u64>| match hits.as_slice() {
+        &[only] => Some(only),
+        _ => None,
     };
-    unique(&|n| n == label).or_else(|| {
-        let bare = naming::strip_generics(label);
-        unique(&|n| naming::strip_generics(n) == bare)
-    })
+    unique(img.functions_named(label))
+        .or_else(|| unique(img.find_functions(&naming::strip_generics(label))))
 }
 
 /// The scheduler a vtable belongs to, from what its `schedule` entry calls
