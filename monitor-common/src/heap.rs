@@ -16,7 +16,8 @@ pub mod heap_counter {
     pub const RINGBUF_FULL: u32 = 0;
     /// Blocks not tracked because the outstanding map was full.
     pub const OUTSTANDING_FULL: u32 = 1;
-    /// Allocation entries not remembered until their return (pending map full).
+    /// Allocation entries not remembered until their return (the thread's `PENDING` task
+    /// storage could not be made).
     pub const PENDING_FULL: u32 = 2;
     /// Blocks not tracked because the kernel's group map (`HEAP_GROUPS`) was full.
     pub const GROUPS_FULL: u32 = 3;

@@ -27,7 +27,8 @@ pub mod map {
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
     /// 4 KiB-bucket index into `UNWIND_ROWS`.
     pub const UNWIND_BUCKETS: &str = "UNWIND_BUCKETS";
-    /// Allocation entries waiting for their return, per thread.
+    /// Allocation entries waiting for their return, per thread (task storage: no capacity,
+    /// so not in [`HEAP_ONLY_MINIMUM`]).
     pub const PENDING: &str = "PENDING";
     /// Blocks allocated and not yet freed.
     pub const OUTSTANDING: &str = "OUTSTANDING";
@@ -64,11 +65,10 @@ pub mod map {
 
     /// The maps only heap tracking uses, created at their smallest (entries; one page for
     /// the ring buffer) when it is off.
-    pub const HEAP_ONLY_MINIMUM: [(&str, u32); 9] = [
+    pub const HEAP_ONLY_MINIMUM: [(&str, u32); 8] = [
         (HEAP_GROUPS, 1),
         (TASK_VTABLES, 1),
         (OUTSTANDING, 1),
-        (PENDING, 1),
         (HEAP_TARGETS, 1),
         (UNTRACKED_FREES, 1),
         (UNWIND_ROWS, 1),
