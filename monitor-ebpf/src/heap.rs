@@ -74,6 +74,12 @@ struct Pending {
     /// 1 from the entry until its return consumes the stash; 0 otherwise (a new storage
     /// starts zeroed).
     live: u64,
+    /// The thread's `fsbase` (its thread pointer), once read (0: not yet): it is set when
+    /// the thread starts and the programs leakscope watches never move it, so it is read from
+    /// the kernel's `task_struct` once per thread, not at every allocation (a kernel read is
+    /// about 0.1 µs here). An exec, which gives the thread a new one, clears the storage
+    /// (`forget_thread`).
+    fsbase: u64,
 }
 
 /// An allocator entry this soon after another on the same thread, deeper on its stack, is a
@@ -222,15 +228,13 @@ fn stash(ctx: &ProbeContext, size: u64, old_addr: u64, out_ptr: u64) -> u32 {
     }
     // SAFETY: checked read of the target's stack.
     let return_address = unsafe { bpf_probe_read_user(entry_rsp as *const u64) }.unwrap_or(0);
-    *stash = Pending {
-        size,
-        old_addr,
-        out_ptr,
-        return_address,
-        entry_rsp,
-        ktime_ns: now,
-        live: 1,
-    };
+    stash.size = size;
+    stash.old_addr = old_addr;
+    stash.out_ptr = out_ptr;
+    stash.return_address = return_address;
+    stash.entry_rsp = entry_rsp;
+    stash.ktime_ns = now;
+    stash.live = 1;
     0
 }
 
@@ -308,7 +312,7 @@ pub fn heap_alloc_return(ctx: RetProbeContext) -> u32 {
         return 0;
     }
     stash.live = 0;
-    let pending = *stash;
+    let pending = stash;
     let pid = pid();
     let Some(target) = target(pid) else {
         return 0;
@@ -333,7 +337,7 @@ pub fn heap_alloc_return(ctx: RetProbeContext) -> u32 {
     if addr == 0 || !sampled(addr, target.sample_shift) {
         return 0;
     }
-    record_alloc(&ctx, pid, &target, addr, &pending);
+    record_alloc(&ctx, pid, &target, addr, pending);
     0
 }
 
@@ -363,17 +367,34 @@ fn free_block(pid: u32, addr: u64) {
     }
 }
 
-pub(crate) fn current_task_id(target: &HeapTarget) -> u64 {
+/// An exec replaces the thread's program: what its storage remembers (a stash whose return
+/// will never come, its `fsbase`) is of the old one.
+#[inline(always)]
+pub(crate) fn forget_thread() {
+    let stash = PENDING.current(false);
+    if !stash.is_null() {
+        // SAFETY: the current thread's own storage.
+        unsafe { *stash = core::mem::zeroed() };
+    }
+}
+
+/// The id of the tokio task the thread is polling (0: none or unknown), from tokio's
+/// thread-local slot; `stash` is the thread's storage, which keeps its `fsbase`.
+fn current_task_id(target: &HeapTarget, stash: &mut Pending) -> u64 {
     if target.task_slot_fs_offset == 0 || target.fsbase_offset == 0 {
         return 0;
     }
     // SAFETY: reads through the checked helpers; a bad address yields an error, not a fault.
     unsafe {
-        let task = bpf_get_current_task();
-        let Ok(fsbase) = bpf_probe_read_kernel((task + target.fsbase_offset) as *const u64) else {
-            return 0;
-        };
-        let slot = fsbase.wrapping_add(target.task_slot_fs_offset as u64);
+        if stash.fsbase == 0 {
+            let task = bpf_get_current_task();
+            let Ok(fsbase) = bpf_probe_read_kernel((task + target.fsbase_offset) as *const u64)
+            else {
+                return 0;
+            };
+            stash.fsbase = fsbase;
+        }
+        let slot = stash.fsbase.wrapping_add(target.task_slot_fs_offset as u64);
         bpf_probe_read_user(slot as *const u64).unwrap_or(0)
     }
 }
@@ -416,16 +437,18 @@ fn record_alloc(
     pid: u32,
     target: &HeapTarget,
     addr: u64,
-    pending: &Pending,
+    pending: &mut Pending,
 ) {
+    let task_id = current_task_id(target, pending);
     if target.aggregate != 0 {
-        heap_groups::record_alloc(ctx, pid, target, addr, pending.size, &caller(ctx, pending));
+        let start = caller(ctx, pending);
+        heap_groups::record_alloc(pid, target, addr, pending.size, task_id, &start);
         return;
     }
     let mut info = BlockInfo {
         size: pending.size,
         stack_hash: 0,
-        task_id: current_task_id(target),
+        task_id,
         group_task: 0,
         group_kind: 0,
         aggregated: 0,

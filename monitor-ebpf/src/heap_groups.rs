@@ -20,7 +20,6 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray};
-use aya_ebpf::programs::RetProbeContext;
 use monitor_common::heap::{
     BlockInfo, BlockKey, GROUPS_MAX, GroupCounters, GroupKey, HeapEventKind, HeapTarget,
     TASK_VTABLES_MAX, TaskKey, group_kind, group_task, heap_counter,
@@ -108,11 +107,11 @@ pub fn release(pid: u32, info: &BlockInfo) {
 /// An allocation's return, for a process tracked by aggregates.
 #[inline(always)]
 pub fn record_alloc(
-    _ctx: &RetProbeContext,
     pid: u32,
     target: &HeapTarget,
     addr: u64,
     size: u64,
+    task_id: u64,
     start: &Regs,
 ) {
     let Some(scratch) = HEAP_STACK_SCRATCH.get_ptr_mut(0) else {
@@ -121,7 +120,6 @@ pub fn record_alloc(
     // SAFETY: this CPU's slot, ours while the program runs (uprobe programs do not migrate).
     let frames = unsafe { &mut *scratch };
     let (unwound, hash) = heap::unwind_stack(target, start, frames);
-    let task_id = heap::current_task_id(target);
     let task = if task_id == 0 {
         group_task::NONE
     } else {
