@@ -70,7 +70,8 @@ struct Pending {
     /// trampoline instead, as was seen on threads other than tokio's workers.
     return_address: u64,
     entry_rsp: u64,
-    ktime_ns: u64,
+    /// Entries seen nested in this stash's call (see `NESTED_MAX`).
+    nested: u64,
     /// 1 from the entry until its return consumes the stash; 0 otherwise (a new storage
     /// starts zeroed).
     live: u64,
@@ -82,11 +83,13 @@ struct Pending {
     fsbase: u64,
 }
 
-/// An allocator entry this soon after another on the same thread, deeper on its stack, is a
-/// call nested inside it (musl's `calloc` calls `malloc`, `posix_memalign` calls
-/// `aligned_alloc`): the outer call is the one the program made. The bound keeps a stash
-/// whose return was never seen from shadowing later calls for longer.
-const NESTED_WITHIN_NS: u64 = 1_000_000;
+/// An allocator entry on a thread whose stash is live, deeper on its stack, is a call nested
+/// inside the stashed one (musl's `calloc` calls `malloc`, `posix_memalign` calls
+/// `aligned_alloc`): the outer call is the one the program made. A call nests at most a
+/// couple of others, so after this many the stash is taken for one whose return was never
+/// seen, and no longer shadows later calls. (A bound by count, not by time: reading the
+/// clock at every entry cost 50 ns, measured.)
+const NESTED_MAX: u64 = 8;
 
 /// A BPF task storage map (`BPF_MAP_TYPE_TASK_STORAGE`) in the layout of aya-ebpf's BTF map
 /// definitions, which have no task storage type of their own: each thread's `Pending` lives
@@ -212,7 +215,6 @@ fn stash(ctx: &ProbeContext, size: u64, old_addr: u64, out_ptr: u64) -> u32 {
     // SAFETY: `regs` is the probe's register context; the entry probes sit before anything
     // that moves rsp (see discovery::alloc), so `[rsp]` is the return address.
     let entry_rsp = unsafe { (*ctx.regs).rsp };
-    let now = unsafe { bpf_ktime_get_ns() };
     let stash = PENDING.current(true);
     if stash.is_null() {
         bump(heap_counter::PENDING_FULL);
@@ -220,10 +222,8 @@ fn stash(ctx: &ProbeContext, size: u64, old_addr: u64, out_ptr: u64) -> u32 {
     }
     // SAFETY: this thread's own storage: only its probes touch it, one at a time.
     let stash = unsafe { &mut *stash };
-    if stash.live != 0
-        && stash.entry_rsp > entry_rsp
-        && now.wrapping_sub(stash.ktime_ns) < NESTED_WITHIN_NS
-    {
+    if stash.live != 0 && stash.entry_rsp > entry_rsp && stash.nested < NESTED_MAX {
+        stash.nested += 1;
         return 0;
     }
     // SAFETY: checked read of the target's stack.
@@ -233,7 +233,7 @@ fn stash(ctx: &ProbeContext, size: u64, old_addr: u64, out_ptr: u64) -> u32 {
     stash.out_ptr = out_ptr;
     stash.return_address = return_address;
     stash.entry_rsp = entry_rsp;
-    stash.ktime_ns = now;
+    stash.nested = 0;
     stash.live = 1;
     0
 }
