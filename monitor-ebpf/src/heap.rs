@@ -26,7 +26,7 @@ use aya_ebpf::programs::{ProbeContext, RetProbeContext};
 use monitor_common::HEAP_RINGBUF_BYTES;
 use monitor_common::heap::{
     BlockInfo, BlockKey, HeapEvent, HeapEventKind, HeapTarget, OUTSTANDING_MAX, arg_location,
-    heap_counter, sampled,
+    group_task, heap_counter, sampled,
 };
 use monitor_common::unwind::{self, MAX_FRAMES, Regs, UnwindRow};
 
@@ -81,6 +81,12 @@ struct Pending {
     /// about 0.1 µs here). An exec, which gives the thread a new one, clears the storage
     /// (`forget_thread`).
     fsbase: u64,
+    /// The task whose spawn vtable (`heap_groups::task_site`) the thread found last, and
+    /// that vtable (task id 0: none yet): a thread polls one task for many allocations in a
+    /// row, and a task's vtable, once known, does not change (its spawn, which writes it,
+    /// comes before its polls), so the lookup is made once per run of the task.
+    site_task_id: u64,
+    site: u64,
 }
 
 /// An allocator entry on a thread whose stash is live, deeper on its stack, is a call nested
@@ -441,8 +447,20 @@ fn record_alloc(
 ) {
     let task_id = current_task_id(target, pending);
     if target.aggregate != 0 {
+        let task = if task_id != 0 && task_id == pending.site_task_id {
+            pending.site
+        } else {
+            let site = heap_groups::task_site(pid, task_id);
+            // Only a vtable is kept: an unknown one may yet be written by the task's first
+            // poll.
+            if site > group_task::UNKNOWN {
+                pending.site_task_id = task_id;
+                pending.site = site;
+            }
+            site
+        };
         let start = caller(ctx, pending);
-        heap_groups::record_alloc(pid, target, addr, pending.size, task_id, &start);
+        heap_groups::record_alloc(pid, target, addr, pending.size, task_id, task, &start);
         return;
     }
     let mut info = BlockInfo {

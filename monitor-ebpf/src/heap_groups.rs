@@ -104,7 +104,26 @@ pub fn release(pid: u32, info: &BlockInfo) {
     }
 }
 
-/// An allocation's return, for a process tracked by aggregates.
+/// The `GroupKey::task` of an allocation by task `task_id` (0: none) of process `pid`: the
+/// task's spawn vtable, or a `group_task` value.
+#[inline(always)]
+pub fn task_site(pid: u32, task_id: u64) -> u64 {
+    if task_id == 0 {
+        return group_task::NONE;
+    }
+    // SAFETY: copied out of the map.
+    unsafe {
+        TASK_VTABLES.get(&TaskKey {
+            task_id,
+            pid,
+            _pad: 0,
+        })
+    }
+    .copied()
+    .unwrap_or(group_task::UNKNOWN)
+}
+
+/// An allocation's return, for a process tracked by aggregates (`task`: see `task_site`).
 #[inline(always)]
 pub fn record_alloc(
     pid: u32,
@@ -112,6 +131,7 @@ pub fn record_alloc(
     addr: u64,
     size: u64,
     task_id: u64,
+    task: u64,
     start: &Regs,
 ) {
     let Some(scratch) = HEAP_STACK_SCRATCH.get_ptr_mut(0) else {
@@ -120,20 +140,6 @@ pub fn record_alloc(
     // SAFETY: this CPU's slot, ours while the program runs (uprobe programs do not migrate).
     let frames = unsafe { &mut *scratch };
     let (unwound, hash) = heap::unwind_stack(target, start, frames);
-    let task = if task_id == 0 {
-        group_task::NONE
-    } else {
-        // SAFETY: copied out of the map.
-        unsafe {
-            TASK_VTABLES.get(&TaskKey {
-                task_id,
-                pid,
-                _pad: 0,
-            })
-        }
-        .copied()
-        .unwrap_or(group_task::UNKNOWN)
-    };
     let info = BlockInfo {
         size,
         stack_hash: hash,
