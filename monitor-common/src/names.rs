@@ -42,8 +42,10 @@ pub mod map {
     pub const TASK_VTABLES: &str = "TASK_VTABLES";
     /// Per-CPU room for one stack, unwound before its group is known to be new.
     pub const HEAP_STACK_SCRATCH: &str = "HEAP_STACK_SCRATCH";
+    /// How many tombstones `OUTSTANDING` holds (`crate::heap::tombstones`).
+    pub const TOMBSTONES: &str = "TOMBSTONES";
 
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         TASK_EVENTS,
         COUNTERS,
         SEQ,
@@ -61,6 +63,7 @@ pub mod map {
         HEAP_GROUPS,
         TASK_VTABLES,
         HEAP_STACK_SCRATCH,
+        TOMBSTONES,
     ];
 
     /// The maps only heap tracking uses, created at their smallest (entries; one page for

@@ -25,8 +25,8 @@ use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{ProbeContext, RetProbeContext};
 use monitor_common::HEAP_RINGBUF_BYTES;
 use monitor_common::heap::{
-    BlockInfo, BlockKey, HeapEvent, HeapEventKind, HeapTarget, OUTSTANDING_MAX, arg_location,
-    group_task, heap_counter, sampled,
+    BLOCK_FREED, BlockInfo, BlockKey, HeapEvent, HeapEventKind, HeapTarget, OUTSTANDING_MAX,
+    arg_location, group_task, heap_counter, sampled,
 };
 use monitor_common::unwind::{self, MAX_FRAMES, Regs, UnwindRow};
 
@@ -352,8 +352,11 @@ fn free_block(pid: u32, addr: u64) {
         return;
     }
     let key = BlockKey { addr, pid, _pad: 0 };
-    // SAFETY: copied out before removal.
-    let Some(info) = (unsafe { OUTSTANDING.get(&key) }).copied() else {
+    let block = OUTSTANDING
+        .get_ptr_mut(&key)
+        // SAFETY: a live map value.
+        .filter(|block| unsafe { (**block).aggregated } != BLOCK_FREED);
+    let Some(block) = block else {
         match UNTRACKED_FREES.get_ptr_mut(&pid) {
             // SAFETY: a counter only this pid's probes touch; a lost race loses one count.
             Some(count) => unsafe { *count += 1 },
@@ -363,11 +366,19 @@ fn free_block(pid: u32, addr: u64) {
         }
         return;
     };
-    let _ = OUTSTANDING.remove(&key);
+    // SAFETY: a live map value, copied before it changes.
+    let info = unsafe { *block };
     if info.aggregated != 0 {
+        if heap_groups::leave_tombstone() {
+            // SAFETY: as above.
+            unsafe { (*block).aggregated = BLOCK_FREED };
+        } else {
+            let _ = OUTSTANDING.remove(&key);
+        }
         heap_groups::release(pid, &info);
         return;
     }
+    let _ = OUTSTANDING.remove(&key);
     if let Some(entry) = reserve(HeapEventKind::Free, pid, addr, &info) {
         entry.submit(submit_flags());
     }

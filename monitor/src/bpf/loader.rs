@@ -120,6 +120,24 @@ impl Probes {
             .map_err(|source| ProbeError::Load {
                 source: Box::new(source),
             })?;
+        if let HeapMaps::Tracking { max_blocks } = heap {
+            // Before any heap program runs (see `monitor_common::heap::BLOCK_FREED`).
+            let mut counts: aya::maps::Array<_, u64> = ebpf
+                .map_mut(map::TOMBSTONES)
+                .ok_or(ProbeError::Missing(map::TOMBSTONES))?
+                .try_into()
+                .map_err(|source| ProbeError::Map {
+                    name: map::TOMBSTONES,
+                    source,
+                })?;
+            let max = u64::from(monitor_common::heap::tombstones_max(max_blocks));
+            counts
+                .set(monitor_common::heap::tombstones::MAX, max, 0)
+                .map_err(|source| ProbeError::Map {
+                    name: map::TOMBSTONES,
+                    source,
+                })?;
+        }
         for name in program::TASK_HOOKS {
             let program: &mut UProbe = ebpf
                 .program_mut(name)
