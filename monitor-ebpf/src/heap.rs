@@ -1,10 +1,12 @@
 //! Heap probes: allocator entry points and returns, per watched process.
 //!
 //! Map roles follow bcc's memleak: the requested size (and the return address and stack
-//! pointer at entry) is stashed per *thread* between an allocation's entry and its return;
-//! outstanding blocks are kept as `(pid, addr) → {size, stack hash, task id}`; a free deletes
-//! its block and reports it, a free of a block never seen allocated (made before attach) only
-//! bumps a per-process counter.
+//! pointer at entry) is stashed per *thread* between an allocation's entry and its return
+//! (in the thread's task storage); outstanding blocks are kept as `(pid, addr) → {size,
+//! stack hash, task id}`; a free deletes its block and reports it (under aggregation it
+//! may leave the entry as a tombstone for the next block at the address, see
+//! `monitor_common::heap::BLOCK_FREED`), a free of a block never seen allocated (made before
+//! attach) only bumps a per-process counter.
 //!
 //! The callsite comes from unwinding the user stack in the return probe, starting in the
 //! allocator's caller (the return address and stack pointer stashed at entry), with the
