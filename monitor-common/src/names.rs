@@ -27,7 +27,8 @@ pub mod map {
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
     /// 4 KiB-bucket index into `UNWIND_ROWS`.
     pub const UNWIND_BUCKETS: &str = "UNWIND_BUCKETS";
-    /// Allocation entries waiting for their return, per thread.
+    /// Allocation entries waiting for their return, per thread (task storage: no capacity,
+    /// so not in [`HEAP_ONLY_MINIMUM`]).
     pub const PENDING: &str = "PENDING";
     /// Blocks allocated and not yet freed.
     pub const OUTSTANDING: &str = "OUTSTANDING";
@@ -41,8 +42,10 @@ pub mod map {
     pub const TASK_VTABLES: &str = "TASK_VTABLES";
     /// Per-CPU room for one stack, unwound before its group is known to be new.
     pub const HEAP_STACK_SCRATCH: &str = "HEAP_STACK_SCRATCH";
+    /// How many tombstones `OUTSTANDING` holds (`crate::heap::tombstones`).
+    pub const TOMBSTONES: &str = "TOMBSTONES";
 
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         TASK_EVENTS,
         COUNTERS,
         SEQ,
@@ -60,15 +63,15 @@ pub mod map {
         HEAP_GROUPS,
         TASK_VTABLES,
         HEAP_STACK_SCRATCH,
+        TOMBSTONES,
     ];
 
     /// The maps only heap tracking uses, created at their smallest (entries; one page for
     /// the ring buffer) when it is off.
-    pub const HEAP_ONLY_MINIMUM: [(&str, u32); 9] = [
+    pub const HEAP_ONLY_MINIMUM: [(&str, u32); 8] = [
         (HEAP_GROUPS, 1),
         (TASK_VTABLES, 1),
         (OUTSTANDING, 1),
-        (PENDING, 1),
         (HEAP_TARGETS, 1),
         (UNTRACKED_FREES, 1),
         (UNWIND_ROWS, 1),

@@ -1,10 +1,12 @@
 //! Heap probes: allocator entry points and returns, per watched process.
 //!
 //! Map roles follow bcc's memleak: the requested size (and the return address and stack
-//! pointer at entry) is stashed per *thread* between an allocation's entry and its return;
-//! outstanding blocks are kept as `(pid, addr) → {size, stack hash, task id}`; a free deletes
-//! its block and reports it, a free of a block never seen allocated (made before attach) only
-//! bumps a per-process counter.
+//! pointer at entry) is stashed per *thread* between an allocation's entry and its return
+//! (in the thread's task storage); outstanding blocks are kept as `(pid, addr) → {size,
+//! stack hash, task id}`; a free deletes its block and reports it (under aggregation it
+//! may leave the entry as a tombstone for the next block at the address, see
+//! `monitor_common::heap::BLOCK_FREED`), a free of a block never seen allocated (made before
+//! attach) only bumps a per-process counter.
 //!
 //! The callsite comes from unwinding the user stack in the return probe, starting in the
 //! allocator's caller (the return address and stack pointer stashed at entry), with the
@@ -17,15 +19,16 @@ use aya_ebpf::EbpfContext;
 use aya_ebpf::bindings::BPF_ANY;
 use aya_ebpf::helpers::{
     bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_current_task,
-    bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+    bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    bpf_probe_read_user, bpf_task_storage_get,
 };
-use aya_ebpf::macros::{map, uprobe, uretprobe};
+use aya_ebpf::macros::{btf_map, map, uprobe, uretprobe};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{ProbeContext, RetProbeContext};
 use monitor_common::HEAP_RINGBUF_BYTES;
 use monitor_common::heap::{
-    BlockInfo, BlockKey, HeapEvent, HeapEventKind, HeapTarget, OUTSTANDING_MAX, arg_location,
-    heap_counter, sampled,
+    BLOCK_FREED, BlockInfo, BlockKey, HeapEvent, HeapEventKind, HeapTarget, OUTSTANDING_MAX,
+    arg_location, group_task, heap_counter, sampled,
 };
 use monitor_common::unwind::{self, MAX_FRAMES, Regs, UnwindRow};
 
@@ -69,17 +72,87 @@ struct Pending {
     /// trampoline instead, as was seen on threads other than tokio's workers.
     return_address: u64,
     entry_rsp: u64,
-    ktime_ns: u64,
+    /// Entries seen nested in this stash's call (see `NESTED_MAX`).
+    nested: u64,
+    /// 1 from the entry until its return consumes the stash; 0 otherwise (a new storage
+    /// starts zeroed).
+    live: u64,
+    /// The thread's `fsbase` (its thread pointer), once read (0: not yet): it is set when
+    /// the thread starts and the programs leakscope watches never move it, so it is read from
+    /// the kernel's `task_struct` once per thread, not at every allocation (a kernel read is
+    /// about 0.1 µs here). An exec, which gives the thread a new one, clears the storage
+    /// (`forget_thread`).
+    fsbase: u64,
+    /// The task whose spawn vtable (`heap_groups::task_site`) the thread found last, and
+    /// that vtable (task id 0: none yet): a thread polls one task for many allocations in a
+    /// row, and a task's vtable, once known, does not change (its spawn, which writes it,
+    /// comes before its polls), so the lookup is made once per run of the task.
+    site_task_id: u64,
+    site: u64,
 }
 
-/// An allocator entry this soon after another on the same thread, deeper on its stack, is a
-/// call nested inside it (musl's `calloc` calls `malloc`, `posix_memalign` calls
-/// `aligned_alloc`): the outer call is the one the program made. The bound keeps a stash
-/// whose return was never seen from shadowing later calls for longer.
-const NESTED_WITHIN_NS: u64 = 1_000_000;
+/// An allocator entry on a thread whose stash is live, deeper on its stack, is a call nested
+/// inside the stashed one (musl's `calloc` calls `malloc`, `posix_memalign` calls
+/// `aligned_alloc`): the outer call is the one the program made. A call nests at most a
+/// couple of others, so after this many the stash is taken for one whose return was never
+/// seen, and no longer shadows later calls. (A bound by count, not by time: reading the
+/// clock at every entry cost 50 ns, measured.)
+const NESTED_MAX: u64 = 8;
 
-#[map]
-static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(1 << 14, 0);
+/// A BPF task storage map (`BPF_MAP_TYPE_TASK_STORAGE`) in the layout of aya-ebpf's BTF map
+/// definitions, which have no task storage type of their own: each thread's `Pending` lives
+/// next to its `task_struct`, found without hashing, and freed with the thread. Entry and
+/// return update it in place (a hash map took an insert at each entry and a delete at each
+/// return, each a locked helper call: 0.29 µs a pair, measured).
+#[repr(C)]
+pub(crate) struct TaskStorage<T> {
+    r#type: *const [i32; aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    // Local storage maps have no capacity and are never preallocated.
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize],
+}
+
+// SAFETY: placeholder pointers the loader reads from BTF; never dereferenced.
+unsafe impl<T> Sync for TaskStorage<T> {}
+
+impl<T> TaskStorage<T> {
+    pub(crate) const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+
+    /// The current thread's value; with `create`, made (zeroed) if it has none yet. Null if
+    /// it has none (or could not be made).
+    #[inline(always)]
+    fn current(&self, create: bool) -> *mut T {
+        let flags = if create {
+            u64::from(aya_ebpf::bindings::BPF_LOCAL_STORAGE_GET_F_CREATE)
+        } else {
+            0
+        };
+        // SAFETY: the helper takes the map and the current task (a trusted BTF pointer) and
+        // returns the value or null.
+        unsafe {
+            bpf_task_storage_get(
+                core::ptr::from_ref(self).cast_mut().cast(),
+                bpf_get_current_task_btf(),
+                core::ptr::null_mut(),
+                flags,
+            )
+        }
+        .cast()
+    }
+}
+
+#[btf_map]
+static PENDING: TaskStorage<Pending> = TaskStorage::new();
 
 /// Preallocated (about 20 MiB): allocating entries on insert made each free 0.2 µs dearer
 /// (measured).
@@ -150,31 +223,26 @@ fn stash(ctx: &ProbeContext, size: u64, old_addr: u64, out_ptr: u64) -> u32 {
     // SAFETY: `regs` is the probe's register context; the entry probes sit before anything
     // that moves rsp (see discovery::alloc), so `[rsp]` is the return address.
     let entry_rsp = unsafe { (*ctx.regs).rsp };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: copied out of the map.
-    if let Some(outer) = unsafe { PENDING.get(&pid_tgid) }.copied()
-        && outer.entry_rsp > entry_rsp
-        && now.wrapping_sub(outer.ktime_ns) < NESTED_WITHIN_NS
-    {
+    let stash = PENDING.current(true);
+    if stash.is_null() {
+        bump(heap_counter::PENDING_FULL);
+        return 0;
+    }
+    // SAFETY: this thread's own storage: only its probes touch it, one at a time.
+    let stash = unsafe { &mut *stash };
+    if stash.live != 0 && stash.entry_rsp > entry_rsp && stash.nested < NESTED_MAX {
+        stash.nested += 1;
         return 0;
     }
     // SAFETY: checked read of the target's stack.
     let return_address = unsafe { bpf_probe_read_user(entry_rsp as *const u64) }.unwrap_or(0);
-    let pending = Pending {
-        size,
-        old_addr,
-        out_ptr,
-        return_address,
-        entry_rsp,
-        ktime_ns: now,
-    };
-    if PENDING
-        .insert(&pid_tgid, &pending, u64::from(BPF_ANY))
-        .is_err()
-    {
-        bump(heap_counter::PENDING_FULL);
-    }
+    stash.size = size;
+    stash.old_addr = old_addr;
+    stash.out_ptr = out_ptr;
+    stash.return_address = return_address;
+    stash.entry_rsp = entry_rsp;
+    stash.nested = 0;
+    stash.live = 1;
     0
 }
 
@@ -240,18 +308,20 @@ pub fn heap_free_entry(ctx: ProbeContext) -> u32 {
 /// posix_memalign, what it stored).
 #[uretprobe]
 pub fn heap_alloc_return(ctx: RetProbeContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let pid = (pid_tgid >> 32) as u32;
-    // SAFETY: copied out before removal.
-    let Some(pending) = (unsafe { PENDING.get(&pid_tgid) }).copied() else {
-        return 0;
-    };
-    // SAFETY: the probe's register context. A call nested in the stashed one returns
-    // deeper on the stack than the stashed call's entry: leave the stash to the outer call.
-    if unsafe { (*ctx.regs).rsp } <= pending.entry_rsp {
+    let stash = PENDING.current(false);
+    if stash.is_null() {
         return 0;
     }
-    let _ = PENDING.remove(&pid_tgid);
+    // SAFETY: this thread's own storage, as in `stash`.
+    let stash = unsafe { &mut *stash };
+    // SAFETY: the probe's register context. A call nested in the stashed one returns
+    // deeper on the stack than the stashed call's entry: leave the stash to the outer call.
+    if stash.live == 0 || unsafe { (*ctx.regs).rsp } <= stash.entry_rsp {
+        return 0;
+    }
+    stash.live = 0;
+    let pending = stash;
+    let pid = pid();
     let Some(target) = target(pid) else {
         return 0;
     };
@@ -275,7 +345,7 @@ pub fn heap_alloc_return(ctx: RetProbeContext) -> u32 {
     if addr == 0 || !sampled(addr, target.sample_shift) {
         return 0;
     }
-    record_alloc(&ctx, pid, &target, addr, &pending);
+    record_alloc(&ctx, pid, &target, addr, pending);
     0
 }
 
@@ -284,8 +354,11 @@ fn free_block(pid: u32, addr: u64) {
         return;
     }
     let key = BlockKey { addr, pid, _pad: 0 };
-    // SAFETY: copied out before removal.
-    let Some(info) = (unsafe { OUTSTANDING.get(&key) }).copied() else {
+    let block = OUTSTANDING
+        .get_ptr_mut(&key)
+        // SAFETY: a live map value.
+        .filter(|block| unsafe { (**block).aggregated } != BLOCK_FREED);
+    let Some(block) = block else {
         match UNTRACKED_FREES.get_ptr_mut(&pid) {
             // SAFETY: a counter only this pid's probes touch; a lost race loses one count.
             Some(count) => unsafe { *count += 1 },
@@ -295,27 +368,52 @@ fn free_block(pid: u32, addr: u64) {
         }
         return;
     };
-    let _ = OUTSTANDING.remove(&key);
+    // SAFETY: a live map value, copied before it changes.
+    let info = unsafe { *block };
     if info.aggregated != 0 {
+        if heap_groups::leave_tombstone() {
+            // SAFETY: as above.
+            unsafe { (*block).aggregated = BLOCK_FREED };
+        } else {
+            let _ = OUTSTANDING.remove(&key);
+        }
         heap_groups::release(pid, &info);
         return;
     }
+    let _ = OUTSTANDING.remove(&key);
     if let Some(entry) = reserve(HeapEventKind::Free, pid, addr, &info) {
         entry.submit(submit_flags());
     }
 }
 
-pub(crate) fn current_task_id(target: &HeapTarget) -> u64 {
+/// An exec replaces the thread's program: what its storage remembers (a stash whose return
+/// will never come, its `fsbase`) is of the old one.
+#[inline(always)]
+pub(crate) fn forget_thread() {
+    let stash = PENDING.current(false);
+    if !stash.is_null() {
+        // SAFETY: the current thread's own storage.
+        unsafe { *stash = core::mem::zeroed() };
+    }
+}
+
+/// The id of the tokio task the thread is polling (0: none or unknown), from tokio's
+/// thread-local slot; `stash` is the thread's storage, which keeps its `fsbase`.
+fn current_task_id(target: &HeapTarget, stash: &mut Pending) -> u64 {
     if target.task_slot_fs_offset == 0 || target.fsbase_offset == 0 {
         return 0;
     }
     // SAFETY: reads through the checked helpers; a bad address yields an error, not a fault.
     unsafe {
-        let task = bpf_get_current_task();
-        let Ok(fsbase) = bpf_probe_read_kernel((task + target.fsbase_offset) as *const u64) else {
-            return 0;
-        };
-        let slot = fsbase.wrapping_add(target.task_slot_fs_offset as u64);
+        if stash.fsbase == 0 {
+            let task = bpf_get_current_task();
+            let Ok(fsbase) = bpf_probe_read_kernel((task + target.fsbase_offset) as *const u64)
+            else {
+                return 0;
+            };
+            stash.fsbase = fsbase;
+        }
+        let slot = stash.fsbase.wrapping_add(target.task_slot_fs_offset as u64);
         bpf_probe_read_user(slot as *const u64).unwrap_or(0)
     }
 }
@@ -358,16 +456,30 @@ fn record_alloc(
     pid: u32,
     target: &HeapTarget,
     addr: u64,
-    pending: &Pending,
+    pending: &mut Pending,
 ) {
+    let task_id = current_task_id(target, pending);
     if target.aggregate != 0 {
-        heap_groups::record_alloc(ctx, pid, target, addr, pending.size, &caller(ctx, pending));
+        let task = if task_id != 0 && task_id == pending.site_task_id {
+            pending.site
+        } else {
+            let site = heap_groups::task_site(pid, task_id);
+            // Only a vtable is kept: an unknown one may yet be written by the task's first
+            // poll.
+            if site > group_task::UNKNOWN {
+                pending.site_task_id = task_id;
+                pending.site = site;
+            }
+            site
+        };
+        let start = caller(ctx, pending);
+        heap_groups::record_alloc(pid, target, addr, pending.size, task_id, task, &start);
         return;
     }
     let mut info = BlockInfo {
         size: pending.size,
         stack_hash: 0,
-        task_id: current_task_id(target),
+        task_id,
         group_task: 0,
         group_kind: 0,
         aggregated: 0,

@@ -19,11 +19,10 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray};
-use aya_ebpf::programs::RetProbeContext;
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use monitor_common::heap::{
-    BlockInfo, BlockKey, GROUPS_MAX, GroupCounters, GroupKey, HeapEventKind, HeapTarget,
-    TASK_VTABLES_MAX, TaskKey, group_kind, group_task, heap_counter,
+    BLOCK_FREED, BlockInfo, BlockKey, GROUPS_MAX, GroupCounters, GroupKey, HeapEventKind,
+    HeapTarget, TASK_VTABLES_MAX, TaskKey, group_kind, group_task, heap_counter, tombstones,
 };
 use monitor_common::unwind::{MAX_FRAMES, Regs};
 
@@ -40,6 +39,38 @@ static TASK_VTABLES: LruHashMap<TaskKey, u64> = LruHashMap::with_max_entries(TAS
 /// stack is copied into an event (the BPF stack has no room for one next to the walk).
 #[map]
 static HEAP_STACK_SCRATCH: PerCpuArray<[u64; MAX_FRAMES]> = PerCpuArray::with_max_entries(1, 0);
+
+/// How many tombstones `OUTSTANDING` holds (see `monitor_common::heap::BLOCK_FREED`).
+#[map]
+static TOMBSTONES: Array<u64> = Array::with_max_entries(tombstones::COUNT, 0);
+
+/// Whether a free may leave its entry as a tombstone (then counted), or must delete it (the
+/// map holds its share of them, `tombstones::MAX`). Concurrent frees may each pass the
+/// check, so the count can pass the bound by one per CPU at most.
+#[inline(always)]
+pub fn leave_tombstone() -> bool {
+    let (Some(left), Some(purged), Some(max)) = (
+        TOMBSTONES.get_ptr_mut(tombstones::LEFT),
+        TOMBSTONES.get_ptr(tombstones::PURGED),
+        TOMBSTONES.get_ptr(tombstones::MAX),
+    ) else {
+        return false;
+    };
+    // SAFETY: slots of an array map, valid while the program runs.
+    if unsafe { (*left).wrapping_sub(*purged) >= *max } {
+        return false;
+    }
+    add(left, 1);
+    true
+}
+
+/// A tombstone was taken over by a new block.
+#[inline(always)]
+fn tombstone_reused() {
+    if let Some(left) = TOMBSTONES.get_ptr_mut(tombstones::LEFT) {
+        add(left, u64::MAX); // minus one
+    }
+}
 
 #[inline(always)]
 fn add(counter: *mut u64, value: u64) {
@@ -105,14 +136,34 @@ pub fn release(pid: u32, info: &BlockInfo) {
     }
 }
 
-/// An allocation's return, for a process tracked by aggregates.
+/// The `GroupKey::task` of an allocation by task `task_id` (0: none) of process `pid`: the
+/// task's spawn vtable, or a `group_task` value.
+#[inline(always)]
+pub fn task_site(pid: u32, task_id: u64) -> u64 {
+    if task_id == 0 {
+        return group_task::NONE;
+    }
+    // SAFETY: copied out of the map.
+    unsafe {
+        TASK_VTABLES.get(&TaskKey {
+            task_id,
+            pid,
+            _pad: 0,
+        })
+    }
+    .copied()
+    .unwrap_or(group_task::UNKNOWN)
+}
+
+/// An allocation's return, for a process tracked by aggregates (`task`: see `task_site`).
 #[inline(always)]
 pub fn record_alloc(
-    _ctx: &RetProbeContext,
     pid: u32,
     target: &HeapTarget,
     addr: u64,
     size: u64,
+    task_id: u64,
+    task: u64,
     start: &Regs,
 ) {
     let Some(scratch) = HEAP_STACK_SCRATCH.get_ptr_mut(0) else {
@@ -121,21 +172,6 @@ pub fn record_alloc(
     // SAFETY: this CPU's slot, ours while the program runs (uprobe programs do not migrate).
     let frames = unsafe { &mut *scratch };
     let (unwound, hash) = heap::unwind_stack(target, start, frames);
-    let task_id = heap::current_task_id(target);
-    let task = if task_id == 0 {
-        group_task::NONE
-    } else {
-        // SAFETY: copied out of the map.
-        unsafe {
-            TASK_VTABLES.get(&TaskKey {
-                task_id,
-                pid,
-                _pad: 0,
-            })
-        }
-        .copied()
-        .unwrap_or(group_task::UNKNOWN)
-    };
     let info = BlockInfo {
         size,
         stack_hash: hash,
@@ -145,23 +181,25 @@ pub fn record_alloc(
         aggregated: 1,
     };
     let block = BlockKey { addr, pid, _pad: 0 };
-    if OUTSTANDING
-        .insert(&block, &info, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
-        // A block at this address whose free was not seen (drop it from its group), or a
-        // full map.
-        let Some(stale) = OUTSTANDING.get_ptr_mut(&block) else {
-            heap::bump(heap_counter::OUTSTANDING_FULL);
-            return;
-        };
+    // An entry at this address is most often the tombstone of the last block there, taken
+    // over in place (one lookup instead of an insert); else a block whose free was not seen
+    // (dropped from its group).
+    if let Some(entry) = OUTSTANDING.get_ptr_mut(&block) {
         // SAFETY: a live map value; copied before it is overwritten.
-        let old = unsafe { *stale };
-        if old.aggregated != 0 {
+        let old = unsafe { *entry };
+        if old.aggregated == BLOCK_FREED {
+            tombstone_reused();
+        } else if old.aggregated != 0 {
             release(pid, &old);
         }
         // SAFETY: as above.
-        unsafe { *stale = info };
+        unsafe { *entry = info };
+    } else if OUTSTANDING
+        .insert(&block, &info, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        heap::bump(heap_counter::OUTSTANDING_FULL);
+        return;
     }
     let key = GroupKey {
         pid,
@@ -238,7 +276,8 @@ pub fn task_started(pid: u32, header: u64, vtable: u64, task_id: u64, spawn: boo
     };
     // SAFETY: a live map value, copied; the cell cannot be freed while its task starts.
     let old = unsafe { *info };
-    if old.aggregated == 0 || old.group_kind != group_kind::CALLSITE {
+    // (Not a tombstone, nor a block of the event path.)
+    if old.aggregated != 1 || old.group_kind != group_kind::CALLSITE {
         return;
     }
     let cell = GroupKey {

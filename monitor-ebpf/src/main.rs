@@ -60,6 +60,7 @@ static EXEC_EVENTS: RingBuf = RingBuf::with_byte_size(EXEC_RINGBUF_BYTES, 0);
 /// the reader (the flags 0: the kernel wakes it only when it has caught up).
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn process_exec(_ctx: RawTracePointContext) -> i32 {
+    heap::forget_thread();
     let event = ExecEvent {
         // SAFETY: helpers without arguments.
         ktime_ns: unsafe { bpf_ktime_get_ns() },

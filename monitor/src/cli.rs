@@ -186,8 +186,9 @@ pub(crate) struct Targets {
     #[arg(long, default_value = "/var/log")]
     pub(crate) node_log_dir: PathBuf,
     /// Heap blocks the kernel tracks at once, across all watched processes; about 120
-    /// bytes of kernel memory each, allocated at start. Blocks beyond are counted in
-    /// leakscope_heap_untracked_allocations_total{reason="outstanding_full"}.
+    /// bytes of kernel memory each, allocated at start. Up to an eighth of them may be
+    /// entries of freed blocks, kept for the next block at the same address. Blocks beyond
+    /// are counted in leakscope_heap_untracked_allocations_total{reason="outstanding_full"}.
     #[arg(long, default_value_t = monitor_common::heap::OUTSTANDING_MAX,
           value_parser = clap::value_parser!(u32).range(1024..=(1 << 24)))]
     pub(crate) heap_max_blocks: u32,

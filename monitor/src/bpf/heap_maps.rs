@@ -1,7 +1,7 @@
 //! Heap tracking's kernel maps as userspace writes them: each executable's unwind table and
 //! bucket index, each process's settings, and the purge of a process's outstanding blocks.
 
-use monitor_common::heap::{BlockInfo, BlockKey, HeapTarget};
+use monitor_common::heap::{BLOCK_FREED, BlockInfo, BlockKey, HeapTarget, tombstones};
 use monitor_common::names::map;
 use monitor_common::unwind::UnwindRow;
 
@@ -53,7 +53,8 @@ impl Probes {
 
     /// Forgets every block the kernel still tracks for `pid` (it exited or was detached), so
     /// that the bounded map does not fill with the dead and a later process reusing the pid
-    /// does not inherit them. Returns how many were dropped.
+    /// does not inherit them. Returns how many were dropped. Called once the process is no
+    /// longer a heap target, so its probes no longer touch its entries.
     pub fn purge_heap_blocks(&mut self, pid: u32) -> Result<usize, ProbeError> {
         let mut blocks: aya::maps::HashMap<_, BlockKey, BlockInfo> =
             self.map_mut(map::OUTSTANDING)?;
@@ -62,9 +63,26 @@ impl Probes {
             .filter_map(Result::ok)
             .filter(|k| k.pid == pid)
             .collect();
+        let mut purged_tombstones = 0;
         for key in &stale {
+            let tombstone = blocks
+                .get(key, 0)
+                .is_ok_and(|info| info.aggregated == BLOCK_FREED);
             // Gone already (freed meanwhile): nothing to do.
-            let _ = blocks.remove(key);
+            if blocks.remove(key).is_ok() && tombstone {
+                purged_tombstones += 1;
+            }
+        }
+        if purged_tombstones > 0 {
+            // Userspace is the only writer of this slot.
+            let mut counts: aya::maps::Array<_, u64> = self.map_mut(map::TOMBSTONES)?;
+            let purged = counts.get(&tombstones::PURGED, 0).unwrap_or(0);
+            counts
+                .set(tombstones::PURGED, purged + purged_tombstones, 0)
+                .map_err(|source| ProbeError::Map {
+                    name: map::TOMBSTONES,
+                    source,
+                })?;
         }
         Ok(stale.len())
     }

@@ -95,6 +95,9 @@ pub enum HeapMaps {
 impl Probes {
     pub fn load(heap: HeapMaps) -> Result<Self, ProbeError> {
         let mut loader = EbpfLoader::new();
+        // `PENDING` is a task storage map, which aya creates but has no userspace type for
+        // (userspace never reads it).
+        loader.allow_unsupported_maps();
         if let HeapMaps::Tracking { ring_bytes, .. } = heap {
             loader.map_max_entries(map::HEAP_EVENTS, ring_bytes);
         }
@@ -121,6 +124,24 @@ impl Probes {
             .map_err(|source| ProbeError::Load {
                 source: Box::new(source),
             })?;
+        if let HeapMaps::Tracking { max_blocks, .. } = heap {
+            // Before any heap program runs (see `monitor_common::heap::BLOCK_FREED`).
+            let mut counts: aya::maps::Array<_, u64> = ebpf
+                .map_mut(map::TOMBSTONES)
+                .ok_or(ProbeError::Missing(map::TOMBSTONES))?
+                .try_into()
+                .map_err(|source| ProbeError::Map {
+                    name: map::TOMBSTONES,
+                    source,
+                })?;
+            let max = u64::from(monitor_common::heap::tombstones_max(max_blocks));
+            counts
+                .set(monitor_common::heap::tombstones::MAX, max, 0)
+                .map_err(|source| ProbeError::Map {
+                    name: map::TOMBSTONES,
+                    source,
+                })?;
+        }
         for name in program::TASK_HOOKS {
             let program: &mut UProbe = ebpf
                 .program_mut(name)
@@ -225,7 +246,7 @@ mod tests {
                 .filter(|name| !name.is_empty() && !name.starts_with('.'))
                 .collect()
         };
-        let maps = in_section(&|section| section == "maps");
+        let maps = in_section(&|section| section == "maps" || section == ".maps");
         let expected: BTreeSet<String> = map::ALL.iter().map(|s| s.to_string()).collect();
         assert_eq!(maps, expected);
         let programs = in_section(&|section| {
