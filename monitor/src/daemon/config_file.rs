@@ -63,6 +63,7 @@ pub struct ConfigFile {
 pub struct HeapWindowsSection {
     pub window_seconds: Option<f64>,
     pub follow_seconds: Option<f64>,
+    pub follow_quiet_seconds: Option<f64>,
     pub cooldown_seconds: Option<f64>,
     pub budget_seconds_per_10_minutes: Option<f64>,
     pub lookback_seconds: Option<f64>,

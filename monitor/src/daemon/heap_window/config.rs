@@ -26,6 +26,15 @@ pub struct HeapWindowConfig {
         default_value_t = 10.0
     )]
     pub follow_seconds: f64,
+    /// --heap adaptive: the follow phase ends early once no block of the window has been
+    /// freed for this long: what is left has outlived the window's typical lifetimes (0:
+    /// always follow for --heap-follow-seconds; 0–3600).
+    #[arg(
+        id = "heap_follow_quiet_seconds",
+        long = "heap-follow-quiet-seconds",
+        default_value_t = 2.0
+    )]
+    pub follow_quiet_seconds: f64,
     /// --heap adaptive: seconds with no heap probe after a window, before the next (0–86400).
     #[arg(
         id = "heap_window_cooldown_seconds",
@@ -76,6 +85,7 @@ impl Default for HeapWindowConfig {
         Self {
             window_seconds: 5.0,
             follow_seconds: 10.0,
+            follow_quiet_seconds: 2.0,
             cooldown_seconds: 20.0,
             budget_seconds: 30.0,
             lookback_seconds: 30.0,
@@ -110,6 +120,11 @@ impl HeapWindowConfig {
             file.follow_seconds
         );
         take!(
+            "heap_follow_quiet_seconds",
+            self.follow_quiet_seconds,
+            file.follow_quiet_seconds
+        );
+        take!(
             "heap_window_cooldown_seconds",
             self.cooldown_seconds,
             file.cooldown_seconds
@@ -142,6 +157,7 @@ impl HeapWindowConfig {
         Self {
             window_seconds: self.window_seconds.clamp(1.0, 600.0),
             follow_seconds: self.follow_seconds.clamp(1.0, 3600.0),
+            follow_quiet_seconds: self.follow_quiet_seconds.clamp(0.0, 3600.0),
             cooldown_seconds: self.cooldown_seconds.clamp(0.0, 86400.0),
             budget_seconds: self.budget_seconds.clamp(10.0, BUDGET_PERIOD.as_secs_f64()),
             lookback_seconds: self.lookback_seconds.clamp(1.0, 3600.0),

@@ -8,7 +8,9 @@
 //!    `--heap-window-seconds`;
 //! 2. *following*: the allocation hooks come off and only the free hook stays (one trap
 //!    per free, instead of three traps per allocate+free pair), so the window's blocks are
-//!    seen being freed, for `--heap-follow-seconds` or until none is left;
+//!    seen being freed, for `--heap-follow-seconds`, until none is left, or until none has
+//!    been freed for `--heap-follow-quiet-seconds`: what is left has then outlived the
+//!    window's typical lifetimes, and following it longer would only cost the service;
 //! 3. every heap probe comes off; what outlived the follow phase is kept per callsite
 //!    (`state::heap_windows`) and judged across windows (`analysis::windows`).
 //!
@@ -54,6 +56,10 @@ enum Phase {
         allocating_seconds: f64,
         free_links: Vec<AttachedLink>,
         live_at_close: Vec<HeapGroupSnapshot>,
+        /// The window's live bytes at the last look, and since when they have not moved
+        /// (no block of the window freed).
+        last_live: u64,
+        quiet_since: Instant,
     },
     Cooldown {
         until: Instant,
@@ -379,12 +385,15 @@ impl HeapWindows {
                     .probe_seconds
                     .entry(WindowPhase::Allocating)
                     .or_default() += allocating_seconds;
+                let following_from = Instant::now();
                 Phase::Following {
-                    since: Instant::now(),
+                    since: following_from,
                     started,
                     allocating_seconds,
                     free_links,
+                    last_live: live_bytes(&live_at_close),
                     live_at_close,
+                    quiet_since: following_from,
                 }
             }
             Phase::Following {
@@ -393,10 +402,29 @@ impl HeapWindows {
                 allocating_seconds,
                 free_links,
                 live_at_close,
-            } if now.duration_since(since).as_secs_f64() >= config.follow_seconds
-                || live_groups(tracker, pid).is_empty() =>
-            {
+                last_live,
+                quiet_since,
+            } => {
                 let survivors = live_groups(tracker, pid);
+                let live = live_bytes(&survivors);
+                let quiet_since = if live == last_live { quiet_since } else { now };
+                let quiet = config.follow_quiet_seconds > 0.0
+                    && now.duration_since(quiet_since).as_secs_f64() >= config.follow_quiet_seconds;
+                let over = now.duration_since(since).as_secs_f64() >= config.follow_seconds
+                    || survivors.is_empty()
+                    || quiet;
+                if !over {
+                    watched.phase = Phase::Following {
+                        since,
+                        started,
+                        allocating_seconds,
+                        free_links,
+                        live_at_close,
+                        last_live: live,
+                        quiet_since,
+                    };
+                    return;
+                }
                 let following_seconds = now.duration_since(since).as_secs_f64();
                 let detached = free_links.len() as u64;
                 let detach_started = Instant::now();
@@ -455,6 +483,11 @@ impl HeapWindows {
 
 fn lock(stats: &Mutex<HeapWindowStats>) -> std::sync::MutexGuard<'_, HeapWindowStats> {
     stats.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Bytes live in `groups`, together.
+fn live_bytes(groups: &[HeapGroupSnapshot]) -> u64 {
+    groups.iter().map(|g| g.live_bytes).sum()
 }
 
 /// The heap ledger's live groups of `pid` (what the current window allocated and has not
