@@ -3,10 +3,12 @@
 //! growing part way through.
 //!
 //! Two copies of the axum fixture share CPU 0 with the daemon, which watches one of them
-//! with `--heap adaptive` (defaults) from the start; wrk has CPU 1. Load alternates between
-//! the two in slices (`GET /healthz`, keep-alive), rotating which goes first, so the
-//! daemon's windows, whenever they run, fall in the watched copy's slices as often as its
-//! duty cycle says. Both copies get the same trickle of the seed's state routes: from 30 %
+//! with `--heap adaptive` (defaults) from the start; wrk has CPU 1. Both copies are loaded
+//! at once, each by its own wrk (`GET /healthz`, keep-alive), in back-to-back slices: the
+//! scheduler shares CPU 0 between them, so whatever a window costs the watched copy, in
+//! whichever slice it falls, shows as fewer of its requests in that slice. (Alternating the
+//! load between the copies, as `bench --http` does, left a window's cost to chance: it
+//! counted only when the window fell in one of the watched copy's slices.) Both copies get the same trickle of the seed's state routes: from 30 %
 //! of the run, `/state/leak` (its growing-state leak: 256 KiB a call, never freed) and
 //! `/state/ok` (its remedy), five calls a second each. Reported: the watched copy's
 //! throughput relative to the unwatched one, averaged over the run and before and after
@@ -184,7 +186,7 @@ pub fn adaptive_bench(options: Options, leakscope: &Path) -> anyhow::Result<()> 
     eprintln!(
         "xtask: adaptive benchmark, {:.1} min: two axum-app copies and the daemon (--heap \
          adaptive, watching pid {pid}) on CPU 0, wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} on \
-         CPU 1, {SLICE_SECONDS} s slices of GET /healthz keep-alive, alternating; the state \
+         CPU 1, {SLICE_SECONDS} s slices of GET /healthz keep-alive, both copies at once; the state \
          routes' trickle starts at {:.0} s; load average {load_start}",
         run_seconds / 60.0,
         run_seconds * LEAK_STARTS_AT
@@ -204,7 +206,7 @@ pub fn adaptive_bench(options: Options, leakscope: &Path) -> anyhow::Result<()> 
     let mut trickle_thread = None;
     let mut leak_started_at = None;
     let mut pairs: Vec<Pair> = Vec::new();
-    while started.elapsed().as_secs_f64() + 2.0 * SLICE_SECONDS as f64 <= run_seconds {
+    while started.elapsed().as_secs_f64() + SLICE_SECONDS as f64 <= run_seconds {
         let at = started.elapsed().as_secs_f64();
         if trickle_thread.is_none() && at >= run_seconds * LEAK_STARTS_AT {
             leak_started_at = Some(at);
@@ -216,19 +218,24 @@ pub fn adaptive_bench(options: Options, leakscope: &Path) -> anyhow::Result<()> 
             ));
             eprintln!("xtask: {at:.0} s: the state routes' trickle starts");
         }
-        let watched_first = pairs.len() % 2 == 1;
-        let order = if watched_first {
-            [watched_addr, unwatched_addr]
-        } else {
-            [unwatched_addr, watched_addr]
-        };
+        let runs = std::thread::scope(|scope| {
+            let unwatched =
+                scope.spawn(|| wrk(unwatched_addr, "/healthz", Conn::KeepAlive, SLICE_SECONDS));
+            let watched = wrk(watched_addr, "/healthz", Conn::KeepAlive, SLICE_SECONDS);
+            [
+                unwatched
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow!("the wrk thread panicked"))),
+                watched,
+            ]
+        });
         let mut rps = [0.0; 2];
-        for addr in order {
-            let run = wrk(addr, "/healthz", Conn::KeepAlive, SLICE_SECONDS)?;
+        for (i, run) in runs.into_iter().enumerate() {
+            let run = run?;
             if run.errors > 0 {
-                eprintln!("xtask: {} wrk errors against {addr}", run.errors);
+                eprintln!("xtask: {} wrk errors in a slice", run.errors);
             }
-            rps[usize::from(addr == watched_addr)] = run.rps;
+            rps[i] = run.rps;
         }
         let state = window_state(&client, pid);
         eprintln!(
@@ -346,8 +353,8 @@ fn markdown(s: &serde_json::Value) -> String {
     let f = |v: &serde_json::Value| v.as_f64().map_or("–".into(), |x| format!("{x:.3}"));
     let w = &s["windows"];
     format!(
-        "`--heap adaptive` left on for {} min (GET /healthz keep-alive, {} s slices \
-         alternating between a watched and an unwatched copy, {} pairs; load average {} at the \
+        "`--heap adaptive` left on for {} min (GET /healthz keep-alive, {} s slices, a \
+         watched and an unwatched copy loaded at once, {} pairs; load average {} at the \
          start, {} at the end).\n\n\
          | | watched / unwatched throughput |\n|---|---|\n\
          | whole run (ratio of means) | {} |\n| before the growth | {} |\n\
