@@ -166,23 +166,29 @@ pub fn process_cpu_ns(pid: u32) -> anyhow::Result<u64> {
 
 /// User + system CPU time so far of the process or thread whose `stat` file is `path`.
 pub fn process_cpu_ns_of(path: &str) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(path)?;
-    // Fields after the command (which may hold spaces) start with the state, field 3;
     // utime and stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
+    Ok(stat_ticks(path, &[11, 12])? * 10_000_000)
+}
+
+/// The sum of the clock-tick fields at `indexes` of the `stat` file at `path`, counted from
+/// the state (field 3) at index 0: the fields after the command, which may hold spaces.
+pub fn stat_ticks(path: &str, indexes: &[usize]) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(path)?;
     let fields: Vec<&str> = stat
         .rsplit_once(')')
-        .context("malformed /proc/PID/stat")?
+        .with_context(|| format!("malformed {path}"))?
         .1
         .split_whitespace()
         .collect();
-    let ticks = |i: usize| -> anyhow::Result<u64> {
-        fields
+    let mut sum = 0;
+    for &i in indexes {
+        sum += fields
             .get(i)
-            .context("short /proc/PID/stat")?
+            .with_context(|| format!("short {path}"))?
             .parse::<u64>()
-            .context("/proc/PID/stat field")
-    };
-    Ok((ticks(11)? + ticks(12)?) * 10_000_000)
+            .with_context(|| format!("{path} field {}", i + 3))?;
+    }
+    Ok(sum)
 }
 
 fn heap_events(client: &Client) -> u64 {

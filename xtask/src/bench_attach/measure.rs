@@ -29,21 +29,8 @@ pub struct Run {
 /// CPU time of this process's children that have been waited for (`cutime` + `cstime`
 /// of `/proc/self/stat`), in seconds.
 fn children_cpu_seconds() -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("malformed /proc/self/stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    // Fields 16 and 17, counted from the state (field 3) at index 0; USER_HZ ticks.
-    let ticks = |i: usize| -> anyhow::Result<f64> {
-        Ok(fields
-            .get(i)
-            .context("short /proc/self/stat")?
-            .parse::<f64>()?)
-    };
-    Ok((ticks(13)? + ticks(14)?) / 100.0)
+    // Fields 16 and 17; USER_HZ ticks.
+    Ok(crate::bench::stat_ticks("/proc/self/stat", &[13, 14])? as f64 / 100.0)
 }
 
 /// Only the timing lines, and the rest of the log at warn level.
