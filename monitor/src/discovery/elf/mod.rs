@@ -320,32 +320,25 @@ impl Image {
     /// non-executable load segments when section headers are gone. Sorted, disjoint, and
     /// within the file's bytes in total (see [`bounded_ranges`]).
     pub fn data_ranges(&self) -> Vec<(u64, u64)> {
-        let from_sections: Vec<(u64, u64)> = self
-            .sections
-            .iter()
-            .filter(|s| !s.executable && !s.nobits && s.size >= 80)
-            .filter(|s| !s.name.starts_with(".rela") && !s.name.starts_with(".eh_frame"))
-            .map(|s| (s.vaddr, s.vaddr + s.size))
-            .collect();
-        if !from_sections.is_empty() {
-            return bounded_ranges(from_sections, self.data.len() as u64);
-        }
-        let from_segments = self
-            .segments
-            .iter()
-            .filter(|s| !s.executable)
-            .map(|s| (s.vaddr, s.vaddr + s.file_size))
-            .collect();
-        bounded_ranges(from_segments, self.data.len() as u64)
+        self.ranges(false, |s| {
+            s.size >= 80 && !s.name.starts_with(".rela") && !s.name.starts_with(".eh_frame")
+        })
     }
 
     /// Executable ranges (for pattern scans in stripped binaries), bounded like
     /// [`Image::data_ranges`].
     pub fn code_ranges(&self) -> Vec<(u64, u64)> {
+        self.ranges(true, |_| true)
+    }
+
+    /// The sections with contents that are `executable` (or not) and pass `keep`, or when
+    /// there are none (section headers gone), the load segments that are; bounded by the
+    /// file's bytes.
+    fn ranges(&self, executable: bool, keep: impl Fn(&SectionInfo) -> bool) -> Vec<(u64, u64)> {
         let from_sections: Vec<(u64, u64)> = self
             .sections
             .iter()
-            .filter(|s| s.executable && !s.nobits)
+            .filter(|s| s.executable == executable && !s.nobits && keep(s))
             .map(|s| (s.vaddr, s.vaddr + s.size))
             .collect();
         if !from_sections.is_empty() {
@@ -354,7 +347,7 @@ impl Image {
         let from_segments = self
             .segments
             .iter()
-            .filter(|s| s.executable)
+            .filter(|s| s.executable == executable)
             .map(|s| (s.vaddr, s.vaddr + s.file_size))
             .collect();
         bounded_ranges(from_segments, self.data.len() as u64)
